@@ -1,0 +1,429 @@
+"""The running sidecar: builds every part from the config, starts, reloads and stops it.
+
+`Sidecar` owns the parts and their lifetimes; the parts themselves know
+nothing of the config file. `serve` runs one sidecar until SIGTERM or SIGINT,
+reloading on SIGHUP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from sidecar import __version__
+from sidecar.config import SidecarConfig, split_address
+from sidecar.errors import ConfigError
+from sidecar.fallback.service import Fallbacks
+from sidecar.fallback.store import FallbackStore, MemoryStore
+from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.policy import PolicyTable, StaticReply
+from sidecar.protocol.framing import Transport
+from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.pipeline import BreakerSet, Pipeline
+from sidecar.proxy.server import Server, ServerSettings
+from sidecar.proxy.upstream import UpstreamPool
+from sidecar.resilience.breaker import STATE_OPEN, STATE_VALUES, Breaker
+from sidecar.resilience.budget import RetryBudget
+from sidecar.resilience.ejection import EjectionTracker
+from sidecar.resilience.outcome import Outcome
+
+log = logging.getLogger("sidecar")
+
+# Seconds between housekeeping rounds: idle connections, gauges.
+HOUSEKEEPING_INTERVAL = 1.0
+
+# Keys whose change needs a restart; a reload keeps the old value and says so.
+RESTART_KEYS = ("listen", "transport", "max_connections", "upstream", "metrics", "state", "idl")
+
+
+def upstream_name(config: SidecarConfig) -> str:
+    """The name of the upstream in metrics and messages: its address(es)."""
+    return ",".join(config.upstream.addresses)
+
+
+def make_store(config: SidecarConfig) -> FallbackStore:
+    """The fallback store the config asks for."""
+    cache = config.fallback.cache
+    if cache.backend == "memory":
+        return MemoryStore(ttl=cache.ttl, max_entries=cache.max_entries, max_bytes=cache.max_bytes)
+    raise ConfigError(f"fallback.cache.backend: {cache.backend!r} is not available in this build")
+
+
+class Sidecar:
+    """One sidecar: Thrift listener, pipeline, upstream pools, admin endpoint.
+
+    Args:
+        config: validated configuration.
+        static_replies: static fallback replies by method name (from the IDL).
+        known_methods: method names that always get their own metrics label.
+    """
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        static_replies: dict[str, StaticReply] | None = None,
+        known_methods: list[str] | None = None,
+        metrics: SidecarMetrics | None = None,
+    ) -> None:
+        if not config.upstream.addresses:
+            raise ConfigError(
+                "upstream.addresses: at least one upstream address is needed "
+                "(--upstream HOST:PORT, SIDECAR_UPSTREAM or upstream.addresses in the file)"
+            )
+        self.config = config
+        self.config_version = 1
+        self.metrics = metrics or SidecarMetrics()
+        self.static_replies = static_replies or {}
+        known = sorted(set(config.methods) | set(known_methods or []))
+        self.labels = MethodLabels(known, config.metrics.max_method_labels)
+        self.name = upstream_name(config)
+        self.store = make_store(config)
+        self.ready = False
+        self.started_at = time.time()
+        self.listen_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._housekeeping: asyncio.Task[None] | None = None
+        self._admin: Any = None
+        self.server: Server | None = None
+        self.pipeline: Pipeline | None = None
+        self.upstreams: UpstreamSet | None = None
+        self.breakers: BreakerSet | None = None
+        self.budget: RetryBudget | None = None
+
+    # building
+
+    def _breaker(self, name: str) -> Breaker:
+        b = self.config.breaker
+        breaker = Breaker(
+            name,
+            fail_max=b.fail_max,
+            reset_timeout=b.reset_timeout,
+            success_threshold=b.success_threshold,
+            half_open_max_calls=b.half_open_max_calls,
+            on_transition=self._on_transition,
+        )
+        self.metrics.breaker_state.labels(name).set(0)
+        self.metrics.breaker_last_opened.labels(name).set(0)
+        return breaker
+
+    def _on_transition(self, name: str, old: str, new: str) -> None:
+        self.metrics.breaker_transitions.labels(name, old, new).inc()
+        self.metrics.breaker_state.labels(name).set(STATE_VALUES.get(new, 0))
+        if new == STATE_OPEN:
+            self.metrics.breaker_last_opened.labels(name).set(time.time())
+            log.warning("circuit breaker %s: %s -> %s", name, old, new)
+        else:
+            log.info("circuit breaker %s: %s -> %s", name, old, new)
+
+    def _pool(self, address: str, transport: Transport) -> UpstreamPool:
+        host, port = split_address(address)
+        u = self.config.upstream
+        return UpstreamPool(
+            address,
+            host,
+            port,
+            transport,
+            size=u.pool_size,
+            connect_timeout=u.connect_timeout,
+            max_message_size=self.config.max_frame_size,
+        )
+
+    def _build(self, loop: asyncio.AbstractEventLoop) -> None:
+        config = self.config
+        u = config.upstream
+        tracker = EjectionTracker(
+            list(u.addresses),
+            consecutive_failures=u.ejection.consecutive_failures,
+            base_time=u.ejection.base_time,
+            max_time=u.ejection.max_time,
+            max_percent=u.ejection.max_percent,
+        )
+        self.upstreams = UpstreamSet(u.addresses, self._pool, tracker, loop.time)
+        self.breakers = BreakerSet(self._breaker, self.name, config.breaker.scope == "method")
+        b = config.retry.budget
+        self.budget = RetryBudget(b.ratio, b.min_retries_per_second, b.window)
+        self.pipeline = Pipeline(
+            upstreams=self.upstreams,
+            upstream_transport=None if u.transport == "same" else Transport(u.transport),
+            upstream_name=self.name,
+            policies=PolicyTable(config, self.labels, self.static_replies),
+            breakers=self.breakers,
+            budget=self.budget,
+            fallbacks=self._fallbacks(config),
+            metrics=self.metrics,
+            trip_on=frozenset(Outcome(v) for v in config.breaker.trip_on),
+            rng=random.Random(),
+        )
+        self.server = Server(
+            self.pipeline,
+            ServerSettings(
+                transport=config.transport,
+                max_frame_size=config.max_frame_size,
+                max_depth=config.max_depth,
+                max_connections=config.max_connections,
+                idle_timeout=config.idle_timeout,
+            ),
+            self.metrics,
+            loop,
+        )
+
+    def _fallbacks(self, config: SidecarConfig) -> Fallbacks:
+        return Fallbacks(
+            self.store,
+            serve_on=frozenset(config.fallback.serve_on),
+            cache_declared_exceptions=config.fallback.cache_declared_exceptions,
+        )
+
+    # lifecycle
+
+    async def start(self) -> None:
+        """Listen on the Thrift and admin ports."""
+        from sidecar.admin import AdminServer
+
+        loop = asyncio.get_running_loop()
+        self._build(loop)
+        assert self.server is not None
+        host, port = split_address(self.config.listen)
+        self.listen_address = await self.server.listen(host, port)
+        if self.config.metrics.listen is not None:
+            admin = AdminServer(
+                self.metrics.registry, lambda: self.ready, self.state, self.refresh_gauges
+            )
+            mhost, mport = split_address(self.config.metrics.listen)
+            self.admin_address = await admin.listen(mhost, mport)
+            self._admin = admin
+        self._housekeeping = loop.create_task(self._housekeep())
+        self.ready = True
+        log.info(
+            "thrift-sidecar %s listening on %s:%d (transport %s), upstream %s (transport %s)%s",
+            __version__,
+            *self.listen_address,
+            self.config.transport,
+            self.name,
+            self.config.upstream.transport,
+            f", admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+            if self.admin_address
+            else "",
+        )
+
+    async def stop(self, drain_timeout: float | None = None) -> bool:
+        """Stop accepting, drain in-flight calls, close everything.
+
+        Returns:
+            True when every in-flight call finished within the drain timeout.
+        """
+        self.ready = False
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        finished = True
+        if self.server is not None:
+            log.info("draining: no new connections, waiting up to %gs for calls in flight", timeout)
+            finished = await self.server.drain(timeout)
+            if not finished:
+                log.warning("drain timeout passed; closed connections with calls still in flight")
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self.upstreams is not None:
+            self.upstreams.close()
+        if self._admin is not None:
+            await self._admin.close()
+        await self.store.close()
+        log.info("stopped")
+        return finished
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                if self.server is not None:
+                    self.server.sweep()
+                if self.upstreams is not None:
+                    for pool in self.upstreams.pools():
+                        pool.close_idle(self.config.upstream.idle_timeout)
+                self.refresh_gauges()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def reload(self, new: SidecarConfig) -> list[str]:
+        """Apply a new config to the running sidecar.
+
+        Retry, breaker, fallback and per-method settings take effect for the
+        next calls, on connections already open too. Keys in `RESTART_KEYS`
+        keep their old values.
+
+        Returns:
+            The keys whose change needs a restart (ignored until then).
+        """
+        old = self.config
+        ignored = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
+        if ignored:
+            new = new.model_copy(update={k: getattr(old, k) for k in ignored})
+        assert self.pipeline is not None
+        assert self.breakers is not None
+        self.config = new
+        b = new.breaker
+        for breaker in self.breakers.all():
+            breaker.configure(
+                fail_max=b.fail_max,
+                reset_timeout=b.reset_timeout,
+                success_threshold=b.success_threshold,
+                half_open_max_calls=b.half_open_max_calls,
+            )
+        if new.retry.budget != old.retry.budget:
+            nb = new.retry.budget
+            self.budget = RetryBudget(nb.ratio, nb.min_retries_per_second, nb.window)
+            self.pipeline.budget = self.budget
+        self.pipeline.policies = PolicyTable(new, self.labels, self.static_replies)
+        self.pipeline.fallbacks = self._fallbacks(new)
+        self.pipeline.trip_on = frozenset(Outcome(v) for v in b.trip_on)
+        self.config_version += 1
+        return ignored
+
+    # figures
+
+    def refresh_gauges(self) -> None:
+        """Update the gauges that are read off the parts rather than counted."""
+        m = self.metrics
+        if self.budget is not None:
+            m.retry_budget_tokens.labels(self.name).set(self.budget.balance(_loop_time()))
+        if self.breakers is not None:
+            for breaker in self.breakers.all():
+                m.breaker_state.labels(breaker.name).set(STATE_VALUES.get(breaker.state, 0))
+                m.breaker_failures.labels(breaker.name).set(breaker.fail_counter)
+        if self.upstreams is not None:
+            ejected = set(self.upstreams.ejected())
+            for address in self.upstreams.addresses:
+                m.upstream_ejected.labels(address).set(1 if address in ejected else 0)
+            per_address: dict[str, tuple[int, int]] = {}
+            for pool in self.upstreams.pools():
+                busy, idle = per_address.get(pool.address, (0, 0))
+                per_address[pool.address] = (
+                    busy + pool.open_connections - pool.idle_connections,
+                    idle + pool.idle_connections,
+                )
+            for address, (busy, idle) in per_address.items():
+                m.upstream_connections.labels(address, "busy").set(busy)
+                m.upstream_connections.labels(address, "idle").set(idle)
+        stats = self.store.stats()
+        m.fallback_cache_entries.set(stats.entries)
+        m.fallback_cache_bytes.set(stats.bytes)
+
+    def state(self) -> dict[str, Any]:
+        """The ``/state`` document."""
+        now = _loop_time()
+        breakers = []
+        for breaker in self.breakers.all() if self.breakers else []:
+            opened = breaker.opened_at
+            breakers.append(
+                {
+                    "name": breaker.name,
+                    "state": breaker.state,
+                    "consecutive_failures": breaker.fail_counter,
+                    "half_open_successes": breaker.success_counter,
+                    "probes_in_flight": breaker.probes_in_flight,
+                    "rejected_calls": breaker.rejected,
+                    "last_opened": opened.isoformat() if opened else None,
+                }
+            )
+        pools = [
+            {
+                "address": pool.address,
+                "transport": pool.transport_kind.value,
+                "open": pool.open_connections,
+                "idle": pool.idle_connections,
+                "max": pool.size,
+            }
+            for pool in (self.upstreams.pools() if self.upstreams else [])
+        ]
+        stats = self.store.stats()
+        return {
+            "version": __version__,
+            "config_version": self.config_version,
+            "ready": self.ready,
+            "uptime_seconds": round(time.time() - self.started_at, 3),
+            "listen": self.config.listen,
+            "upstream": {
+                "name": self.name,
+                "addresses": list(self.config.upstream.addresses),
+                "ejected": self.upstreams.ejected() if self.upstreams else [],
+            },
+            "breakers": breakers,
+            "pools": pools,
+            "retry_budget": {
+                "tokens": round(self.budget.balance(now), 3) if self.budget else None,
+                "exhausted_total": self.budget.exhausted if self.budget else 0,
+            },
+            "fallback_store": {
+                "backend": stats.backend,
+                "entries": stats.entries,
+                "bytes": stats.bytes,
+                "healthy": stats.healthy,
+            },
+            "client_connections": len(self.server.connections) if self.server else 0,
+        }
+
+
+def _loop_time() -> float:
+    """The event loop's clock, which the pipeline's budget and timeouts use."""
+    return asyncio.get_running_loop().time()
+
+
+@contextlib.contextmanager
+def signal_handlers(
+    loop: asyncio.AbstractEventLoop, handlers: dict[signal.Signals, Callable[[], None]]
+) -> Iterator[None]:
+    """Install loop signal handlers, and remove them on the way out."""
+    installed = []
+    try:
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def serve(sidecar: Sidecar, reload_config: Callable[[], SidecarConfig] | None = None) -> bool:
+    """Run until SIGTERM or SIGINT; reload on SIGHUP. Returns whether the drain was clean."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_stop() -> None:
+        log.info("signal received: shutting down")
+        stop.set()
+
+    def on_reload() -> None:
+        if reload_config is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+            return
+        try:
+            new = reload_config()
+        except ConfigError as exc:
+            sidecar.metrics.config_reloads.labels("error").inc()
+            log.error("config reload rejected, keeping the running config: %s", exc)
+            return
+        ignored = sidecar.reload(new)
+        sidecar.metrics.config_reloads.labels("ok").inc()
+        if ignored:
+            log.warning(
+                "config reloaded (version %d); changes to %s need a restart and were not applied",
+                sidecar.config_version,
+                ", ".join(ignored),
+            )
+        else:
+            log.info("config reloaded (version %d)", sidecar.config_version)
+
+    await sidecar.start()
+    handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}
+    with signal_handlers(loop, handlers):
+        await stop.wait()
+        return await sidecar.stop()

@@ -1,0 +1,111 @@
+"""The whole exception tree of the sidecar.
+
+Programmer errors use Python's builtins; these classes are for conditions a
+running sidecar meets and must answer: a peer that breaks the protocol, an
+upstream that fails, an open circuit, a bad config. Each carries what the
+caller needs to answer the client as attributes, not in its message.
+"""
+
+from __future__ import annotations
+
+# TApplicationException type codes used as hints (see sidecar.protocol.appexc).
+_INTERNAL_ERROR = 6
+_PROTOCOL_ERROR = 7
+
+
+class SidecarError(Exception):
+    """Root of every error the sidecar raises on purpose."""
+
+
+class ProtocolError(SidecarError):
+    """Bytes that are not valid Thrift binary protocol.
+
+    Attributes:
+        kind: a short, bounded label for metrics and logs (``garbage``,
+            ``oversized``, ``truncated``, ``compact``, ``too_deep``, ...).
+        seqid: the sequence id of the message being read, when its envelope
+            was readable; the answer to the client can then carry it.
+        name: the method name of that message, when readable.
+        application_exception_type: the TApplicationException type to answer
+            with.
+    """
+
+    application_exception_type = _PROTOCOL_ERROR
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: str = "garbage",
+        seqid: int | None = None,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.seqid = seqid
+        self.name = name
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes we cannot accept."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to produce bytes that would break the protocol."""
+
+
+class UpstreamError(SidecarError):
+    """A call to the upstream failed.
+
+    Attributes:
+        address: ``host:port`` of the upstream that failed.
+        sent: whether any byte of the call may have reached the upstream.
+            A call with ``sent=False`` provably never executed there.
+    """
+
+    application_exception_type = _INTERNAL_ERROR
+    outcome = "connection_closed"
+
+    def __init__(self, message: str, *, address: str, sent: bool) -> None:
+        super().__init__(message)
+        self.address = address
+        self.sent = sent
+
+
+class UpstreamUnavailable(UpstreamError):
+    """No connection to the upstream could be had; nothing was sent."""
+
+    outcome = "connect_error"
+
+    def __init__(self, message: str, *, address: str) -> None:
+        super().__init__(message, address=address, sent=False)
+
+
+class UpstreamClosed(UpstreamError):
+    """The upstream closed or reset the connection before the whole reply arrived."""
+
+    outcome = "connection_closed"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The per-try timeout expired before the reply arrived."""
+
+    outcome = "timeout"
+
+
+class UpstreamProtocolError(UpstreamError):
+    """The upstream answered with bytes that are not a valid reply to the call."""
+
+    outcome = "protocol_error"
+
+
+class CircuitOpen(SidecarError):
+    """The circuit breaker rejected the call; nothing was sent."""
+
+    def __init__(self, breaker: str) -> None:
+        super().__init__(f"circuit open for {breaker}")
+        self.breaker = breaker
+
+
+class ConfigError(SidecarError):
+    """The configuration is invalid. The message names the key path and the bad value."""

@@ -1,0 +1,1 @@
+"""Fallback replies: the last good answer per call, and static answers from the config."""

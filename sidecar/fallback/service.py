@@ -1,0 +1,91 @@
+"""Deciding what to remember and what to serve when the upstream cannot answer.
+
+Remembered: the reply of every ``ok`` call (and, when configured, every
+declared-exception reply) of a cacheable method, under `cache_key`.
+
+Served, when the reason is listed in ``serve_on`` (``breaker_open``,
+``retries_exhausted``): the cached reply for the same method and arguments if
+one younger than the TTL exists, else the method's static reply, else
+nothing. A cached reply is the upstream's own message with the client's seqid
+patched in; a static reply gets a fresh REPLY envelope with the bare method
+name (what Apache Thrift servers write, and what Go clients check) and the
+client's seqid and envelope style.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
+from sidecar.policy import MethodPolicy
+from sidecar.protocol.envelope import MessageType, encode_header, write_seqid
+from sidecar.protocol.framing import Message
+from sidecar.resilience.outcome import Outcome
+
+log = logging.getLogger("sidecar.fallback")
+
+BREAKER_OPEN = "breaker_open"
+RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+@dataclass(frozen=True, slots=True)
+class Served:
+    """A fallback reply: unframed message bytes with the client's seqid, and its source."""
+
+    message: bytes | bytearray
+    source: str
+
+
+class Fallbacks:
+    """The fallback policy over one store."""
+
+    def __init__(
+        self,
+        store: FallbackStore | None,
+        *,
+        serve_on: frozenset[str],
+        cache_declared_exceptions: bool,
+    ) -> None:
+        self.store = store
+        self.serve_on = serve_on
+        self._cached_outcomes = (
+            frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION})
+            if cache_declared_exceptions
+            else frozenset({Outcome.OK})
+        )
+
+    def remember(
+        self, policy: MethodPolicy, call: Message, reply: Message, outcome: Outcome
+    ) -> None:
+        """Keep a good reply of a cacheable method for later."""
+        if self.store is None or not policy.cacheable or outcome not in self._cached_outcomes:
+            return
+        self.store.put(
+            cache_key(policy.name, call.body()),
+            CachedReply(bytes(reply.payload()), reply.header.seqid_offset, _now()),
+        )
+
+    async def find(self, policy: MethodPolicy, call: Message, reason: str) -> Served | None:
+        """A fallback reply for this call, or None."""
+        if reason not in self.serve_on:
+            return None
+        seqid = call.header.seqid
+        if self.store is not None and policy.cacheable:
+            cached = await self.store.get(cache_key(policy.name, call.body()))
+            if cached is not None:
+                message = bytearray(cached.message)
+                write_seqid(message, cached.seqid_offset, seqid)
+                log.debug("serving cached reply for %s (%s)", policy.display_name, reason)
+                return Served(message, "cache")
+        static = policy.static_reply
+        if static is not None:
+            log.debug("serving static reply for %s (%s)", policy.display_name, reason)
+            header = encode_header(policy.method, MessageType.REPLY, seqid, call.header.strict)
+            return Served(header + static.body, "static")
+        return None
+
+
+def _now() -> float:
+    return time.time()

@@ -1,0 +1,268 @@
+"""Static fallback replies, written in the config and checked against the IDL.
+
+``methods.<name>.fallback.static: <value>`` is the method's return value and
+``methods.<name>.fallback.static_exception: {name: <Exception>, value: {...}}``
+one of its declared exceptions, both in plain YAML: structs as mappings by
+field name, enums by name (or number), binary as a string (UTF-8), lists and
+sets as sequences, maps as mappings; a ``void`` method takes ``{}``. Each is
+checked field by field against the types the IDL declares and encoded once,
+at start-up, with thriftpy2; a value that does not fit is a config error
+naming the key path. Nothing on the hot path touches the IDL.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import thriftpy2
+from thriftpy2.protocol import TBinaryProtocolFactory
+from thriftpy2.thrift import TType
+from thriftpy2.utils import serialize
+
+from sidecar.config import SidecarConfig
+from sidecar.errors import ConfigError
+from sidecar.policy import StaticReply
+
+_INT_RANGES = {
+    TType.BYTE: (-(2**7), 2**7 - 1, "byte"),
+    TType.I16: (-(2**15), 2**15 - 1, "i16"),
+    TType.I32: (-(2**31), 2**31 - 1, "i32"),
+    TType.I64: (-(2**63), 2**63 - 1, "i64"),
+}
+_module_ids = itertools.count()
+
+
+def load_idl(path: str) -> ModuleType:
+    """Parse an IDL file with thriftpy2.
+
+    Raises:
+        ConfigError: the file cannot be read or parsed.
+    """
+    stem = "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    try:
+        return thriftpy2.load(path, module_name=f"sidecar_idl_{stem}_{next(_module_ids)}_thrift")
+    except Exception as exc:  # thriftpy2 raises several unrelated types for bad input
+        raise ConfigError(f"idl: cannot load {path}: {exc}") from None
+
+
+def services(module: ModuleType) -> dict[str, Any]:
+    """Service classes of a loaded IDL by name."""
+    return {
+        name: value for name, value in vars(module).items() if hasattr(value, "thrift_services")
+    }
+
+
+def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
+    """Static replies and known method names from the config's IDL.
+
+    Returns:
+        Keyword arguments for `sidecar.app.Sidecar`: ``static_replies`` and ``known_methods``.
+
+    Raises:
+        ConfigError: a static reply without an IDL, a method not in the IDL, or
+            a value that does not fit the method's types.
+    """
+    wanted = {
+        name: method.fallback
+        for name, method in config.methods.items()
+        if method.fallback.static is not None or method.fallback.static_exception is not None
+    }
+    if config.idl is None:
+        if wanted:
+            name = next(iter(wanted))
+            raise ConfigError(
+                f"methods.{name}.fallback: a static reply needs the service's IDL to encode it; "
+                "set idl: (or --idl) to the .thrift file"
+            )
+        return {"static_replies": {}, "known_methods": []}
+    module = load_idl(config.idl)
+    found = services(module)
+    known: list[str] = []
+    for service_name, service in found.items():
+        for method in service.thrift_services:
+            known.append(method)
+            known.append(f"{service_name}:{method}")
+    unions = set(getattr(module, "__thrift_meta__", {}).get("unions", []))
+    static: dict[str, StaticReply] = {}
+    for name, fallback in wanted.items():
+        service, method = _find_method(found, name, config.idl)
+        result_cls = getattr(service, f"{method}_result")
+        key = f"methods.{name}.fallback"
+        if fallback.static_exception is not None:
+            body = _exception_result(result_cls, fallback.static_exception, key, unions)
+            static[name] = StaticReply(body, is_exception=True)
+        else:
+            body = _value_result(result_cls, fallback.static, f"{key}.static", unions)
+            static[name] = StaticReply(body, is_exception=False)
+    return {"static_replies": static, "known_methods": sorted(set(known))}
+
+
+def _find_method(found: dict[str, Any], name: str, idl: str) -> tuple[Any, str]:
+    service_name, sep, method = name.rpartition(":")
+    candidates = [
+        (svc_name, svc)
+        for svc_name, svc in found.items()
+        if method in svc.thrift_services and (not sep or svc_name == service_name)
+    ]
+    if not candidates:
+        listed = ", ".join(
+            f"{s}.{m}" for s, svc in sorted(found.items()) for m in svc.thrift_services
+        )
+        raise ConfigError(
+            f"methods.{name}: no such method in {idl} (methods there: {listed or 'none'})"
+        )
+    if len(candidates) > 1:
+        names = ", ".join(f"{s}:{method}" for s, _ in candidates)
+        raise ConfigError(
+            f"methods.{name}: several services define {method}; use one of {names} as the key"
+        )
+    return candidates[0][1], method
+
+
+def _value_result(result_cls: Any, value: Any, key: str, unions: set[Any]) -> bytes:
+    spec = result_cls.thrift_spec.get(0)
+    if spec is None:  # void
+        if value not in ({}, None):
+            raise ConfigError(f"{key}: the method returns void; write {{}} (got {value!r})")
+        return _encode(result_cls())
+    converted = _convert(spec[0], spec[2] if len(spec) == 4 else None, value, key, unions)
+    return _encode(result_cls(success=converted))
+
+
+def _exception_result(result_cls: Any, static_exc: Any, key: str, unions: set[Any]) -> bytes:
+    declared = {
+        spec[2].__name__: spec[1]
+        for fid, spec in result_cls.thrift_spec.items()
+        if fid != 0 and len(spec) == 4
+    }
+    field = declared.get(static_exc.name)
+    if field is None:
+        raise ConfigError(
+            f"{key}.static_exception.name: {static_exc.name!r} is not declared by this method "
+            f"(declared: {', '.join(sorted(declared)) or 'none'})"
+        )
+    spec = next(s for s in result_cls.thrift_spec.values() if s[1] == field)
+    exc = _convert(TType.STRUCT, spec[2], static_exc.value, f"{key}.static_exception.value", unions)
+    return _encode(result_cls(**{field: exc}))
+
+
+def _encode(result: Any) -> bytes:
+    """The binary-protocol bytes of a result struct."""
+    factory = TBinaryProtocolFactory()  # type: ignore[no-untyped-call]
+    return bytes(serialize(result, factory))
+
+
+def _type_name(ttype: int, args: Any) -> str:
+    names = {
+        TType.BOOL: "bool",
+        TType.DOUBLE: "double",
+        TType.STRING: "string",
+        TType.BINARY: "binary",
+        TType.LIST: "list",
+        TType.SET: "set",
+        TType.MAP: "map",
+    }
+    if ttype in _INT_RANGES:
+        return "enum " + args.__name__ if args is not None else _INT_RANGES[ttype][2]
+    if ttype == TType.STRUCT:
+        return f"struct {args.__name__}"
+    return names.get(ttype, f"type {ttype}")
+
+
+def _split(spec: Any) -> tuple[int, Any]:
+    """A container's element spec: ``TType`` or ``(TType, args)``."""
+    if isinstance(spec, tuple):
+        return spec[0], spec[1]
+    return spec, None
+
+
+def _convert(ttype: int, args: Any, value: Any, key: str, unions: set[Any]) -> Any:
+    """A YAML value as the Python value thriftpy2 encodes for (ttype, args); checked."""
+
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"{key}: expected {expected}, got {value!r}")
+
+    if ttype == TType.BOOL:
+        if not isinstance(value, bool):
+            raise bad("bool (true or false)")
+        return value
+    if ttype in _INT_RANGES:
+        low, high, name = _INT_RANGES[ttype]
+        if args is not None:  # an enum
+            members = args._NAMES_TO_VALUES
+            if isinstance(value, str) and value in members:
+                return members[value]
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and value in args._VALUES_TO_NAMES
+            ):
+                return value
+            raise bad(f"one of {', '.join(members)} (enum {args.__name__})")
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise bad(f"an integer that fits {name}")
+        return value
+    if ttype == TType.DOUBLE:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise bad("a number (double)")
+        if not math.isfinite(float(value)):
+            raise bad("a finite number")
+        return float(value)
+    if ttype == TType.STRING:
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if ttype == TType.BINARY:
+        if not isinstance(value, str):
+            raise bad("a string (binary values are written as UTF-8 text)")
+        return value.encode("utf-8")
+    if ttype in (TType.LIST, TType.SET):
+        etype, eargs = _split(args)
+        if not isinstance(value, list):
+            raise bad(f"a sequence ({_type_name(ttype, args)})")
+        items = [_convert(etype, eargs, v, f"{key}[{i}]", unions) for i, v in enumerate(value)]
+        if ttype == TType.SET:
+            try:
+                return set(items)
+            except TypeError:
+                raise bad("a set of hashable values") from None
+        return items
+    if ttype == TType.MAP:
+        (ktype, kargs), (vtype, vargs) = _split(args[0]), _split(args[1])
+        if not isinstance(value, dict):
+            raise bad("a mapping (map)")
+        return {
+            _convert(ktype, kargs, k, f"{key}[{k!r}]", unions): _convert(
+                vtype, vargs, v, f"{key}[{k!r}]", unions
+            )
+            for k, v in value.items()
+        }
+    if ttype == TType.STRUCT:
+        if not isinstance(value, dict):
+            raise bad(f"a mapping of the fields of {args.__name__}")
+        fields = {spec[1]: spec for spec in args.thrift_spec.values()}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(
+                f"{key}.{unknown[0]}: {args.__name__} has no such field "
+                f"(fields: {', '.join(fields)})"
+            )
+        kwargs: dict[str, Any] = {}
+        for fname, spec in fields.items():
+            required = spec[-1] is True
+            if fname not in value:
+                if required:
+                    raise ConfigError(
+                        f"{key}.{fname}: required field of {args.__name__} is missing"
+                    )
+                continue
+            fargs = spec[2] if len(spec) == 4 else None
+            kwargs[fname] = _convert(spec[0], fargs, value[fname], f"{key}.{fname}", unions)
+        if args in unions and len(kwargs) != 1:
+            raise ConfigError(f"{key}: union {args.__name__} needs exactly one field set")
+        return args(**kwargs)
+    raise bad(_type_name(ttype, args))

@@ -1,0 +1,100 @@
+"""TApplicationException: encode the ones we answer with, read the ones upstreams send.
+
+On the wire it is a struct in an EXCEPTION message (Thrift spec, TApplicationException):
+
+    field 1  message  string
+    field 2  type     i32      (`ApplicationExceptionType`)
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import IntEnum
+
+from sidecar.protocol.envelope import MessageType, encode_header
+from sidecar.protocol.skip import TType, struct_end, value_end
+
+_I16 = struct.Struct(">h")
+_I32 = struct.Struct(">i")
+
+
+class ApplicationExceptionType(IntEnum):
+    """TApplicationException type codes (Apache Thrift lib/py/src/Thrift.py)."""
+
+    UNKNOWN = 0
+    UNKNOWN_METHOD = 1
+    INVALID_MESSAGE_TYPE = 2
+    WRONG_METHOD_NAME = 3
+    BAD_SEQUENCE_ID = 4
+    MISSING_RESULT = 5
+    INTERNAL_ERROR = 6
+    PROTOCOL_ERROR = 7
+    INVALID_TRANSFORM = 8
+    INVALID_PROTOCOL = 9
+    UNSUPPORTED_CLIENT_TYPE = 10
+
+
+def encode_exception_struct(exc_type: int, message: str) -> bytes:
+    """The TApplicationException struct alone (no envelope)."""
+    raw = message.encode("utf-8")
+    return b"".join(
+        (
+            bytes((TType.STRING,)),
+            _I16.pack(1),
+            _I32.pack(len(raw)),
+            raw,
+            bytes((TType.I32,)),
+            _I16.pack(2),
+            _I32.pack(int(exc_type)),
+            b"\x00",
+        )
+    )
+
+
+def encode_application_exception(
+    name: str, seqid: int, exc_type: int, message: str, strict: bool = True
+) -> bytes:
+    """A whole EXCEPTION message (envelope + struct), unframed.
+
+    Args:
+        name: method name for the envelope (clients such as Go's check it
+            against the bare method name they called).
+        seqid: the client's sequence id.
+        exc_type: an `ApplicationExceptionType`.
+        message: human-readable text for the client.
+        strict: strict or non-strict envelope, as the client used.
+    """
+    return encode_header(name, MessageType.EXCEPTION, seqid, strict) + encode_exception_struct(
+        exc_type, message
+    )
+
+
+def parse_application_exception(body: bytes | bytearray | memoryview) -> tuple[int, str]:
+    """Read (type, message) from a TApplicationException struct.
+
+    Unknown fields are skipped; a missing type reads as UNKNOWN, a missing
+    message as "".
+
+    Raises:
+        RemoteProtocolError: the struct is malformed.
+    """
+    exc_type = int(ApplicationExceptionType.UNKNOWN)
+    message = ""
+    end = struct_end(body)
+    pos = 0
+    while pos < end:
+        ftype = body[pos]
+        if ftype == TType.STOP:
+            break
+        fid = _I16.unpack_from(body, pos + 1)[0]
+        pos += 3
+        if fid == 1 and ftype == TType.STRING:
+            length = _I32.unpack_from(body, pos)[0]
+            message = bytes(body[pos + 4 : pos + 4 + length]).decode("utf-8", "replace")
+            pos += 4 + length
+        elif fid == 2 and ftype == TType.I32:
+            exc_type = _I32.unpack_from(body, pos)[0]
+            pos += 4
+        else:
+            pos = value_end(body, pos, ftype)
+    return exc_type, message

@@ -1,0 +1,154 @@
+"""The message envelope of the Thrift binary protocol: read it, write it, patch its seqid.
+
+Wire format (Thrift binary protocol, both forms are accepted):
+
+    strict:      i32 (0x80010000 | type)  i32 name_len  name  i32 seqid  struct...
+    non-strict:  i32 name_len  name  i8 type  i32 seqid  struct...
+
+Only the envelope is decoded. The struct that follows (call arguments or reply
+result) stays opaque bytes; `MessageHeader.body_offset` says where it starts.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from sidecar.errors import RemoteProtocolError
+
+VERSION_1 = 0x80010000
+VERSION_MASK = 0xFFFF0000
+TYPE_MASK = 0x000000FF
+
+# A method name longer than this is not a name but garbage. Thrift puts no
+# limit on names; real IDL identifiers are far below it.
+MAX_NAME_LENGTH = 4096
+
+_I32 = struct.Struct(">i")
+_U32 = struct.Struct(">I")
+_I8 = struct.Struct(">b")
+
+
+class MessageType(IntEnum):
+    """TMessageType from the Thrift spec."""
+
+    CALL = 1
+    REPLY = 2
+    EXCEPTION = 3
+    ONEWAY = 4
+
+
+_VALID_TYPES = frozenset(int(t) for t in MessageType)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageHeader:
+    """The decoded envelope of one message.
+
+    Attributes:
+        name: the method name as sent, ``Service:method`` for multiplexed calls.
+        type: CALL, REPLY, EXCEPTION or ONEWAY.
+        seqid: the sequence id.
+        strict: True for the strict (versioned) envelope.
+        seqid_offset: offset of the 4 seqid bytes from the start of the message.
+        body_offset: offset of the struct from the start of the message.
+    """
+
+    name: str
+    type: MessageType
+    seqid: int
+    strict: bool
+    seqid_offset: int
+    body_offset: int
+
+    @property
+    def service(self) -> str:
+        """The service part of a multiplexed name, or ``""``."""
+        service, sep, _ = self.name.rpartition(":")
+        return service if sep else ""
+
+    @property
+    def method(self) -> str:
+        """The method part of the name, without any service prefix."""
+        return self.name.rpartition(":")[2]
+
+
+def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> MessageHeader | None:
+    """Read the envelope of the message that begins at ``data[start]``.
+
+    Args:
+        data: bytes received so far.
+        start: offset of the first byte of the message.
+
+    Returns:
+        The header with offsets relative to ``start``, or None when more bytes
+        are needed to read the whole envelope.
+
+    Raises:
+        RemoteProtocolError: the bytes cannot be a binary-protocol envelope.
+    """
+    end = len(data)
+    if end - start < 4:
+        return None
+    first = _U32.unpack_from(data, start)[0]
+    if first & 0x80000000:
+        if first & VERSION_MASK != VERSION_1:
+            raise RemoteProtocolError(
+                f"bad binary protocol version 0x{first:08x}", kind="bad_version"
+            )
+        mtype = first & TYPE_MASK
+        if end - start < 8:
+            return None
+        name_len = _I32.unpack_from(data, start + 4)[0]
+        _check_name_length(name_len)
+        name_at = start + 8
+        seqid_at = name_at + name_len
+        if end < seqid_at + 4:
+            return None
+        strict = True
+    else:
+        name_len = first
+        _check_name_length(name_len)
+        name_at = start + 4
+        type_at = name_at + name_len
+        if end < type_at + 5:
+            return None
+        mtype = data[type_at]
+        seqid_at = type_at + 1
+        strict = False
+    seqid = _I32.unpack_from(data, seqid_at)[0]
+    if mtype not in _VALID_TYPES:
+        raise RemoteProtocolError(f"unknown message type {mtype}", kind="bad_type", seqid=seqid)
+    try:
+        name = bytes(data[name_at : seqid_at if strict else seqid_at - 1]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise RemoteProtocolError("method name is not UTF-8", seqid=seqid) from None
+    return MessageHeader(
+        name, MessageType(mtype), seqid, strict, seqid_at - start, seqid_at + 4 - start
+    )
+
+
+def _check_name_length(name_len: int) -> None:
+    if name_len < 0 or name_len > MAX_NAME_LENGTH:
+        raise RemoteProtocolError(f"implausible method name length {name_len}", kind="garbage")
+
+
+def encode_header(name: str, mtype: MessageType, seqid: int, strict: bool = True) -> bytes:
+    """Encode an envelope; the struct bytes go right after it."""
+    raw = name.encode("utf-8")
+    if strict:
+        return b"".join(
+            (
+                _U32.pack(VERSION_1 | int(mtype)),
+                _I32.pack(len(raw)),
+                raw,
+                _I32.pack(seqid),
+            )
+        )
+    return b"".join((_I32.pack(len(raw)), raw, _I8.pack(int(mtype)), _I32.pack(seqid)))
+
+
+def write_seqid(buf: bytearray, offset: int, seqid: int) -> None:
+    """Overwrite the seqid at ``offset`` (a header's seqid_offset plus the message start)."""
+    _I32.pack_into(buf, offset, seqid)

@@ -1,0 +1,1 @@
+"""The I/O side: client connections, upstream connection pools, the call pipeline."""

@@ -1,0 +1,86 @@
+"""Several addresses of one upstream: spread calls, retry elsewhere, leave out the sick.
+
+Round robin over the addresses in rotation; a retry goes to an address the
+call has not tried yet where there is one. Which addresses are in rotation is
+decided by `EjectionTracker` (passive ejection).
+
+Each address has one pool per upstream transport in use: with
+``upstream.transport: same`` a framed client's calls go over framed
+connections and a buffered client's over buffered ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from sidecar.protocol.framing import Transport
+from sidecar.proxy.upstream import UpstreamPool
+from sidecar.resilience.ejection import EjectionTracker
+
+PoolFactory = Callable[[str, Transport], UpstreamPool]
+
+
+class UpstreamSet:
+    """The pools of all addresses of one upstream."""
+
+    def __init__(
+        self,
+        addresses: Sequence[str],
+        make_pool: PoolFactory,
+        tracker: EjectionTracker,
+        clock: Callable[[], float],
+    ) -> None:
+        if not addresses:
+            raise ValueError("at least one upstream address is needed")
+        self.addresses = list(addresses)
+        self.tracker = tracker
+        self._make_pool = make_pool
+        self._clock = clock
+        self._pools: dict[tuple[str, Transport], UpstreamPool] = {}
+        self._next = 0
+
+    def pool(self, address: str, transport: Transport) -> UpstreamPool:
+        """The pool for one address and transport, made on first use."""
+        key = (address, transport)
+        pool = self._pools.get(key)
+        if pool is None:
+            pool = self._pools[key] = self._make_pool(address, transport)
+        return pool
+
+    def pools(self) -> list[UpstreamPool]:
+        """Every pool made so far."""
+        return list(self._pools.values())
+
+    def pick(self, transport: Transport, tried: Sequence[str] = ()) -> UpstreamPool:
+        """The pool for the next attempt: in rotation, and not tried yet where possible."""
+        addresses = self.addresses
+        n = len(addresses)
+        if n == 1:
+            return self.pool(addresses[0], transport)
+        start = self._next
+        self._next = (start + 1) % n
+        now = self._clock()
+        second_choice: str | None = None
+        for i in range(n):
+            address = addresses[(start + i) % n]
+            if not self.tracker.available(address, now):
+                continue
+            if address not in tried:
+                return self.pool(address, transport)
+            second_choice = second_choice or address
+        return self.pool(second_choice or addresses[start], transport)
+
+    def record(self, address: str, failed: bool) -> float | None:
+        """Record an attempt's result; returns the ejection time when the address is ejected."""
+        if len(self.addresses) == 1:
+            return None
+        return self.tracker.record(address, failed, self._clock())
+
+    def ejected(self) -> list[str]:
+        """Addresses out of rotation now."""
+        return self.tracker.ejected(self._clock())
+
+    def close(self) -> None:
+        """Close every pool's idle connections."""
+        for pool in self._pools.values():
+            pool.close()

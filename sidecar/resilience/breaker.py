@@ -1,0 +1,193 @@
+"""Circuit breaker: an asyncio-friendly adapter over ``pybreaker.CircuitBreaker``.
+
+pybreaker is synchronous: ``call(func)`` runs ``func`` under an RLock and
+updates its state machine from the result. A Thrift call is an awaitable that
+must not run under a lock, so the adapter splits the work in two:
+
+- `Breaker.admit` before the attempt decides from pybreaker's own state (read
+  through its storage, so a shared storage is obeyed) whether the call may go;
+  in the open state it applies pybreaker's own rule (``opened_at +
+  reset_timeout``, on its wall clock) and, once the timeout has passed, moves
+  pybreaker to half-open with its public ``half_open()``. pybreaker lets every
+  caller through while half-open; the adapter admits at most
+  ``half_open_max_calls`` probes at once and treats the rest as if the breaker
+  were open.
+- `Breaker.record` after the attempt replays the outcome through pybreaker's
+  ``call`` with a function that returns (success) or raises (failure), so its
+  counters, storage, state transitions and listeners stay authoritative. The
+  replayed function does no I/O, so the lock is held for microseconds. One
+  shortcut: a success while closed with no failures counted is not replayed,
+  because it would change nothing (pybreaker would reset a counter that is
+  already zero).
+
+Cancellation: an attempt cancelled before it produced an outcome (the client
+went away, the sidecar is shutting down) counts as neither success nor
+failure: it says nothing about the upstream. `Breaker.cancel` frees the probe
+slot it may hold. Expired per-try timeouts are not cancellations; they are
+recorded as ``timeout`` failures.
+
+This is the only module that imports pybreaker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any
+
+import pybreaker
+
+STATE_CLOSED = pybreaker.STATE_CLOSED
+STATE_OPEN = pybreaker.STATE_OPEN
+STATE_HALF_OPEN = pybreaker.STATE_HALF_OPEN
+
+# Values of the breaker_state gauge (design §8).
+STATE_VALUES = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
+
+TransitionCallback = Callable[[str, str, str], None]
+
+
+class Admission(Enum):
+    """Why a call was let through."""
+
+    CLOSED = "closed"
+    PROBE = "probe"
+
+
+class _AttemptFailed(Exception):
+    """Raised inside pybreaker's ``call`` to replay a failed attempt."""
+
+
+def _fail() -> None:
+    raise _AttemptFailed
+
+
+def _succeed() -> None:
+    return None
+
+
+class _TransitionListener(pybreaker.CircuitBreakerListener):
+    def __init__(self, callback: TransitionCallback) -> None:
+        self._callback = callback
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        old = old_state.name if old_state is not None else STATE_CLOSED
+        if old != new_state.name:
+            self._callback(cb.name or "", old, new_state.name)
+
+
+class Breaker:
+    """One circuit breaker, driven from asyncio.
+
+    Args:
+        name: what it guards, for metrics and logs (an upstream, or upstream+method).
+        fail_max: consecutive failures that open it.
+        reset_timeout: seconds it stays open before a probe is allowed.
+        success_threshold: successful probes that close it again.
+        half_open_max_calls: probes allowed at once while half-open.
+        storage: a pybreaker storage; a fresh in-memory one by default.
+        on_transition: called with (name, old_state, new_state) on every change.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        fail_max: int,
+        reset_timeout: float,
+        success_threshold: int = 1,
+        half_open_max_calls: int = 1,
+        storage: pybreaker.CircuitBreakerStorage | None = None,
+        on_transition: TransitionCallback | None = None,
+    ) -> None:
+        self.name = name
+        self._storage = storage or pybreaker.CircuitMemoryStorage(STATE_CLOSED)
+        listeners = [_TransitionListener(on_transition)] if on_transition else []
+        self._cb = pybreaker.CircuitBreaker(
+            fail_max=fail_max,
+            reset_timeout=reset_timeout,
+            success_threshold=success_threshold,
+            state_storage=self._storage,
+            listeners=listeners,
+            name=name,
+        )
+        self.half_open_max_calls = half_open_max_calls
+        self.probes_in_flight = 0
+        self.rejected = 0
+
+    def configure(
+        self,
+        *,
+        fail_max: int,
+        reset_timeout: float,
+        success_threshold: int,
+        half_open_max_calls: int,
+    ) -> None:
+        """Change the settings, keeping the state (used by a config reload)."""
+        self._cb.fail_max = fail_max
+        self._cb.reset_timeout = reset_timeout
+        self._cb.success_threshold = success_threshold
+        self.half_open_max_calls = half_open_max_calls
+
+    @property
+    def state(self) -> str:
+        """``closed``, ``open`` or ``half-open``, as pybreaker's storage says."""
+        return str(self._cb.state.name)
+
+    @property
+    def fail_counter(self) -> int:
+        """Consecutive failures counted by pybreaker."""
+        return int(self._cb.fail_counter)
+
+    @property
+    def success_counter(self) -> int:
+        """Consecutive successes counted by pybreaker while half-open."""
+        return int(self._cb.success_counter)
+
+    @property
+    def opened_at(self) -> datetime | None:
+        """When pybreaker last opened the circuit (UTC)."""
+        value = self._storage.opened_at
+        return value if isinstance(value, datetime) else None
+
+    def admit(self) -> Admission | None:
+        """May a call go to the upstream now? None means no: treat the circuit as open."""
+        state = self._cb.state.name
+        if state == STATE_CLOSED:
+            return Admission.CLOSED
+        if state == STATE_OPEN:
+            opened_at = self.opened_at
+            timeout = timedelta(seconds=self._cb.reset_timeout)
+            if opened_at is not None and datetime.now(UTC) < opened_at + timeout:
+                self.rejected += 1
+                return None
+            self._cb.half_open()
+        if self.probes_in_flight >= self.half_open_max_calls:
+            self.rejected += 1
+            return None
+        self.probes_in_flight += 1
+        return Admission.PROBE
+
+    def record(self, admission: Admission, failed: bool) -> None:
+        """Replay an attempt's result through pybreaker (see the module docstring)."""
+        if admission is Admission.PROBE:
+            self.probes_in_flight -= 1
+        elif not failed and self._storage.counter == 0 and self._storage.state == STATE_CLOSED:
+            return
+        with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
+            self._cb.call(_fail if failed else _succeed)
+
+    def cancel(self, admission: Admission) -> None:
+        """The admitted call was cancelled: it counts as nothing."""
+        if admission is Admission.PROBE:
+            self.probes_in_flight -= 1
+
+    def force_open(self) -> None:
+        """Open the circuit now (operators and tests)."""
+        self._cb.open()
+
+    def force_close(self) -> None:
+        """Close the circuit now (operators and tests)."""
+        self._cb.close()

@@ -1,0 +1,73 @@
+"""Retry budget: retries may add at most ``ratio`` of the call rate, plus a small floor.
+
+Each call deposits ``ratio`` tokens, each retry withdraws one, and both are
+counted over a sliding ``window`` (so tokens expire); a floor of
+``min_retries_per_second * window`` tokens is always there so that a quiet
+upstream can still be retried. Over any window, retries are therefore at most
+``ratio * calls + min_retries_per_second * window``: a dead upstream sees about
+``(1 + ratio)`` times the call rate plus the floor, never a retry storm. This
+is the token budget of Finagle's ``RetryBudget`` and gRPC's retry throttling.
+
+The window is kept as ``SLOTS`` time slots in a ring; time is passed in.
+"""
+
+from __future__ import annotations
+
+import math
+
+# Slots per window: the window slides in steps of window / SLOTS.
+SLOTS = 10
+
+
+class _WindowedCounter:
+    """A sum over the last ``window`` seconds, in ``SLOTS`` steps."""
+
+    __slots__ = ("_counts", "_epochs", "_slot_width")
+
+    def __init__(self, window: float) -> None:
+        self._slot_width = window / SLOTS
+        self._counts = [0.0] * SLOTS
+        self._epochs = [-1] * SLOTS
+
+    def add(self, now: float, amount: float) -> None:
+        epoch = math.floor(now / self._slot_width)
+        i = epoch % SLOTS
+        if self._epochs[i] != epoch:
+            self._epochs[i] = epoch
+            self._counts[i] = 0.0
+        self._counts[i] += amount
+
+    def total(self, now: float) -> float:
+        oldest = math.floor(now / self._slot_width) - SLOTS + 1
+        return sum(c for c, e in zip(self._counts, self._epochs, strict=True) if e >= oldest)
+
+
+class RetryBudget:
+    """Token budget for retries to one upstream."""
+
+    __slots__ = ("_deposits", "_floor", "_withdrawals", "exhausted", "ratio")
+
+    def __init__(self, ratio: float, min_retries_per_second: float, window: float) -> None:
+        if window <= 0:
+            raise ValueError("window must be positive")
+        self.ratio = ratio
+        self._floor = min_retries_per_second * window
+        self._deposits = _WindowedCounter(window)
+        self._withdrawals = _WindowedCounter(window)
+        self.exhausted = 0
+
+    def deposit(self, now: float) -> None:
+        """Record one call (first attempts only)."""
+        self._deposits.add(now, self.ratio)
+
+    def balance(self, now: float) -> float:
+        """Tokens available now."""
+        return self._floor + self._deposits.total(now) - self._withdrawals.total(now)
+
+    def try_withdraw(self, now: float) -> bool:
+        """Take one token for a retry; False (and counted) when the budget is empty."""
+        if self.balance(now) >= 1.0:
+            self._withdrawals.add(now, 1.0)
+            return True
+        self.exhausted += 1
+        return False

@@ -1,0 +1,67 @@
+"""What one attempt came to, read from the reply bytes or the I/O error alone (no IDL).
+
+| outcome            | evidence                                   | breaker failure |
+|--------------------|--------------------------------------------|-----------------|
+| ok                 | REPLY whose result has field 0, or is void | no              |
+| declared_exception | REPLY whose result has a field id >= 1     | no              |
+| app_exception      | EXCEPTION of any type but INTERNAL_ERROR   | no              |
+| internal_error     | EXCEPTION with type INTERNAL_ERROR         | yes             |
+| connect_error      | refused, unreachable, connect timeout      | yes             |
+| connection_closed  | reset or EOF before the whole reply        | yes             |
+| timeout            | the per-try timeout expired                | yes             |
+| protocol_error     | garbage or a wrong seqid from the upstream | yes             |
+
+Which outcomes are retried and which trip the breaker is configuration
+(``retry.retry_on``, ``breaker.trip_on``); the defaults follow this table.
+"""
+
+from __future__ import annotations
+
+import struct
+from enum import StrEnum
+
+from sidecar.errors import ProtocolError
+from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
+from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.skip import TType
+
+_I16 = struct.Struct(">h")
+
+
+class Outcome(StrEnum):
+    """The result of one attempt."""
+
+    OK = "ok"
+    DECLARED_EXCEPTION = "declared_exception"
+    APP_EXCEPTION = "app_exception"
+    INTERNAL_ERROR = "internal_error"
+    CONNECT_ERROR = "connect_error"
+    CONNECTION_CLOSED = "connection_closed"
+    TIMEOUT = "timeout"
+    PROTOCOL_ERROR = "protocol_error"
+
+
+def classify_reply(mtype: int, body: bytes | bytearray | memoryview) -> Outcome:
+    """Classify a reply message from its type and result struct.
+
+    Args:
+        mtype: the envelope's message type.
+        body: the struct after the envelope.
+    """
+    if mtype == MessageType.REPLY:
+        if len(body) == 0:
+            return Outcome.PROTOCOL_ERROR
+        if body[0] == TType.STOP:
+            return Outcome.OK
+        if len(body) < 3:
+            return Outcome.PROTOCOL_ERROR
+        return Outcome.OK if _I16.unpack_from(body, 1)[0] == 0 else Outcome.DECLARED_EXCEPTION
+    if mtype == MessageType.EXCEPTION:
+        try:
+            exc_type, _ = parse_application_exception(body)
+        except ProtocolError:
+            return Outcome.PROTOCOL_ERROR
+        if exc_type == ApplicationExceptionType.INTERNAL_ERROR:
+            return Outcome.INTERNAL_ERROR
+        return Outcome.APP_EXCEPTION
+    return Outcome.PROTOCOL_ERROR

@@ -1,0 +1,256 @@
+"""Envelope parsing and encoding, checked against thriftpy2's own envelope writer."""
+
+from __future__ import annotations
+
+import contextlib
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from thriftpy2.protocol.binary import TBinaryProtocol
+from thriftpy2.transport.memory import TMemoryBuffer
+
+from sidecar.errors import RemoteProtocolError
+from sidecar.protocol.envelope import (
+    MAX_NAME_LENGTH,
+    MessageHeader,
+    MessageType,
+    encode_header,
+    parse_header,
+    write_seqid,
+)
+from tests.protocol.thrift_strategies import encode_envelope_thriftpy2
+
+ALL_TYPES = list(MessageType)
+SEQIDS = [0, 1, -1, 2**31 - 1, -(2**31)]
+NAMES = ["", "ping", "Calculator:add", "naïve_名前", "x" * MAX_NAME_LENGTH]
+BODY = b"\x08\x00\x01\x00\x00\x00\x2a\x00"  # struct { 1: i32 = 42 }
+
+names = st.text(max_size=30)
+seqids = st.integers(-(2**31), 2**31 - 1)
+mtypes = st.sampled_from(ALL_TYPES)
+
+
+def _strict(mtype: int, name: bytes, seqid: int) -> bytes:
+    return struct.pack(">Ii", 0x80010000 | mtype, len(name)) + name + struct.pack(">i", seqid)
+
+
+def _nonstrict(mtype: int, name: bytes, seqid: int) -> bytes:
+    return struct.pack(">i", len(name)) + name + struct.pack(">bi", mtype, seqid)
+
+
+def _check(header: MessageHeader | None, name: str, mtype: int, seqid: int, strict: bool) -> None:
+    assert header is not None
+    raw = name.encode("utf-8")
+    assert (header.name, header.type, header.seqid, header.strict) == (name, mtype, seqid, strict)
+    assert header.seqid_offset == (8 if strict else 5) + len(raw)
+    assert header.body_offset == header.seqid_offset + 4
+
+
+# ----------------------------------------------------------------------------- edge cases
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("mtype", ALL_TYPES)
+@pytest.mark.parametrize("name", NAMES)
+def test_parses_what_thriftpy2_writes(name: str, mtype: MessageType, strict: bool) -> None:
+    for seqid in SEQIDS:
+        envelope = encode_envelope_thriftpy2(name, mtype, seqid, strict)
+        proto = TBinaryProtocol(TMemoryBuffer(), strict_write=strict)
+        proto.write_message_begin(name, mtype, seqid)
+        assert proto.trans.getvalue() == envelope
+        header = parse_header(envelope + BODY)
+        _check(header, name, mtype, seqid, strict)
+        assert header is not None
+        assert envelope[header.seqid_offset : header.body_offset] == struct.pack(">i", seqid)
+        assert (envelope + BODY)[header.body_offset :] == BODY
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_offsets_are_relative_to_start(strict: bool) -> None:
+    junk = b"\x00garbage before\xff"
+    envelope = encode_header("Svc:getItem", MessageType.CALL, 77, strict)
+    data = junk + envelope + BODY
+    header = parse_header(data, len(junk))
+    _check(header, "Svc:getItem", MessageType.CALL, 77, strict)
+    assert header is not None
+    at = len(junk) + header.seqid_offset
+    assert data[at : at + 4] == struct.pack(">i", 77)
+    assert data[len(junk) + header.body_offset :] == BODY
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_accepts_any_buffer(kind: type) -> None:
+    data = kind(encode_header("ping", MessageType.ONEWAY, 5) + BODY)
+    _check(parse_header(data), "ping", MessageType.ONEWAY, 5, True)
+
+
+@pytest.mark.parametrize(
+    ("name", "service", "method"),
+    [("ping", "", "ping"), ("Calc:add", "Calc", "add"), (":m", "", "m"), ("", "", "")],
+)
+def test_service_and_method(name: str, service: str, method: str) -> None:
+    header = parse_header(encode_header(name, MessageType.CALL, 1))
+    assert header is not None
+    assert (header.service, header.method) == (service, method)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("name", ["", "ping", "Calculator:add", "é"])
+def test_every_proper_prefix_is_incomplete(name: str, strict: bool) -> None:
+    envelope = encode_header(name, MessageType.CALL, 9, strict)
+    for n in range(len(envelope)):
+        assert parse_header(envelope[:n]) is None, n
+        assert parse_header(b"xx" + envelope[:n], 2) is None, n
+    # The envelope alone is enough; the struct need not have arrived.
+    _check(parse_header(envelope), name, MessageType.CALL, 9, strict)
+
+
+@pytest.mark.parametrize(
+    "first",
+    [0x80020001, 0x80000001, 0x81010001, 0xFFFFFFFF, 0x80FF0001, 0x80000000],
+)
+def test_bad_version_raises_from_the_first_four_bytes(first: int) -> None:
+    data = struct.pack(">I", first)
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data)
+    assert info.value.kind == "bad_version"
+    with pytest.raises(RemoteProtocolError):
+        parse_header(data + struct.pack(">i", 4) + b"ping" + struct.pack(">i", 1) + BODY)
+
+
+@pytest.mark.parametrize("mtype", [0, 5, 6, 0x7F, 0xFF])
+def test_bad_strict_type(mtype: int) -> None:
+    data = _strict(mtype, b"ping", 1234)
+    assert parse_header(data[:-1]) is None
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data + BODY)
+    assert info.value.kind == "bad_type"
+    assert info.value.seqid == 1234
+
+
+@pytest.mark.parametrize("mtype", [0, 5, 0x7F, -1, -128])
+def test_bad_nonstrict_type(mtype: int) -> None:
+    data = _nonstrict(mtype, b"ping", -5)
+    assert parse_header(data[:-1]) is None
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data + BODY)
+    assert info.value.kind == "bad_type"
+    assert info.value.seqid == -5
+
+
+@pytest.mark.parametrize("name_len", [-1, -(2**31), MAX_NAME_LENGTH + 1, 2**31 - 1])
+def test_bad_strict_name_length_raises_before_the_name_arrives(name_len: int) -> None:
+    data = struct.pack(">Ii", 0x80010001, name_len)
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data)
+    assert info.value.kind == "garbage"
+
+
+@pytest.mark.parametrize("name_len", [MAX_NAME_LENGTH + 1, 0x00FFFFFF, 2**31 - 1])
+def test_huge_nonstrict_name_length_raises_before_the_name_arrives(name_len: int) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(struct.pack(">i", name_len))
+    assert info.value.kind == "garbage"
+
+
+def test_longest_name_is_accepted() -> None:
+    name = "n" * MAX_NAME_LENGTH
+    for strict in (True, False):
+        _check(parse_header(encode_header(name, MessageType.CALL, 3, strict)), name, 1, 3, strict)
+
+
+@pytest.mark.parametrize("raw", [b"\xff", b"ab\xc3", b"\xc3\x28", b"\xed\xa0\x80", b"\x80abc"])
+@pytest.mark.parametrize("strict", [True, False])
+def test_name_not_utf8(raw: bytes, strict: bool) -> None:
+    data = (_strict if strict else _nonstrict)(int(MessageType.CALL), raw, 99)
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data + BODY)
+    assert info.value.seqid == 99
+
+
+def test_encode_header_bytes() -> None:
+    assert encode_header("ab", MessageType.REPLY, 258) == (
+        b"\x80\x01\x00\x02\x00\x00\x00\x02ab\x00\x00\x01\x02"
+    )
+    assert encode_header("ab", MessageType.REPLY, -1, strict=False) == (
+        b"\x00\x00\x00\x02ab\x02\xff\xff\xff\xff"
+    )
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_write_seqid(strict: bool) -> None:
+    before = encode_header("Svc:get", MessageType.CALL, 1, strict) + BODY
+    header = parse_header(before)
+    assert header is not None
+    buf = bytearray(before)
+    write_seqid(buf, header.seqid_offset, -(2**31))
+    changed = [i for i in range(len(buf)) if buf[i] != before[i]]
+    assert changed
+    assert all(header.seqid_offset <= i < header.body_offset for i in changed)
+    after = parse_header(buf)
+    assert after is not None
+    assert after.seqid == -(2**31)
+    assert (after.name, after.type, after.strict, after.body_offset) == (
+        header.name,
+        header.type,
+        header.strict,
+        header.body_offset,
+    )
+
+
+# ----------------------------------------------------------------------------- properties
+
+
+@settings(max_examples=150, deadline=None)
+@given(names, mtypes, seqids, st.booleans(), st.binary(max_size=8))
+def test_encode_header_matches_thriftpy2_and_round_trips(
+    name: str, mtype: MessageType, seqid: int, strict: bool, tail: bytes
+) -> None:
+    envelope = encode_header(name, mtype, seqid, strict)
+    assert envelope == encode_envelope_thriftpy2(name, mtype, seqid, strict)
+    header = parse_header(envelope + tail)
+    _check(header, name, mtype, seqid, strict)
+    assert header is not None
+    assert header.body_offset == len(envelope)
+    for n in range(len(envelope)):
+        assert parse_header(envelope[:n]) is None
+
+
+@settings(max_examples=150, deadline=None)
+@given(names, mtypes, seqids, st.booleans(), seqids, st.binary(max_size=5), st.binary(max_size=8))
+def test_write_seqid_patches_only_the_seqid(
+    name: str,
+    mtype: MessageType,
+    seqid: int,
+    strict: bool,
+    new_seqid: int,
+    before: bytes,
+    tail: bytes,
+) -> None:
+    original = before + encode_header(name, mtype, seqid, strict) + tail
+    header = parse_header(original, len(before))
+    assert header is not None
+    buf = bytearray(original)
+    write_seqid(buf, len(before) + header.seqid_offset, new_seqid)
+    expected = before + encode_header(name, mtype, new_seqid, strict) + tail
+    assert buf == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(names, mtypes, seqids, st.booleans(), st.integers(0, 200), st.integers(0, 255), st.data())
+def test_corrupted_envelope_raises_only_remote_protocol_error(
+    name: str,
+    mtype: MessageType,
+    seqid: int,
+    strict: bool,
+    at: int,
+    byte: int,
+    data: st.DataObject,
+) -> None:
+    buf = bytearray(encode_header(name, mtype, seqid, strict) + BODY)
+    buf[at % len(buf)] = byte
+    cut = data.draw(st.integers(0, len(buf)))
+    with contextlib.suppress(RemoteProtocolError):
+        parse_header(bytes(buf[:cut]))
