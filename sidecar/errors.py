@@ -26,6 +26,7 @@ class ProtocolError(SidecarError):
         seqid: the sequence id of the message being read, when its envelope
             was readable; the answer to the client can then carry it.
         name: the method name of that message, when readable.
+        strict: the envelope form of that message (the answer uses the same).
         application_exception_type: the TApplicationException type to answer
             with.
     """
@@ -39,11 +40,13 @@ class ProtocolError(SidecarError):
         kind: str = "garbage",
         seqid: int | None = None,
         name: str | None = None,
+        strict: bool = True,
     ) -> None:
         super().__init__(message)
         self.kind = kind
         self.seqid = seqid
         self.name = name
+        self.strict = strict
 
 
 class RemoteProtocolError(ProtocolError):

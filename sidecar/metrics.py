@@ -194,6 +194,11 @@ class SidecarMetrics:
             "Client connections closed at once because max_connections was reached.",
             registry=r,
         )
+        self.client_idle_closes = Counter(
+            p + "client_idle_closes_total",
+            "Client connections closed after idle_timeout without a call.",
+            registry=r,
+        )
         self.protocol_errors = Counter(
             p + "protocol_errors_total",
             "Client connections closed for breaking the protocol, by kind.",

@@ -118,12 +118,14 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         seqid_at = type_at + 1
         strict = False
     seqid = _I32.unpack_from(data, seqid_at)[0]
-    if mtype not in _VALID_TYPES:
-        raise RemoteProtocolError(f"unknown message type {mtype}", kind="bad_type", seqid=seqid)
     try:
         name = bytes(data[name_at : seqid_at if strict else seqid_at - 1]).decode("utf-8")
     except UnicodeDecodeError:
-        raise RemoteProtocolError("method name is not UTF-8", seqid=seqid) from None
+        raise RemoteProtocolError("method name is not UTF-8", seqid=seqid, strict=strict) from None
+    if mtype not in _VALID_TYPES:
+        raise RemoteProtocolError(
+            f"unknown message type {mtype}", kind="bad_type", seqid=seqid, name=name, strict=strict
+        )
     return MessageHeader(
         name, MessageType(mtype), seqid, strict, seqid_at - start, seqid_at + 4 - start
     )

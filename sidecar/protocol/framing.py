@@ -15,6 +15,10 @@ patched in place; when it arrived framed, the frame prefix is kept in front of
 it and the message can be forwarded framed without another copy.
 
 A decoder that has raised stays broken: every later call raises the same error.
+When the error comes after messages that completed in the same call, those
+messages are returned first and the error is raised by the next call; the
+`error` property shows it at once, so a caller can answer the messages and
+then the error, in order, without waiting for more input.
 """
 
 from __future__ import annotations
@@ -107,6 +111,11 @@ class _Decoder:
         """Bytes received but not yet returned in a message."""
         return len(self._buf)
 
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The error that broke this decoder, if any (every later call raises it)."""
+        return self._error
+
     def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
         self._error = error
         self._buf = bytearray()
@@ -142,6 +151,17 @@ class FramedDecoder(_Decoder):
             return []
         buf += data
         out: list[Message] = []
+        try:
+            self._split(out)
+        except RemoteProtocolError:
+            if not out:
+                raise
+            # The messages before the error are whole: deliver them; the next call raises.
+        return out
+
+    def _split(self, out: list[Message]) -> None:
+        """Move every whole frame from the buffer to ``out``."""
+        buf = self._buf
         pos = 0
         end = len(buf)
         max_size = self.max_size
@@ -173,13 +193,13 @@ class FramedDecoder(_Decoder):
                         "frame shorter than its message envelope",
                         kind="garbage",
                         seqid=None if header is None else header.seqid,
+                        strict=True if header is None else header.strict,
                     )
                 )
             out.append(Message(header, msg, 4))
             pos = stop
         if pos and buf is self._buf:
             del buf[:pos]
-        return out
 
 
 class BufferedDecoder(_Decoder):
@@ -230,7 +250,11 @@ class BufferedDecoder(_Decoder):
             if exc.seqid is None and header is not None:
                 exc.seqid = header.seqid
                 exc.name = header.name
-            raise self._fail(exc) from None
+                exc.strict = header.strict
+            self._fail(exc)
+            if out:  # deliver the whole messages before the error; the next call raises
+                return out
+            raise exc from None
         self._header = header
         if start and self._buf:
             del self._buf[:start]
@@ -247,6 +271,7 @@ def _identify(error: RemoteProtocolError, buf: bytearray, start: int) -> None:
     if header is not None:
         error.seqid = header.seqid
         error.name = header.name
+        error.strict = header.strict
 
 
 def _truncated(
@@ -258,6 +283,7 @@ def _truncated(
     if header is not None:
         error.seqid = header.seqid
         error.name = header.name
+        error.strict = header.strict
     else:
         _identify(error, buf, start)
     return error
@@ -357,6 +383,11 @@ class AutoDecoder:
         self._inner: FramedDecoder | BufferedDecoder | None = None
         self._error: RemoteProtocolError | None = None
         self.transport: Transport | None = None
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The error that broke this decoder, if any (every later call raises it)."""
+        return self._inner.error if self._inner is not None else self._error
 
     def receive_data(self, data: bytes | bytearray) -> list[Message]:
         """Feed bytes; return the messages they complete (see the decoders)."""

@@ -51,6 +51,19 @@ log = logging.getLogger("sidecar.server")
 MAX_QUEUED_MESSAGES = 64
 MAX_QUEUED_BYTES = 8 << 20
 
+# The answer to an HTTP request that arrived on the Thrift port.
+_HTTP_BODY = (
+    b"This is the Thrift port of thrift-sidecar (binary protocol, framed or buffered).\n"
+    b"HTTP endpoints (/metrics, /healthz, /readyz, /state) are on the admin port.\n"
+)
+_HTTP_MISDIRECTED = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    + b"Content-Length: "
+    + str(len(_HTTP_BODY)).encode()
+    + b"\r\n\r\n"
+    + _HTTP_BODY
+)
+
 
 @dataclass(frozen=True, slots=True)
 class ServerSettings:
@@ -105,32 +118,40 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_active = self._loop.time()
+        error: ProtocolError | None
         try:
             messages = self._decoder.receive_data(data)
         except ProtocolError as exc:
-            self._queue.append(exc)
-            self._pause_reading()
+            messages, error = [], exc
         else:
-            if not messages:
-                return
-            if self._kind is None:
-                self._kind = self._decoder.transport  # type: ignore[union-attr]
-            self._queue.extend(messages)
-            for message in messages:
-                self._queued_bytes += len(message.buf)
-            if (
-                len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
-            ) and not self._reading_paused:
-                self._pause_reading()
+            # An error after whole messages in this read: those are answered first.
+            error = self._decoder.error
+        if self._kind is None:
+            # Known once detected, even when the first message then breaks the protocol:
+            # the PROTOCOL_ERROR answer is written in it.
+            self._kind = self._decoder.transport  # type: ignore[union-attr]
+        if not messages and error is None:
+            return
+        self._queue.extend(messages)
+        for message in messages:
+            self._queued_bytes += len(message.buf)
+        if error is not None:
+            self._queue.append(error)
+            self._pause_reading()
+        elif (
+            len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
+        ) and not self._reading_paused:
+            self._pause_reading()
         if self._worker is None:
             self._worker = self._loop.create_task(self._serve())
 
     def eof_received(self) -> bool:
         self._eof = True
-        try:
-            self._decoder.receive_data(b"")
-        except ProtocolError as exc:
-            self._queue.append(exc)
+        if self._decoder.error is None:  # else it is queued already
+            try:
+                self._decoder.receive_data(b"")
+            except ProtocolError as exc:
+                self._queue.append(exc)
         if self._worker is None:
             if self._queue:
                 self._worker = self._loop.create_task(self._serve())
@@ -198,10 +219,16 @@ class ClientConnection(asyncio.Protocol):
         if exc.seqid is not None and self._kind is not None and not self._lost:
             name = (exc.name or "").rpartition(":")[2]
             message = encode_application_exception(
-                name, exc.seqid, ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"
+                name,
+                exc.seqid,
+                ApplicationExceptionType.PROTOCOL_ERROR,
+                f"sidecar: {exc}",
+                exc.strict,
             )
             assert self._transport is not None
             self._transport.write(frame(message, self._kind))
+        elif exc.kind == "http" and self._transport is not None and not self._lost:
+            self._transport.write(_HTTP_MISDIRECTED)
         self._queue.clear()
         self.close()
 
@@ -289,6 +316,7 @@ class Server:
             log.info(
                 "closing client %s: idle for more than %gs", conn.peer, self.settings.idle_timeout
             )
+            self.metrics.client_idle_closes.inc()
             conn.close()
         return len(stale)
 
