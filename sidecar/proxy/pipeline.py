@@ -4,15 +4,27 @@ For every client message `Pipeline.handle` returns the bytes to write back
 (or None for ``oneway``):
 
     policy for the method name
+    breaker admits the call?       no  -> fallback or TApplicationException
     loop:
-        breaker admits?            no  -> fallback or TApplicationException
         attempt on an address (per-try timeout, seqid rewritten)
-        classify the outcome, record it in the breaker and the ejection tracker
-        answer (ok, declared or application exception)  -> remember, return it
-        retry? (retry_on, attempts, safe to repeat, deadline, budget)
+        classify the outcome; record it in the address's ejection tracker
+        answer (ok, declared or application exception)
+            -> record success in the breaker, remember, return it
+        retry? (not a half-open probe, circuit not opened meanwhile,
+                retry_on, attempts, safe to repeat, deadline, budget)
             yes -> wait (full jitter), next attempt on another address
-            no  -> the upstream's own reply if it sent one, else fallback or
+            no  -> record the failure in the breaker; the upstream's own
+                   reply if it sent one, else fallback or
                    TApplicationException(INTERNAL_ERROR) saying what happened
+
+The breaker sees one outcome per call, the final one, not one per attempt:
+a transient failure that a retry absorbed says nothing about the upstream's
+health, and with several addresses one dead address (the ejection tracker's
+business, per attempt) must not open the circuit for all of them. A dead
+upstream still opens the circuit after ``fail_max`` failed calls. A half-open
+probe is a single attempt, and a call stops retrying when the circuit opens
+under it, so nothing reaches an upstream whose circuit is open except the
+attempts already in flight.
 
 The decisions are made by the pure objects in `sidecar.resilience`; this
 module does the awaiting and the counting.
@@ -35,10 +47,10 @@ from sidecar.protocol.appexc import ApplicationExceptionType, encode_application
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.proxy.balancer import UpstreamSet
-from sidecar.resilience.breaker import Breaker
+from sidecar.resilience.breaker import STATE_OPEN, Admission, Breaker
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.outcome import Outcome, classify_reply
-from sidecar.resilience.retry import BUDGET, GiveUp
+from sidecar.resilience.retry import BUDGET, GiveUp, Retry
 
 log = logging.getLogger("sidecar.pipeline")
 
@@ -46,6 +58,11 @@ Wire = bytes | bytearray | memoryview
 
 # Outcomes that are answers from the upstream: returned as they are, never retried.
 ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
+
+# GiveUp reasons decided here rather than by the retry policy: a half-open
+# probe is one attempt; a call does not retry into a circuit that opened meanwhile.
+PROBE = "probe"
+CIRCUIT_OPENED = "circuit_open"
 
 # Label values of requests_total{outcome} besides the attempt outcomes.
 CIRCUIT_OPEN = "circuit_open"
@@ -142,6 +159,10 @@ class Pipeline:
         self._rng = rng or random.Random()
         self._counters: dict[str, _MethodCounters] = {}
 
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
     def _counters_for(self, policy: MethodPolicy) -> _MethodCounters:
         counters = self._counters.get(policy.label)
         if counters is None:
@@ -186,80 +207,108 @@ class Pipeline:
         retry = policy.retry
         deadline_at = started + retry.deadline
         breaker = self.breakers.for_policy(policy)
+        admission = breaker.admit()
+        if admission is None:
+            self.metrics.breaker_rejections.labels(breaker.name).inc()
+            return await self._unanswered(
+                call,
+                policy,
+                client_transport,
+                BREAKER_OPEN,
+                CIRCUIT_OPEN,
+                f"circuit open for upstream {breaker.name}",
+            )
         self.budget.deposit(started)
         transport = self.upstream_transport or client_transport
         tried: list[str] = []
         attempt = 0
-        while True:
-            admission = breaker.admit()
-            if admission is None:
-                self.metrics.breaker_rejections.labels(breaker.name).inc()
-                return await self._unanswered(
-                    call,
-                    policy,
-                    client_transport,
-                    BREAKER_OPEN,
-                    CIRCUIT_OPEN,
-                    f"circuit open for upstream {breaker.name}",
+        try:
+            while True:
+                pool = self.upstreams.pick(transport, tried)
+                tried.append(pool.address)
+                attempt += 1
+                timeout = min(retry.per_try_timeout, deadline_at - loop.time())
+                reply: Message | None = None
+                error: UpstreamError | None = None
+                try:
+                    reply = await pool.exchange(call, oneway=oneway, timeout=timeout)
+                except UpstreamError as exc:
+                    error = exc
+                    outcome = Outcome(exc.outcome)
+                    sent = exc.sent
+                else:
+                    sent = True
+                    outcome = (
+                        Outcome.OK
+                        if reply is None
+                        else classify_reply(reply.header.type, reply.body())
+                    )
+                failed = outcome in self.trip_on
+                if self.upstreams.record(pool.address, failed) is not None:
+                    self._ejected(pool.address)
+                counters.attempt(pool.address, outcome.value)
+                if outcome in ANSWERS:
+                    breaker.record(admission, failed)
+                    if reply is None:
+                        return outcome.value, None
+                    self.fallbacks.remember(policy, call, reply, outcome)
+                    reply.set_seqid(call.header.seqid)
+                    return outcome.value, reply.to_wire(client_transport)
+                decision = self._next_step(
+                    policy, breaker, admission, attempt, outcome, sent, oneway, deadline_at
                 )
-            pool = self.upstreams.pick(transport, tried)
-            tried.append(pool.address)
-            attempt += 1
-            timeout = min(retry.per_try_timeout, deadline_at - loop.time())
-            reply: Message | None = None
-            error: UpstreamError | None = None
-            try:
-                reply = await pool.exchange(call, oneway=oneway, timeout=timeout)
-            except UpstreamError as exc:
-                error = exc
-                outcome = Outcome(exc.outcome)
-                sent = exc.sent
-            except BaseException:
-                breaker.cancel(admission)
-                raise
-            else:
-                sent = True
-                outcome = (
-                    Outcome.OK if reply is None else classify_reply(reply.header.type, reply.body())
+                if isinstance(decision, GiveUp):
+                    breaker.record(admission, failed)
+                    return await self._give_up(
+                        call, policy, client_transport, outcome, reply, error, attempt
+                    )
+                self.metrics.retries.labels(policy.label, outcome.value).inc()
+                log.debug(
+                    "retrying %s after %s (attempt %d, waiting %.3fs)",
+                    policy.display_name,
+                    outcome.value,
+                    attempt,
+                    decision.wait,
                 )
-            failed = outcome in self.trip_on
-            breaker.record(admission, failed)
-            if self.upstreams.record(pool.address, failed) is not None:
-                self._ejected(pool.address)
-            counters.attempt(pool.address, outcome.value)
-            if outcome in ANSWERS:
-                if reply is None:
-                    return outcome.value, None
-                self.fallbacks.remember(policy, call, reply, outcome)
-                reply.set_seqid(call.header.seqid)
-                return outcome.value, reply.to_wire(client_transport)
-            decision = retry.decide(
+                if decision.wait > 0:
+                    await asyncio.sleep(decision.wait)
+        except BaseException:
+            # Cancelled (client gone, shutdown) or a bug: the call counts as nothing.
+            breaker.cancel(admission)
+            raise
+
+    def _next_step(
+        self,
+        policy: MethodPolicy,
+        breaker: Breaker,
+        admission: Admission,
+        attempt: int,
+        outcome: Outcome,
+        sent: bool,
+        oneway: bool,
+        deadline_at: float,
+    ) -> Retry | GiveUp:
+        """Retry or give up after a failed attempt (the retry policy, then the breaker)."""
+        if admission is Admission.PROBE:
+            decision: Retry | GiveUp = GiveUp(PROBE)
+        elif breaker.state == STATE_OPEN:
+            decision = GiveUp(CIRCUIT_OPENED)
+        else:
+            decision = policy.retry.decide(
                 attempt=attempt,
                 outcome=outcome,
                 sent=sent,
                 oneway=oneway,
-                now=loop.time(),
+                now=self._loop_time(),
                 deadline_at=deadline_at,
                 rng=self._rng,
                 budget=self.budget,
             )
-            if isinstance(decision, GiveUp):
-                self.metrics.retries_given_up.labels(policy.label, decision.reason).inc()
-                if decision.reason == BUDGET:
-                    self.metrics.retry_budget_exhausted.labels(self.upstream_name).inc()
-                return await self._give_up(
-                    call, policy, client_transport, outcome, reply, error, attempt
-                )
-            self.metrics.retries.labels(policy.label, outcome.value).inc()
-            log.debug(
-                "retrying %s after %s (attempt %d, waiting %.3fs)",
-                policy.display_name,
-                outcome.value,
-                attempt,
-                decision.wait,
-            )
-            if decision.wait > 0:
-                await asyncio.sleep(decision.wait)
+        if isinstance(decision, GiveUp):
+            self.metrics.retries_given_up.labels(policy.label, decision.reason).inc()
+            if decision.reason == BUDGET:
+                self.metrics.retry_budget_exhausted.labels(self.upstream_name).inc()
+        return decision
 
     async def _give_up(
         self,
@@ -283,6 +332,8 @@ class Pipeline:
             return outcome.value, reply.to_wire(client_transport)
         tries = f" ({attempts} attempts)" if attempts > 1 else ""
         reason = str(error) if error is not None else outcome.value
+        if RETRIES_EXHAUSTED in self.fallbacks.serve_on:
+            tries += f", no fallback for {policy.display_name}"
         return outcome.value, self._error(
             call,
             policy,

@@ -87,6 +87,16 @@ class UpstreamConnection(asyncio.Protocol):
                 return
             self._waiter = None
             waiter.set_result(message)
+        if self._decoder.error is not None:
+            # Invalid bytes right after a whole reply (the reply is delivered above):
+            # this connection is never used again.
+            self._broken(
+                UpstreamProtocolError(
+                    f"upstream {self._pool.address} sent invalid bytes: {self._decoder.error}",
+                    address=self._pool.address,
+                    sent=True,
+                )
+            )
 
     def eof_received(self) -> bool:
         self._broken(None)
@@ -178,12 +188,13 @@ class UpstreamPool:
             UpstreamClosed: the connection ended before the reply (sent).
             UpstreamProtocolError: the reply is not valid or not ours (sent).
         """
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + timeout  # the whole attempt: connect, send and reply
         conn = await self.acquire(timeout)
         reusable = False
         try:
             seqid = conn.next_seqid()
             message.set_seqid(seqid)
-            loop = asyncio.get_running_loop()
             waiter: asyncio.Future[Message] | None = None
             if not oneway:
                 waiter = loop.create_future()
@@ -193,7 +204,9 @@ class UpstreamPool:
             if waiter is None:
                 reusable = True
                 return None
-            handle = loop.call_later(timeout, _expire, waiter, self.address, timeout)
+            handle = loop.call_later(
+                max(0.0, expires - loop.time()), _expire, waiter, self.address, timeout
+            )
             try:
                 reply = await waiter
             finally:
@@ -219,6 +232,9 @@ class UpstreamPool:
     async def acquire(self, timeout: float) -> UpstreamConnection:
         """An open connection for one call; the caller must `release` it.
 
+        Waiting for a free connection and connecting together take at most
+        ``timeout`` seconds (a connect also at most ``connect_timeout``).
+
         Raises:
             UpstreamUnavailable: cannot connect, or none free within ``timeout``.
         """
@@ -228,10 +244,10 @@ class UpstreamPool:
             if not conn.closed:
                 return conn
         if self._open < self.size:
-            return await self._connect()
-        waiter: asyncio.Future[UpstreamConnection | None] = (
-            asyncio.get_running_loop().create_future()
-        )
+            return await self._connect(timeout)
+        loop = asyncio.get_running_loop()
+        expires = loop.time() + timeout
+        waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
         try:
             async with asyncio.timeout(timeout):
@@ -248,22 +264,23 @@ class UpstreamPool:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
         if handed is None:  # a slot was freed: open a connection of our own
-            return await self._connect()
+            return await self._connect(expires - loop.time())
         return handed
 
-    async def _connect(self) -> UpstreamConnection:
+    async def _connect(self, timeout: float) -> UpstreamConnection:
+        """Open a connection, giving up after ``timeout`` or ``connect_timeout``, the shorter."""
         self._open += 1
         loop = asyncio.get_running_loop()
+        limit = max(0.0, min(self.connect_timeout, timeout))
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(limit):
                 _, protocol = await loop.create_connection(
                     lambda: UpstreamConnection(self), self.host, self.port
                 )
         except TimeoutError:
             self._slot_freed()
             raise UpstreamUnavailable(
-                f"cannot connect to upstream {self.address}: no answer within "
-                f"{self.connect_timeout:g}s",
+                f"cannot connect to upstream {self.address}: no answer within {limit:g}s",
                 address=self.address,
             ) from None
         except OSError as exc:

@@ -1,0 +1,1 @@
+"""The demo: an example upstream behind a fault-injecting proxy, and a traffic driver."""
