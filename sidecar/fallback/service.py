@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
@@ -39,7 +40,17 @@ class Served:
 
 
 class Fallbacks:
-    """The fallback policy over one store."""
+    """The fallback policy over one store.
+
+    Args:
+        store: where replies are remembered; None turns the cache off
+            (static replies are still served).
+        serve_on: the reasons a fallback is served for (`BREAKER_OPEN`,
+            `RETRIES_EXHAUSTED`).
+        cache_declared_exceptions: remember replies carrying a declared
+            exception too, not only ``ok`` ones.
+        clock: Unix time for ``stored_at`` (the store's TTL is measured on it).
+    """
 
     def __init__(
         self,
@@ -47,8 +58,10 @@ class Fallbacks:
         *,
         serve_on: frozenset[str],
         cache_declared_exceptions: bool,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self._clock = clock
         self.serve_on = serve_on
         self._cached_outcomes = (
             frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION})
@@ -64,7 +77,7 @@ class Fallbacks:
             return
         self.store.put(
             cache_key(policy.name, call.body()),
-            CachedReply(bytes(reply.payload()), reply.header.seqid_offset, _now()),
+            CachedReply(bytes(reply.payload()), reply.header.seqid_offset, self._clock()),
         )
 
     async def find(self, policy: MethodPolicy, call: Message, reason: str) -> Served | None:
@@ -85,7 +98,3 @@ class Fallbacks:
             header = encode_header(policy.method, MessageType.REPLY, seqid, call.header.strict)
             return Served(header + static.body, "static")
         return None
-
-
-def _now() -> float:
-    return time.time()

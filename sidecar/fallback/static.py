@@ -4,10 +4,11 @@
 ``methods.<name>.fallback.static_exception: {name: <Exception>, value: {...}}``
 one of its declared exceptions, both in plain YAML: structs as mappings by
 field name, enums by name (or number), binary as a string (UTF-8), lists and
-sets as sequences, maps as mappings; a ``void`` method takes ``{}``. Each is
-checked field by field against the types the IDL declares and encoded once,
-at start-up, with thriftpy2; a value that does not fit is a config error
-naming the key path. Nothing on the hot path touches the IDL.
+sets as sequences, maps as mappings; a field left out or written ``null`` is
+not set (an error for a ``required`` field); a ``void`` method takes ``{}``.
+Each is checked field by field against the types the IDL declares and
+encoded once, at start-up, with thriftpy2; a value that does not fit is a
+config error naming the key path. Nothing on the hot path touches the IDL.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def _convert(ttype: int, args: Any, value: Any, key: str, unions: set[Any]) -> A
         kwargs: dict[str, Any] = {}
         for fname, spec in fields.items():
             required = spec[-1] is True
-            if fname not in value:
+            if value.get(fname) is None:  # absent, or YAML null: the field is not set
                 if required:
                     raise ConfigError(
                         f"{key}.{fname}: required field of {args.__name__} is missing"

@@ -8,8 +8,15 @@ backend (memory, SQLite, Redis) implements `FallbackStore`:
   does it off the event loop, and may drop it under pressure (a cache is
   allowed to forget);
 - ``get`` is awaited only when a fallback is needed, and must answer promptly
-  (a backend with I/O bounds its own wait);
-- entries older than ``ttl`` are never returned.
+  (a backend with I/O bounds its own wait, and a slow or failing backend
+  answers None: no cached reply);
+- entries older than ``ttl`` are never returned;
+- ``stats`` is called on the event loop and does no I/O;
+- ``flush`` waits until the puts made before it are visible to ``get`` (tests,
+  shutdown); ``close`` flushes, then releases what the store holds.
+
+Backends: `MemoryStore` here, `sidecar.fallback.sqlite.SqliteStore` (a file
+that survives restarts), and a Redis one shared by a fleet.
 """
 
 from __future__ import annotations
@@ -40,12 +47,25 @@ class CachedReply:
 
 @dataclass(frozen=True, slots=True)
 class StoreStats:
-    """Figures for metrics and /state."""
+    """Figures for metrics and /state.
+
+    Attributes:
+        backend: ``memory``, ``sqlite`` or ``redis``.
+        entries: replies held.
+        bytes: their size as the backend counts it against ``max_bytes``.
+        healthy: False while the backend is failing or has fallen back to memory.
+        dropped_writes: puts dropped because the write queue was full.
+        failed_writes: puts lost to backend errors.
+        missed_reads: gets answered "none" because the backend was too slow or busy.
+    """
 
     backend: str
     entries: int
     bytes: int
     healthy: bool = True
+    dropped_writes: int = 0
+    failed_writes: int = 0
+    missed_reads: int = 0
 
 
 class FallbackStore(Protocol):
@@ -60,7 +80,10 @@ class FallbackStore(Protocol):
         """The reply for ``key`` if one younger than the TTL is known."""
 
     def stats(self) -> StoreStats:
-        """Entry and byte counts."""
+        """Entry and byte counts; no I/O."""
+
+    async def flush(self) -> None:
+        """Wait until every put made before this call is visible to `get`."""
 
     async def close(self) -> None:
         """Flush pending writes and release resources."""
@@ -96,18 +119,21 @@ class MemoryStore:
         self._clock = clock
         self._entries: OrderedDict[str, CachedReply] = OrderedDict()
         self._bytes = 0
+        self._closed = False
 
     @staticmethod
     def _cost(key: str, reply: CachedReply) -> int:
         return len(key) + len(reply.message) + ENTRY_OVERHEAD
 
     def put(self, key: str, reply: CachedReply) -> None:
-        cost = self._cost(key, reply)
-        if cost > self.max_bytes:
+        if self._closed:
             return
         old = self._entries.pop(key, None)
         if old is not None:
             self._bytes -= self._cost(key, old)
+        cost = self._cost(key, reply)
+        if cost > self.max_bytes:  # can never fit; and the older reply is not the last one
+            return
         self._entries[key] = reply
         self._bytes += cost
         while len(self._entries) > self.max_entries or self._bytes > self.max_bytes:
@@ -132,6 +158,10 @@ class MemoryStore:
     def stats(self) -> StoreStats:
         return StoreStats(self.backend, len(self._entries), self._bytes)
 
+    async def flush(self) -> None:
+        """Nothing to wait for: puts are applied at once."""
+
     async def close(self) -> None:
+        self._closed = True
         self._entries.clear()
         self._bytes = 0
