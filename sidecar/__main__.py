@@ -2,4 +2,4 @@
 
 from sidecar.cli import main
 
-main()
+main(prog_name="sidecar")

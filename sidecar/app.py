@@ -20,6 +20,7 @@ from sidecar import __version__
 from sidecar.config import SidecarConfig, split_address
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
+from sidecar.fallback.sqlite import SqliteStore
 from sidecar.fallback.store import FallbackStore, MemoryStore
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.policy import PolicyTable, StaticReply
@@ -48,10 +49,18 @@ def upstream_name(config: SidecarConfig) -> str:
 
 
 def make_store(config: SidecarConfig) -> FallbackStore:
-    """The fallback store the config asks for."""
+    """The fallback store the config asks for.
+
+    Raises:
+        ConfigError: the backend is not available, or its file cannot be used.
+    """
     cache = config.fallback.cache
     if cache.backend == "memory":
         return MemoryStore(ttl=cache.ttl, max_entries=cache.max_entries, max_bytes=cache.max_bytes)
+    if cache.backend == "sqlite" and cache.path is not None:
+        return SqliteStore(
+            cache.path, ttl=cache.ttl, max_entries=cache.max_entries, max_bytes=cache.max_bytes
+        )
     raise ConfigError(f"fallback.cache.backend: {cache.backend!r} is not available in this build")
 
 
@@ -252,7 +261,9 @@ class Sidecar:
             except Exception:
                 log.exception("housekeeping failed")
 
-    def reload(self, new: SidecarConfig) -> list[str]:
+    def reload(
+        self, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+    ) -> list[str]:
         """Apply a new config to the running sidecar.
 
         Retry, breaker, fallback and per-method settings take effect for the
@@ -266,6 +277,11 @@ class Sidecar:
         ignored = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
         if ignored:
             new = new.model_copy(update={k: getattr(old, k) for k in ignored})
+        if new.fallback.cache != old.fallback.cache:
+            # The store is built once; its backend and bounds need a restart.
+            ignored.append("fallback.cache")
+            kept = new.fallback.model_copy(update={"cache": old.fallback.cache})
+            new = new.model_copy(update={"fallback": kept})
         assert self.pipeline is not None
         assert self.breakers is not None
         self.config = new
@@ -281,6 +297,8 @@ class Sidecar:
             nb = new.retry.budget
             self.budget = RetryBudget(nb.ratio, nb.min_retries_per_second, nb.window)
             self.pipeline.budget = self.budget
+        if static_replies is not None:
+            self.static_replies = static_replies
         self.pipeline.policies = PolicyTable(new, self.labels, self.static_replies)
         self.pipeline.fallbacks = self._fallbacks(new)
         self.pipeline.trip_on = frozenset(Outcome(v) for v in b.trip_on)
@@ -392,8 +410,17 @@ def signal_handlers(
             loop.remove_signal_handler(sig)
 
 
-async def serve(sidecar: Sidecar, reload_config: Callable[[], SidecarConfig] | None = None) -> bool:
-    """Run until SIGTERM or SIGINT; reload on SIGHUP. Returns whether the drain was clean."""
+Reloader = Callable[[], tuple[SidecarConfig, dict[str, Any]]]
+
+
+async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool:
+    """Run until SIGTERM or SIGINT; reload on SIGHUP. Returns whether the drain was clean.
+
+    Args:
+        sidecar: the sidecar to run (not started yet).
+        reload_config: loads and checks the config again, returning it and
+            the IDL's parts (``static_replies``); raises ConfigError.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -406,12 +433,12 @@ async def serve(sidecar: Sidecar, reload_config: Callable[[], SidecarConfig] | N
             log.warning("SIGHUP ignored: no config file to reload")
             return
         try:
-            new = reload_config()
+            new, parts = reload_config()
         except ConfigError as exc:
             sidecar.metrics.config_reloads.labels("error").inc()
             log.error("config reload rejected, keeping the running config: %s", exc)
             return
-        ignored = sidecar.reload(new)
+        ignored = sidecar.reload(new, static_replies=parts.get("static_replies"))
         sidecar.metrics.config_reloads.labels("ok").inc()
         if ignored:
             log.warning(
@@ -422,8 +449,9 @@ async def serve(sidecar: Sidecar, reload_config: Callable[[], SidecarConfig] | N
         else:
             log.info("config reloaded (version %d)", sidecar.config_version)
 
-    await sidecar.start()
     handlers = {signal.SIGTERM: on_stop, signal.SIGINT: on_stop, signal.SIGHUP: on_reload}
     with signal_handlers(loop, handlers):
+        # Handlers first: a SIGTERM right after "listening" must drain, not kill.
+        await sidecar.start()
         await stop.wait()
         return await sidecar.stop()

@@ -1,44 +1,159 @@
-"""Warnings about a valid config that probably does not do what its author wants."""
+"""Warnings about a valid config that probably does not do what its author wants.
+
+Errors stop the sidecar (`sidecar.config`); these only inform. Each warning
+names the keys involved and what will happen, so that the author can decide.
+"""
 
 from __future__ import annotations
 
-from sidecar.config import SidecarConfig, matches_any
+from collections.abc import Iterable
+
+from sidecar.config import SidecarConfig, format_duration, matches_any, split_address
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
 
 
-def config_warnings(config: SidecarConfig) -> list[str]:
-    """Human-readable warnings; an empty list means nothing to say."""
+def _idempotent(config: SidecarConfig, name: str) -> bool:
+    override = config.methods.get(name)
+    if override is None and ":" in name:
+        override = config.methods.get(name.rpartition(":")[2])
+    if override is not None and override.idempotent is not None:
+        return override.idempotent
+    return matches_any(name, config.retry.idempotent)
+
+
+def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None = None) -> list[str]:
+    """Human-readable warnings; an empty list means nothing to say.
+
+    Args:
+        config: a valid configuration.
+        known_methods: method names from the IDL (bare and ``Service:method``),
+            when one is configured; enables the checks that need them.
+    """
     warnings: list[str] = []
+    r = config.retry
     for name, method in config.methods.items():
-        idempotent = (
-            method.idempotent
-            if method.idempotent is not None
-            else matches_any(name, config.retry.idempotent)
-        )
-        if idempotent and method.idempotent and not matches_any(name, config.retry.idempotent):
+        idempotent = _idempotent(config, name)
+        if method.idempotent and not matches_any(name, r.idempotent):
             warnings.append(
-                f"retrying after send is enabled for method {name} (methods.{name}.idempotent: "
-                "true): a call whose reply is lost may run twice on the upstream"
+                f"retrying after send is enabled for method {name}, which the "
+                f"retry.idempotent patterns do not cover (methods.{name}.idempotent: true): "
+                "a call whose reply is lost may run twice on the upstream"
+            )
+        if not idempotent and method.retry.max_attempts not in (None, 1):
+            warnings.append(
+                f"methods.{name}.retry.max_attempts is {method.retry.max_attempts} but {name} "
+                "is not idempotent: it is retried only when the call was never sent "
+                "(connect errors), never after a timeout or a lost reply"
             )
         if not idempotent and method.fallback.cache:
             warnings.append(
                 f"methods.{name}.fallback.cache is set but {name} is not idempotent; "
                 "replies of non-idempotent methods are never cached"
             )
+        if not idempotent and method.fallback.static is not None:
+            warnings.append(
+                f"methods.{name}.fallback.static answers the non-idempotent method {name} with "
+                "a made-up success while the upstream is down: clients will believe the write "
+                "happened (a static_exception tells them it did not)"
+            )
+    has_static = any(
+        m.fallback.static is not None or m.fallback.static_exception is not None
+        for m in config.methods.values()
+    )
+    if has_static and not config.fallback.serve_on:
+        warnings.append(
+            "static fallback replies are configured but fallback.serve_on is empty: "
+            "they are never served"
+        )
+    if "*" in r.idempotent or "*:*" in r.idempotent:
+        warnings.append(
+            "retry.idempotent matches every method: retrying after send is enabled for "
+            "writes too, which may then run twice on the upstream"
+        )
+    if known_methods is not None:
+        known = set(known_methods)
+        for name in config.methods:
+            if name not in known:
+                warnings.append(
+                    f"methods.{name}: the IDL has no such method, so these settings "
+                    "apply to nothing (a typo?)"
+                )
+        bare = sorted(m for m in known if ":" not in m)
+        writes = [m for m in bare if _idempotent(config, m) and _looks_like_write(m)]
+        for m in writes:
+            warnings.append(
+                f"retrying after send is enabled for {m}, whose name suggests a write: "
+                f"check that it is safe to repeat (methods.{m}.idempotent: false if not)"
+            )
     if config.upstream.addresses == ():
         warnings.append(
-            "no upstream address: set upstream.addresses, --upstream or SIDECAR_UPSTREAM"
+            "no upstream address: `sidecar run` will refuse to start; set "
+            "upstream.addresses, --upstream or SIDECAR_UPSTREAM"
         )
-    if "internal_error" in config.retry.retry_on:
+    if _loops_to_itself(config):
+        warnings.append(
+            f"upstream.addresses includes the sidecar's own listen address ({config.listen}): "
+            "calls would loop back into the sidecar"
+        )
+    if "internal_error" in r.retry_on:
         warnings.append(
             "retry.retry_on lists internal_error: idempotent calls that fail inside the "
             "upstream will be run again"
         )
-    r = config.retry
     if r.per_try_timeout > r.deadline:
         warnings.append(
-            f"retry.per_try_timeout ({r.per_try_timeout:g}s) is longer than retry.deadline "
-            f"({r.deadline:g}s): the deadline cuts every attempt short"
+            f"retry.per_try_timeout ({format_duration(r.per_try_timeout)}) is longer than "
+            f"retry.deadline ({format_duration(r.deadline)}): the deadline cuts every "
+            "attempt short"
         )
+    if r.initial_backoff > r.max_backoff:
+        warnings.append(
+            f"retry.initial_backoff ({format_duration(r.initial_backoff)}) is longer than "
+            f"retry.max_backoff ({format_duration(r.max_backoff)}): every wait is capped "
+            "at max_backoff"
+        )
+    ej = config.upstream.ejection
+    if ej.base_time > ej.max_time:
+        warnings.append(
+            f"upstream.ejection.base_time ({format_duration(ej.base_time)}) is longer than "
+            f"upstream.ejection.max_time ({format_duration(ej.max_time)}): every ejection "
+            "lasts max_time"
+        )
+    if config.fallback.cache.ttl == 0 and config.fallback.serve_on:
+        warnings.append("fallback.cache.ttl is 0: cached replies are never served")
     if config.metrics.listen is None:
         warnings.append("metrics.listen is null: no /metrics, /healthz or /readyz endpoint")
     return warnings
+
+
+_WRITE_PREFIXES = (
+    "add",
+    "create",
+    "delete",
+    "insert",
+    "place",
+    "post",
+    "put",
+    "remove",
+    "send",
+    "set",
+    "submit",
+    "update",
+    "write",
+)
+
+
+def _looks_like_write(method: str) -> bool:
+    return method.lower().startswith(_WRITE_PREFIXES)
+
+
+def _loops_to_itself(config: SidecarConfig) -> bool:
+    host, port = split_address(config.listen)
+    if port == 0:
+        return False
+    for address in config.upstream.addresses:
+        up_host, up_port = split_address(address)
+        if up_port == port and (up_host == host or (host in _LOOPBACK and up_host in _LOOPBACK)):
+            return True
+    return False

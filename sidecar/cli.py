@@ -1,48 +1,81 @@
 """The ``sidecar`` command: thin; flags become config overrides, then the app runs.
 
 Precedence: flags > ``SIDECAR_*`` environment > config file > defaults.
+Exit status: 0 after a clean stop, 1 when the sidecar cannot start or its
+drain timed out, 2 for a bad command line or a bad configuration (the message
+names the key path, the bad value, and the variable or flag that set it).
 """
 
 from __future__ import annotations
 
-import asyncio
+import os
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import click
-import yaml
 
 from sidecar import __version__
-from sidecar.config import SidecarConfig, load_config
+from sidecar.config import KeyPath, SidecarConfig, env_sources, format_key, load_config
 from sidecar.errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncio
 
 T = TypeVar("T")
 
 EXIT_CONFIG = 2
 
+# Each flag of `sidecar run`: its key path in the config.
+FLAG_KEYS: dict[str, KeyPath] = {
+    "--listen": ("listen",),
+    "--upstream": ("upstream", "addresses"),
+    "--transport": ("transport",),
+    "--upstream-transport": ("upstream", "transport"),
+    "--metrics-listen": ("metrics", "listen"),
+    "--idl": ("idl",),
+    "--redis-url": ("state", "redis_url"),
+    "--log-level": ("log", "level"),
+    "--log-format": ("log", "format"),
+}
+
 _RUN_EPILOG = """
 \b
-Every flag can also be set in the environment: SIDECAR_LISTEN,
-SIDECAR_UPSTREAM (comma-separated), SIDECAR_TRANSPORT,
-SIDECAR_UPSTREAM_TRANSPORT, SIDECAR_METRICS_LISTEN, SIDECAR_IDL,
-SIDECAR_REDIS_URL, SIDECAR_LOG_LEVEL, SIDECAR_LOG_FORMAT, SIDECAR_CONFIG;
-and any config key as SIDECAR_<SECTION>__<KEY>, e.g. SIDECAR_RETRY__MAX_ATTEMPTS=4.
-Flags beat the environment, which beats the file, which beats the defaults.
+Environment: every flag can also be set as SIDECAR_<FLAG>, e.g.
+SIDECAR_LISTEN, SIDECAR_UPSTREAM (comma-separated), SIDECAR_METRICS_LISTEN,
+SIDECAR_LOG_LEVEL, SIDECAR_CONFIG; and any config key as
+SIDECAR_<SECTION>__<KEY>, e.g. SIDECAR_RETRY__MAX_ATTEMPTS=4. An empty
+variable counts as unset. Flags beat the environment, which beats the file,
+which beats the defaults.
 
 \b
-Signals: SIGTERM/SIGINT drain in-flight calls (up to drain_timeout) and exit 0;
-SIGHUP reloads the config file (an invalid file is rejected and the running
-config kept).
+Signals: SIGTERM or SIGINT stops accepting, lets calls in flight finish
+(up to drain_timeout) and exits 0; SIGHUP reloads the config file (an
+invalid file is rejected, logged and counted, and the running config kept).
+
+\b
+Exit status: 0 after a clean stop; 1 when the sidecar cannot start (e.g. the
+port is taken) or calls were cut off by drain_timeout; 2 for a bad command
+line or configuration.
 
 \b
 Example:
-  sidecar run --listen 0.0.0.0:9090 --upstream 127.0.0.1:9091 --metrics-listen 0.0.0.0:9464
+  sidecar run --upstream 127.0.0.1:9091
+  sidecar run --config config/sidecar.yaml --listen 0.0.0.0:9090
+"""
+
+_CHECK_EPILOG = """
+\b
+Example:
+  sidecar check-config config/sidecar.yaml
+  SIDECAR_UPSTREAM=10.0.0.5:9091 sidecar check-config my.yaml > effective.yaml
 """
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
     """Run a coroutine on uvloop when it is installed, else on asyncio's loop."""
+    import asyncio  # here, not at the top: `check-config` and config errors stay quick
+
     loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
     try:
         import uvloop
@@ -54,13 +87,36 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
-def fail_config(exc: ConfigError) -> None:
+def fail_config(exc: ConfigError) -> NoReturn:
+    """Print a config error on stderr and exit with status 2."""
     click.echo(f"sidecar: {exc}", err=True)
     sys.exit(EXIT_CONFIG)
 
 
+def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"Python {sys.version.split()[0]}"]
+    for package in ("thriftpy2", "pybreaker", "pydantic"):
+        try:
+            parts.append(f"{package} {version(package)}")
+        except PackageNotFoundError:  # pragma: no cover - a broken install
+            parts.append(f"{package} missing")
+    click.echo(f"thrift-sidecar {__version__} ({', '.join(parts)})")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, "--version", prog_name="thrift-sidecar")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_print_version,
+    help="Show the version (and of the libraries it runs on) and exit.",
+)
 def main() -> None:
     """thrift-sidecar: a retrying, circuit-breaking proxy for Thrift services.
 
@@ -69,26 +125,32 @@ def main() -> None:
     safe to retry, opens a circuit breaker when the upstream is sick, serves
     cached or static fallback replies while it is, and exports Prometheus
     metrics.
+
+    Start with `sidecar run --upstream HOST:PORT`; see `sidecar run --help`.
+    Every config key is listed with its default in config/sidecar.yaml and
+    docs/config-reference.md.
     """
 
 
-@main.command(epilog=_RUN_EPILOG)
+@main.command(epilog=_RUN_EPILOG, short_help="Run the sidecar until SIGTERM or SIGINT.")
 @click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
     envvar="SIDECAR_CONFIG",
-    help="YAML config file (see config/sidecar.yaml for every key).",
+    metavar="FILE",
+    help="YAML config file; every key is optional (see config/sidecar.yaml). [env: SIDECAR_CONFIG]",
 )
 @click.option(
-    "--listen", metavar="HOST:PORT", help="Where clients connect. [default: 0.0.0.0:9090]"
+    "--listen", metavar="HOST:PORT", help="Where Thrift clients connect. [default: 0.0.0.0:9090]"
 )
 @click.option(
     "--upstream",
     "upstreams",
     metavar="HOST:PORT",
     multiple=True,
-    help="Upstream service address; repeat for several.",
+    help="Address of the upstream Thrift service; repeat for several. Required here, "
+    "in SIDECAR_UPSTREAM or in the file (upstream.addresses).",
 )
 @click.option(
     "--transport",
@@ -105,29 +167,63 @@ def main() -> None:
     metavar="HOST:PORT",
     help="Admin HTTP address: /metrics /healthz /readyz /state. [default: 0.0.0.0:9464]",
 )
-@click.option("--idl", type=click.Path(dir_okay=False), help="Thrift IDL of the upstream service.")
-@click.option("--redis-url", metavar="URL", help="redis://host:port/db turns on fleet mode.")
 @click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), help="[default: info]"
+    "--idl",
+    type=click.Path(dir_okay=False),
+    metavar="FILE",
+    help="Thrift IDL of the upstream service (optional: checks method names, encodes "
+    "static fallback replies).",
 )
-@click.option("--log-format", type=click.Choice(["text", "json"]), help="[default: text]")
+@click.option(
+    "--redis-url",
+    metavar="URL",
+    help="redis://host:6379/0 turns on fleet mode (breaker state shared by every sidecar).",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+    help="Least severe level logged. [default: info]",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"], case_sensitive=False),
+    help="text: readable lines; json: one JSON object per line. [default: text]",
+)
 def run(config_path: str | None, upstreams: tuple[str, ...], **flags: str | None) -> None:
-    """Run the sidecar until SIGTERM or SIGINT."""
+    """Run the sidecar until SIGTERM or SIGINT.
+
+    Listens for Thrift clients, forwards each call to the upstream, and serves
+    the admin endpoint (metrics, health, state). The configuration comes from
+    the defaults, the config file, SIDECAR_* environment variables and the
+    flags below, in rising order of precedence; it is checked before anything
+    starts.
+    """
+    overrides = flag_overrides(upstreams=upstreams, **flags)
+
+    def load() -> tuple[SidecarConfig, dict[str, Any]]:
+        return load_checked(config_path, overrides)
+
+    where = f" in {config_path}" if config_path else ""
+    try:
+        config, parts = load_checked(config_path, overrides)
+    except ConfigError as exc:
+        fail_config(exc)
+    if not config.upstream.addresses:
+        fail_config(
+            ConfigError(
+                f"invalid configuration{where}: upstream.addresses: at least one upstream "
+                "address is needed to run; set upstream.addresses in the file, "
+                "--upstream HOST:PORT or SIDECAR_UPSTREAM"
+            )
+        )
     from sidecar.app import Sidecar, serve
     from sidecar.logs import configure_logging
 
-    overrides = flag_overrides(upstreams=upstreams, **flags)
-
-    def load() -> SidecarConfig:
-        return load_config(config_path, overrides=overrides)
-
+    configure_logging(config.log.level, config.log.format)
     try:
-        config = load()
-        configure_logging(config.log.level, config.log.format)
-        sidecar = Sidecar(config, **static_parts(config))
-    except ConfigError as exc:
-        fail_config(exc)
-        return
+        sidecar = Sidecar(config, **parts)
+    except ConfigError as exc:  # e.g. a fallback store file that cannot be used
+        fail_config(ConfigError(f"invalid configuration{where}: {exc}"))
     try:
         clean = run_async(serve(sidecar, load))
     except OSError as exc:
@@ -147,9 +243,9 @@ def flag_overrides(
     redis_url: str | None = None,
     log_level: str | None = None,
     log_format: str | None = None,
-) -> dict[tuple[str, ...], Any]:
+) -> dict[KeyPath, Any]:
     """Config key paths set by the command-line flags that were given."""
-    given: dict[tuple[str, ...], Any] = {
+    given: dict[KeyPath, Any] = {
         ("listen",): listen,
         ("transport",): transport,
         ("upstream", "transport"): upstream_transport,
@@ -163,6 +259,28 @@ def flag_overrides(
     return {path: value for path, value in given.items() if value is not None}
 
 
+def load_checked(
+    path: str | None,
+    overrides: dict[KeyPath, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> tuple[SidecarConfig, dict[str, Any]]:
+    """Load the config and check what needs the IDL (static replies, method names).
+
+    Returns:
+        The config and the keyword arguments `sidecar.app.Sidecar` takes from the IDL.
+
+    Raises:
+        ConfigError: anything wrong, with the file named.
+    """
+    flag_names = {key: flag for flag, key in FLAG_KEYS.items()}
+    config = load_config(path, environ=environ, overrides=overrides, override_names=flag_names)
+    try:
+        return config, static_parts(config)
+    except ConfigError as exc:
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from None
+
+
 def static_parts(config: SidecarConfig) -> dict[str, Any]:
     """What the IDL contributes: static replies and known method names."""
     from sidecar.fallback.static import load_idl_parts
@@ -170,26 +288,37 @@ def static_parts(config: SidecarConfig) -> dict[str, Any]:
     return load_idl_parts(config)
 
 
-@main.command("check-config")
-@click.argument("path", type=click.Path(dir_okay=False))
+@main.command("check-config", epilog=_CHECK_EPILOG, short_help="Validate a config file.")
+@click.argument("path", metavar="FILE", type=click.Path(dir_okay=False))
 def check_config(path: str) -> None:
-    """Validate a config file and print the effective config and warnings.
+    """Validate FILE and print the effective configuration and warnings.
 
-    The environment is applied as `sidecar run` would. Exit status 0 when the
-    file is valid, 2 when it is not.
+    Checks what `sidecar run --config FILE` would check before starting:
+    every key and value, the IDL, and the static fallback replies against
+    it. SIDECAR_* environment variables are applied as `sidecar run` would.
+
+    On success, prints the effective configuration (defaults filled in,
+    durations and sizes with units) as YAML on stdout, and warnings about
+    settings that are valid but probably unintended on stderr; exit status 0.
+    On a bad configuration, prints what is wrong on stderr; exit status 2.
     """
     from sidecar.checks import config_warnings
+    from sidecar.config import dump_yaml, to_yaml_data
 
     try:
-        config = load_config(path)
-        static_parts(config)
+        config, parts = load_checked(path)
     except ConfigError as exc:
         fail_config(exc)
-        return
+    from_env = env_sources(os.environ)
     click.echo(f"# {path}: valid. Effective configuration (defaults filled in):")
-    click.echo(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False).rstrip())
-    for warning in config_warnings(config):
+    for key_path, name in sorted(from_env.items()):
+        click.echo(f"# {format_key(key_path)} is set by the environment variable {name}")
+    click.echo(dump_yaml(to_yaml_data(config)).rstrip())
+    warnings = config_warnings(config, known_methods=parts.get("known_methods"))
+    for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
+    if warnings:
+        click.echo(f"sidecar: {path} is valid, with {len(warnings)} warning(s)", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

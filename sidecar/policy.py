@@ -5,16 +5,19 @@ bounded table: names arrive on the wire, so a client sending endless new names
 makes the table stop growing (names past the bound are resolved on every call,
 which is correct, only slower).
 
-Precedence for a name ``Svc:m``: ``methods["Svc:m"]``, then ``methods["m"]``,
-then the global sections.
+Precedence for a name ``Svc:m``, key by key: ``methods["Svc:m"]``, then
+``methods["m"]``, then the global sections. A ``Svc:m`` entry that sets only
+``per_try_timeout`` keeps the rest of the ``m`` entry (``idempotent: false``
+included).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sidecar.config import MethodConfig, RetryOverride, SidecarConfig, matches_any
+from sidecar.config import MethodConfig, SidecarConfig, matches_any
 from sidecar.metrics import MethodLabels, split_name
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
@@ -77,39 +80,42 @@ class PolicyTable:
                 self._cache[name] = policy
         return policy
 
-    def _overrides(self, name: str) -> MethodConfig | None:
+    def _overrides(self, name: str) -> list[MethodConfig]:
+        """The ``methods`` entries that apply to a name, the most specific first."""
         methods = self._config.methods
-        found = methods.get(name)
-        if found is None and ":" in name:
-            found = methods.get(name.rpartition(":")[2])
+        found = [methods[name]] if name in methods else []
+        if ":" in name:
+            bare = methods.get(name.rpartition(":")[2])
+            if bare is not None:
+                found.append(bare)
         return found
 
     def _resolve(self, name: str) -> MethodPolicy:
         config = self._config
         service, method = split_name(name)
-        override = self._overrides(name)
-        idempotent = matches_any(name, config.retry.idempotent)
-        if override is not None and override.idempotent is not None:
-            idempotent = override.idempotent
+        entries = self._overrides(name)
+        idempotent = _first(
+            (e.idempotent for e in entries), matches_any(name, config.retry.idempotent)
+        )
         r = config.retry
-        o = override.retry if override is not None else RetryOverride()
+        o = [e.retry for e in entries]
         retry = RetryPolicy(
-            max_attempts=_first(o.max_attempts, r.max_attempts),
+            max_attempts=_first((x.max_attempts for x in o), r.max_attempts),
             backoff=Backoff(
-                _first(o.initial_backoff, r.initial_backoff),
-                _first(o.multiplier, r.multiplier),
-                _first(o.max_backoff, r.max_backoff),
+                _first((x.initial_backoff for x in o), r.initial_backoff),
+                _first((x.multiplier for x in o), r.multiplier),
+                _first((x.max_backoff for x in o), r.max_backoff),
             ),
-            per_try_timeout=_first(o.per_try_timeout, r.per_try_timeout),
-            deadline=_first(o.deadline, r.deadline),
-            retry_on=frozenset(Outcome(v) for v in _first(o.retry_on, r.retry_on)),
+            per_try_timeout=_first((x.per_try_timeout for x in o), r.per_try_timeout),
+            deadline=_first((x.deadline for x in o), r.deadline),
+            retry_on=frozenset(Outcome(v) for v in _first((x.retry_on for x in o), r.retry_on)),
             idempotent=idempotent,
         )
         fallback = config.fallback
         patterns = fallback.methods if fallback.methods is not None else config.retry.idempotent
-        cacheable = idempotent and matches_any(name, patterns)
-        if override is not None and override.fallback.cache is not None:
-            cacheable = override.fallback.cache and idempotent
+        cacheable = idempotent and _first(
+            (e.fallback.cache for e in entries), matches_any(name, patterns)
+        )
         static = self._static.get(name) or self._static.get(method)
         return MethodPolicy(
             name=name,
@@ -123,5 +129,9 @@ class PolicyTable:
         )
 
 
-def _first(override: T | None, default: T) -> T:
-    return default if override is None else override
+def _first(overrides: Iterable[T | None], default: T) -> T:
+    """The first value that is set, else ``default``."""
+    for value in overrides:
+        if value is not None:
+            return value
+    return default
