@@ -28,6 +28,7 @@ from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.pipeline import BreakerSet, Pipeline
 from sidecar.proxy.server import Server, ServerSettings
+from sidecar.proxy.timeouts import Timeouts
 from sidecar.proxy.upstream import UpstreamPool
 from sidecar.resilience.breaker import STATE_OPEN, STATE_VALUES, Breaker
 from sidecar.resilience.budget import RetryBudget
@@ -105,6 +106,7 @@ class Sidecar:
         self.upstreams: UpstreamSet | None = None
         self.breakers: BreakerSet | None = None
         self.budget: RetryBudget | None = None
+        self.timeouts: Timeouts | None = None
 
     # building
 
@@ -142,10 +144,17 @@ class Sidecar:
             size=u.pool_size,
             connect_timeout=u.connect_timeout,
             max_message_size=self.config.max_frame_size,
+            timeouts=self._timeouts(),
+            loop=self._timeouts().loop,
         )
+
+    def _timeouts(self) -> Timeouts:
+        assert self.timeouts is not None, "pools are made after start()"
+        return self.timeouts
 
     def _build(self, loop: asyncio.AbstractEventLoop) -> None:
         config = self.config
+        self.timeouts = Timeouts(loop)
         u = config.upstream
         tracker = EjectionTracker(
             list(u.addresses),
@@ -162,12 +171,13 @@ class Sidecar:
             upstreams=self.upstreams,
             upstream_transport=None if u.transport == "same" else Transport(u.transport),
             upstream_name=self.name,
-            policies=PolicyTable(config, self.labels, self.static_replies),
+            policies=PolicyTable(config, self.labels, self.static_replies, self.metrics.calls),
             breakers=self.breakers,
             budget=self.budget,
             fallbacks=self._fallbacks(config),
             metrics=self.metrics,
             trip_on=frozenset(Outcome(v) for v in config.breaker.trip_on),
+            loop=loop,
             rng=random.Random(),
         )
         self.server = Server(
@@ -242,6 +252,8 @@ class Sidecar:
                 await self._housekeeping
         if self.upstreams is not None:
             self.upstreams.close()
+        if self.timeouts is not None:
+            self.timeouts.close()
         if self._admin is not None:
             await self._admin.close()
         await self.store.close()
@@ -299,7 +311,9 @@ class Sidecar:
             self.pipeline.budget = self.budget
         if static_replies is not None:
             self.static_replies = static_replies
-        self.pipeline.policies = PolicyTable(new, self.labels, self.static_replies)
+        self.pipeline.policies = PolicyTable(
+            new, self.labels, self.static_replies, self.metrics.calls
+        )
         self.pipeline.fallbacks = self._fallbacks(new)
         self.pipeline.trip_on = frozenset(Outcome(v) for v in b.trip_on)
         self.config_version += 1

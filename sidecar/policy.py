@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from sidecar.config import MethodConfig, SidecarConfig, matches_any
-from sidecar.metrics import MethodLabels, split_name
+from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.retry import RetryPolicy
@@ -50,6 +50,7 @@ class MethodPolicy:
     idempotent: bool
     cacheable: bool
     static_reply: StaticReply | None
+    stats: MethodStats
 
     @property
     def display_name(self) -> str:
@@ -65,9 +66,11 @@ class PolicyTable:
         config: SidecarConfig,
         labels: MethodLabels,
         static_replies: dict[str, StaticReply] | None = None,
+        calls: CallMetrics | None = None,
     ) -> None:
         self._config = config
         self._labels = labels
+        self._calls = calls or CallMetrics()
         self._static = static_replies or {}
         self._cache: dict[str, MethodPolicy] = {}
 
@@ -117,15 +120,17 @@ class PolicyTable:
             (e.fallback.cache for e in entries), matches_any(name, patterns)
         )
         static = self._static.get(name) or self._static.get(method)
+        label = self._labels.label(name)
         return MethodPolicy(
             name=name,
             service=service,
             method=method,
-            label=self._labels.label(name),
+            label=label,
             retry=retry,
             idempotent=idempotent,
             cacheable=cacheable,
             static_reply=static,
+            stats=self._calls.method(label),
         )
 
 

@@ -12,8 +12,8 @@ result) stays opaque bytes; `MessageHeader.body_offset` says where it starts.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from sidecar.errors import RemoteProtocolError
 
@@ -40,11 +40,15 @@ class MessageType(IntEnum):
 
 
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
+# MessageType by wire value, without the cost of calling the enum.
+_TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
+    MessageType(v) if v in _VALID_TYPES else None for v in range(256)
+)
+_STRICT_START = struct.Struct(">Ii")
 
 
-@dataclass(frozen=True, slots=True)
-class MessageHeader:
-    """The decoded envelope of one message.
+class MessageHeader(NamedTuple):
+    """The decoded envelope of one message (a named tuple: immutable and cheap to make).
 
     Attributes:
         name: the method name as sent, ``Service:method`` for multiplexed calls.
@@ -97,43 +101,43 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
             raise RemoteProtocolError(
                 f"bad binary protocol version 0x{first:08x}", kind="bad_version"
             )
-        mtype = first & TYPE_MASK
         if end - start < 8:
             return None
-        name_len = _I32.unpack_from(data, start + 4)[0]
-        _check_name_length(name_len)
+        mtype = first & TYPE_MASK
+        name_len = _STRICT_START.unpack_from(data, start)[1]
+        if name_len < 0 or name_len > MAX_NAME_LENGTH:
+            raise _bad_name_length(name_len)
         name_at = start + 8
-        seqid_at = name_at + name_len
+        name_end = seqid_at = name_at + name_len
         if end < seqid_at + 4:
             return None
         strict = True
     else:
         name_len = first
-        _check_name_length(name_len)
+        if name_len > MAX_NAME_LENGTH:
+            raise _bad_name_length(name_len)
         name_at = start + 4
-        type_at = name_at + name_len
-        if end < type_at + 5:
+        name_end = name_at + name_len
+        if end < name_end + 5:
             return None
-        mtype = data[type_at]
-        seqid_at = type_at + 1
+        mtype = data[name_end]
+        seqid_at = name_end + 1
         strict = False
     seqid = _I32.unpack_from(data, seqid_at)[0]
     try:
-        name = bytes(data[name_at : seqid_at if strict else seqid_at - 1]).decode("utf-8")
+        name = str(data[name_at:name_end], "utf-8")
     except UnicodeDecodeError:
         raise RemoteProtocolError("method name is not UTF-8", seqid=seqid, strict=strict) from None
-    if mtype not in _VALID_TYPES:
+    message_type = _TYPE_BY_VALUE[mtype]
+    if message_type is None:
         raise RemoteProtocolError(
             f"unknown message type {mtype}", kind="bad_type", seqid=seqid, name=name, strict=strict
         )
-    return MessageHeader(
-        name, MessageType(mtype), seqid, strict, seqid_at - start, seqid_at + 4 - start
-    )
+    return MessageHeader(name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start)
 
 
-def _check_name_length(name_len: int) -> None:
-    if name_len < 0 or name_len > MAX_NAME_LENGTH:
-        raise RemoteProtocolError(f"implausible method name length {name_len}", kind="garbage")
+def _bad_name_length(name_len: int) -> RemoteProtocolError:
+    return RemoteProtocolError(f"implausible method name length {name_len}", kind="garbage")
 
 
 def encode_header(name: str, mtype: MessageType, seqid: int, strict: bool = True) -> bytes:

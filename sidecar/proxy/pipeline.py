@@ -37,11 +37,9 @@ import logging
 import random
 from collections.abc import Callable
 
-from prometheus_client import Counter
-
 from sidecar.errors import UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Fallbacks
-from sidecar.metrics import SidecarMetrics, split_name
+from sidecar.metrics import SidecarMetrics
 from sidecar.policy import MethodPolicy, PolicyTable
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
@@ -58,6 +56,9 @@ Wire = bytes | bytearray | memoryview
 
 # Outcomes that are answers from the upstream: returned as they are, never retried.
 ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
+
+# Metric label of each outcome (a dict lookup is cheaper than Enum.value).
+_LABELS = {outcome: outcome.value for outcome in Outcome}
 
 # GiveUp reasons decided here rather than by the retry policy: a half-open
 # probe is one attempt; a call does not retry into a circuit that opened meanwhile.
@@ -99,37 +100,6 @@ class BreakerSet:
         return list(self._breakers.values())
 
 
-class _MethodCounters:
-    """Metric children of one method label, made once."""
-
-    __slots__ = ("_attempts", "_metrics", "_requests", "duration", "label", "method", "service")
-
-    def __init__(self, metrics: SidecarMetrics, label: str) -> None:
-        self._metrics = metrics
-        self.label = label
-        self.service, self.method = split_name(label)
-        self.duration = metrics.request_duration.labels(self.service, self.method)
-        self._requests: dict[str, Counter] = {}
-        self._attempts: dict[tuple[str, str], Counter] = {}
-
-    def request(self, outcome: str) -> None:
-        child = self._requests.get(outcome)
-        if child is None:
-            child = self._requests[outcome] = self._metrics.requests.labels(
-                self.service, self.method, outcome
-            )
-        child.inc()
-
-    def attempt(self, address: str, result: str) -> None:
-        key = (address, result)
-        child = self._attempts.get(key)
-        if child is None:
-            child = self._attempts[key] = self._metrics.upstream_attempts.labels(
-                address, self.label, result
-            )
-        child.inc()
-
-
 class Pipeline:
     """Drives one call through the resilience policy to the upstream and back."""
 
@@ -145,8 +115,11 @@ class Pipeline:
         fallbacks: Fallbacks,
         metrics: SidecarMetrics,
         trip_on: frozenset[Outcome],
+        loop: asyncio.AbstractEventLoop,
         rng: random.Random | None = None,
     ) -> None:
+        # Kept, not looked up: asyncio.get_running_loop() costs a getpid() system call.
+        self.loop = loop
         self.upstreams = upstreams
         self.upstream_transport = upstream_transport
         self.upstream_name = upstream_name
@@ -157,17 +130,9 @@ class Pipeline:
         self.metrics = metrics
         self.trip_on = trip_on
         self._rng = rng or random.Random()
-        self._counters: dict[str, _MethodCounters] = {}
 
-    @staticmethod
-    def _loop_time() -> float:
-        return asyncio.get_running_loop().time()
-
-    def _counters_for(self, policy: MethodPolicy) -> _MethodCounters:
-        counters = self._counters.get(policy.label)
-        if counters is None:
-            counters = self._counters[policy.label] = _MethodCounters(self.metrics, policy.label)
-        return counters
+    def _loop_time(self) -> float:
+        return self.loop.time()
 
     async def handle(self, call: Message, client_transport: Transport) -> Wire | None:
         """Answer one client message; None for oneway calls.
@@ -177,11 +142,11 @@ class Pipeline:
         """
         header = call.header
         policy = self.policies.for_name(header.name)
-        counters = self._counters_for(policy)
-        loop = asyncio.get_running_loop()
+        stats = policy.stats
+        loop = self.loop
         started = loop.time()
         if header.type != MessageType.CALL and header.type != MessageType.ONEWAY:
-            counters.request(BAD_REQUEST)
+            stats.request(BAD_REQUEST, loop.time() - started)
             return self._error(
                 call,
                 policy,
@@ -189,20 +154,18 @@ class Pipeline:
                 ApplicationExceptionType.INVALID_MESSAGE_TYPE,
                 f"the sidecar accepts only CALL and ONEWAY messages, got {header.type.name}",
             )
-        outcome_label, wire = await self._call(call, policy, counters, client_transport, started)
-        counters.request(outcome_label)
-        counters.duration.observe(loop.time() - started)
+        outcome_label, wire = await self._call(call, policy, client_transport, started)
+        stats.request(outcome_label, loop.time() - started)
         return wire
 
     async def _call(
         self,
         call: Message,
         policy: MethodPolicy,
-        counters: _MethodCounters,
         client_transport: Transport,
         started: float,
     ) -> tuple[str, Wire | None]:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         oneway = call.header.type == MessageType.ONEWAY
         retry = policy.retry
         deadline_at = started + retry.deadline
@@ -246,14 +209,15 @@ class Pipeline:
                 failed = outcome in self.trip_on
                 if self.upstreams.record(pool.address, failed) is not None:
                     self._ejected(pool.address)
-                counters.attempt(pool.address, outcome.value)
+                label = _LABELS[outcome]
+                policy.stats.attempt(pool.address, label)
                 if outcome in ANSWERS:
                     breaker.record(admission, failed)
                     if reply is None:
-                        return outcome.value, None
+                        return label, None
                     self.fallbacks.remember(policy, call, reply, outcome)
                     reply.set_seqid(call.header.seqid)
-                    return outcome.value, reply.to_wire(client_transport)
+                    return label, reply.to_wire(client_transport)
                 decision = self._next_step(
                     policy, breaker, admission, attempt, outcome, sent, oneway, deadline_at
                 )

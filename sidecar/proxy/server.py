@@ -96,6 +96,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
         self._worker: asyncio.Task[None] | None = None
+        self._wakeup: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._writable = asyncio.Event()
         self._writable.set()
@@ -142,8 +143,16 @@ class ClientConnection(asyncio.Protocol):
             len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
         ) and not self._reading_paused:
             self._pause_reading()
+        self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        """Start the worker, or wake it if it waits for messages."""
         if self._worker is None:
             self._worker = self._loop.create_task(self._serve())
+        elif self._wakeup is not None:
+            wakeup, self._wakeup = self._wakeup, None
+            if not wakeup.done():
+                wakeup.set_result(None)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -152,17 +161,18 @@ class ClientConnection(asyncio.Protocol):
                 self._decoder.receive_data(b"")
             except ProtocolError as exc:
                 self._queue.append(exc)
-        if self._worker is None:
-            if self._queue:
-                self._worker = self._loop.create_task(self._serve())
-            else:
-                self.close()
+        if self._queue or self._worker is not None:
+            self._wake_worker()
+        else:
+            self.close()
         return True  # keep our side open to write the pending replies
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
         self._writable.set()
         self._server.forget(self)
+        if self._worker is not None:
+            self._wake_worker()
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -173,11 +183,24 @@ class ClientConnection(asyncio.Protocol):
     # the worker
 
     async def _serve(self) -> None:
-        """Run queued messages through the pipeline, in order, until the queue is empty."""
+        """Run queued messages through the pipeline, in order.
+
+        The worker lives as long as the connection: when the queue is empty it
+        waits on a future that the next message resolves (cheaper than a new
+        task per call), and it ends when the client has closed or gone and
+        everything queued has been answered.
+        """
         queue = self._queue
         pipeline = self._server.pipeline
+        loop = self._loop
         try:
-            while queue:
+            while True:
+                if not queue:
+                    if self._eof or self._lost or self._server.draining:
+                        break
+                    self._wakeup = loop.create_future()
+                    await self._wakeup
+                    continue
                 item = queue.popleft()
                 if isinstance(item, ProtocolError):
                     self._protocol_error(item)
@@ -200,8 +223,7 @@ class ClientConnection(asyncio.Protocol):
                     self._transport.write(reply)
                     if not self._writable.is_set():
                         await self._writable.wait()
-            if self._eof or self._server.draining:
-                self.close()
+            self.close()
         except asyncio.CancelledError:
             self.close()
             raise

@@ -38,6 +38,7 @@ from sidecar.protocol.framing import (
     Transport,
     make_decoder,
 )
+from sidecar.proxy.timeouts import Timeouts
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -143,6 +144,8 @@ class UpstreamPool:
         size: most connections open at once.
         connect_timeout: seconds to wait for a TCP connection.
         max_message_size: largest reply accepted.
+        timeouts: the loop's per-try timeouts.
+        loop: the event loop the pool runs on.
     """
 
     def __init__(
@@ -155,8 +158,13 @@ class UpstreamPool:
         size: int,
         connect_timeout: float,
         max_message_size: int,
+        timeouts: Timeouts,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.address = address
+        self.timeouts = timeouts
+        # Kept, not looked up: asyncio.get_running_loop() costs a getpid() system call.
+        self.loop = loop
         self.host = host
         self.port = port
         self.transport_kind = transport_kind
@@ -188,7 +196,7 @@ class UpstreamPool:
             UpstreamClosed: the connection ended before the reply (sent).
             UpstreamProtocolError: the reply is not valid or not ours (sent).
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         expires = loop.time() + timeout  # the whole attempt: connect, send and reply
         conn = await self.acquire(timeout)
         reusable = False
@@ -204,13 +212,13 @@ class UpstreamPool:
             if waiter is None:
                 reusable = True
                 return None
-            handle = loop.call_later(
-                max(0.0, expires - loop.time()), _expire, waiter, self.address, timeout
+            bucket = self.timeouts.add(
+                expires, conn, lambda: _expire(waiter, self.address, timeout)
             )
             try:
                 reply = await waiter
             finally:
-                handle.cancel()
+                self.timeouts.remove(bucket, conn)
             header = reply.header
             if header.seqid != seqid:
                 raise UpstreamProtocolError(
@@ -245,7 +253,7 @@ class UpstreamPool:
                 return conn
         if self._open < self.size:
             return await self._connect(timeout)
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         expires = loop.time() + timeout
         waiter: asyncio.Future[UpstreamConnection | None] = loop.create_future()
         self._waiters.append(waiter)
@@ -270,7 +278,7 @@ class UpstreamPool:
     async def _connect(self, timeout: float) -> UpstreamConnection:
         """Open a connection, giving up after ``timeout`` or ``connect_timeout``, the shorter."""
         self._open += 1
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         limit = max(0.0, min(self.connect_timeout, timeout))
         try:
             async with asyncio.timeout(limit):
@@ -309,7 +317,7 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = asyncio.get_running_loop().time()
+        conn.idle_since = self.loop.time()
         self._idle.append(conn)
 
     def _connection_closed(self, conn: UpstreamConnection) -> None:
@@ -328,7 +336,7 @@ class UpstreamPool:
 
     def close_idle(self, older_than: float) -> int:
         """Close connections idle for more than ``older_than`` seconds; return how many."""
-        now = asyncio.get_running_loop().time()
+        now = self.loop.time()
         stale = [c for c in self._idle if now - c.idle_since > older_than]
         for conn in stale:
             conn.close()
