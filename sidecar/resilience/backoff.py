@@ -31,12 +31,14 @@ class Backoff:
         """The upper bound of the wait before retry number ``retry`` (1-based)."""
         if retry < 1:
             raise ValueError("retry numbers start at 1")
-        # Stop multiplying once past the cap: multiplier ** 1000 overflows a float.
-        bound = self.initial
-        for _ in range(retry - 1):
-            if bound >= self.maximum:
-                break
-            bound *= self.multiplier
+        if self.initial == 0 or self.multiplier == 1:
+            return min(self.maximum, self.initial)
+        # The formula itself, not a running product: repeated multiplication rounds
+        # differently from ``**`` (0.03 * 1.7 ** 5 is not 0.03 * 1.7 * 1.7 * 1.7 * 1.7 * 1.7).
+        try:
+            bound = self.initial * float(self.multiplier) ** (retry - 1)
+        except OverflowError:  # past the largest float, so past any cap
+            return self.maximum
         return min(self.maximum, bound)
 
     def wait(self, retry: int, rng: UniformSource) -> float:

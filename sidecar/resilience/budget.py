@@ -8,7 +8,12 @@ upstream can still be retried. Over any window, retries are therefore at most
 ``(1 + ratio)`` times the call rate plus the floor, never a retry storm. This
 is the token budget of Finagle's ``RetryBudget`` and gRPC's retry throttling.
 
-The window is kept as ``SLOTS`` time slots in a ring; time is passed in.
+The window is kept as time slots in a ring; time is passed in. Slotting must
+never let the budget overspend: a call counts for at most ``window`` (``SLOTS``
+slots, the current one included, so 0.9 to 1 window), and a retry is
+remembered for at least ``window`` (one slot more). Calls are counted, not
+their ``ratio`` summed, so no rounding loses a token (ten deposits of 0.1 make
+a whole one).
 """
 
 from __future__ import annotations
@@ -20,25 +25,26 @@ SLOTS = 10
 
 
 class _WindowedCounter:
-    """A sum over the last ``window`` seconds, in ``SLOTS`` steps."""
+    """A sum over the last ``slots`` slots of ``window / SLOTS`` seconds (the current one too)."""
 
-    __slots__ = ("_counts", "_epochs", "_slot_width")
+    __slots__ = ("_counts", "_epochs", "_slot_width", "_slots")
 
-    def __init__(self, window: float) -> None:
+    def __init__(self, window: float, slots: int = SLOTS) -> None:
         self._slot_width = window / SLOTS
-        self._counts = [0.0] * SLOTS
-        self._epochs = [-1] * SLOTS
+        self._slots = slots
+        self._counts = [0.0] * slots
+        self._epochs = [-1] * slots
 
     def add(self, now: float, amount: float) -> None:
         epoch = math.floor(now / self._slot_width)
-        i = epoch % SLOTS
+        i = epoch % self._slots
         if self._epochs[i] != epoch:
             self._epochs[i] = epoch
             self._counts[i] = 0.0
         self._counts[i] += amount
 
     def total(self, now: float) -> float:
-        oldest = math.floor(now / self._slot_width) - SLOTS + 1
+        oldest = math.floor(now / self._slot_width) - self._slots + 1
         return sum(c for c, e in zip(self._counts, self._epochs, strict=True) if e >= oldest)
 
 
@@ -52,17 +58,18 @@ class RetryBudget:
             raise ValueError("window must be positive")
         self.ratio = ratio
         self._floor = min_retries_per_second * window
-        self._deposits = _WindowedCounter(window)
-        self._withdrawals = _WindowedCounter(window)
+        self._deposits = _WindowedCounter(window)  # calls, for at most a window
+        self._withdrawals = _WindowedCounter(window, SLOTS + 1)  # retries, for at least one
         self.exhausted = 0
 
     def deposit(self, now: float) -> None:
         """Record one call (first attempts only)."""
-        self._deposits.add(now, self.ratio)
+        self._deposits.add(now, 1.0)
 
     def balance(self, now: float) -> float:
         """Tokens available now."""
-        return self._floor + self._deposits.total(now) - self._withdrawals.total(now)
+        calls = self._deposits.total(now)
+        return self._floor + self.ratio * calls - self._withdrawals.total(now)
 
     def try_withdraw(self, now: float) -> bool:
         """Take one token for a retry; False (and counted) when the budget is empty."""

@@ -23,9 +23,17 @@ from enum import StrEnum
 from sidecar.errors import ProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import MessageType
-from sidecar.protocol.skip import TType
+from sidecar.protocol.skip import FIXED_SIZE, TType
 
 _I16 = struct.Struct(">h")
+# Type ids a field may have on the wire (skip.py's table); any other first byte is garbage.
+_FIELD_TYPES = frozenset(FIXED_SIZE) | {
+    TType.STRING,
+    TType.STRUCT,
+    TType.MAP,
+    TType.SET,
+    TType.LIST,
+}
 
 
 class Outcome(StrEnum):
@@ -53,7 +61,7 @@ def classify_reply(mtype: int, body: bytes | bytearray | memoryview) -> Outcome:
             return Outcome.PROTOCOL_ERROR
         if body[0] == TType.STOP:
             return Outcome.OK
-        if len(body) < 3:
+        if len(body) < 3 or body[0] not in _FIELD_TYPES:
             return Outcome.PROTOCOL_ERROR
         return Outcome.OK if _I16.unpack_from(body, 1)[0] == 0 else Outcome.DECLARED_EXCEPTION
     if mtype == MessageType.EXCEPTION:

@@ -1,0 +1,372 @@
+"""PolicyTable: per-method resolution, idempotency, cacheability, the bound, and method labels."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sidecar import policy as policy_module
+from sidecar.config import SidecarConfig, load_config
+from sidecar.metrics import OTHER, MethodLabels
+from sidecar.policy import MAX_CACHED_NAMES, MethodPolicy, PolicyTable
+from sidecar.resilience.outcome import Outcome
+
+
+def table(
+    config: SidecarConfig, *, known: list[str] | None = None, limit: int = 200
+) -> PolicyTable:
+    return PolicyTable(config, MethodLabels(known or sorted(config.methods), limit))
+
+
+def from_yaml(tmp_path: Path, text: str) -> SidecarConfig:
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return load_config(path, environ={})
+
+
+def config_of(data: dict[str, Any]) -> SidecarConfig:
+    return SidecarConfig.model_validate(data)
+
+
+# Every retry key: (YAML key, value in retry:, in methods.m, in methods["Svc:m"], reader).
+RETRY_KEYS: list[tuple[str, Any, Any, Any, Any]] = [
+    ("max_attempts", 3, 4, 5, lambda p: p.retry.max_attempts),
+    ("initial_backoff", "10ms", "20ms", "30ms", lambda p: p.retry.backoff.initial),
+    ("multiplier", 2.0, 3.0, 4.0, lambda p: p.retry.backoff.multiplier),
+    ("max_backoff", "1s", "2s", "3s", lambda p: p.retry.backoff.maximum),
+    ("per_try_timeout", "100ms", "200ms", "300ms", lambda p: p.retry.per_try_timeout),
+    ("deadline", "5s", "6s", "7s", lambda p: p.retry.deadline),
+    (
+        "retry_on",
+        ["connect_error"],
+        ["connect_error", "timeout"],
+        ["internal_error"],
+        lambda p: sorted(p.retry.retry_on),
+    ),
+]
+EXPECTED: dict[str, tuple[Any, Any, Any]] = {
+    "max_attempts": (3, 4, 5),
+    "initial_backoff": (0.01, 0.02, 0.03),
+    "multiplier": (2.0, 3.0, 4.0),
+    "max_backoff": (1.0, 2.0, 3.0),
+    "per_try_timeout": (0.1, 0.2, 0.3),
+    "deadline": (5.0, 6.0, 7.0),
+    "retry_on": (
+        [Outcome.CONNECT_ERROR],
+        [Outcome.CONNECT_ERROR, Outcome.TIMEOUT],
+        [Outcome.INTERNAL_ERROR],
+    ),
+}
+
+
+@pytest.mark.parametrize(("key", "glob", "bare", "full", "read"), RETRY_KEYS)
+def test_precedence_for_every_retry_key(
+    key: str, glob: Any, bare: Any, full: Any, read: Any
+) -> None:
+    config = config_of(
+        {
+            "retry": {key: glob},
+            "methods": {"m": {"retry": {key: bare}}, "Svc:m": {"retry": {key: full}}},
+        }
+    )
+    t = table(config)
+    g, b, f = EXPECTED[key]
+    assert read(t.for_name("Svc:m")) == f
+    assert read(t.for_name("Other:m")) == b
+    assert read(t.for_name("m")) == b
+    assert read(t.for_name("Svc:x")) == g
+    assert read(t.for_name("x")) == g
+    assert read(t.for_name("Svc:mm")) == g  # no prefix matching
+
+
+@pytest.mark.parametrize(("key", "glob", "bare", "full", "read"), RETRY_KEYS)
+def test_precedence_is_per_key(key: str, glob: Any, bare: Any, full: Any, read: Any) -> None:
+    # methods["Svc:m"] sets one other key only: this key still comes from methods["m"].
+    other = "deadline" if key != "deadline" else "max_attempts"
+    config = config_of(
+        {
+            "retry": {key: glob},
+            "methods": {"m": {"retry": {key: bare}}, "Svc:m": {"retry": {other: 9}}},
+        }
+    )
+    t = table(config)
+    g, b, _ = EXPECTED[key]
+    assert read(t.for_name("Svc:m")) == b
+    assert read(t.for_name("Svc:x")) == g
+
+
+def test_precedence_from_a_yaml_file(tmp_path: Path) -> None:
+    config = from_yaml(
+        tmp_path,
+        """
+        retry:
+          max_attempts: 2
+          per_try_timeout: 1s
+          idempotent: ["get*"]
+        methods:
+          getItem:
+            retry: {max_attempts: 4, per_try_timeout: 200ms}
+          "Catalog:getItem":
+            retry: {max_attempts: 6}
+          placeOrder:
+            idempotent: false
+        """,
+    )
+    t = table(config)
+    catalog = t.for_name("Catalog:getItem")
+    assert (catalog.retry.max_attempts, catalog.retry.per_try_timeout) == (6, 0.2)
+    other = t.for_name("Store:getItem")
+    assert (other.retry.max_attempts, other.retry.per_try_timeout) == (4, 0.2)
+    plain = t.for_name("listItems")
+    assert (plain.retry.max_attempts, plain.retry.per_try_timeout) == (2, 1.0)
+    assert catalog.idempotent
+    assert not plain.idempotent
+    assert not t.for_name("placeOrder").idempotent
+
+
+def test_names_split_into_service_and_method() -> None:
+    t = table(config_of({}))
+    p = t.for_name("Catalog:getItem")
+    assert (p.name, p.service, p.method, p.display_name) == (
+        "Catalog:getItem",
+        "Catalog",
+        "getItem",
+        "Catalog.getItem",
+    )
+    bare = t.for_name("getItem")
+    assert (bare.service, bare.method, bare.display_name) == ("", "getItem", "getItem")
+
+
+# Idempotency
+
+
+@pytest.mark.parametrize(
+    ("patterns", "name", "expected"),
+    [
+        (["get*", "list*", "ping"], "getItem", True),
+        (["get*", "list*", "ping"], "Catalog:getItem", True),
+        (["get*", "list*", "ping"], "listItems", True),
+        (["get*", "list*", "ping"], "ping", True),
+        (["get*", "list*", "ping"], "Echo:ping", True),
+        (["get*", "list*", "ping"], "pingAll", False),
+        (["get*", "list*", "ping"], "forget", False),  # globs are anchored
+        (["get*", "list*", "ping"], "GetItem", False),  # and case-sensitive
+        (["get*", "list*", "ping"], "placeOrder", False),
+        (["get*", "list*", "ping"], "get:placeOrder", False),  # a service named get
+        (["Catalog:get*"], "Catalog:getItem", True),
+        (["Catalog:get*"], "Store:getItem", False),
+        (["Catalog:get*"], "getItem", False),  # a bare name has no service
+        (["*:ping"], "Echo:ping", True),
+        (["*:ping"], "ping", False),
+        (["list?"], "lists", True),
+        (["list?"], "listed", False),
+        (["[gh]et*"], "hetItem", True),
+        (["*"], "anything", True),
+        ([], "getItem", False),
+    ],
+)
+def test_idempotent_from_patterns(patterns: list[str], name: str, expected: bool) -> None:
+    t = table(config_of({"retry": {"idempotent": patterns}}))
+    p = t.for_name(name)
+    assert p.idempotent is expected
+    assert p.retry.idempotent is expected
+
+
+def test_idempotent_override() -> None:
+    config = config_of(
+        {
+            "retry": {"idempotent": ["get*"]},
+            "methods": {
+                "placeOrder": {"idempotent": True},
+                "getSecret": {"idempotent": False},
+                "Vault:getItem": {"idempotent": False},
+            },
+        }
+    )
+    t = table(config)
+    assert t.for_name("placeOrder").idempotent
+    assert t.for_name("Shop:placeOrder").idempotent
+    assert not t.for_name("getSecret").idempotent
+    assert not t.for_name("Vault:getSecret").idempotent
+    assert not t.for_name("Vault:getItem").idempotent
+    assert t.for_name("Catalog:getItem").idempotent
+    assert t.for_name("getItem").idempotent
+
+
+def test_a_bare_idempotent_false_is_not_lost_by_a_service_entry() -> None:
+    # methods.placeOrder says "never repeat"; a Shop:placeOrder entry that only tunes
+    # timeouts must not bring the patterns back (here "*" would make it idempotent).
+    config = config_of(
+        {
+            "retry": {"idempotent": ["*"]},
+            "methods": {
+                "placeOrder": {"idempotent": False},
+                "Shop:placeOrder": {"retry": {"per_try_timeout": "2s"}},
+            },
+        }
+    )
+    p = table(config).for_name("Shop:placeOrder")
+    assert p.retry.per_try_timeout == 2.0
+    assert not p.idempotent
+    assert not p.cacheable
+
+
+# Cacheability
+
+
+@pytest.mark.parametrize(
+    ("fallback_methods", "name", "expected"),
+    [
+        (None, "getItem", True),  # default: the idempotent patterns
+        (None, "Catalog:listItems", True),
+        (None, "placeOrder", False),
+        (["get*"], "getItem", True),
+        (["get*"], "listItems", False),  # idempotent, but not listed
+        (["*"], "placeOrder", False),  # listed, but never for a non-idempotent method
+        (["*"], "ping", True),
+        (["Catalog:*"], "Catalog:getItem", True),
+        (["Catalog:*"], "Store:getItem", False),
+        ([], "getItem", False),
+    ],
+)
+def test_cacheable(fallback_methods: list[str] | None, name: str, expected: bool) -> None:
+    data: dict[str, Any] = {"retry": {"idempotent": ["get*", "list*", "ping"]}}
+    if fallback_methods is not None:
+        data["fallback"] = {"methods": fallback_methods}
+    assert table(config_of(data)).for_name(name).cacheable is expected
+
+
+def test_cacheable_follows_the_idempotent_override() -> None:
+    config = config_of(
+        {
+            "retry": {"idempotent": ["get*"]},
+            "fallback": {"methods": ["*"]},
+            "methods": {"getBalance": {"idempotent": False}, "placeOrder": {"idempotent": True}},
+        }
+    )
+    t = table(config)
+    assert not t.for_name("getBalance").cacheable
+    assert t.for_name("placeOrder").cacheable
+    assert t.for_name("getItem").cacheable
+
+
+def test_per_method_cache_switch() -> None:
+    config = config_of(
+        {
+            "retry": {"idempotent": ["get*", "list*"]},
+            "methods": {
+                "listItems": {"fallback": {"cache": False}},
+                "getNothing": {"fallback": {"cache": False}},
+                "placeOrder": {"fallback": {"cache": True}},  # not idempotent: still no
+                "getRare": {"fallback": {"cache": True}},
+            },
+            "fallback": {"methods": ["getItem"]},
+        }
+    )
+    t = table(config)
+    assert not t.for_name("listItems").cacheable
+    assert not t.for_name("getNothing").cacheable
+    assert not t.for_name("placeOrder").cacheable
+    assert t.for_name("getRare").cacheable
+    assert t.for_name("getItem").cacheable
+    assert not t.for_name("getOther").cacheable
+
+
+@pytest.mark.parametrize("name", ["placeOrder", "Shop:placeOrder", "deleteAll", "x"])
+def test_never_cacheable_when_not_idempotent(name: str) -> None:
+    config = config_of(
+        {
+            "retry": {"idempotent": ["get*"]},
+            "fallback": {"methods": ["*", "*:*"]},
+            "methods": {name: {"fallback": {"cache": True}}},
+        }
+    )
+    p = table(config).for_name(name)
+    assert not p.idempotent
+    assert not p.cacheable
+
+
+# The bound on remembered names
+
+
+def test_table_stops_growing_but_still_resolves() -> None:
+    config = config_of(
+        {
+            "retry": {"idempotent": ["get*"], "max_attempts": 2},
+            "methods": {"getSpecial": {"retry": {"max_attempts": 7}}},
+        }
+    )
+    t = table(config)
+    first = [t.for_name(f"getFiller{i}") for i in range(MAX_CACHED_NAMES)]
+    assert all(t.for_name(f"getFiller{i}") is first[i] for i in range(0, MAX_CACHED_NAMES, 997))
+    assert len(t._cache) == MAX_CACHED_NAMES
+    # Past the bound: resolved afresh every time (no new entries), and correctly.
+    for _ in range(3):
+        late = t.for_name("Svc:getSpecial")
+        assert late.retry.max_attempts == 7
+        assert late.idempotent
+        assert late.cacheable
+        other = t.for_name("placeOrder")
+        assert other.retry.max_attempts == 2
+        assert not other.idempotent
+    assert t.for_name("placeOrder") is not t.for_name("placeOrder")
+    assert t.for_name("placeOrder") == t.for_name("placeOrder")
+    assert len(t._cache) == MAX_CACHED_NAMES
+    # Names remembered before the bound was reached are still served from the table.
+    assert t.for_name("getFiller0") is first[0]
+
+
+def test_bound_with_a_small_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(policy_module, "MAX_CACHED_NAMES", 3)
+    t = table(config_of({}))
+    remembered = [t.for_name(n) for n in ("a", "b", "c")]
+    assert [t.for_name(n) for n in ("a", "b", "c")] == remembered
+    assert all(t.for_name(n) is p for n, p in zip("abc", remembered, strict=True))
+    d1, d2 = t.for_name("d"), t.for_name("d")
+    assert d1 is not d2
+    assert d1 == d2
+    assert len(t._cache) == 3
+
+
+# Method labels
+
+
+def test_labels_known_names_keep_theirs_then_new_ones_until_the_limit() -> None:
+    labels = MethodLabels(["getItem", "Catalog:listItems"], limit=4)
+    assert labels.label("getItem") == "getItem"
+    assert labels.label("new1") == "new1"
+    assert labels.label("new2") == "new2"
+    assert labels.label("new3") == OTHER
+    assert labels.label("Catalog:listItems") == "Catalog:listItems"
+    assert labels.label("new1") == "new1"  # an admitted name keeps its label
+    assert labels.label("new3") == OTHER
+    assert labels.known() == sorted(["Catalog:listItems", "getItem", "new1", "new2"])
+
+
+def test_labels_more_known_names_than_the_limit() -> None:
+    known = [f"m{i}" for i in range(10)]
+    labels = MethodLabels(known, limit=3)
+    assert [labels.label(n) for n in known] == known
+    assert labels.label("new") == OTHER
+    assert len(labels.known()) == 10
+
+
+def test_label_set_stays_bounded_under_invented_names() -> None:
+    labels = MethodLabels(["getItem"], limit=50)
+    seen = {labels.label(f"Svc:invented{i}") for i in range(5_000)}
+    assert len(seen) == 50  # 49 admitted names and "other"
+    assert OTHER in seen
+    assert len(labels.known()) == 50
+
+
+def test_policies_carry_capped_labels() -> None:
+    config = config_of({"methods": {"getItem": {"retry": {"max_attempts": 4}}}})
+    labels = MethodLabels(sorted(config.methods), limit=3)
+    t = PolicyTable(config, labels)
+    got: list[MethodPolicy] = [t.for_name(n) for n in ("getItem", "x1", "x2", "x3", "x4")]
+    assert [p.label for p in got] == ["getItem", "x1", "x2", OTHER, OTHER]
+    assert got[3].name == "x3"  # the name itself is kept; only the label is capped
+    assert t.for_name("x1").label == "x1"
