@@ -114,11 +114,11 @@ class PolicyTable:
             retry_on=frozenset(Outcome(v) for v in _first((x.retry_on for x in o), r.retry_on)),
             idempotent=idempotent,
         )
-        fallback = config.fallback
-        patterns = fallback.methods if fallback.methods is not None else config.retry.idempotent
-        cacheable = idempotent and _first(
-            (e.fallback.cache for e in entries), matches_any(name, patterns)
-        )
+        # Cacheable: the idempotent methods (patterns or methods.X.idempotent),
+        # narrowed by fallback.methods when set; never a non-idempotent one.
+        patterns = config.fallback.methods
+        by_default = patterns is None or matches_any(name, patterns)
+        cacheable = idempotent and _first((e.fallback.cache for e in entries), by_default)
         static = self._static.get(name) or self._static.get(method)
         label = self._labels.label(name)
         return MethodPolicy(

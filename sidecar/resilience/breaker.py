@@ -18,7 +18,10 @@ must not run under a lock, so the adapter splits the work in two:
   replayed function does no I/O, so the lock is held for microseconds. One
   shortcut: a success while closed with no failures counted is not replayed,
   because it would change nothing (pybreaker would reset a counter that is
-  already zero).
+  already zero). A result of a call admitted while closed that arrives after
+  the circuit left the closed state is dropped: replayed in the open state,
+  pybreaker would move to half-open and count it as a probe, outside the
+  ``half_open_max_calls`` slots.
 
 Cancellation: an attempt cancelled before it produced an outcome (the client
 went away, the sidecar is shutting down) counts as neither success nor
@@ -174,8 +177,14 @@ class Breaker:
         """Replay an attempt's result through pybreaker (see the module docstring)."""
         if admission is Admission.PROBE:
             self.probes_in_flight -= 1
-        elif not failed and self._storage.counter == 0 and self._storage.state == STATE_CLOSED:
-            return
+        else:
+            state = self._storage.state
+            if state != STATE_CLOSED:
+                # Admitted while closed, finished after the circuit opened: a stale
+                # result must not act as a probe (pybreaker would half-open on it).
+                return
+            if not failed and self._storage.counter == 0:
+                return
         with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
             self._cb.call(_fail if failed else _succeed)
 

@@ -8,6 +8,13 @@ upstream can still be retried. Over any window, retries are therefore at most
 ``(1 + ratio)`` times the call rate plus the floor, never a retry storm. This
 is the token budget of Finagle's ``RetryBudget`` and gRPC's retry throttling.
 
+The floor is there from the start, as in Finagle: a sidecar that starts next
+to an upstream that is still starting (a pod coming up) can retry refused
+connections at once. The price is that the bound holds per window: over a
+period T from the start, retries are at most ``ratio * calls +
+min_retries_per_second * window * ceil(T / window)``, which is
+``min_retries_per_second * T`` when T is a whole number of windows.
+
 The window is kept as time slots in a ring; time is passed in. Slotting must
 never let the budget overspend: a call counts for at most ``window`` (``SLOTS``
 slots, the current one included, so 0.9 to 1 window), and a retry is
