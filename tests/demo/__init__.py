@@ -1,0 +1,1 @@
+"""Tests of `sidecar demo` and of the container and deployment files."""
