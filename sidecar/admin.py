@@ -4,7 +4,10 @@ A deliberately small HTTP/1.1 server on asyncio (GET and HEAD only, one
 request per connection, requests capped at 8 KiB), so that it runs on the
 sidecar's own event loop and reads its state without locks or threads.
 
-- ``/metrics``: the Prometheus text exposition of the sidecar's own registry.
+- ``/metrics``: the Prometheus text exposition of the sidecar's own registry,
+  without the ``_created`` series prometheus_client adds to every counter
+  (the text format exports them as extra gauges; nothing here reads them, and
+  they would double the series count).
 - ``/healthz``: 200 while the process runs its event loop.
 - ``/readyz``: 200 once the Thrift port listens and the config is loaded, 503
   while starting or draining.
@@ -17,10 +20,12 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 log = logging.getLogger("sidecar.admin")
 
@@ -34,6 +39,18 @@ _REASONS = {
     500: "Internal Server Error",
     503: "Service Unavailable",
 }
+
+
+class WithoutCreated(Collector):
+    """A registry's metrics without the ``_created`` samples of counters and histograms."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._registry.collect():
+            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
+            yield family
 
 
 class AdminServer:
@@ -54,6 +71,7 @@ class AdminServer:
         before_scrape: Callable[[], None] | None = None,
     ) -> None:
         self._registry = registry
+        self._exposed = WithoutCreated(registry)
         self._ready = ready
         self._state = state
         self._before_scrape = before_scrape
@@ -109,7 +127,7 @@ class AdminServer:
         if path == "/metrics":
             if self._before_scrape is not None:
                 self._before_scrape()
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._registry)
+            return 200, CONTENT_TYPE_LATEST, generate_latest(self._exposed)
         if path == "/healthz":
             return 200, "text/plain", b"ok\n"
         if path == "/readyz":

@@ -1,18 +1,35 @@
 """Logging set-up: text or JSON lines on stderr, and a rate limiter for floods.
 
 Every line names what happened and to what (an upstream, a method, a peer), so
-that an operator can act on it without reading code.
+that an operator can act on it without reading code. Lines about one thing
+carry it as ``extra`` fields too (``breaker``, ``upstream``, ``peer``,
+``kind``...), which the JSON format writes as keys of their own.
+
+- ``text``: ``2024-05-01 12:00:00,123 WARNING sidecar.server: closing client ...``
+  (local time).
+- ``json``: one object per line with ``time`` (UTC, ISO 8601, milliseconds),
+  ``level``, ``logger``, ``message``, the extra fields, and ``exception``
+  when there is one.
+
+`RateLimitedLog` guards lines that a peer can cause at will (protocol
+errors, refused connections): after a burst it writes one line saying it is
+suppressing, then, when the window ends, one line saying how many it
+suppressed. The counters in the metrics stay exact.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Mapping
 from typing import Any
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -34,13 +51,16 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, fmt: str) -> None:
-    """Send the sidecar's logs to stderr at ``level`` in ``text`` or ``json``."""
+    """Send the sidecar's logs to stderr at ``level`` in ``text`` or ``json``.
+
+    Safe to call again (a reload that changes ``log``): the handler is replaced.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = logging.Formatter(TEXT_FORMAT)
     handler.setFormatter(formatter)
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
@@ -48,33 +68,103 @@ def configure_logging(level: str, fmt: str) -> None:
     root.propagate = False
 
 
-class RateLimitedLog:
-    """Lets at most ``burst`` lines per ``period`` seconds through, then summarises.
+# Defaults of `RateLimitedLog`: 10 lines per 10 s lets a short burst be read
+# whole, and keeps a sustained flood to about one line a second.
+DEFAULT_BURST = 10
+DEFAULT_PERIOD = 10.0
 
-    A flood of garbage from clients must not flood the log: after the burst,
-    lines are counted, and the next line let through says how many were
-    suppressed.
+
+class RateLimitedLog:
+    """Lets at most ``burst`` warnings per ``period`` seconds through, then summarises.
+
+    Windows are fixed: the first line after a window ended opens a new one.
+    The first line over the burst is replaced by one saying that similar
+    lines are being suppressed; when the window ends, one line says how many
+    were (scheduled on the running event loop; without one, the summary is
+    written with the next line let through, or by `flush`).
+
+    Args:
+        logger: where the lines go.
+        burst: lines let through per window.
+        period: window length in seconds.
+        what: names the lines in the notices, e.g. "protocol error lines".
+        clock: monotonic seconds (tests pass their own).
     """
 
-    def __init__(self, logger: logging.Logger, burst: int = 10, period: float = 10.0) -> None:
+    def __init__(
+        self,
+        logger: logging.Logger,
+        burst: int = DEFAULT_BURST,
+        period: float = DEFAULT_PERIOD,
+        *,
+        what: str = "similar lines",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._logger = logger
         self._burst = burst
         self._period = period
-        self._window_start = -period
+        self._what = what
+        self._clock = clock
+        self._window_start = -period - 1.0
         self._in_window = 0
+        self._timer: asyncio.TimerHandle | None = None
         self.suppressed = 0
+        self.suppressed_total = 0
 
-    def warning(self, message: str, *args: object) -> None:
-        now = time.monotonic()
+    def warning(
+        self, message: str, *args: object, extra: Mapping[str, object] | None = None
+    ) -> bool:
+        """Log ``message % args`` unless over the limit. Returns whether it was written."""
+        now = self._clock()
         if now - self._window_start >= self._period:
+            self.flush()
             self._window_start = now
             self._in_window = 0
-        if self._in_window >= self._burst:
-            self.suppressed += 1
-            return
-        self._in_window += 1
+        if self._in_window < self._burst:
+            self._in_window += 1
+            self._logger.warning(message, *args, extra=extra)
+            return True
+        self.suppressed += 1
+        self.suppressed_total += 1
+        if self.suppressed == 1:
+            left = self._window_start + self._period - now
+            self._logger.warning(
+                "more than %d %s in %gs: suppressing them for %.1fs",
+                self._burst,
+                self._what,
+                self._period,
+                left,
+                extra={"rate_limited": True},
+            )
+            self._schedule(left)
+        return False
+
+    def flush(self) -> None:
+        """Write the summary of the suppressed lines now, if there are any."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.suppressed:
-            message += " (%d similar lines suppressed)"
-            args = (*args, self.suppressed)
-            self.suppressed = 0
-        self._logger.warning(message, *args)
+            count, self.suppressed = self.suppressed, 0
+            seconds = min(self._period, self._clock() - self._window_start)
+            self._logger.warning(
+                "%d %s suppressed in the last %.1fs",
+                count,
+                self._what,
+                seconds,
+                extra={"rate_limited": True, "suppressed": count},
+            )
+
+    def _schedule(self, delay: float) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        window = self._window_start
+
+        def summarise() -> None:
+            self._timer = None
+            if self._window_start == window:  # else a newer window has flushed it already
+                self.flush()
+
+        self._timer = loop.call_later(max(0.0, delay), summarise)
