@@ -149,6 +149,15 @@ class FramedDecoder(_Decoder):
             if buf:
                 raise self._fail(_truncated(buf, 4))
             return []
+        if not buf and len(data) > 4 and _I32.unpack_from(data, 0)[0] == len(data) - 4:
+            # The common case: one whole frame, nothing pending. Anything unusual
+            # (too big, bad envelope) takes the general path below, which reports it.
+            try:
+                header = parse_header(data, 4) if len(data) - 4 <= self.max_size else None
+            except RemoteProtocolError:
+                header = None
+            if header is not None and header.body_offset < len(data) - 4:
+                return [Message(header, bytearray(data), 4)]
         buf += data
         out: list[Message] = []
         try:

@@ -2,17 +2,19 @@
 
 Each client connection is an `asyncio.Protocol`. Its decoder turns bytes into
 messages (the transport detected from the first bytes, or forced by config);
-messages wait in a per-connection queue and one worker task runs them through
-the pipeline one at a time, in arrival order, exactly as a Thrift server
-executes the calls of one connection. A client that pipelines requests gets
-its replies in request order, and the next request is read while the current
-one is in flight.
+messages wait in a per-connection queue and run through the pipeline one at
+a time, in arrival order, exactly as a Thrift server executes the calls of
+one connection: the next starts when the previous one's reply is written
+(`ClientConnection._pump`, no task per connection or per call). A client that
+pipelines requests gets its replies in request order, and the next request
+is read while the current one is in flight.
 
 Limits and failures:
 - ``max_connections``: connections beyond it are closed at once (counted).
 - Reading pauses while more than `MAX_QUEUED_MESSAGES` messages or
   `MAX_QUEUED_BYTES` bytes wait, and resumes below half of that; writing waits
-  while the client's socket buffer is full (``pause_writing``).
+  while the client's socket buffer is full (no next call starts until
+  ``resume_writing``).
 - A client that breaks the protocol gets the replies to the calls it sent
   before, then a ``TApplicationException(PROTOCOL_ERROR)`` where a seqid is
   known, and its connection is closed; it is logged (rate-limited) and
@@ -44,6 +46,7 @@ from sidecar.protocol.framing import (
     frame,
     make_decoder,
 )
+from sidecar.proxy.call import Call, Wire
 from sidecar.proxy.pipeline import Pipeline
 
 log = logging.getLogger("sidecar.server")
@@ -95,15 +98,14 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
-        self._worker: asyncio.Task[None] | None = None
-        self._wakeup: asyncio.Future[None] | None = None
+        self._call: Call | None = None  # the call in flight
+        self._pumping = False
         self._reading_paused = False
-        self._writable = asyncio.Event()
-        self._writable.set()
+        self._writable = True
         self._eof = False
         self._lost = False
+        self._aborted = False
         self.peer = "?"
-        self.busy = False
         self.last_active = self._loop.time()
 
     # asyncio callbacks
@@ -143,16 +145,7 @@ class ClientConnection(asyncio.Protocol):
             len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
         ) and not self._reading_paused:
             self._pause_reading()
-        self._wake_worker()
-
-    def _wake_worker(self) -> None:
-        """Start the worker, or wake it if it waits for messages."""
-        if self._worker is None:
-            self._worker = self._loop.create_task(self._serve())
-        elif self._wakeup is not None:
-            wakeup, self._wakeup = self._wakeup, None
-            if not wakeup.done():
-                wakeup.set_result(None)
+        self._pump()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -161,46 +154,38 @@ class ClientConnection(asyncio.Protocol):
                 self._decoder.receive_data(b"")
             except ProtocolError as exc:
                 self._queue.append(exc)
-        if self._queue or self._worker is not None:
-            self._wake_worker()
-        else:
-            self.close()
+        self._pump()
         return True  # keep our side open to write the pending replies
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
-        self._writable.set()
+        self._writable = True
         self._server.forget(self)
-        if self._worker is not None:
-            self._wake_worker()
+        self._pump()  # what was accepted still runs (oneway calls included)
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._writable = False
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._writable = True
+        self._pump()
 
-    # the worker
+    # running the queue
 
-    async def _serve(self) -> None:
-        """Run queued messages through the pipeline, in order.
+    def _pump(self) -> None:
+        """Start queued calls one at a time, in order, while the client can take replies.
 
-        The worker lives as long as the connection: when the queue is empty it
-        waits on a future that the next message resolves (cheaper than a new
-        task per call), and it ends when the client has closed or gone and
-        everything queued has been answered.
+        A call that finishes at once (a fallback, an error) lets the loop go
+        on to the next; one that waits for the upstream calls `_answer` later,
+        which pumps again. Re-entry is harmless: only the outermost pump runs.
         """
+        if self._pumping:
+            return
+        self._pumping = True
         queue = self._queue
         pipeline = self._server.pipeline
-        loop = self._loop
         try:
-            while True:
-                if not queue:
-                    if self._eof or self._lost or self._server.draining:
-                        break
-                    self._wakeup = loop.create_future()
-                    await self._wakeup
-                    continue
+            while self._call is None and queue and self._writable and not self._aborted:
                 item = queue.popleft()
                 if isinstance(item, ProtocolError):
                     self._protocol_error(item)
@@ -211,33 +196,40 @@ class ClientConnection(asyncio.Protocol):
                     and self._queued_bytes <= MAX_QUEUED_BYTES // 2
                 ):
                     self._resume_reading()
-                self.busy = True
-                try:
-                    assert self._kind is not None
-                    reply = await pipeline.handle(item, self._kind)
-                finally:
-                    self.busy = False
-                    self.last_active = self._loop.time()
-                if reply is not None and not self._lost:
-                    assert self._transport is not None
-                    self._transport.write(reply)
-                    if not self._writable.is_set():
-                        await self._writable.wait()
-            self.close()
-        except asyncio.CancelledError:
-            self.close()
-            raise
+                assert self._kind is not None
+                call = pipeline.call(item, self._kind, self._answer)
+                self._call = call
+                call.start()
         except Exception:
             log.exception("unexpected error serving client %s; closing its connection", self.peer)
             self._server.metrics.protocol_errors.labels("internal").inc()
+            self._queue.clear()
+            self._call = None
             self.close()
+            return
         finally:
-            self._worker = None
+            self._pumping = False
+        if self._call is None and not queue and (self._eof or self._lost or self._server.draining):
+            self.close()
+
+    def _answer(self, reply: Wire | None) -> None:
+        """The call in flight finished (`Call` done callback)."""
+        self._call = None
+        self.last_active = self._loop.time()
+        if reply is not None and not self._lost and self._transport is not None:
+            self._transport.write(reply)
+        self._pump()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         """Answer what can be answered, count, log, close this connection only."""
         self._server.metrics.protocol_errors.labels(exc.kind).inc()
-        self._server.protocol_log.warning("closing client %s: %s (%s)", self.peer, exc, exc.kind)
+        self._server.protocol_log.warning(
+            "closing client %s: %s (%s)",
+            self.peer,
+            exc,
+            exc.kind,
+            extra={"peer": self.peer, "kind": exc.kind},
+        )
         if exc.seqid is not None and self._kind is not None and not self._lost:
             name = (exc.name or "").rpartition(":")[2]
             message = encode_application_exception(
@@ -269,9 +261,14 @@ class ClientConnection(asyncio.Protocol):
                 self._transport.resume_reading()
 
     @property
+    def busy(self) -> bool:
+        """A call is in flight."""
+        return self._call is not None
+
+    @property
     def idle(self) -> bool:
         """Nothing in flight and nothing queued."""
-        return not self.busy and not self._queue
+        return self._call is None and not self._queue
 
     def close(self) -> None:
         """Close after the pending writes are flushed."""
@@ -280,8 +277,11 @@ class ClientConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         """Close now, dropping what is queued (shutdown after the drain timeout)."""
-        if self._worker is not None:
-            self._worker.cancel()
+        self._aborted = True
+        self._queue.clear()
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
         if self._transport is not None:
             self._transport.abort()
 
@@ -302,7 +302,9 @@ class Server:
         self.loop = loop
         self.connections: set[ClientConnection] = set()
         self.draining = False
-        self.protocol_log = RateLimitedLog(log)
+        # Lines a peer can cause at will are rate-limited (counters stay exact).
+        self.protocol_log = RateLimitedLog(log, what="protocol error lines")
+        self.refusal_log = RateLimitedLog(log, what="refused-connection lines")
         self._server: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
@@ -316,10 +318,13 @@ class Server:
     def admit(self, conn: ClientConnection) -> bool:
         if self.draining or len(self.connections) >= self.settings.max_connections:
             self.metrics.client_connections_rejected.inc()
-            self.protocol_log.warning(
-                "refusing client %s: %d connections open (max_connections)",
+            self.refusal_log.warning(
+                "refusing client %s: %s",
                 conn.peer,
-                len(self.connections),
+                "draining"
+                if self.draining
+                else f"{len(self.connections)} connections open (max_connections)",
+                extra={"peer": conn.peer},
             )
             return False
         self.connections.add(conn)
@@ -363,6 +368,8 @@ class Server:
         finished = not self.connections
         for conn in list(self.connections):
             conn.abort()
+        self.protocol_log.flush()
+        self.refusal_log.flush()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -1,15 +1,18 @@
 """Connections to one upstream address, pooled; one call in flight per connection.
 
-`UpstreamPool.exchange` sends one message and returns the reply:
+One exchange, driven by callbacks (no task or future on the way):
 
-1. take an idle connection (most recently used first) or open one, up to
-   ``pool_size``; beyond that, wait for one to be released;
-2. give the call a fresh seqid of this connection (the client's is restored by
-   the caller), send it, and for a oneway call return at once;
-3. wait for exactly one reply, at most ``timeout`` seconds; check its seqid;
-4. put the connection back, or close it when anything went wrong: a
-   connection that timed out, was reset or sent garbage may still deliver a
-   late reply, which must never be read as the answer to the next call.
+1. the caller takes an idle connection (`UpstreamPool.idle`, most recently
+   used first), or awaits `UpstreamPool.acquire`, which opens one (up to
+   ``pool_size``) or waits for one to be released;
+2. `UpstreamConnection.send` gives the call a fresh seqid of this connection
+   (the client's is restored by the caller), writes it, and files a per-try
+   timeout (`sidecar.proxy.timeouts`); a oneway call expects nothing;
+3. the reply, checked (exactly one message, the seqid sent, REPLY or
+   EXCEPTION), goes to the caller's `ReplyHandler.on_reply`, after the
+   connection is back in the pool; any failure goes to ``on_error``;
+4. a connection that timed out, was reset or sent garbage is closed, never
+   reused: a late reply must never be read as the answer to the next call.
 
 Errors say whether anything may have reached the upstream (``sent``), which
 decides whether a call that is not idempotent may be retried.
@@ -21,11 +24,12 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from typing import cast
+from typing import Protocol, cast
 
 from sidecar.errors import (
     RemoteProtocolError,
     UpstreamClosed,
+    UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -43,6 +47,18 @@ from sidecar.proxy.timeouts import Timeouts
 log = logging.getLogger("sidecar.upstream")
 
 _SEQID_MASK = 0x7FFFFFFF
+_REPLY = MessageType.REPLY
+_EXCEPTION = MessageType.EXCEPTION
+
+
+class ReplyHandler(Protocol):
+    """Where the result of one exchange goes."""
+
+    def on_reply(self, reply: Message) -> None:
+        """The reply arrived; the connection is already back in the pool."""
+
+    def on_error(self, error: UpstreamError) -> None:
+        """The exchange failed; the connection is closed."""
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -54,7 +70,10 @@ class UpstreamConnection(asyncio.Protocol):
             pool.transport_kind, pool.max_message_size
         )
         self.transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[Message] | None = None
+        self._handler: ReplyHandler | None = None
+        self._expected = 0
+        self._bucket = 0
+        self._timeout = 0.0
         self._seqid = 0
         self.closed = False
         self.idle_since = 0.0
@@ -63,76 +82,129 @@ class UpstreamConnection(asyncio.Protocol):
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
         self.transport = cast(asyncio.Transport, transport)
 
+    def send(
+        self, message: Message, handler: ReplyHandler | None, expires: float, timeout: float
+    ) -> None:
+        """Write one call under a fresh seqid; its reply or failure goes to ``handler``.
+
+        Args:
+            message: the call; its seqid is overwritten.
+            handler: None for a oneway call (nothing is awaited; the caller
+                releases the connection).
+            expires: loop time after which the reply is too late.
+            timeout: the per-try timeout, for the error message.
+        """
+        self._seqid = seqid = (self._seqid + 1) & _SEQID_MASK
+        message.set_seqid(seqid)
+        if handler is not None:
+            self._handler = handler
+            self._expected = seqid
+            self._timeout = timeout
+            self._bucket = self._pool.timeouts.add(expires, self, self._expire)
+        assert self.transport is not None
+        self.transport.write(message.to_wire(self._pool.transport_kind))
+
     def data_received(self, data: bytes) -> None:
+        address = self._pool.address
         try:
             messages = self._decoder.receive_data(data)
         except RemoteProtocolError as exc:
-            self._broken(
+            self._fail(
                 UpstreamProtocolError(
-                    f"upstream {self._pool.address} sent invalid bytes: {exc}",
-                    address=self._pool.address,
-                    sent=True,
+                    f"upstream {address} sent invalid bytes: {exc}", address=address, sent=True
                 )
             )
             return
-        for message in messages:
-            waiter = self._waiter
-            if waiter is None or waiter.done():
-                self._broken(
-                    UpstreamProtocolError(
-                        f"upstream {self._pool.address} sent a message nobody asked for",
-                        address=self._pool.address,
-                        sent=True,
-                    )
-                )
-                return
-            self._waiter = None
-            waiter.set_result(message)
-        if self._decoder.error is not None:
-            # Invalid bytes right after a whole reply (the reply is delivered above):
-            # this connection is never used again.
-            self._broken(
+        if not messages:
+            return
+        handler = self._handler
+        reply = messages[0]
+        header = reply.header
+        if handler is None:
+            problem = "a message nobody asked for"
+        elif header.seqid != self._expected:
+            problem = f"a reply with seqid {header.seqid}, expected {self._expected}"
+        elif header.type is not _REPLY and header.type is not _EXCEPTION:
+            problem = f"a {header.type.name} message as a reply"
+        else:
+            problem = ""
+        if problem:
+            self._fail(
                 UpstreamProtocolError(
-                    f"upstream {self._pool.address} sent invalid bytes: {self._decoder.error}",
-                    address=self._pool.address,
+                    f"upstream {address} sent {problem}", address=address, sent=True
+                )
+            )
+            return
+        assert handler is not None
+        self._handler = None
+        self._pool.timeouts.remove(self._bucket, self)
+        if len(messages) > 1 or self._decoder.error is not None:
+            # More than the one reply in flight (garbage or an unsolicited
+            # message after it): the reply stands, the connection goes.
+            self._broken()
+        else:
+            self._pool.release(self, True)
+        handler.on_reply(reply)
+
+    def eof_received(self) -> bool:
+        self._fail(None)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail(None)
+
+    def _expire(self) -> None:
+        """The per-try timeout fired (`Timeouts` callback)."""
+        handler = self._handler
+        if handler is None:
+            return
+        self._handler = None
+        self._broken()
+        address = self._pool.address
+        handler.on_error(
+            UpstreamTimeout(
+                f"upstream {address} did not reply within {self._timeout:g}s",
+                address=address,
+                sent=True,
+            )
+        )
+
+    def _fail(self, error: UpstreamError | None) -> None:
+        """Close; the call in flight, if any, fails with ``error`` (or "closed")."""
+        handler = self._handler
+        self._handler = None
+        if handler is not None:
+            self._pool.timeouts.remove(self._bucket, self)
+        self._broken()
+        if handler is not None:
+            address = self._pool.address
+            handler.on_error(
+                error
+                or UpstreamClosed(
+                    f"upstream {address} closed the connection before replying",
+                    address=address,
                     sent=True,
                 )
             )
 
-    def eof_received(self) -> bool:
-        self._broken(None)
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._broken(None)
-
-    def _broken(self, error: Exception | None) -> None:
-        """The connection cannot be used again; fail the waiting call, if any."""
+    def _broken(self) -> None:
+        """The connection cannot be used again."""
         if not self.closed:
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
             self._pool._connection_closed(self)
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            self._waiter = None
-            waiter.set_exception(
-                error
-                or UpstreamClosed(
-                    f"upstream {self._pool.address} closed the connection before replying",
-                    address=self._pool.address,
-                    sent=True,
-                )
-            )
 
-    def next_seqid(self) -> int:
-        self._seqid = (self._seqid + 1) & _SEQID_MASK
-        return self._seqid
+    def abandon(self) -> None:
+        """Forget the call in flight (it was cancelled) and close: a late reply dies here."""
+        if self._handler is not None:
+            self._pool.timeouts.remove(self._bucket, self)
+            self._handler = None
+        self._broken()
 
     def close(self) -> None:
-        """Close now; a late reply is dropped with the connection."""
-        self._waiter = None
-        self._broken(None)
+        """Close now (idle connections); a late reply is dropped with the connection."""
+        self.abandon()
 
 
 class UpstreamPool:
@@ -184,58 +256,14 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
-    async def exchange(self, message: Message, *, oneway: bool, timeout: float) -> Message | None:
-        """Send one call and return its reply (None for oneway).
-
-        The message's seqid is overwritten with one of the connection's; the
-        reply's header keeps the seqid it arrived with.
-
-        Raises:
-            UpstreamUnavailable: no connection could be had (nothing sent).
-            UpstreamTimeout: no reply within ``timeout`` (sent).
-            UpstreamClosed: the connection ended before the reply (sent).
-            UpstreamProtocolError: the reply is not valid or not ours (sent).
-        """
-        loop = self.loop
-        expires = loop.time() + timeout  # the whole attempt: connect, send and reply
-        conn = await self.acquire(timeout)
-        reusable = False
-        try:
-            seqid = conn.next_seqid()
-            message.set_seqid(seqid)
-            waiter: asyncio.Future[Message] | None = None
-            if not oneway:
-                waiter = loop.create_future()
-                conn._waiter = waiter
-            assert conn.transport is not None
-            conn.transport.write(message.to_wire(self.transport_kind))
-            if waiter is None:
-                reusable = True
-                return None
-            bucket = self.timeouts.add(
-                expires, conn, lambda: _expire(waiter, self.address, timeout)
-            )
-            try:
-                reply = await waiter
-            finally:
-                self.timeouts.remove(bucket, conn)
-            header = reply.header
-            if header.seqid != seqid:
-                raise UpstreamProtocolError(
-                    f"upstream {self.address} replied with seqid {header.seqid}, expected {seqid}",
-                    address=self.address,
-                    sent=True,
-                )
-            if header.type != MessageType.REPLY and header.type != MessageType.EXCEPTION:
-                raise UpstreamProtocolError(
-                    f"upstream {self.address} sent a {header.type.name} message as a reply",
-                    address=self.address,
-                    sent=True,
-                )
-            reusable = True
-            return reply
-        finally:
-            self.release(conn, reusable)
+    def idle(self) -> UpstreamConnection | None:
+        """An idle open connection, most recently used first, or None."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                return conn
+        return None
 
     async def acquire(self, timeout: float) -> UpstreamConnection:
         """An open connection for one call; the caller must `release` it.
@@ -246,11 +274,9 @@ class UpstreamPool:
         Raises:
             UpstreamUnavailable: cannot connect, or none free within ``timeout``.
         """
-        idle = self._idle
-        while idle:
-            conn = idle.pop()
-            if not conn.closed:
-                return conn
+        conn = self.idle()
+        if conn is not None:
+            return conn
         if self._open < self.size:
             return await self._connect(timeout)
         loop = self.loop
@@ -260,15 +286,16 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(timeout):
                 handed = await waiter
-        except TimeoutError:
-            raise UpstreamUnavailable(
-                f"all {self.size} connections to upstream {self.address} stayed busy "
-                f"for {timeout:g}s",
-                address=self.address,
-            ) from None
+        except BaseException as exc:
+            self._pass_on(waiter)
+            if isinstance(exc, TimeoutError):
+                raise UpstreamUnavailable(
+                    f"all {self.size} connections to upstream {self.address} stayed busy "
+                    f"for {timeout:g}s",
+                    address=self.address,
+                ) from None
+            raise
         finally:
-            if not waiter.done():
-                waiter.cancel()
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
         if handed is None:  # a slot was freed: open a connection of our own
@@ -320,6 +347,17 @@ class UpstreamPool:
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
 
+    def _pass_on(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
+        """A waiter gave up: what it was handed (a connection, or a free slot) goes on."""
+        if not waiter.done():
+            waiter.cancel()
+        elif not waiter.cancelled():
+            handed = waiter.result()
+            if handed is not None:
+                self.release(handed, True)
+            else:
+                self._hand_slot()
+
     def _connection_closed(self, conn: UpstreamConnection) -> None:
         """Called once per connection when it closes."""
         with contextlib.suppress(ValueError):
@@ -328,6 +366,10 @@ class UpstreamPool:
 
     def _slot_freed(self) -> None:
         self._open -= 1
+        self._hand_slot()
+
+    def _hand_slot(self) -> None:
+        """Tell the first waiter that it may open a connection of its own."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
@@ -347,14 +389,3 @@ class UpstreamPool:
         self._closed = True
         for conn in list(self._idle):
             conn.close()
-
-
-def _expire(waiter: asyncio.Future[Message], address: str, timeout: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(
-            UpstreamTimeout(
-                f"upstream {address} did not reply within {timeout:g}s",
-                address=address,
-                sent=True,
-            )
-        )

@@ -1,0 +1,117 @@
+"""The sidecar with its resilience pipeline cut out: the pass-through path, for comparison.
+
+Runs the real `sidecar.app.Sidecar` (same server, decoders, upstream pool,
+seqid rewrite, per-try timeout) but replaces `Pipeline.call` with a bare
+forward: one attempt, no breaker, no budget, no retry decision, no fallback
+cache, no per-call metrics. `bench/pipeline.py` measures the full sidecar
+against this to show what the resilience pipeline costs.
+
+Usage:
+    python bench/passthrough.py --listen H:P --upstream H:P --metrics-listen H:P
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sidecar.app import Sidecar
+from sidecar.cli import run_async
+from sidecar.config import load_config
+from sidecar.errors import UpstreamError
+from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.framing import Message, Transport
+from sidecar.proxy.call import Done
+from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
+
+
+async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
+    config = load_config(
+        None,
+        environ={},
+        overrides={
+            ("listen",): listen,
+            ("upstream", "addresses"): [upstream],
+            ("metrics", "listen"): metrics_listen,
+            ("log", "level"): "warning",
+        },
+    )
+    sidecar = Sidecar(config)
+    await sidecar.start()
+    pipeline = sidecar.pipeline
+    upstreams = sidecar.upstreams
+    assert pipeline is not None
+    assert upstreams is not None
+    timeout = config.retry.per_try_timeout
+
+    class Forward:
+        """A call reduced to one exchange: the `ReplyHandler` of `Pipeline.call`'s stand-in."""
+
+        __slots__ = ("client_transport", "done", "seqid")
+
+        def __init__(self, message: Message, client_transport: Transport, done: Done) -> None:
+            self.client_transport = client_transport
+            self.done = done
+            self.seqid = message.header.seqid
+
+        def on_reply(self, reply: Message) -> None:
+            reply.set_seqid(self.seqid)
+            self.done(reply.to_wire(self.client_transport))
+
+        def on_error(self, error: UpstreamError) -> None:
+            self.done(None)
+
+    class Started:
+        def __init__(self, message: Message, client_transport: Transport, done: Done) -> None:
+            self.message, self.client_transport, self.done = message, client_transport, done
+
+        def start(self) -> None:
+            pool = upstreams.pick(self.client_transport)
+            conn = pool.idle()
+            if conn is None:  # fill the pool once; the benchmark warms up first
+                task = asyncio.get_running_loop().create_task(pool.acquire(timeout))
+                task.add_done_callback(lambda t: self.send(pool, t.result()))
+            else:
+                self.send(pool, conn)
+
+        def send(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
+            expires = pool.loop.time() + timeout
+            if self.message.header.type == MessageType.ONEWAY:
+                conn.send(self.message, None, expires, timeout)
+                pool.release(conn, True)
+                self.done(None)
+            else:
+                handler = Forward(self.message, self.client_transport, self.done)
+                conn.send(self.message, handler, expires, timeout)
+
+        def cancel(self) -> None:
+            pass
+
+    def call(message: Message, client_transport: Transport, done: Done) -> Started:
+        return Started(message, client_transport, done)
+
+    pipeline.call = call  # type: ignore[assignment,method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sidecar.stop(drain_timeout=2.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--listen", required=True)
+    parser.add_argument("--upstream", required=True)
+    parser.add_argument("--metrics-listen", required=True)
+    args = parser.parse_args()
+    run_async(serve(args.listen, args.upstream, args.metrics_listen))
+
+
+if __name__ == "__main__":
+    main()
