@@ -26,12 +26,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class CachedReply:
+class CachedReply(NamedTuple):
     """One remembered reply.
+
+    A named tuple: made on every cacheable call, and a tuple is the cheapest
+    immutable record to make.
 
     Attributes:
         message: the whole reply message (envelope and result), unframed.
