@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import json
 import os
 import shutil
@@ -45,7 +44,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -53,22 +51,22 @@ from pathlib import Path
 from typing import Any
 
 from benchtools import (
-    BENCH_DIR,
     HOST,
-    REPO_ROOT,
-    START_TIMEOUT,
+    SidecarProcess,
     build_tools,
-    cpu_seconds,
-    cpu_times,
     free_port,
-    machine_busy_seconds,
-    run_loadgen,
+    loadavg,
+    measured_load,
+    round_defaults,
+    round_meta,
+    round_parser,
+    save_results,
+    sidecar_process,
     stop_process,
     upstream_server,
     wait_for_port,
 )
 
-RESULTS_DIR = BENCH_DIR / "results"
 TARGETS = ("local", "fleet", "local-cached", "fleet-cached")
 # The issue's goal: fleet mode throughput at least this share of local mode's.
 GOAL_RATIO = 0.8
@@ -110,54 +108,15 @@ def sidecar_config(name: str, redis_url: str) -> str:
 
 
 @contextlib.contextmanager
-def sidecar_process(
+def fleet_sidecar(
     workdir: Path, name: str, upstream_port: int, redis_url: str
-) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
-    """One sidecar; yields (process, Thrift port, admin URL)."""
+) -> Iterator[SidecarProcess]:
+    """One target's sidecar, its config written into ``workdir``."""
     config = workdir / f"{name}.yaml"
     config.write_text(sidecar_config(name, redis_url))
-    port, admin = free_port(), free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log = (workdir / f"{name}.log").open("wb")
-    command = [
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--config",
-        str(config),
-        "--listen",
-        f"{HOST}:{port}",
-        "--upstream",
-        f"{HOST}:{upstream_port}",
-        "--metrics-listen",
-        f"{HOST}:{admin}",
-    ]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-    url = f"http://{HOST}:{admin}"
-    try:
-        wait_ready(url + "/readyz", proc, workdir / f"{name}.log")
-        yield proc, port, url
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-def wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sidecar exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        with (
-            contextlib.suppress(OSError, urllib.error.URLError),
-            urllib.request.urlopen(url, timeout=1.0) as response,
-        ):
-            if response.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready after {START_TIMEOUT}s")
-        time.sleep(0.05)
+    program = ["-m", "sidecar", "run", "--config", str(config)]
+    with sidecar_process(program, upstream_port, workdir / f"{name}.log") as sidecar:
+        yield sidecar
 
 
 def state(admin: str) -> dict[str, Any]:
@@ -177,38 +136,27 @@ def measure(
     warmup: float,
 ) -> dict[str, Any]:
     """One load generator run against one sidecar, with CPU deltas around it."""
-    cpu0, redis0 = cpu_times(proc.pid), cpu_seconds(redis_pid)
-    up0, machine0 = cpu_seconds(upstream_pid), machine_busy_seconds()
-    report = run_loadgen(
+    run = measured_load(
         loadgen,
         port,
+        {"sidecar": proc.pid, "redis": redis_pid, "upstream": upstream_pid},
         conns=CONNS,
         payload=PAYLOAD,
         transport=TRANSPORT,
         duration=duration,
         warmup=warmup,
     )
-    machine = machine_busy_seconds() - machine0
-    cpu1 = cpu_times(proc.pid)
-    sidecar_cpu = (cpu1[0] - cpu0[0]) + (cpu1[1] - cpu0[1])
-    redis_cpu = cpu_seconds(redis_pid) - redis0
-    up_cpu = cpu_seconds(upstream_pid) - up0
-    calls = max(report["calls_all"], 1)
-    wall = report["wall_s"]
-    ours = sidecar_cpu + redis_cpu + up_cpu + report["cpu_s"]
+    sidecar_cpu = run.cpu_seconds("sidecar")
     return {
         "target": name,
-        "calls_per_s": report["calls_per_s"],
-        "p50_us": report["latency_us"]["p50"],
-        "p99_us": report["latency_us"]["p99"],
-        "errors": report["errors"],
-        "sidecar_cpu_per_call_us": sidecar_cpu / calls * 1e6,
-        "redis_cpu_per_call_us": redis_cpu / calls * 1e6,
-        "sidecar_core_share": sidecar_cpu / wall,
-        "upstream_core_share": up_cpu / wall,
-        "loadgen_core_share": report["cpu_s"] / wall,
+        **run.figures(),
+        "sidecar_cpu_per_call_us": run.per_call_us(sidecar_cpu),
+        "redis_cpu_per_call_us": run.per_call_us(run.cpu_seconds("redis")),
+        "sidecar_core_share": run.core_share(sidecar_cpu),
+        "upstream_core_share": run.core_share(run.cpu_seconds("upstream")),
+        "loadgen_core_share": run.core_share(run.report["cpu_s"]),
         # Busy CPU of everything else on the machine (other users: noise).
-        "others_core_share": max(machine - ours, 0.0) / wall,
+        "others_core_share": run.others_core_share,
     }
 
 
@@ -241,7 +189,7 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, dict[
             f"{figures['redis_cpu_per_call_us']:.2f} | {figures['others_core_share']:.2f} | "
             f"{figures['errors']} |"
         )
-    ratios = {}
+    ratios: dict[str, dict[str, Any]] = {}
     for fleet_t, local_t in (("fleet", "local"), ("fleet-cached", "local-cached")):
         per_round = [
             (
@@ -280,28 +228,16 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any]) -> tuple[str, dict[
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 rounds x 1 s: check the harness")
-    p.add_argument("--rounds", type=int, help="interleaved rounds [5; quick 2]")
-    p.add_argument("--duration", type=float, help="seconds measured per run [3; quick 1]")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds per run [0.5; quick 0.3]")
-    args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
-    args.duration = args.duration or (1.0 if args.quick else 3.0)
-    args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 0.5)
-    return args
+    return round_defaults(round_parser(__doc__.split("\n\n")[0]).parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tools = build_tools()
     meta: dict[str, Any] = {
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
+        **round_meta(args),
         "cpus": os.cpu_count(),
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "loadavg_before": loadavg(),
     }
     runs: list[dict[str, Any]] = []
     with contextlib.ExitStack() as stack:
@@ -309,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         up_proc, up_port = stack.enter_context(upstream_server(tools["upstream"]))
         redis_proc, redis_url = stack.enter_context(redis_process(tmp))
         live = {
-            name: stack.enter_context(sidecar_process(tmp, name, up_port, redis_url))
+            name: stack.enter_context(fleet_sidecar(tmp, name, up_port, redis_url))
             for name in TARGETS
         }
         total = args.rounds * len(TARGETS)
@@ -317,11 +253,10 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             order = list(TARGETS[rnd % len(TARGETS) :] + TARGETS[: rnd % len(TARGETS)])
             for name in order:
-                proc, port, _ = live[name]
                 run = measure(
                     name,
-                    proc,
-                    port,
+                    live[name].proc,
+                    live[name].port,
                     loadgen=tools["loadgen"],
                     redis_pid=redis_proc.pid,
                     upstream_pid=up_proc.pid,
@@ -342,21 +277,16 @@ def main(argv: list[str] | None = None) -> int:
                 )
         meta["fleet_state"] = {
             name: {
-                "shared_state": state(live[name][2])["shared_state"],
-                "fallback_store": state(live[name][2])["fallback_store"],
+                "shared_state": state(live[name].admin_url)["shared_state"],
+                "fallback_store": state(live[name].admin_url)["fallback_store"],
             }
             for name in ("fleet", "fleet-cached")
         }
-    meta["loadavg_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    meta["loadavg_after"] = loadavg()
     markdown, summary = render(runs, meta)
     print(markdown)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = RESULTS_DIR / f"fleet-{stamp}{'-quick' if args.quick else ''}"
-    base.with_suffix(".md").write_text(markdown)
     payload = {"meta": meta, "summary": summary, "runs": runs, "markdown": markdown}
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    print(f"results: {base}.json and .md", file=sys.stderr)
+    save_results("fleet", args.quick, payload)
     return 0
 
 

@@ -21,64 +21,25 @@ import argparse
 import contextlib
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchtools import (
-    HOST,
+    BENCH_DIR,
     build_tools,
-    cpu_times,
-    free_port,
-    run_loadgen,
-    stop_process,
+    measured_load,
+    sidecar_process,
     upstream_server,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-
-
-@contextlib.contextmanager
-def sidecar(kind: str, upstream_port: int, workdir: Path) -> Iterator[tuple[int, int]]:
-    """Start one variant; yields (Thrift port, PID)."""
-    port, admin = free_port(), free_port()
-    flags = [
-        "--listen",
-        f"{HOST}:{port}",
-        "--upstream",
-        f"{HOST}:{upstream_port}",
-        "--metrics-listen",
-        f"{HOST}:{admin}",
-    ]
-    if kind == "pass-through":
-        command = [sys.executable, str(REPO_ROOT / "bench" / "passthrough.py"), *flags]
-    else:
-        command = [sys.executable, "-m", "sidecar", "run", "--log-level", "warning", *flags]
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    log = (workdir / f"{kind}.log").open("w")
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{kind} exited: {(workdir / f'{kind}.log').read_text()}")
-            try:
-                with urllib.request.urlopen(f"http://{HOST}:{admin}/readyz", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{kind} not ready after 20 s") from None
-                time.sleep(0.05)
-        yield port, proc.pid
-    finally:
-        stop_process(proc)
-        log.close()
+# What runs each variant: the rest of its command line is its address flags.
+PROGRAMS = {
+    "pass-through": [str(BENCH_DIR / "passthrough.py")],
+    "pipeline": ["-m", "sidecar", "run", "--log-level", "warning"],
+}
 
 
 def main() -> None:
@@ -99,29 +60,32 @@ def main() -> None:
         upstream_server(tools["upstream"]) as (_, up_port),
         contextlib.ExitStack() as stack,
     ):
-        live = {k: stack.enter_context(sidecar(k, up_port, Path(tmp))) for k in kinds}
+        live = {
+            k: stack.enter_context(
+                sidecar_process(PROGRAMS[k], up_port, Path(tmp) / f"{k}.log", timeout=20.0)
+            )
+            for k in kinds
+        }
         for round_no in range(args.rounds):
             order = kinds if round_no % 2 == 0 else kinds[::-1]
             for kind in order:
-                port, pid = live[kind]
-                before = cpu_times(pid)
-                report = run_loadgen(
+                run = measured_load(
                     tools["loadgen"],
-                    port,
+                    live[kind].port,
+                    {kind: live[kind].proc.pid},
                     conns=args.conns,
                     payload=args.payload,
                     transport=args.transport,
                     duration=args.duration,
                     warmup=args.warmup,
                 )
-                after = cpu_times(pid)
+                report = run.report
                 if report["errors"]:
                     raise RuntimeError(f"{kind}: {report['errors']} errors: {report}")
-                cpu = (after[0] - before[0]) + (after[1] - before[1])
                 results[kind].append(
                     {
                         "calls_per_s": report["calls_per_s"],
-                        "cpu_us": cpu / max(1, report["calls_all"]) * 1e6,
+                        "cpu_us": run.per_call_us(run.cpu_seconds(kind)),
                         "p50_us": report["latency_us"]["p50"],
                     }
                 )

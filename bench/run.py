@@ -47,30 +47,30 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from benchtools import (
-    BENCH_DIR,
     HOST,
     REPO_ROOT,
-    START_TIMEOUT,
+    RESULTS_DIR,
     build_tools,
-    cpu_seconds,
-    cpu_times,
+    explain_failure,
     free_port,
-    machine_busy_seconds,
-    run_loadgen,
+    loadavg,
+    measured_load,
+    round_defaults,
+    round_meta,
+    round_parser,
+    save_results,
+    sidecar_process,
     stop_process,
     upstream_server,
     wait_for_port,
 )
 
-RESULTS_DIR = BENCH_DIR / "results"
 TARGETS = ("direct", "haproxy", "sidecar")
 HAPROXY = "/usr/sbin/haproxy"
 
@@ -162,58 +162,11 @@ def sidecar_target(
     ``config`` is an optional YAML file for a variant; the flags given here
     (listen, upstream, metrics address) override it.
     """
-    port, admin = free_port(), free_port()
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    log = (workdir / "sidecar.log").open("w")
-    command = [
-        sys.executable,
-        "-m",
-        "sidecar",
-        "run",
-        "--listen",
-        f"{HOST}:{port}",
-        "--upstream",
-        f"{HOST}:{upstream_port}",
-        "--metrics-listen",
-        f"{HOST}:{admin}",
-        *(["--config", str(Path(config).resolve())] if config else []),
-    ]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=log)
-    try:
-        with explain_failure(workdir / "sidecar.log"):
-            wait_ready(f"http://{HOST}:{admin}/readyz", proc)
-        yield Target("sidecar", port, proc)
-    finally:
-        stop_process(proc)
-        log.close()
-
-
-@contextlib.contextmanager
-def explain_failure(log: Path) -> Iterator[None]:
-    """Add the end of a process's log to a start-up failure."""
-    try:
-        yield
-    except RuntimeError as exc:
-        tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-        raise RuntimeError(f"{exc}; its log ({log.name}):\n{tail}") from exc
-
-
-def wait_ready(url: str, proc: subprocess.Popen[Any], timeout: float = START_TIMEOUT) -> None:
-    """Poll an HTTP readiness URL until it answers 200; fail if ``proc`` exits first."""
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"pid {proc.pid} exited with {proc.returncode} before ready")
-        with (
-            contextlib.suppress(OSError, urllib.error.URLError),
-            urllib.request.urlopen(url, timeout=1.0) as response,
-        ):
-            if response.status == 200:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready after {timeout}s")
-        time.sleep(0.05)
+    program = ["-m", "sidecar", "run"]
+    if config:
+        program += ["--config", str(Path(config).resolve())]
+    with sidecar_process(program, upstream_port, workdir / "sidecar.log") as sidecar:
+        yield Target("sidecar", sidecar.port, sidecar.proc)
 
 
 def uses_uvloop(pid: int) -> bool:
@@ -237,13 +190,13 @@ def measure(
     warmup: float,
 ) -> dict[str, Any]:
     """One load generator run against one target, with CPU deltas around it."""
-    proxy_pid = target.proc.pid if target.proc else None
-    proxy0 = cpu_times(proxy_pid) if proxy_pid else (0.0, 0.0)
-    up0 = cpu_seconds(upstream_pid)
-    machine0 = machine_busy_seconds()
-    report = run_loadgen(
+    watch = {"upstream": upstream_pid}
+    if target.proc is not None:
+        watch["proxy"] = target.proc.pid
+    run = measured_load(
         loadgen,
         target.port,
+        watch,
         conns=case.conns,
         payload=case.payload,
         transport=case.transport,
@@ -251,32 +204,26 @@ def measure(
         warmup=warmup,
         rate=case.rate,
     )
-    machine = machine_busy_seconds() - machine0
-    proxy1 = cpu_times(proxy_pid) if proxy_pid else (0.0, 0.0)
-    proxy_user, proxy_sys = proxy1[0] - proxy0[0], proxy1[1] - proxy0[1]
+    proxied = "proxy" in watch
+    proxy_user, proxy_sys = run.cpu.get("proxy", (0.0, 0.0))
     proxy_cpu = proxy_user + proxy_sys
-    up_cpu = cpu_seconds(upstream_pid) - up0
-    calls = max(report["calls_all"], 1)
-    wall = report["wall_s"]
-    ours = proxy_cpu + up_cpu + report["cpu_s"]
+    up_cpu = run.cpu_seconds("upstream")
+    loadgen_cpu = run.report["cpu_s"]
     return {
         "target": target.name,
         **asdict(case),
-        "calls_per_s": report["calls_per_s"],
-        "p50_us": report["latency_us"]["p50"],
-        "p99_us": report["latency_us"]["p99"],
-        "errors": report["errors"],
-        "proxy_cpu_per_call_us": proxy_cpu / calls * 1e6 if proxy_pid else None,
-        "proxy_user_per_call_us": proxy_user / calls * 1e6 if proxy_pid else None,
-        "proxy_sys_per_call_us": proxy_sys / calls * 1e6 if proxy_pid else None,
-        "upstream_cpu_per_call_us": up_cpu / calls * 1e6,
-        "loadgen_cpu_per_call_us": report["cpu_s"] / calls * 1e6,
-        "proxy_core_share": proxy_cpu / wall if proxy_pid else None,
-        "upstream_core_share": up_cpu / wall,
-        "loadgen_core_share": report["cpu_s"] / wall,
+        **run.figures(),
+        "proxy_cpu_per_call_us": run.per_call_us(proxy_cpu) if proxied else None,
+        "proxy_user_per_call_us": run.per_call_us(proxy_user) if proxied else None,
+        "proxy_sys_per_call_us": run.per_call_us(proxy_sys) if proxied else None,
+        "upstream_cpu_per_call_us": run.per_call_us(up_cpu),
+        "loadgen_cpu_per_call_us": run.per_call_us(loadgen_cpu),
+        "proxy_core_share": run.core_share(proxy_cpu) if proxied else None,
+        "upstream_core_share": run.core_share(up_cpu),
+        "loadgen_core_share": run.core_share(loadgen_cpu),
         # Busy CPU of everything else on the machine (other users: noise).
-        "others_core_share": max(machine - ours, 0.0) / wall,
-        "loadgen": report,
+        "others_core_share": run.others_core_share,
+        "loadgen": run.report,
     }
 
 
@@ -545,7 +492,7 @@ def machine_facts() -> dict[str, Any]:
         "gcc": version(["gcc", "--version"]),
         "uvloop": uvloop_version,
         "git_commit": version(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"]),
-        "loadavg_before": " ".join(Path("/proc/loadavg").read_text().split()[:3]),
+        "loadavg_before": loadavg(),
     }
 
 
@@ -686,13 +633,7 @@ def strip_line(frame: str) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="2 rounds x 1 s: check the harness")
-    p.add_argument("--rounds", type=int, help="interleaved rounds [5; quick 2]")
-    p.add_argument("--duration", type=float, help="seconds measured per run [3; quick 1]")
-    p.add_argument(
-        "--warmup", type=float, help="unmeasured seconds before each run [0.5; quick 0.3]"
-    )
+    p = round_parser(__doc__.split("\n\n")[0])
     p.add_argument("--targets", default=",".join(TARGETS), help="subset of direct,haproxy,sidecar")
     p.add_argument("--conns", default="1,16,64", help="client connection counts")
     p.add_argument("--payloads", default="64,16384", help="payload sizes in bytes")
@@ -706,11 +647,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--profile", action="store_true", help="py-spy the sidecar instead")
     p.add_argument("--profile-seconds", type=int, default=10)
     p.add_argument("--profile-native", action="store_true", help="include C frames (uvloop)")
-    args = p.parse_args(argv)
-    args.rounds = args.rounds or (2 if args.quick else 5)
-    args.duration = args.duration or (1.0 if args.quick else 3.0)
-    args.warmup = args.warmup if args.warmup is not None else (0.3 if args.quick else 0.5)
-    return args
+    return round_defaults(p.parse_args(argv))
 
 
 def build_cases(args: argparse.Namespace) -> list[Case]:
@@ -738,10 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     cases = build_cases(args)
     tools = build_tools()
     meta: dict[str, Any] = {
-        "started": dt.datetime.now().isoformat(timespec="seconds"),
-        "rounds": args.rounds,
-        "duration_s": args.duration,
-        "warmup_s": args.warmup,
+        **round_meta(args),
         "haproxy_threads": args.haproxy_threads,
         "upstream_threads": args.upstream_threads,
         "targets": targets,
@@ -783,17 +717,12 @@ def main(argv: list[str] | None = None) -> int:
                     run["round"] = rnd
                     runs.append(run)
                     progress(done, total, run)
-    meta["loadavg_after"] = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    meta["loadavg_after"] = loadavg()
     summary = summarize(runs, cases, targets)
     markdown = render(summary, cases, meta)
     print(markdown)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = RESULTS_DIR / f"bench-{stamp}{'-quick' if args.quick else ''}"
-    base.with_suffix(".md").write_text(markdown)
     payload = {"meta": meta, "summary": summary, "runs": runs, "markdown": markdown}
-    base.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    print(f"results: {base}.json and .md", file=sys.stderr)
+    save_results("bench", args.quick, payload)
     return 0
 
 

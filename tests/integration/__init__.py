@@ -33,7 +33,7 @@ from sidecar.protocol.envelope import MessageHeader, parse_header
 from sidecar.protocol.framing import Transport, make_decoder
 from tests.support.clients import split_address
 from tests.support.servers import Library, TransportName, UpstreamServer, upstream_server
-from tests.support.sidecar import SidecarProcess, free_port, run_sidecar
+from tests.support.sidecar import SidecarProcess, free_port, merged, run_sidecar
 
 LIBRARIES: tuple[Library, ...] = ("thriftpy2", "apache")
 TRANSPORTS: tuple[TransportName, ...] = ("framed", "buffered")
@@ -160,25 +160,6 @@ def plain(deployments: Deployments, library: Library, transport: TransportName) 
         upstream=lambda: upstream_server(library, transport),
         config=merged(FORWARDING_CORE),
     )
-
-
-def merged(*configs: dict[str, Any]) -> dict[str, Any]:
-    """Configs merged left to right (nested dicts too)."""
-    out: dict[str, Any] = {}
-    for config in configs:
-        _merge(out, config)
-    return out
-
-
-def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        elif isinstance(value, dict):
-            into[key] = {}
-            _merge(into[key], value)
-        else:
-            into[key] = value
 
 
 # -- raw bytes ------------------------------------------------------------------

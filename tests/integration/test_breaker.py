@@ -9,24 +9,19 @@ breaker's state is read from the metrics. Fallbacks are off (``serve_on:
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import thriftpy2.thrift
 
-from sidecar.demo.faults import FaultPlan, FaultProxyThread
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import MessageType, parse_header
-from tests.support.clients import thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
 from tests.support.raw import encode_call, raw_call
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
-from tests.support.sidecar import Metrics, SidecarProcess, run_sidecar
+from tests.support.rig import Rig, rig
 
 TAE = thriftpy2.thrift.TApplicationException
 INTERNAL_ERROR = ApplicationExceptionType.INTERNAL_ERROR
@@ -45,62 +40,23 @@ CONFIG: dict[str, Any] = {
 CLOSED, HALF_OPEN, OPEN = "closed", "half-open", "open"
 
 
-@dataclass
-class Rig:
-    """client -> sidecar -> fault proxy -> upstream."""
-
-    upstream: Thriftpy2Server
-    proxy: FaultProxyThread
-    sidecar: SidecarProcess
-
-    @property
-    def breaker(self) -> str:
-        """The breaker's name: the upstream's address list."""
-        return self.proxy.address
-
-    def metrics(self) -> Metrics:
-        return self.sidecar.metrics()
-
-    def state(self) -> float:
-        return self.metrics().value("thrift_sidecar_breaker_state", breaker=self.breaker)
-
-    def transitions(self, old: str, new: str) -> float:
-        return self.metrics().value(
-            "thrift_sidecar_breaker_transitions_total",
-            breaker=self.breaker,
-            from_state=old,
-            to_state=new,
-        )
-
-    def client(self) -> contextlib.AbstractContextManager[Any]:
-        return thriftpy2_client(self.sidecar.address, "framed")
-
-    def open_breaker(self, client: Any) -> None:
-        """Make ``FAIL_MAX`` calls fail with the upstream's INTERNAL_ERROR."""
-        self.proxy.plan.extend_schedule(["internal_error"] * FAIL_MAX)
-        for i in range(FAIL_MAX):
-            assert self.state() == 0, f"opened after {i} failures"
-            error = _app_error(lambda: client.getItem(1))
-            assert "fault injected" in error.message  # the upstream's own error, passed on
-        assert self.state() == 2
-
-    def wait_reset_timeout(self) -> None:
-        """Sleep until the breaker's reset timeout has surely passed (a known timer)."""
-        opened = self.metrics().value(
-            "thrift_sidecar_breaker_last_opened_timestamp_seconds", breaker=self.breaker
-        )
-        assert opened > 0
-        time.sleep(max(0.0, opened + RESET_TIMEOUT + 0.05 - time.time()))
+def open_breaker(r: Rig, client: Any) -> None:
+    """Make ``FAIL_MAX`` calls fail with the upstream's INTERNAL_ERROR."""
+    r.plan.extend_schedule(["internal_error"] * FAIL_MAX)
+    for i in range(FAIL_MAX):
+        assert r.state() == 0, f"opened after {i} failures"
+        error = _app_error(lambda: client.getItem(1))
+        assert "fault injected" in error.message  # the upstream's own error, passed on
+    assert r.state() == 2
 
 
-@contextlib.contextmanager
-def rig(config: dict[str, Any] = CONFIG) -> Iterator[Rig]:
-    with (
-        thriftpy2_server("framed") as upstream,
-        FaultProxyThread(upstream.address, "framed", FaultPlan()) as proxy,
-        run_sidecar([proxy.address], config=config) as sidecar,
-    ):
-        yield Rig(upstream, proxy, sidecar)
+def wait_reset_timeout(r: Rig) -> None:
+    """Sleep until the breaker's reset timeout has surely passed (a known timer)."""
+    opened = r.metrics().value(
+        "thrift_sidecar_breaker_last_opened_timestamp_seconds", breaker=r.breaker
+    )
+    assert opened > 0
+    time.sleep(max(0.0, opened + RESET_TIMEOUT + 0.05 - time.time()))
 
 
 def _app_error(call: Callable[[], object]) -> TAE:
@@ -116,9 +72,9 @@ def _assert_circuit_open(error: TAE, r: Rig) -> None:
 
 
 def test_opens_rejects_lets_exactly_the_probes_through_and_closes() -> None:
-    with rig() as r, r.client() as client:
+    with rig(CONFIG) as r, r.client() as client:
         assert client.getItem(7).id == 7
-        r.open_breaker(client)
+        open_breaker(r, client)
         opened_at = time.monotonic()
         assert r.transitions(CLOSED, OPEN) == 1
 
@@ -133,7 +89,7 @@ def test_opens_rejects_lets_exactly_the_probes_through_and_closes() -> None:
         assert m.value("thrift_sidecar_requests_total", outcome="circuit_open") == 5
 
         # After the reset timeout: six concurrent calls to a slow upstream, two probes.
-        r.wait_reset_timeout()
+        wait_reset_timeout(r)
         r.proxy.plan.set_rates(delay=1.0)
         r.proxy.plan.set_delay(0.6)
         before = r.upstream.calls["getItem"]
@@ -180,9 +136,9 @@ def test_opens_rejects_lets_exactly_the_probes_through_and_closes() -> None:
 
 def test_one_success_is_not_enough_and_a_failed_probe_opens_it_again() -> None:
     """success_threshold 2: after one good probe it stays half-open; a failed one reopens it."""
-    with rig() as r, r.client() as client:
-        r.open_breaker(client)
-        r.wait_reset_timeout()
+    with rig(CONFIG) as r, r.client() as client:
+        open_breaker(r, client)
+        wait_reset_timeout(r)
         assert client.getItem(5).id == 5  # probe 1 succeeds
         assert r.state() == 1
         r.proxy.plan.extend_schedule(["internal_error"])

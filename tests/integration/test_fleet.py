@@ -28,6 +28,7 @@ import thriftpy2.thrift
 from sidecar.demo.faults import FaultPlan, FaultProxyThread
 from tests.fleet import RedisServer, redis_keys, redis_server
 from tests.support.clients import thriftpy2_client
+from tests.support.rig import breaker_state, breaker_transitions, faulty_upstream
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, run_sidecar
 from tests.support.wait import wait_until
@@ -82,24 +83,16 @@ class Fleet:
         return self.proxy.address
 
     def state(self, sidecar: SidecarProcess, breaker: str | None = None) -> float:
-        return sidecar.metrics().value(
-            "thrift_sidecar_breaker_state", breaker=breaker or self.breaker
-        )
+        return breaker_state(sidecar, breaker or self.breaker)
 
     def transitions(self, sidecar: SidecarProcess, old: str, new: str) -> float:
-        return sidecar.metrics().value(
-            "thrift_sidecar_breaker_transitions_total",
-            breaker=self.breaker,
-            from_state=old,
-            to_state=new,
-        )
+        return breaker_transitions(sidecar, self.breaker, old, new)
 
 
 @contextlib.contextmanager
 def fleet(config: dict[str, Any]) -> Iterator[Fleet]:
     with (
-        thriftpy2_server("framed") as upstream,
-        FaultProxyThread(upstream.address, "framed", FaultPlan()) as proxy,
+        faulty_upstream() as (upstream, proxy),
         run_sidecar([proxy.address], config=config) as a,
         run_sidecar([proxy.address], config=config) as b,
     ):

@@ -19,55 +19,24 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 import thriftpy2.thrift
 
-from sidecar.demo.faults import FaultPlan, FaultProxyThread
+from sidecar.demo.faults import FaultPlan
 from sidecar.protocol.appexc import ApplicationExceptionType
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
-from tests.support.servers import Thriftpy2Server, TransportName, thriftpy2_server
-from tests.support.sidecar import Metrics, SidecarProcess, run_sidecar
+from tests.support.rig import rig
+from tests.support.servers import TransportName
+from tests.support.sidecar import run_sidecar
 from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
 INTERNAL_ERROR = ApplicationExceptionType.INTERNAL_ERROR
 # A breaker that never opens, for tests about retries alone.
 NO_BREAKER = {"breaker": {"fail_max": 1_000_000}}
-
-
-@dataclass
-class Rig:
-    """client -> sidecar -> fault proxy -> upstream."""
-
-    upstream: Thriftpy2Server
-    proxy: FaultProxyThread
-    sidecar: SidecarProcess
-
-    @property
-    def plan(self) -> FaultPlan:
-        return self.proxy.plan
-
-    def metrics(self) -> Metrics:
-        return self.sidecar.metrics()
-
-    def client(self, **kwargs: Any) -> contextlib.AbstractContextManager[Any]:
-        return thriftpy2_client(self.sidecar.address, self.upstream.transport, **kwargs)
-
-
-@contextlib.contextmanager
-def rig(
-    config: dict[str, Any], plan: FaultPlan | None = None, transport: TransportName = "framed"
-) -> Iterator[Rig]:
-    with (
-        thriftpy2_server(transport) as upstream,
-        FaultProxyThread(upstream.address, transport, plan or FaultPlan()) as proxy,
-        run_sidecar([proxy.address], config=config) as sidecar,
-    ):
-        yield Rig(upstream, proxy, sidecar)
 
 
 def _order() -> Any:
@@ -89,6 +58,14 @@ def _timed(call: Callable[[], object]) -> tuple[float, object]:
     except TAE as exc:
         result = exc
     return time.monotonic() - started, result
+
+
+def _assert_all_internal_errors_within(results: list[tuple[float, object]], limit: float) -> None:
+    """Every `_timed` result is an INTERNAL_ERROR that took at most ``limit`` seconds."""
+    for seconds, result in results:
+        assert isinstance(result, TAE), result
+        assert result.type == INTERNAL_ERROR
+        assert seconds <= limit
 
 
 # -- resets absorbed -------------------------------------------------------------------
@@ -404,10 +381,7 @@ def test_no_call_outlives_its_deadline() -> None:
         f"({attempts / len(results):.2f} per call), given up for the deadline "
         f"{m.value('thrift_sidecar_retries_given_up_total', reason='deadline'):g}"
     )
-    for seconds, result in results:
-        assert isinstance(result, TAE), result
-        assert result.type == INTERNAL_ERROR
-        assert seconds <= deadline + slack
+    _assert_all_internal_errors_within(results, deadline + slack)
     assert attempts >= 2 * len(results)  # retried until the deadline, not given up at once
     assert m.value("thrift_sidecar_requests_total", outcome="timeout") == len(results)
 
@@ -455,10 +429,7 @@ def test_a_hanging_connect_is_cut_at_the_per_try_timeout_and_deadline() -> None:
         f"connect_error attempts "
         f"{m.value('thrift_sidecar_upstream_attempts_total', result='connect_error'):g}"
     )
-    for seconds, result in results:
-        assert isinstance(result, TAE), result
-        assert result.type == INTERNAL_ERROR
-        assert seconds <= deadline + slack
+    _assert_all_internal_errors_within(results, deadline + slack)
     assert m.value("thrift_sidecar_upstream_attempts_total", result="connect_error") >= 4
 
 

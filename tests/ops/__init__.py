@@ -9,7 +9,8 @@ read from its stderr. Upstreams are the thriftpy2 servers of
 
 Helpers shared by the modules:
 
-- `rig`: upstream, fault proxy and sidecar, started together.
+- `rig`: upstream, fault proxy and sidecar, started together (from
+  `tests.support.rig`, re-exported for the modules here).
 - `scrape`: the families of one scrape, by name, parsed by prometheus_client.
 - `send_garbage`: bytes that are not Thrift, on a fresh connection.
 - `json_log` / `log_lines`: the sidecar's log, as parsed JSON or text lines.
@@ -17,20 +18,15 @@ Helpers shared by the modules:
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.demo.faults import FaultPlan, FaultProxyThread
-from tests.support.clients import split_address
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
-from tests.support.sidecar import REPO_ROOT, SidecarProcess, http_get, run_sidecar
+from tests.support.raw import raw_send
+from tests.support.rig import rig as rig
+from tests.support.sidecar import REPO_ROOT, SidecarProcess, http_get
 
 IDL = str(REPO_ROOT / "idl" / "interop.thrift")
 PREFIX = "thrift_sidecar_"
@@ -38,42 +34,6 @@ PREFIX = "thrift_sidecar_"
 # Bytes no Thrift reader accepts: the first byte is neither a plausible frame
 # length nor a binary-protocol version.
 GARBAGE = b"\xff\xfe\xfd\xfc garbage, not thrift\r\n"
-
-
-@dataclass
-class Rig:
-    """client -> sidecar -> fault proxy -> thriftpy2 upstream (framed)."""
-
-    upstream: Thriftpy2Server
-    proxy: FaultProxyThread
-    sidecar: SidecarProcess
-
-    @property
-    def upstream_address(self) -> str:
-        """The address the sidecar forwards to (the proxy's)."""
-        return self.proxy.address
-
-
-@contextlib.contextmanager
-def rig(
-    config: dict[str, Any] | None = None,
-    *,
-    args: list[str] | None = None,
-    extra_upstreams: list[str] | None = None,
-) -> Iterator[Rig]:
-    """Start an upstream, a fault proxy in front of it and a sidecar in front of that.
-
-    Args:
-        config: merged into `tests.support.sidecar.base_config`.
-        args: extra ``sidecar run`` arguments (``--log-format json`` ...).
-        extra_upstreams: more upstream addresses after the proxy's.
-    """
-    with (
-        thriftpy2_server("framed") as upstream,
-        FaultProxyThread(upstream.address, "framed", FaultPlan()) as proxy,
-        run_sidecar([proxy.address, *(extra_upstreams or [])], config=config, args=args) as sidecar,
-    ):
-        yield Rig(upstream, proxy, sidecar)
 
 
 def scrape(sidecar: SidecarProcess) -> dict[str, Metric]:
@@ -103,18 +63,7 @@ def label_sets(family: Metric) -> set[tuple[tuple[str, str], ...]]:
 
 def send_garbage(address: str, data: bytes = GARBAGE, timeout: float = 5.0) -> bytes:
     """Send ``data`` on a new connection and read until the sidecar closes it."""
-    chunks = []
-    with socket.create_connection(split_address(address), timeout=timeout) as sock:
-        sock.sendall(data)
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    return b"".join(chunks)
+    return raw_send(address, data, timeout=timeout)
 
 
 def log_lines(sidecar: SidecarProcess) -> list[str]:

@@ -99,9 +99,21 @@ def base_config(upstreams: list[str], **overrides: Any) -> dict[str, Any]:
     return config
 
 
+def merged(*configs: dict[str, Any]) -> dict[str, Any]:
+    """Configs merged left to right (nested dicts too) into a new dict."""
+    out: dict[str, Any] = {}
+    for config in configs:
+        _merge(out, config)
+    return out
+
+
 def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
+    """Merge ``extra`` into ``into``; nested dicts are copied, never shared."""
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        elif isinstance(value, dict):
+            into[key] = {}
             _merge(into[key], value)
         else:
             into[key] = value
