@@ -59,6 +59,16 @@ def upstream_name(config: SidecarConfig) -> str:
     return ",".join(config.upstream.addresses)
 
 
+def services_by_method(names: list[str]) -> dict[str, str]:
+    """Bare method name -> its service, for methods that exactly one ``Service:method`` names."""
+    found: dict[str, set[str]] = {}
+    for name in names:
+        service, sep, method = name.rpartition(":")
+        if sep:
+            found.setdefault(method, set()).add(service)
+    return {method: services.pop() for method, services in found.items() if len(services) == 1}
+
+
 def make_store(config: SidecarConfig, fleet: Fleet | None = None) -> FallbackStore:
     """The fallback store the config asks for (``redis`` uses the fleet's connection).
 
@@ -113,6 +123,7 @@ class Sidecar:
         self.static_replies = static_replies or {}
         known = sorted(set(config.methods) | set(known_methods or []))
         self.labels = MethodLabels(known, config.metrics.max_method_labels)
+        self.service_of = services_by_method(known)
         self.name = upstream_name(config)
         self.fleet = make_fleet(config, self.metrics)  # None in local mode
         self.store = make_store(config, self.fleet)
@@ -209,7 +220,9 @@ class Sidecar:
             upstreams=self.upstreams,
             upstream_transport=None if u.transport == "same" else Transport(u.transport),
             upstream_name=self.name,
-            policies=PolicyTable(config, self.labels, self.static_replies, self.metrics.calls),
+            policies=PolicyTable(
+                config, self.labels, self.static_replies, self.metrics.calls, self.service_of
+            ),
             breakers=self.breakers,
             budget=self.budget,
             fallbacks=self._fallbacks(config),
@@ -373,7 +386,7 @@ class Sidecar:
             self.static_replies = static_replies
         self.labels.add_known(new.methods)
         self.pipeline.policies = PolicyTable(
-            new, self.labels, self.static_replies, self.metrics.calls
+            new, self.labels, self.static_replies, self.metrics.calls, self.service_of
         )
         self.pipeline.fallbacks = self._fallbacks(new)
         self.pipeline.trip_on = frozenset(Outcome(v) for v in b.trip_on)

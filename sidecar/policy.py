@@ -51,11 +51,7 @@ class MethodPolicy:
     cacheable: bool
     static_reply: StaticReply | None
     stats: MethodStats
-
-    @property
-    def display_name(self) -> str:
-        """``Service.method`` for messages to people."""
-        return f"{self.service}.{self.method}" if self.service else self.method
+    display_name: str  # ``Service.method`` for messages to people
 
 
 class PolicyTable:
@@ -67,8 +63,11 @@ class PolicyTable:
         labels: MethodLabels,
         static_replies: dict[str, StaticReply] | None = None,
         calls: CallMetrics | None = None,
+        service_of: dict[str, str] | None = None,
     ) -> None:
+        """Args: ``service_of`` names the one IDL service of a bare method name, for messages."""
         self._config = config
+        self._service_of = service_of or {}
         self._labels = labels
         self._calls = calls or CallMetrics()
         self._static = static_replies or {}
@@ -131,6 +130,7 @@ class PolicyTable:
             cacheable=cacheable,
             static_reply=static,
             stats=self._calls.method(label),
+            display_name=f"{service or self._service_of.get(method, '')}.{method}".lstrip("."),
         )
 
 
