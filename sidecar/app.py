@@ -451,6 +451,10 @@ class Sidecar:
                 m.init_breaker(breaker.name)
                 m.breaker_state.labels(breaker.name).set(STATE_VALUES.get(breaker.state, 0))
                 m.breaker_failures.labels(breaker.name).set(breaker.fail_counter)
+        if self.fleet is not None:  # the fleet's view beside the local one
+            for name, shared in self.fleet.breakers.shared_views():
+                m.breaker_shared_state.labels(name).set(STATE_VALUES.get(shared.state, 0))
+                m.breaker_shared_failures.labels(name).set(shared.fail_counter)
         if self.upstreams is not None:
             ejected = frozenset(self.upstreams.ejected())
             for address in sorted(self._ejected_before - ejected):

@@ -246,6 +246,18 @@ class SidecarMetrics:
             "Consecutive failures counted by the breaker (it opens at breaker.fail_max).",
             ["breaker"],
         )
+        self.breaker_shared_state = self._gauge(
+            "breaker_shared_state",
+            "Fleet mode: the breaker's state as Redis last held it (0 closed, 1 half-open, "
+            "2 open); absent in local mode.",
+            ["breaker"],
+        )
+        self.breaker_shared_failures = self._gauge(
+            "breaker_shared_consecutive_failures",
+            "Fleet mode: consecutive failures counted by the whole fleet, as Redis last held "
+            "them; absent in local mode.",
+            ["breaker"],
+        )
         self.upstream_ejections = self._counter(
             "upstream_ejections_total",
             "Upstream addresses taken out of rotation after repeated failures.",

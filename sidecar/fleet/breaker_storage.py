@@ -457,6 +457,10 @@ class BreakerSync:
         """Each breaker's shared side, for ``/state``."""
         return [s.describe() for s in self._storages.values()]
 
+    def shared_views(self) -> list[tuple[str, SharedState]]:
+        """(breaker name, state as Redis last held it) for the breakers read so far."""
+        return [(s.breaker_name, s.shared) for s in self._storages.values() if s.shared]
+
 
 def _timestamp(value: datetime) -> str:
     return f"{value.timestamp():.6f}"

@@ -127,6 +127,19 @@ def test_breaker_opened_through_a_is_obeyed_by_b_then_half_open_and_close_propag
         wait_until(lambda: f.state(f.b) == OPEN, timeout=5.0, message="B's breaker open")
         seen_after = time.monotonic() - started
         assert f.transitions(f.b, "closed", "open") == 1  # B logged and counted it
+        # The fleet's view is exported beside the local one.
+        shared_state = "thrift_sidecar_breaker_shared_state"
+        wait_until(
+            lambda: f.b.metrics().value(shared_state, breaker=f.breaker) == OPEN,
+            timeout=5.0,
+            message="B exports the shared state",
+        )
+        shared_failures = "thrift_sidecar_breaker_shared_consecutive_failures"
+        wait_until(
+            lambda: f.a.metrics().value(shared_failures, breaker=f.breaker) >= 1,
+            timeout=5.0,
+            message="A exports the fleet's failure count",
+        )
 
         # While open, B sends nothing: not to the proxy, let alone the upstream.
         seen, executed = f.proxy.stats.calls, f.upstream.calls.total()

@@ -66,6 +66,8 @@ MORE_METRICS = {
     "client_idle_closes": "counter",
     "state_backend_errors": "counter",
     "state_backend_up": "gauge",
+    "breaker_shared_state": "gauge",
+    "breaker_shared_consecutive_failures": "gauge",
 }
 
 FAIL_MAX = 3
@@ -383,6 +385,8 @@ def test_invented_method_names_do_not_grow_any_metric_past_the_cap() -> None:
         "breaker_last_opened_timestamp_seconds": labels,
         "breaker_rejections": labels,
         "breaker_consecutive_failures": labels,
+        "breaker_shared_state": labels,
+        "breaker_shared_consecutive_failures": labels,
         "breaker_transitions": labels * TRANSITION_PAIRS,
         "retry_budget_exhausted": 1,
         "retry_budget_tokens": 1,
