@@ -117,22 +117,6 @@ class Pipeline:
         """
         return Call(self, message, client_transport, done)
 
-    async def handle(self, message: Message, client_transport: Transport) -> Wire | None:
-        """Answer one message and wait for the answer (for callers outside the I/O path)."""
-        answer: asyncio.Future[Wire | None] = self.loop.create_future()
-
-        def done(wire: Wire | None) -> None:
-            if not answer.done():
-                answer.set_result(wire)
-
-        call = self.call(message, client_transport, done)
-        call.start()
-        try:
-            return await answer
-        except asyncio.CancelledError:
-            call.cancel()
-            raise
-
     def ejected(self, address: str, seconds: float, outcome: Outcome) -> None:
         """Count and log an address taken out of rotation."""
         self.metrics.upstream_ejections.labels(address).inc()
