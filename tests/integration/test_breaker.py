@@ -21,7 +21,7 @@ from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_
 from sidecar.protocol.envelope import MessageType, parse_header
 from tests.support.idl import load_thriftpy2_interop
 from tests.support.raw import encode_call, raw_call
-from tests.support.rig import Rig, rig
+from tests.support.rig import Rig, rig, wait_probe_due
 
 TAE = thriftpy2.thrift.TApplicationException
 INTERNAL_ERROR = ApplicationExceptionType.INTERNAL_ERROR
@@ -51,12 +51,9 @@ def open_breaker(r: Rig, client: Any) -> None:
 
 
 def wait_reset_timeout(r: Rig) -> None:
-    """Sleep until the breaker's reset timeout has surely passed (a known timer)."""
-    opened = r.metrics().value(
-        "thrift_sidecar_breaker_last_opened_timestamp_seconds", breaker=r.breaker
-    )
-    assert opened > 0
-    time.sleep(max(0.0, opened + RESET_TIMEOUT + 0.05 - time.time()))
+    """Wait until the sidecar reports the breaker's reset timeout as passed."""
+    assert r.state() == 2
+    wait_probe_due(r.sidecar, r.breaker, timeout=RESET_TIMEOUT + 5)
 
 
 def _app_error(call: Callable[[], object]) -> TAE:

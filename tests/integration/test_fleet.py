@@ -28,7 +28,7 @@ import thriftpy2.thrift
 from sidecar.demo.faults import FaultPlan, FaultProxyThread
 from tests.fleet import RedisServer, redis_keys, redis_server
 from tests.support.clients import thriftpy2_client
-from tests.support.rig import breaker_state, breaker_transitions, faulty_upstream
+from tests.support.rig import breaker_state, breaker_transitions, faulty_upstream, wait_probe_due
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, run_sidecar
 from tests.support.wait import wait_until
@@ -150,10 +150,7 @@ def test_breaker_opened_through_a_is_obeyed_by_b_then_half_open_and_close_propag
         assert f.b.metrics().value("thrift_sidecar_breaker_rejections_total") == 5
 
         # After the reset timeout a probe through A, slow on purpose: B sees half-open...
-        opened = f.a.metrics().value(
-            "thrift_sidecar_breaker_last_opened_timestamp_seconds", breaker=f.breaker
-        )
-        time.sleep(max(0.0, opened + RESET_TIMEOUT + 0.05 - time.time()))
+        wait_probe_due(f.a, f.breaker, timeout=RESET_TIMEOUT + 5)
         f.proxy.plan.extend_schedule([("delay", 1.5)])
         result: list[Any] = []
         probe = threading.Thread(target=lambda: result.append(ca.getItem(5)))

@@ -293,14 +293,16 @@ def test_slow_reply_is_abandoned_on_time_and_never_delivered_late() -> None:
             late_before = r.proxy.stats.late_replies
             r.plan.extend_schedule([("delay", slow)])
             write_seconds, write_result = _timed(lambda: client.placeOrder(_order()))
-            followers = []
-            deadline = time.monotonic() + 5
-            # One call every 10 ms (at most 500) until the late reply has come.
-            while r.proxy.stats.late_replies <= late_before and len(followers) < 500:
-                assert time.monotonic() < deadline, "the late reply never came"
+            followers: list[tuple[int, Any]] = []
+
+            def late_reply_came() -> bool:
+                """One more call; done once the write's late reply has reached the proxy."""
                 n = 100 + len(followers)
                 followers.append((n, client.add(n, n)))
-                time.sleep(0.01)
+                return r.proxy.stats.late_replies > late_before
+
+            # A call every 10 ms until the late reply has come (5 s at most).
+            wait_until(late_reply_came, timeout=5, interval=0.01, message="the late reply")
             for _ in range(5):  # and a few after it
                 n = 100 + len(followers)
                 followers.append((n, client.add(n, n)))
@@ -464,6 +466,8 @@ def test_retry_budget_caps_the_load_on_a_dead_upstream() -> None:
         with r.client() as client:
             started = time.monotonic()
             for i in range(n):
+                # Pacing, not waiting for anything: the budget is about calls per
+                # second, so call i goes out at its slot of a fixed rate.
                 pause = started + i / rate - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)

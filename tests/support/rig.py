@@ -25,6 +25,23 @@ from sidecar.demo.faults import FaultPlan, FaultProxyThread
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import Thriftpy2Server, TransportName, thriftpy2_server
 from tests.support.sidecar import Metrics, SidecarProcess, run_sidecar
+from tests.support.wait import wait_until
+
+
+def wait_probe_due(sidecar: SidecarProcess, breaker: str, timeout: float = 10.0) -> None:
+    """Wait until the sidecar says the open breaker's reset timeout has passed.
+
+    Polls ``/state``'s ``probe_in_seconds`` for the breaker (its own reading
+    of pybreaker's ``opened_at + reset_timeout``) until it reaches 0.
+    """
+
+    def due() -> bool:
+        for entry in sidecar.state()["breakers"]:
+            if entry["name"] == breaker:
+                return entry["probe_in_seconds"] == 0
+        raise AssertionError(f"no breaker {breaker!r} in /state")
+
+    wait_until(due, timeout=timeout, interval=0.02, message=f"probe due on {breaker}")
 
 
 def breaker_state(sidecar: SidecarProcess, breaker: str) -> float:
