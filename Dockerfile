@@ -15,8 +15,8 @@
 FROM python:3.11-slim AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
 WORKDIR /src
-# What the wheel is built from. sidecar/demo/example.thrift and demo.yaml are
-# symlinks into idl/ and config/, so those come along.
+# What the wheel is built from. sidecar/testing/example.thrift and
+# sidecar/demo/demo.yaml are symlinks into idl/ and config/, so those come along.
 COPY pyproject.toml README.md ./
 COPY idl ./idl
 COPY config ./config

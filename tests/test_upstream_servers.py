@@ -8,10 +8,8 @@ that fails is known to fail because of the sidecar.
 from __future__ import annotations
 
 import itertools
-import subprocess
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, cast
 
 import pytest
@@ -21,7 +19,7 @@ from thrift.transport.TTransport import TTransportException as ApacheTransportEr
 from sidecar.protocol.appexc import parse_application_exception
 from sidecar.protocol.envelope import MessageType, parse_header
 from sidecar.protocol.framing import Transport, frame
-from tests.support.apache_gen import GENERATED_DIR, generate_apache_interop, thrift_compiler
+from tests.support.apache_gen import GENERATED_DIR, generate_apache_interop
 from tests.support.clients import (
     apache_client,
     application_exception_class,
@@ -30,7 +28,7 @@ from tests.support.clients import (
     types_of,
 )
 from tests.support.handler import BUSY_ITEM_ID
-from tests.support.idl import EXAMPLE_IDL, canonical, load_thriftpy2_example, sample_all_types
+from tests.support.idl import canonical, sample_all_types
 from tests.support.raw import (
     ConnectionClosed,
     decode_reply,
@@ -419,20 +417,7 @@ def test_hook_injects_faults(server_lib: Library) -> None:
         assert server.calls["add"] == 2
 
 
-# -- IDL and generated code -------------------------------------------------------
-
-
-def test_example_idl_is_valid_for_both_libraries(tmp_path: Path) -> None:
-    catalog = load_thriftpy2_example()
-    assert catalog.Catalog.thrift_services == ["ping", "getItem", "listItems", "placeOrder"]
-    assert catalog.Item().status == catalog.ItemStatus.IN_STOCK
-    subprocess.run(
-        [thrift_compiler(), "--gen", "py", "-out", str(tmp_path), str(EXAMPLE_IDL)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    assert (tmp_path / "catalog" / "Catalog.py").is_file()
+# -- generated code -------------------------------------------------------
 
 
 def test_apache_code_is_generated_once() -> None:

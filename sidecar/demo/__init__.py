@@ -1,1 +1,4 @@
-"""The demo: an example upstream behind a fault-injecting proxy, and a traffic driver."""
+"""``sidecar demo``: the runner (`sidecar.demo.runner`) and the traffic driver (`.traffic`).
+
+The upstream and the fault injector it runs are `sidecar.testing`'s.
+"""

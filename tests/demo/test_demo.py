@@ -1,4 +1,4 @@
-"""`sidecar demo` end to end, and the demo's parts (upstream, traffic, table arithmetic).
+"""`sidecar demo` end to end, and the demo's parts (traffic, table arithmetic, compose programs).
 
 The three demo runs (faults, ``--no-faults``, ``--keep-running``) start
 together in one module fixture, each as ``python -m sidecar demo`` in a
@@ -23,19 +23,14 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from sidecar.demo.faults import FaultStats
-from sidecar.demo.runner import (
-    Interval,
-    MetricsView,
-    Printer,
-    Snapshot,
-    histogram_quantile,
-    in_order,
-    plan_phases,
-)
-from sidecar.demo.traffic import Traffic, TrafficCounts, percentile
-from sidecar.demo.upstream import CatalogServer, load_catalog_idl, make_item
+from sidecar.demo.phases import plan_phases
+from sidecar.demo.printer import Printer
+from sidecar.demo.readings import Interval, MetricsView, Snapshot, histogram_quantile, in_order
+from sidecar.demo.traffic import Traffic
+from sidecar.demo.traffic_counts import TrafficCounts, percentile
 from sidecar.metrics import SidecarMetrics
+from sidecar.testing.catalog import CatalogServer
+from sidecar.testing.faults import FaultStats
 from tests.support.sidecar import REPO_ROOT, free_port, http_get
 from tests.support.wait import wait_until
 
@@ -361,7 +356,7 @@ def test_intervals_read_a_real_exposition() -> None:
 
 def test_output_has_colour_only_when_asked() -> None:
     interval = Interval(1.0, TrafficCounts(calls=3, answered=2, read_errors=1), 0, 0, 0, 0, None,
-                        "open", [], 0.0)  # fmt: skip
+                        "open", [])  # fmt: skip
     plain = io.StringIO()
     Printer(plain).row("1s", interval)  # a StringIO is not a terminal
     assert "\x1b[" not in plain.getvalue()
@@ -372,28 +367,6 @@ def test_output_has_colour_only_when_asked() -> None:
 
 
 # -- what docker-compose runs: the upstream and the traffic generator, alone ----------
-
-
-def test_catalog_answers_like_a_service() -> None:
-    idl = load_catalog_idl()
-    with CatalogServer() as server, Traffic([server.address], clients=1, rate=1) as traffic:
-        client = traffic.client()
-        try:
-            assert client.getItem(7) == make_item(idl, 7)
-            assert [i.id for i in client.listItems(3)] == [1, 2, 3]
-            assert len(client.listItems(5000)) == 100
-            with pytest.raises(idl.ItemNotFound):
-                client.getItem(10_000)
-            order = idl.Order("c", [idl.OrderLine(itemId=2, quantity=3)], idempotencyKey="k")
-            first, again = client.placeOrder(order), client.placeOrder(order)
-            assert first == again
-            assert first.totalCents == 3 * make_item(idl, 2).priceCents
-            with pytest.raises(idl.InvalidOrder):
-                client.placeOrder(idl.Order("c", []))
-        finally:
-            client.close()
-        assert server.calls["placeOrder"] == 3
-        assert server.calls["placeOrder:placed"] == 1
 
 
 def test_traffic_counts_what_a_client_sees() -> None:
@@ -426,12 +399,20 @@ def test_traffic_counts_what_a_client_sees() -> None:
 
 @pytest.mark.slow
 def test_compose_entry_points_run_alone(tmp_path: Path) -> None:
-    """``python -m sidecar.demo.upstream --faults cycle`` and ``python -m sidecar.demo.traffic``."""
+    """``python -m sidecar.testing.upstream --faults cycle``, ``python -m sidecar.demo.traffic``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
     port = free_port()
     upstream = subprocess.Popen(
-        [sys.executable, "-m", "sidecar.demo.upstream", "--port", str(port), "--faults", "cycle"],
+        [
+            sys.executable,
+            "-m",
+            "sidecar.testing.upstream",
+            "--port",
+            str(port),
+            "--faults",
+            "cycle",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env=env,

@@ -41,10 +41,10 @@ import pytest
 import yaml
 
 from sidecar.config import SidecarConfig, load_config, split_address
-from sidecar.demo.faults import FaultProxyThread
 from sidecar.demo.traffic import Traffic
-from sidecar.demo.upstream import CatalogServer
 from sidecar.fallback.static import load_idl_parts
+from sidecar.testing.catalog import CatalogServer
+from sidecar.testing.faults import FaultProxyThread
 from tests.support.sidecar import REPO_ROOT, SidecarThread, free_port, http_get
 from tests.support.wait import wait_until
 
@@ -214,9 +214,9 @@ def test_dockerfile_builds_a_wheel_and_runs_it_as_a_user() -> None:
                 assert not dockerignored(src, patterns), f"{src} is in .dockerignore"
     assert dockerignored("tests/demo/test_deploy.py", patterns)  # the check can say yes
     assert dockerignored("sidecar/__pycache__/x.pyc", patterns)
-    # The package's demo files are symlinks into idl/ and config/: both must be copied.
+    # The package's data files are symlinks into idl/ and config/: both must be copied.
     build_sources = {src for sources, _ in copy_pairs(build) for src in sources}
-    for link in ("sidecar/demo/example.thrift", "sidecar/demo/demo.yaml"):
+    for link in ("sidecar/testing/example.thrift", "sidecar/demo/demo.yaml"):
         target = (REPO_ROOT / link).resolve().relative_to(REPO_ROOT)
         assert target.parts[0] in build_sources, f"{link} points into {target.parts[0]}/"
 
@@ -314,7 +314,7 @@ def clean_env(**extra: str) -> dict[str, str]:
 def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
     """From the installed wheel: the package is the wheel's, the demo's files load."""
     script = (
-        "import sidecar, sidecar.demo.runner as r, sidecar.demo.upstream as u\n"
+        "import sidecar, sidecar.demo.sidecar_process as r, sidecar.testing.catalog as u\n"
         "from sidecar.config import load_config\n"
         "from sidecar.fallback.static import load_idl_parts\n"
         "import pathlib, tempfile, yaml\n"
@@ -466,7 +466,7 @@ def test_compose_sidecars_agree_with_their_configs(compose: dict[str, Any], tmp_
     sidecars = {n: s for n, s in services.items() if runs_sidecar(s)}
     assert {"sidecar", "fleet-a", "fleet-b"} <= set(sidecars)
     upstream_argv = services["upstream"]["entrypoint"]
-    assert upstream_argv[:3] == ["python", "-m", "sidecar.demo.upstream"]
+    assert upstream_argv[:3] == ["python", "-m", "sidecar.testing.upstream"]
     upstream_port = int(option(upstream_argv, "--port")[0])
     for name, service in sidecars.items():
         config, _ = sidecar_config(name, service, tmp_path)
@@ -741,3 +741,25 @@ def test_kubernetes_probe_paths_answer_on_a_live_sidecar(pod: Pod, tmp_path: Pat
             status, body = http_get(live.admin + path)
             assert status == 200, (path, body)
         assert http_get(live.admin + "/not-a-probe")[0] == 404  # a wrong path would fail
+
+
+def test_python_modules_run_by_compose_and_kubernetes_take_their_flags(
+    compose: dict[str, Any], pod: Pod
+) -> None:
+    """Every ``python -m sidecar...`` the files run exists, and knows every flag it is given."""
+    argvs = [s["entrypoint"] for s in compose["services"].values() if "entrypoint" in s]
+    argvs += [c["command"] for c in pod.spec["containers"] if "command" in c]
+    programs = [argv for argv in argvs if argv[:2] == ["python", "-m"]]
+    assert {argv[2] for argv in programs} == {"sidecar.testing.upstream", "sidecar.demo.traffic"}
+    env = clean_env(PYTHONPATH=str(REPO_ROOT))
+    for argv in programs:
+        result = subprocess.run(
+            [sys.executable, "-m", argv[2], "--help"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert result.returncode == 0, f"{argv}: {result.stderr}"
+        for flag in (arg for arg in argv[3:] if arg.startswith("--")):
+            assert re.search(rf"^\s+{re.escape(flag)}\b", result.stdout, re.M), (flag, argv)

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import thriftpy2.thrift
 
-from sidecar.demo.faults import FaultPlan, FaultProxyThread
+from sidecar.testing.faults import FaultPlan, FaultProxyThread
 from tests.fleet import RedisServer, redis_keys, redis_server
 from tests.support.clients import thriftpy2_client
 from tests.support.rig import breaker_state, breaker_transitions, faulty_upstream, wait_probe_due

@@ -24,8 +24,8 @@ from typing import Any
 import pytest
 import thriftpy2.thrift
 
-from sidecar.demo.faults import FaultPlan
 from sidecar.protocol.appexc import ApplicationExceptionType
+from sidecar.testing.faults import FaultPlan
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
 from tests.support.rig import rig

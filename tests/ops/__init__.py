@@ -5,7 +5,7 @@ subprocess (`tests.support.sidecar.run_sidecar`), signalled by its PID, its
 metrics fetched over HTTP and parsed with prometheus_client's parser, its log
 read from its stderr. Upstreams are the thriftpy2 servers of
 `tests.support.servers`, with the fault-injecting proxy of
-`sidecar.demo.faults` in between where a test needs failures on cue.
+`sidecar.testing.faults` in between where a test needs failures on cue.
 
 Helpers shared by the modules:
 

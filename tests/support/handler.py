@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from sidecar.testing.call_counter import CallCounter
 from tests.support.idl import load_thriftpy2_interop
 
 _IDL = load_thriftpy2_interop()
@@ -25,38 +26,6 @@ BUSY_ITEM_ID: int = _IDL.BUSY_ITEM_ID
 # Caps that keep a hostile or mistaken argument from hanging a test run.
 MAX_SLEEP_MS = 60_000
 MAX_LIST_ITEMS = 1000
-
-
-class CallCounter:
-    """Thread-safe count of executions per method; ``counter["m"]`` is 0 until m runs."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-
-    def increment(self, method: str) -> int:
-        """Count one execution; return the new count."""
-        with self._lock:
-            count = self._counts.get(method, 0) + 1
-            self._counts[method] = count
-            return count
-
-    def __getitem__(self, method: str) -> int:
-        with self._lock:
-            return self._counts.get(method, 0)
-
-    def snapshot(self) -> dict[str, int]:
-        """A copy of every count."""
-        with self._lock:
-            return dict(self._counts)
-
-    def total(self) -> int:
-        """Executions of all methods together."""
-        with self._lock:
-            return sum(self._counts.values())
-
-    def __repr__(self) -> str:
-        return f"CallCounter({self.snapshot()!r})"
 
 
 class ServerState:

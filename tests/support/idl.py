@@ -18,7 +18,6 @@ from thriftpy2.thrift import TType
 REPO_ROOT = Path(__file__).resolve().parents[2]
 IDL_DIR = REPO_ROOT / "idl"
 INTEROP_IDL = IDL_DIR / "interop.thrift"
-EXAMPLE_IDL = IDL_DIR / "example.thrift"
 
 
 @functools.cache
@@ -73,12 +72,6 @@ def _canonical(value: Any, ttype: int, sub: Any) -> Any:
     if ttype in (TType.I08, TType.I16, TType.I32, TType.I64):
         return int(value)
     return value
-
-
-@functools.cache
-def load_thriftpy2_example() -> ModuleType:
-    """The thriftpy2 module of ``idl/example.thrift`` (loaded once per process)."""
-    return thriftpy2.load(str(EXAMPLE_IDL), module_name="example_thrift")
 
 
 def sample_all_types(ns: Any) -> Any:

@@ -2,7 +2,7 @@
 
     client ──► sidecar ──► FaultProxy ──► thriftpy2 upstream
 
-The proxy (`sidecar.demo.faults.FaultProxyThread`) decides each attempt's
+The proxy (`sidecar.testing.faults.FaultProxyThread`) decides each attempt's
 fate and counts what it saw; the upstream counts what it executed; the
 sidecar (`run_sidecar`, a real ``python -m sidecar run`` process) is read
 over HTTP.
@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sidecar.demo.faults import FaultPlan, FaultProxyThread
+from sidecar.testing.faults import FaultPlan, FaultProxyThread
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import Thriftpy2Server, TransportName, thriftpy2_server
 from tests.support.sidecar import Metrics, SidecarProcess, run_sidecar

@@ -1,18 +1,10 @@
-"""Real upstream Thrift servers on 127.0.0.1, one on each library.
+"""Real upstream Thrift servers on 127.0.0.1 serving the Interop IDL, one on each library.
 
-Plan: we own the listening socket and the threads; the libraries only
-process messages. An accept thread polls the listener (every
-`_ACCEPT_POLL_SECONDS`; `stop()` wakes it at once by connecting) and starts
-a daemon thread per connection, which wraps the socket in the library's
-transport and protocol and calls its processor until the peer closes.
-`stop()` sets a flag, shuts every open connection down (which wakes blocked
-reads), lets the accept thread close the listener, and joins every thread
-against one deadline. The libraries' own servers are not used: their
-accept loops cannot be stopped (Apache's ``TThreadedServer.serve`` is
-``while True``).
-
-Both servers run `tests.support.handler`, so they behave the same, with two
-differences that come from the libraries and are kept on purpose:
+Both are `sidecar.testing.thrift_server.ThreadedServer`s (the accept loop and
+connection threads the example Catalog service uses too); here the libraries
+only process messages. Both run `tests.support.handler`, so they behave the
+same, with two differences that come from the libraries and are kept on
+purpose:
 
 - An undeclared error in a handler (``crash()``): the Apache generated
   processor answers ``TApplicationException(INTERNAL_ERROR, "Internal
@@ -39,8 +31,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
@@ -52,8 +42,10 @@ from thrift.TMultiplexedProcessor import TMultiplexedProcessor as ApacheMultiple
 from thrift.transport import TSocket as ApacheTSocket
 from thrift.transport import TTransport as ApacheTTransport
 
+from sidecar.testing.call_counter import CallCounter
+from sidecar.testing.thrift_server import ThreadedServer
 from tests.support.apache_gen import load_apache_interop
-from tests.support.handler import CallCounter, EchoHandler, InteropHandler, ServerState
+from tests.support.handler import EchoHandler, InteropHandler, ServerState
 from tests.support.idl import load_thriftpy2_interop
 
 TransportName = Literal["framed", "buffered"]
@@ -62,14 +54,9 @@ Library = Literal["thriftpy2", "apache"]
 logger = logging.getLogger(__name__)
 
 HOST = "127.0.0.1"
-# How long the accept thread blocks before it looks at the stop flag again.
-_ACCEPT_POLL_SECONDS = 0.1
-# Connection-ending errors kept for inspection (oldest dropped beyond this).
-_MAX_ERRORS = 100
-SERVICE_NAMES = ("Interop", "Echo")
 
 
-class UpstreamServer:
+class UpstreamServer(ThreadedServer):
     """A threaded Thrift server serving Interop (and Echo when multiplexed).
 
     Use as a context manager, or call `start()` and `stop()`.
@@ -86,11 +73,15 @@ class UpstreamServer:
     Attributes:
         library: ``"thriftpy2"`` or ``"apache"``.
         state: shared with the handlers (counters, notifications, hook).
-        errors: reprs of errors (other than EOF/reset) that ended a connection.
-        connections_accepted: connections accepted so far.
+        (and those of `ThreadedServer`: ``errors``, ``connections_accepted``)
     """
 
     library = ""
+    quiet_errors = (
+        OSError,
+        thriftpy2.transport.TTransportException,
+        ApacheTTransport.TTransportException,
+    )
 
     def __init__(
         self,
@@ -103,45 +94,15 @@ class UpstreamServer:
     ) -> None:
         if transport not in ("framed", "buffered"):
             raise ValueError(f"transport must be 'framed' or 'buffered', not {transport!r}")
+        super().__init__(host=HOST, port=port, idle_timeout=idle_timeout)
         self.transport: TransportName = transport
         self.multiplexed = multiplexed
         self.strict_write = strict_write
-        self.idle_timeout = idle_timeout
         self.state = ServerState()
-        self.errors: list[str] = []
-        self.connections_accepted = 0
-        self._requested_port = port
-        self._lock = threading.Lock()
-        self._closing = threading.Event()
-        self._conns: set[socket.socket] = set()
-        self._threads: set[threading.Thread] = set()
-        self._listener: socket.socket | None = None
-        self._accept_thread: threading.Thread | None = None
-        self._port = 0
         self._processor: Any = None
-
-    # -- what the two libraries do differently ---------------------------------
 
     def _make_processor(self) -> Any:
         raise NotImplementedError
-
-    def _serve_connection(self, sock: socket.socket) -> None:
-        """Process calls on ``sock`` until the peer closes or the server stops."""
-        raise NotImplementedError
-
-    # -- public ----------------------------------------------------------------
-
-    @property
-    def port(self) -> int:
-        """The port listened on (known once started)."""
-        if not self._port:
-            raise RuntimeError("server not started")
-        return self._port
-
-    @property
-    def address(self) -> str:
-        """``"127.0.0.1:PORT"``."""
-        return f"{HOST}:{self.port}"
 
     @property
     def calls(self) -> CallCounter:
@@ -162,153 +123,25 @@ class UpstreamServer:
     def hook(self, value: Callable[[str], None] | None) -> None:
         self.state.hook = value
 
-    @property
-    def open_connections(self) -> int:
-        """Connections open right now."""
-        with self._lock:
-            return len(self._conns)
-
     def start(self) -> UpstreamServer:
         """Listen and start accepting; returns self."""
-        if self._listener is not None:
-            raise RuntimeError("server already started")
-        self._processor = self._make_processor()
-        listener = socket.create_server((HOST, self._requested_port), backlog=128)
-        listener.settimeout(_ACCEPT_POLL_SECONDS)
-        self._listener = listener
-        self._port = listener.getsockname()[1]
-        thread = threading.Thread(
-            target=self._accept_loop, name=f"{self.library}-accept-{self._port}", daemon=True
-        )
-        self._accept_thread = thread
-        thread.start()
+        if self._processor is None:
+            self._processor = self._make_processor()
+        super().start()
         return self
 
-    def close_connections(self) -> int:
-        """Drop every open connection (as a crashing upstream would); keep listening.
-
-        Returns:
-            How many connections were dropped.
-        """
-        with self._lock:
-            conns = list(self._conns)
-        for conn in conns:
-            _shutdown(conn)
-        return len(conns)
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Stop accepting, drop open connections, wait for every thread.
-
-        Safe to call twice. A handler inside ``sleepMs`` is woken at once.
-
-        Raises:
-            RuntimeError: some thread was still running after ``timeout`` s.
-        """
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            self._closing.set()
-            conns = list(self._conns)
-            threads = list(self._threads)
-        for conn in conns:
-            _shutdown(conn)
+    def _connections_closed(self) -> None:
         # Only now wake handlers (sleepMs): their replies find the connection gone.
         self.state.stopping.set()
-        if self._accept_thread is not None:
-            self._wake_accept_thread()
-            threads.append(self._accept_thread)
-        # A hook may call stop() from a connection thread, which cannot join itself.
-        threads = [t for t in threads if t is not threading.current_thread()]
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        stuck = [t.name for t in threads if t.is_alive()]
-        if stuck:
-            raise RuntimeError(f"server threads still running after {timeout}s: {stuck}")
-
-    def _wake_accept_thread(self) -> None:
-        """Connect to ourselves so a blocked ``accept`` returns now, not at its next poll."""
-        with contextlib.suppress(OSError), socket.create_connection((HOST, self._port), 0.5):
-            pass
 
     def __enter__(self) -> UpstreamServer:
-        if self._listener is None:
-            self.start()
+        super().__enter__()
         return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     def __repr__(self) -> str:
         port = self._port or "-"
         mux = " multiplexed" if self.multiplexed else ""
         return f"<{type(self).__name__} {HOST}:{port} {self.transport}{mux}>"
-
-    # -- threads ---------------------------------------------------------------
-
-    def _accept_loop(self) -> None:
-        listener = self._listener
-        assert listener is not None
-        try:
-            while not self._closing.is_set():
-                try:
-                    conn, _ = listener.accept()
-                except TimeoutError:
-                    continue
-                except OSError as exc:
-                    self._record_error(exc)
-                    return
-                self._start_connection(conn)
-        finally:
-            listener.close()
-
-    def _start_connection(self, conn: socket.socket) -> None:
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn.settimeout(self.idle_timeout)
-        thread = threading.Thread(
-            target=self._run_connection,
-            args=(conn,),
-            name=f"{self.library}-conn-{self._port}",
-            daemon=True,
-        )
-        with self._lock:
-            if self._closing.is_set():
-                conn.close()
-                return
-            self.connections_accepted += 1
-            self._conns.add(conn)
-            self._threads.add(thread)
-        thread.start()
-
-    def _run_connection(self, conn: socket.socket) -> None:
-        try:
-            self._serve_connection(conn)
-        except Exception as exc:
-            # Never let an error escape a thread: pytest turns it into a failure elsewhere.
-            if not isinstance(exc, OSError) and not _is_eof(exc):
-                logger.info("%s: connection ended by %r", self, exc)
-                self._record_error(exc)
-        finally:
-            with self._lock:
-                self._conns.discard(conn)
-                self._threads.discard(threading.current_thread())
-            _shutdown(conn)
-            conn.close()
-
-    def _record_error(self, exc: BaseException) -> None:
-        with self._lock:
-            self.errors.append(repr(exc))
-            del self.errors[:-_MAX_ERRORS]
-
-
-def _shutdown(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        conn.shutdown(socket.SHUT_RDWR)
-
-
-def _is_eof(exc: BaseException) -> bool:
-    """A transport exception that means the peer went away or stayed silent."""
-    return isinstance(
-        exc, thriftpy2.transport.TTransportException | ApacheTTransport.TTransportException
-    )
 
 
 # -- thriftpy2 -------------------------------------------------------------------
@@ -386,7 +219,7 @@ class Thriftpy2Server(UpstreamServer):
         (the rest: see `UpstreamServer`)
     """
 
-    library = "thriftpy2"
+    library = name = "thriftpy2"
 
     def __init__(
         self,
@@ -439,7 +272,7 @@ class ApacheServer(UpstreamServer):
     `UpstreamServer` for the arguments.
     """
 
-    library = "apache"
+    library = name = "apache"
 
     def _make_processor(self) -> Any:
         gen = load_apache_interop()

@@ -16,11 +16,11 @@ import pytest
 import thriftpy2.thrift
 import thriftpy2.transport
 
-from sidecar.demo.faults import Action, Fault, FaultPlan, FaultProxyThread, start_in_thread
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import MessageType, parse_header
 from sidecar.protocol.framing import Transport, make_decoder
+from sidecar.testing.faults import Action, Fault, FaultPlan, FaultProxyThread, start_in_thread
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
 from tests.support.raw import decode_reply, encode_call, raw_call, raw_calls
