@@ -16,7 +16,17 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 import click
 
 from sidecar import __version__
-from sidecar.config import KeyPath, SidecarConfig, env_sources, format_key, load_config
+from sidecar.config import (
+    FLAG_KEYS,
+    SHORT_NAMES,
+    KeyPath,
+    SidecarConfig,
+    env_sources,
+    format_key,
+    load_config,
+    require_upstream,
+)
+from sidecar.config.names import parameter_of
 from sidecar.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -25,19 +35,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 EXIT_CONFIG = 2
-
-# Each flag of `sidecar run`: its key path in the config.
-FLAG_KEYS: dict[str, KeyPath] = {
-    "--listen": ("listen",),
-    "--upstream": ("upstream", "addresses"),
-    "--transport": ("transport",),
-    "--upstream-transport": ("upstream", "transport"),
-    "--metrics-listen": ("metrics", "listen"),
-    "--idl": ("idl",),
-    "--redis-url": ("state", "redis_url"),
-    "--log-level": ("log", "level"),
-    "--log-format": ("log", "format"),
-}
 
 _RUN_EPILOG = """
 \b
@@ -208,55 +205,59 @@ def run(config_path: str | None, upstreams: tuple[str, ...], **flags: str | None
         config, parts = load_checked(config_path, overrides)
     except ConfigError as exc:
         fail_config(exc)
-    if not config.upstream.addresses:
-        fail_config(
-            ConfigError(
-                f"invalid configuration{where}: upstream.addresses: at least one upstream "
-                "address is needed to run; set upstream.addresses in the file, "
-                "--upstream HOST:PORT or SIDECAR_UPSTREAM"
-            )
-        )
+    try:
+        require_upstream(config)
+    except ConfigError as exc:
+        fail_config(_in_file(exc, where))
     from sidecar.app import Sidecar, serve
     from sidecar.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
     try:
         sidecar = Sidecar(config, **parts)
-    except ConfigError as exc:  # e.g. a fallback store file that cannot be used
-        fail_config(ConfigError(f"invalid configuration{where}: {exc}"))
+    except ConfigError as exc:  # a part that refuses its settings
+        fail_config(_in_file(exc, where))
     try:
         clean = run_async(serve(sidecar, load))
+    except ConfigError as exc:  # found on start-up, e.g. a fallback store file it cannot use
+        fail_config(_in_file(exc, where))
     except OSError as exc:
         click.echo(f"sidecar: cannot start: {exc}", err=True)
         sys.exit(1)
     sys.exit(0 if clean else 1)
 
 
-def flag_overrides(
-    *,
-    upstreams: tuple[str, ...] = (),
-    listen: str | None = None,
-    transport: str | None = None,
-    upstream_transport: str | None = None,
-    metrics_listen: str | None = None,
-    idl: str | None = None,
-    redis_url: str | None = None,
-    log_level: str | None = None,
-    log_format: str | None = None,
-) -> dict[KeyPath, Any]:
-    """Config key paths set by the command-line flags that were given."""
+def _in_file(exc: ConfigError, where: str) -> ConfigError:
+    return ConfigError(f"invalid configuration{where}: {exc}")
+
+
+# The keyword each flag's value arrives under (``redis_url``): its key path.
+_PARAMETER_KEYS: dict[str, KeyPath] = {
+    parameter_of(name): path for name, path in SHORT_NAMES.items() if name != "upstream"
+}
+_UPSTREAMS = SHORT_NAMES["upstream"]
+
+
+def flag_overrides(*, upstreams: tuple[str, ...] = (), **flags: str | None) -> dict[KeyPath, Any]:
+    """Config key paths set by the command-line flags that were given.
+
+    Args:
+        upstreams: the values of the repeatable ``--upstream``.
+        flags: the other flags' values by parameter name (``metrics_listen``); None
+            when the flag was not given.
+
+    Raises:
+        TypeError: a parameter that is no flag of `sidecar run`.
+    """
+    unknown = set(flags) - set(_PARAMETER_KEYS)
+    if unknown:
+        raise TypeError(f"not a flag of sidecar run: {', '.join(sorted(unknown))}")
     given: dict[KeyPath, Any] = {
-        ("listen",): listen,
-        ("transport",): transport,
-        ("upstream", "transport"): upstream_transport,
-        ("metrics", "listen"): metrics_listen,
-        ("idl",): idl,
-        ("state", "redis_url"): redis_url,
-        ("log", "level"): log_level,
-        ("log", "format"): log_format,
-        ("upstream", "addresses"): list(upstreams) or None,
+        _PARAMETER_KEYS[name]: value for name, value in flags.items() if value is not None
     }
-    return {path: value for path, value in given.items() if value is not None}
+    if upstreams:
+        given[_UPSTREAMS] = list(upstreams)
+    return given
 
 
 def load_checked(
@@ -302,8 +303,7 @@ def check_config(path: str) -> None:
     settings that are valid but probably unintended on stderr; exit status 0.
     On a bad configuration, prints what is wrong on stderr; exit status 2.
     """
-    from sidecar.checks import config_warnings
-    from sidecar.config import dump_yaml, to_yaml_data
+    from sidecar.config import config_warnings, dump_yaml, to_yaml_data
 
     try:
         config, parts = load_checked(path)
@@ -314,7 +314,9 @@ def check_config(path: str) -> None:
     for key_path, name in sorted(from_env.items()):
         click.echo(f"# {format_key(key_path)} is set by the environment variable {name}")
     click.echo(dump_yaml(to_yaml_data(config)).rstrip())
-    warnings = config_warnings(config, known_methods=parts.get("known_methods"))
+    # Without an IDL nothing is known about the methods: no "no such method" warnings.
+    known = parts["known_methods"] if config.idl is not None else None
+    warnings = config_warnings(config, known_methods=known)
     for warning in warnings:
         click.echo(f"warning: {warning}", err=True)
     if warnings:
@@ -372,7 +374,8 @@ def demo(
     sidecar's /metrics, then a summary. Exit status 0 when every phase went
     as described, 1 when not, 2 when the demo could not start.
     """
-    from sidecar.demo.runner import DemoOptions, run_demo
+    from sidecar.demo.phases import DemoOptions
+    from sidecar.demo.runner import run_demo
 
     options = DemoOptions(
         duration=duration,

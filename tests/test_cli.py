@@ -354,6 +354,43 @@ def test_check_config_prints_warnings_and_env_sources(tmp_path: Path) -> None:
     assert "1 warning(s)" in err
 
 
+def test_check_config_without_an_idl_does_not_call_methods_unknown(tmp_path: Path) -> None:
+    """Without an IDL nothing says which methods exist: no "applies to nothing" warnings."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "upstream: {addresses: [127.0.0.1:1]}\n"
+        "methods:\n  getItem: {retry: {max_attempts: 2}}\n  Catalog:ping: {idempotent: true}\n"
+    )
+    rc, out, err = sidecar("check-config", str(path))
+    assert rc == 0, err
+    assert out.startswith(f"# {path}: valid.")
+    assert err == ""
+
+
+def test_kubernetes_service_links_do_not_stop_the_sidecar(tmp_path: Path) -> None:
+    """A Service named `sidecar` puts SIDECAR_SERVICE_HOST and friends in every pod."""
+    links = {
+        "SIDECAR_SERVICE_HOST": "10.96.0.20",
+        "SIDECAR_SERVICE_PORT": "9090",
+        "SIDECAR_SERVICE_PORT_THRIFT": "9090",
+        "SIDECAR_PORT": "tcp://10.96.0.20:9090",
+        "SIDECAR_PORT_9090_TCP": "tcp://10.96.0.20:9090",
+        "SIDECAR_PORT_9090_TCP_PROTO": "tcp",
+        "SIDECAR_PORT_9090_TCP_PORT": "9090",
+        "SIDECAR_PORT_9090_TCP_ADDR": "10.96.0.20",
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text("upstream: {addresses: [127.0.0.1:1]}\n")
+    rc, out, err = sidecar("check-config", str(path), env=links)
+    assert rc == 0, err
+    assert err == ""
+    assert "set by the environment variable" not in out
+    rc, out, err = sidecar(
+        "check-config", str(path), env={**links, "SIDECAR_RETRY__MAX_ATEMPTS": "3"}
+    )
+    _assert_config_error(rc, out, err, ["SIDECAR_RETRY__MAX_ATEMPTS"], "check-config")
+
+
 def test_version() -> None:
     rc, out, _ = sidecar("--version")
     assert rc == 0
@@ -421,7 +458,7 @@ def test_run_listens_where_flag_then_env_then_file_say(with_flag: bool) -> None:
 
 
 def test_every_flag_has_its_environment_variable() -> None:
-    from sidecar.cli import FLAG_KEYS, flag_overrides
+    from sidecar.cli import FLAG_KEYS, flag_overrides, run
     from sidecar.config import ENV_SHORTCUTS
 
     for flag, key_path in FLAG_KEYS.items():
@@ -430,6 +467,13 @@ def test_every_flag_has_its_environment_variable() -> None:
         upstreams=("a:1",), **{f[2:].replace("-", "_"): "x" for f in FLAG_KEYS if f != "--upstream"}
     )
     assert set(given) == set(FLAG_KEYS.values())
+    assert given[("upstream", "addresses")] == ["a:1"]
+    assert flag_overrides(listen=None, upstreams=()) == {}
+    with pytest.raises(TypeError, match="not a flag of sidecar run: lisen"):
+        flag_overrides(lisen="x")
+    # The options of `sidecar run` are the table's flags, and --config.
+    options = {name for param in run.params for name in param.opts}
+    assert options == {*FLAG_KEYS, "--config"}
 
 
 def test_run_refuses_a_fallback_file_it_cannot_use(tmp_path: Path) -> None:

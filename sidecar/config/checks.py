@@ -1,25 +1,38 @@
-"""Warnings about a valid config that probably does not do what its author wants.
+"""What a valid config still needs to run, and what it probably gets wrong.
 
-Errors stop the sidecar (`sidecar.config`); these only inform. Each warning
-names the keys involved and what will happen, so that the author can decide.
+`require_upstream` is the one check that stops `sidecar run` (``check-config``
+turns it into a warning). `config_warnings` only informs: each warning names
+the keys involved and what will happen, so that the author can decide.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 
-from sidecar.config import SidecarConfig, format_duration, matches_any, split_address
+from sidecar.config.keys import format_key
+from sidecar.config.methods import is_idempotent, matches_any
+from sidecar.config.model import SidecarConfig
+from sidecar.config.names import SHORT_NAMES, flag_of, shortcut_variable
+from sidecar.config.units import format_duration, split_address
+from sidecar.errors import ConfigError
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0", "::")
 
 
-def _idempotent(config: SidecarConfig, name: str) -> bool:
-    override = config.methods.get(name)
-    if override is None and ":" in name:
-        override = config.methods.get(name.rpartition(":")[2])
-    if override is not None and override.idempotent is not None:
-        return override.idempotent
-    return matches_any(name, config.retry.idempotent)
+def require_upstream(config: SidecarConfig) -> None:
+    """Refuse a config without an upstream address: there is nowhere to send calls.
+
+    Raises:
+        ConfigError: no address, with the key, the flag and the variable that set one.
+    """
+    if config.upstream.addresses:
+        return
+    key = format_key(SHORT_NAMES["upstream"])
+    flag, variable = flag_of("upstream"), shortcut_variable("upstream")
+    raise ConfigError(
+        f"{key}: at least one upstream address is needed to run; set {key} in the file, "
+        f"{flag} HOST:PORT or {variable}"
+    )
 
 
 def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None = None) -> list[str]:
@@ -28,12 +41,13 @@ def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None =
     Args:
         config: a valid configuration.
         known_methods: method names from the IDL (bare and ``Service:method``),
-            when one is configured; enables the checks that need them.
+            when one is configured; None without an IDL (nothing is known then, and
+            the checks that need the names are skipped).
     """
     warnings: list[str] = []
     r = config.retry
     for name, method in config.methods.items():
-        idempotent = _idempotent(config, name)
+        idempotent = is_idempotent(config, name)
         if method.idempotent and not matches_any(name, r.idempotent):
             warnings.append(
                 f"retrying after send is enabled for method {name}, which the "
@@ -80,17 +94,16 @@ def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None =
                     "apply to nothing (a typo?)"
                 )
         bare = sorted(m for m in known if ":" not in m)
-        writes = [m for m in bare if _idempotent(config, m) and _looks_like_write(m)]
+        writes = [m for m in bare if is_idempotent(config, m) and _looks_like_write(m)]
         for m in writes:
             warnings.append(
                 f"retrying after send is enabled for {m}, whose name suggests a write: "
                 f"check that it is safe to repeat (methods.{m}.idempotent: false if not)"
             )
-    if config.upstream.addresses == ():
-        warnings.append(
-            "no upstream address: `sidecar run` will refuse to start; set "
-            "upstream.addresses, --upstream or SIDECAR_UPSTREAM"
-        )
+    try:
+        require_upstream(config)
+    except ConfigError as exc:
+        warnings.append(f"no upstream address, so `sidecar run` will refuse to start: {exc}")
     if _loops_to_itself(config):
         warnings.append(
             f"upstream.addresses includes the sidecar's own listen address ({config.listen}): "

@@ -1,0 +1,132 @@
+"""`SidecarConfig`: the whole configuration, its top-level keys and the rules across sections.
+
+Unknown keys are errors (nearly always typos). Method keys are exact names
+(``getItem`` or ``Service:method``); patterns belong in ``retry.idempotent``
+and ``fallback.methods``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sidecar.config.base import FieldProblem, Section
+from sidecar.config.names import flag_of, shortcut_variable
+from sidecar.config.overrides import MethodConfig
+from sidecar.config.sections import (
+    BreakerConfig,
+    FallbackConfig,
+    LogConfig,
+    MetricsConfig,
+    RetryConfig,
+    StateConfig,
+    UpstreamConfig,
+)
+from sidecar.config.units import Address, Duration, PositiveDuration, Size, split_address
+
+# Exact method names (``getItem``) or ``Service:method``; Thrift identifiers
+# may contain dots, and multiplexed service names often do.
+_METHOD_KEY = re.compile(r"^(?:[A-Za-z_][\w.]*:)?[A-Za-z_][\w.]*$")
+
+
+class SidecarConfig(Section):
+    """The whole configuration."""
+
+    listen: Address = Field("0.0.0.0:9090", description="Where Thrift clients connect.")
+    transport: Literal["auto", "framed", "buffered"] = Field(
+        "auto",
+        description="Client-side transport; auto detects framed or buffered per connection.",
+    )
+    max_frame_size: Size = Field(
+        16 << 20,
+        description="Largest message accepted from a client or an upstream (64B to 2GiB).",
+    )
+    max_connections: int = Field(
+        10_000, ge=1, description="Most client connections at once; more are refused."
+    )
+    max_depth: int = Field(
+        64,
+        ge=1,
+        le=10_000,
+        description="Deepest nesting of structs and containers accepted in a message.",
+    )
+    idle_timeout: PositiveDuration = Field(
+        300.0, description="A client connection with no call for this long is closed."
+    )
+    drain_timeout: Duration = Field(
+        10.0,
+        description="On SIGTERM/SIGINT, time allowed for calls in flight to finish.",
+    )
+    idl: str | None = Field(
+        None,
+        description="The upstream's Thrift IDL (optional): checks method names and "
+        "encodes static replies. Relative to this file.",
+    )
+    upstream: UpstreamConfig = Field(UpstreamConfig(), description="The upstream service.")
+    retry: RetryConfig = Field(RetryConfig(), description="Retries.")
+    breaker: BreakerConfig = Field(BreakerConfig(), description="The circuit breaker.")
+    fallback: FallbackConfig = Field(FallbackConfig(), description="Fallback replies.")
+    methods: dict[str, MethodConfig] = Field(
+        default_factory=dict,
+        description="Per-method overrides, keyed by exact method name or Service:method.",
+    )
+    state: StateConfig = Field(StateConfig(), description="Fleet mode.")
+    metrics: MetricsConfig = Field(MetricsConfig(), description="The admin HTTP endpoint.")
+    log: LogConfig = Field(LogConfig(), description="Logging.")
+
+    @field_validator("max_frame_size")
+    @classmethod
+    def _frame_size_range(cls, value: int) -> int:
+        if not 64 <= value <= (1 << 31) - 1:
+            raise ValueError("must be between 64B and 2GiB - 1")
+        return value
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _no_methods(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("methods")
+    @classmethod
+    def _method_names(cls, value: dict[str, MethodConfig]) -> dict[str, MethodConfig]:
+        for name in value:
+            if not isinstance(name, str) or not _METHOD_KEY.match(name):
+                raise FieldProblem(
+                    (str(name),),
+                    "not a method name: per-method settings take an exact name such as "
+                    "getItem or Catalog:getItem, not a pattern (patterns go in "
+                    "retry.idempotent and fallback.methods)",
+                    name,
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> SidecarConfig:
+        if self.metrics.listen is not None and _same_port(self.listen, self.metrics.listen):
+            raise FieldProblem(
+                "metrics.listen",
+                f"the admin endpoint cannot share the port of listen ({self.listen}); "
+                "pick another port, or null to turn the endpoint off",
+                self.metrics.listen,
+            )
+        if self.fallback.cache.backend == "redis" and self.state.redis_url is None:
+            raise FieldProblem(
+                "fallback.cache.backend",
+                f"backend redis needs state.redis_url (or {flag_of('redis-url')}, "
+                f"{shortcut_variable('redis-url')})",
+                "redis",
+            )
+        return self
+
+
+_WILDCARD_HOSTS = ("0.0.0.0", "::", "*")
+
+
+def _same_port(a: str, b: str) -> bool:
+    """Would binding both addresses clash? (Port 0 asks for a free port: never.)"""
+    (host_a, port_a), (host_b, port_b) = split_address(a), split_address(b)
+    if port_a != port_b or port_a == 0:
+        return False
+    return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS

@@ -1,0 +1,241 @@
+"""The sections of the configuration below the top level: one pydantic model each.
+
+Every field carries its default and a description; the configuration
+reference (docs/config-reference.md) is generated from them. Keys are a
+contract (design §8): add freely, rename never.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, field_validator, model_validator
+
+from sidecar.config.base import FailureOutcome, FieldProblem, RetryableOutcome, Section
+from sidecar.config.units import Address, Duration, PositiveDuration, Size
+
+_REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class EjectionConfig(Section):
+    """Passive ejection of upstream addresses that keep failing."""
+
+    consecutive_failures: int = Field(
+        5, ge=1, description="Failures in a row that eject an address from the rotation."
+    )
+    base_time: Duration = Field(
+        5.0,
+        description="How long the first ejection lasts; it doubles with each ejection in "
+        "a row of the same address, up to max_time.",
+    )
+    max_time: Duration = Field(300.0, description="Longest an address stays ejected.")
+    max_percent: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="At most this percentage of the addresses is ejected at once "
+        "(at least one address always stays in).",
+    )
+
+
+class UpstreamConfig(Section):
+    """Where calls go and how the connections to there are kept."""
+
+    addresses: tuple[Address, ...] = Field(
+        (),
+        description="Upstream service addresses; `sidecar run` needs at least one, from this key, "
+        "--upstream or SIDECAR_UPSTREAM. A retry prefers another address.",
+    )
+    transport: Literal["same", "framed", "buffered"] = Field(
+        "same",
+        description="Transport the upstream speaks; `same` uses each client's own.",
+    )
+    pool_size: int = Field(
+        64, ge=1, description="Most open connections per upstream address (one call each)."
+    )
+    connect_timeout: PositiveDuration = Field(
+        0.5, description="Time allowed to open a TCP connection to the upstream."
+    )
+    idle_timeout: PositiveDuration = Field(
+        60.0, description="An unused upstream connection is closed after this long."
+    )
+    ejection: EjectionConfig = Field(
+        EjectionConfig(), description="Passive ejection of failing addresses."
+    )
+
+
+class BudgetConfig(Section):
+    """The retry budget shared by all calls to one upstream."""
+
+    ratio: float = Field(
+        0.2, ge=0, description="Retries allowed per call made (0.2: at most 20% extra load)."
+    )
+    min_retries_per_second: float = Field(
+        10.0, ge=0, description="Retries always allowed, however few calls are made."
+    )
+    window: PositiveDuration = Field(
+        10.0, description="Time over which calls and retries are counted."
+    )
+
+
+class RetryConfig(Section):
+    """How a failed call is tried again."""
+
+    max_attempts: int = Field(
+        3, ge=1, le=100, description="Attempts per call, the first included (1: never retry)."
+    )
+    initial_backoff: Duration = Field(
+        0.025, description="Upper bound of the first wait before a retry (full jitter)."
+    )
+    multiplier: float = Field(
+        2.0, ge=1.0, description="Each further wait's upper bound grows by this factor."
+    )
+    max_backoff: Duration = Field(1.0, description="Cap on the upper bound of any wait.")
+    per_try_timeout: PositiveDuration = Field(
+        1.0, description="Time allowed for one attempt's reply."
+    )
+    deadline: PositiveDuration = Field(
+        5.0,
+        description="Time allowed for the whole call, retries and waits included; "
+        "no wait starts that cannot finish before it.",
+    )
+    retry_on: tuple[RetryableOutcome, ...] = Field(
+        ("connect_error", "connection_closed", "timeout"),
+        description="Outcomes that are retried. A call that was sent is retried only if its "
+        "method is idempotent; one that never left the sidecar (connect_error) whatever "
+        "the method.",
+    )
+    idempotent: tuple[str, ...] = Field(
+        ("get*", "list*", "ping"),
+        description="Glob patterns of methods that are safe to repeat (`name` or "
+        "`Service:name`); only these are retried after the call was sent, and cached.",
+    )
+    budget: BudgetConfig = Field(
+        BudgetConfig(), description="The retry budget that stops retry storms."
+    )
+
+
+class BreakerConfig(Section):
+    """The circuit breaker in front of the upstream."""
+
+    scope: Literal["upstream", "method"] = Field(
+        "upstream",
+        description="One breaker per upstream, or one per upstream and method.",
+    )
+    fail_max: int = Field(5, ge=1, description="Failures in a row that open the breaker.")
+    reset_timeout: Duration = Field(
+        30.0, description="How long the breaker stays open before letting a probe through."
+    )
+    success_threshold: int = Field(
+        1, ge=1, description="Successful probes in a row that close it again."
+    )
+    half_open_max_calls: int = Field(
+        1, ge=1, description="Probes allowed at once while half-open; other calls are rejected."
+    )
+    trip_on: tuple[FailureOutcome, ...] = Field(
+        (
+            "internal_error",
+            "connect_error",
+            "connection_closed",
+            "timeout",
+            "protocol_error",
+        ),
+        description="Outcomes that count as breaker failures.",
+    )
+
+
+class CacheConfig(Section):
+    """Where fallback replies are kept, and for how long."""
+
+    backend: Literal["memory", "sqlite", "redis"] = Field(
+        "memory",
+        description="memory (this process), sqlite (a file that survives restarts) or "
+        "redis (shared by a fleet; uses state.redis_url).",
+    )
+    path: str | None = Field(
+        None, description="The SQLite file, for backend sqlite; relative to this file."
+    )
+    ttl: Duration = Field(600.0, description="A cached reply older than this is never served.")
+    max_entries: int = Field(100_000, ge=1, description="Most replies kept (least recent go).")
+    max_bytes: Size = Field(256 << 20, description="Most bytes of replies kept.")
+
+    @model_validator(mode="after")
+    def _sqlite_needs_path(self) -> CacheConfig:
+        if self.backend == "sqlite" and not self.path:
+            raise FieldProblem(
+                "path", "required with backend sqlite: the file that keeps the cached replies"
+            )
+        return self
+
+
+class FallbackConfig(Section):
+    """When and from where replies are served while the upstream cannot answer."""
+
+    serve_on: tuple[Literal["breaker_open", "retries_exhausted"], ...] = Field(
+        ("breaker_open", "retries_exhausted"),
+        description="When a fallback reply is served: while the breaker rejects calls, "
+        "and/or when every attempt failed.",
+    )
+    methods: tuple[str, ...] | None = Field(
+        None,
+        description="Glob patterns of methods whose replies are cached; null means the "
+        "retry.idempotent patterns. Non-idempotent methods are never cached.",
+    )
+    cache_declared_exceptions: bool = Field(
+        False, description="Also cache replies that carry a declared exception."
+    )
+    cache: CacheConfig = Field(CacheConfig(), description="The store of cached replies.")
+
+
+class StateConfig(Section):
+    """Shared state for a fleet of sidecars."""
+
+    redis_url: str | None = Field(
+        None,
+        description="redis://host:6379/0 (or rediss://, unix://) turns on fleet mode: "
+        "breaker state shared by every sidecar.",
+    )
+    timeout: Duration = Field(0.05, description="Time allowed for one Redis operation.")
+    refresh_interval: Duration = Field(
+        0.25, description="How often shared state is read back from Redis."
+    )
+    key_prefix: str = Field("thrift-sidecar", description="Prefix of every Redis key written.")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(_REDIS_SCHEMES):
+            raise ValueError(
+                "expected a Redis URL such as redis://127.0.0.1:6379/0 "
+                "(schemes: redis://, rediss://, unix://)"
+            )
+        return value
+
+
+class MetricsConfig(Section):
+    """The admin HTTP endpoint: metrics, health, state."""
+
+    listen: Address | None = Field(
+        "0.0.0.0:9464",
+        description="Address of /metrics, /healthz, /readyz and /state; null turns it off.",
+    )
+    max_method_labels: int = Field(
+        200,
+        ge=1,
+        description="Most distinct method label values; further names are counted as `other`.",
+    )
+
+
+class LogConfig(Section):
+    """Log level and format."""
+
+    level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower)] = Field(
+        "info", description="Least severe level logged."
+    )
+    format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
+        "text", description="text: one readable line per event; json: one JSON object per line."
+    )
