@@ -1,20 +1,10 @@
 """Logging set-up: text or JSON lines on stderr, and a rate limiter for floods.
 
-Every line names what happened and to what (an upstream, a method, a peer), so
-that an operator can act on it without reading code. Lines about one thing
-carry it as ``extra`` fields too (``breaker``, ``upstream``, ``peer``,
-``kind``...), which the JSON format writes as keys of their own.
-
-- ``text``: ``2024-05-01 12:00:00,123 WARNING sidecar.server: closing client ...``
-  (local time).
-- ``json``: one object per line with ``time`` (UTC, ISO 8601, milliseconds),
-  ``level``, ``logger``, ``message``, the extra fields, and ``exception``
-  when there is one.
-
-`RateLimitedLog` guards lines that a peer can cause at will (protocol
-errors, refused connections): after a burst it writes one line saying it is
-suppressing, then, when the window ends, one line saying how many it
-suppressed. The counters in the metrics stay exact.
+`configure_logging` sends the ``sidecar`` loggers to stderr as ``text`` or
+``json`` (one object per line, with the ``extra`` fields as keys of their
+own). `RateLimitedLog` guards lines that a peer can cause at will: after a
+burst it says it is suppressing, then how many it suppressed; the metrics
+stay exact. Formats, fields and limits: docs/logging.md.
 """
 
 from __future__ import annotations

@@ -1,67 +1,18 @@
 """The Redis fallback store: cached replies shared by every sidecar of a fleet.
 
-Plan
-----
-Two tiers:
+Two tiers: a `MemoryStore` in this process (L1, same TTL and bounds) answers
+what it can, and Redis behind it holds the fleet's replies, so a reply cached
+through sidecar A is served as a fallback by sidecar B. ``put`` writes L1 and
+queues the Redis write (bounded: dropped and counted when full); one writer
+task applies the queue in batches, one Lua script call (`_SCRIPT`) per batch,
+which also keeps each upstream's entries within ``max_entries`` and
+``max_bytes`` (LRU). ``get`` after an L1 miss does one GET bounded by
+``state.timeout``; a slow, failing or down Redis is a miss, never a wait.
+``stats`` do no I/O. Limits: one Redis (or one Cluster slot per upstream);
+set Redis's ``maxmemory`` for a hard cap on its memory.
 
-- **L1**, a `MemoryStore` with the same TTL and bounds, in this process. A
-  ``get`` answered by L1 never touches Redis; a reply found in Redis is
-  copied into L1.
-- **Redis**, shared: ``put`` writes L1 and queues the Redis write; one
-  writer task applies the queue in batches with one Lua script call per
-  batch (`_SCRIPT`), so a reply cached through sidecar A is served as a
-  fallback by sidecar B, which never saw that call.
-
-The queue is a dict by cache key (bounded by ``queue_size``; when full, puts
-of new keys are dropped and counted): a key put many times between two
-batches is written once, with its last reply. A reply identical (seqid
-aside) to the one L1 holds, stored less than `REWRITE_INTERVAL` before, is
-not queued, and L1 keeps the copy Redis has: a hot call with a steady answer
-costs one Redis write per second, and a fallback served from it is at most
-that much older than the last reply.
-The writer waits `WRITE_DELAY` after the first queued write so that batches
-gather; ``flush`` skips the wait.
-
-``get`` after an L1 miss reads Redis with one GET bounded by
-``state.timeout``, at most `MAX_CONCURRENT_READS` at once; a timeout, an
-error, too many reads at once, or Redis known to be down (`StateBackend.up`
-False) is a miss, counted in ``missed_reads``, never a wait.
-
-Keys and values
----------------
-For upstream ``U`` (its address list, as in the metrics):
-
-- ``{key_prefix}:fallback:{U}:{cache_key}``: one reply. A string: a layout
-  byte (1), ``stored_at`` (float64, big-endian), the seqid offset (uint32),
-  then the reply message, 13 bytes on top of the message. Expires (PX) when
-  the reply is ``ttl`` old, so Redis drops it by itself.
-- ``{key_prefix}:fallback-index:{U}``: sorted set of cache keys by last use
-  (a sequence number from ``fallback-meta``), the LRU order.
-- ``{key_prefix}:fallback-sizes:{U}``: hash, cache key → bytes counted.
-- ``{key_prefix}:fallback-meta:{U}``: hash: ``bytes`` (the total) and ``seq``.
-
-The upstream name is in the keys (braces delimit it; also a Redis Cluster hash
-tag) so that two upstreams with a method of the same name and arguments never
-serve each other's replies. The three bookkeeping keys get a TTL of ``ttl``
-again on every batch: they outlive every entry and go away with the last.
-
-Bounds
-------
-The script keeps Redis within ``max_entries`` and ``max_bytes`` (counted as
-key + message + `ENTRY_OVERHEAD`, what this store's ``stats`` report) for
-each upstream, evicting the least recently used: a ``get`` served by L1 or
-by Redis queues a *touch* that moves the key to the end of the index. Entries
-that expired in Redis are swept from the index (a few of the least recently
-used per batch) or evicted in their turn; until then they count against the
-bounds, so the bounds are upper bounds. L1's per-entry cost is at least the
-Redis one, so L1 never holds an entry the shared LRU has evicted because of
-this sidecar's own puts.
-
-``stats`` report the Redis figures of this upstream (the whole fleet's) as
-the last batch left them; no I/O. ``healthy`` is False while Redis is down.
-Limits: one Redis (or one Cluster slot per upstream; the script reaches keys
-it does not declare); ``max_bytes`` does not include Redis's own allocator
-overhead beyond `ENTRY_OVERHEAD` (set ``maxmemory`` for a hard cap).
+Why, the keys and value layout, the bounds and the constants:
+docs/fallback-stores.md ("Redis").
 """
 
 from __future__ import annotations
@@ -87,7 +38,8 @@ from sidecar.fleet.redis_client import (
 
 log = logging.getLogger("sidecar.fallback")
 
-# The value: layout byte, stored_at, seqid offset, then the message.
+# The value: layout byte (1), stored_at (float64, big-endian), seqid offset
+# (uint32), then the message: 13 bytes on top of it.
 LAYOUT = 1
 _HEADER = struct.Struct(">BdI")
 # Bytes counted per entry beyond key and message: the value's header, the key
@@ -95,8 +47,9 @@ _HEADER = struct.Struct(">BdI")
 # that repeat the cache key, and Redis's object headers and allocator slack.
 # Measured with INFO used_memory over 10,000 entries on Redis 7.0 with the
 # default key prefix: 460-530 bytes for messages of 64 B to 4 KiB
-# (tests/fleet/test_redis_store.py checks and prints it). L1 counts the same
-# per entry (`_L1`), so that it evicts no later than Redis does.
+# (tests/fleet/test_redis_store.py measures it again for 300 B messages, prints
+# it, and fails when it exceeds this by more than 10 %). L1 counts at least as
+# much per entry (`_L1`), so that it evicts no later than Redis does.
 ENTRY_OVERHEAD = 512
 
 # Writes queued before puts of new keys are dropped (about a second of
@@ -191,7 +144,7 @@ return {count, total}
 
 
 def encode_value(reply: CachedReply) -> bytes:
-    """The Redis value of a reply (see the module docstring)."""
+    """The Redis value of a reply (layout: `_HEADER`)."""
     return _HEADER.pack(LAYOUT, reply.stored_at, reply.seqid_offset) + reply.message
 
 
@@ -228,7 +181,7 @@ class _L1(MemoryStore):
 
 
 class RedisStore:
-    """Fallback replies in Redis behind a local LRU; see the module docstring.
+    """Fallback replies in Redis behind a local LRU; see docs/fallback-stores.md.
 
     Args:
         state: the fleet's Redis connection (not closed by the store unless

@@ -1,67 +1,18 @@
 """The SQLite fallback store: cached replies in a file that outlives the process.
 
-Plan
-----
 One file (``fallback.cache.path``) in WAL mode, one row per cache key. Two
-threads own all the file I/O, so the event loop never waits on the disk:
+threads own all the file I/O, so the event loop never waits on the disk: the
+writer applies queued puts, touches and deletes in batched transactions and
+keeps the LRU within ``max_entries`` and ``max_bytes``; the reader answers each
+``get`` within ``get_timeout``, else it is a miss. A full queue drops writes
+and counts them. ``close`` writes what is queued, so the next process starts
+with what this one stored. One file belongs to one sidecar process.
 
-- The **writer** thread owns the write connection. ``put`` (and the LRU
-  *touch* and the expiry *delete* that ``get`` asks for) puts an operation on
-  a bounded queue with ``put_nowait`` and returns at once; when the queue is
-  full the write is dropped and counted (a cache may forget). The writer takes
-  what is queued, up to `BATCH_SIZE` operations, and applies it in one
-  transaction: puts for one key coalesce (the last wins), every row written or
-  touched gets the next ``used_seq`` (a counter, so the LRU order has no clock
-  ties), then the least recently used rows are deleted until ``max_entries``
-  and ``max_bytes`` hold. Every ``purge_interval`` seconds it deletes the rows
-  older than the TTL.
-- The **reader** thread owns a second connection (WAL lets it read while the
-  writer writes). ``get`` hands it the key and awaits an asyncio future that
-  the reader resolves with ``call_soon_threadsafe``. The wait is bounded by
-  ``get_timeout`` and the number of reads waiting by `MAX_PENDING_READS`: a
-  slow disk turns into "no cached reply", never into a held call.
+Failures: a path that cannot be used is a `ConfigError` at start-up; a damaged
+file makes the store keep entries in memory (``healthy=False``); an SQLite
+error after start-up fails only the batch or the read at hand.
 
-``get`` never returns a row older than the TTL (checked against ``clock`` on
-every read; the purge only reclaims the space). ``stats()`` reads figures the
-writer keeps in plain attributes, never the file. ``bytes`` there is the sum of
-key and message lengths plus `ROW_OVERHEAD` per row, which is what
-``max_bytes`` bounds; the file itself also holds pages' slack and the WAL.
-Space freed by evictions is reused by later rows; after a purge that leaves
-more than a quarter of the file free it is returned with
-``PRAGMA incremental_vacuum``.
-
-``close`` applies every write queued before it and then closes the file (the
-sidecar calls it on SIGTERM), so the next process starts with what this one
-stored. ``flush`` waits for the writes queued so far (tests, shutdown).
-
-One file belongs to one sidecar process: the entry and byte figures are kept
-in memory by the writer, so two processes on one file would each bound only
-their own view of it. A fleet shares a cache through the Redis backend.
-
-Failure behaviour
------------------
-Decided at start-up, in the constructor:
-
-- The path cannot be used (its directory is missing or is a file, the path
-  is a directory, the file or directory is not writable, another process
-  holds the file's write lock past ``busy_timeout``, or the file is some other
-  application's SQLite database): `ConfigError` naming
-  ``fallback.cache.path``, and the sidecar exits 2. The operator asked for a
-  cache that survives restarts; starting without one would hide that until
-  the outage it exists for.
-- The file is damaged (not an SQLite database, or its schema or indexes
-  unreadable): one warning, and the store keeps its entries in memory
-  (`MemoryStore`, same bounds and TTL) for the life of the process;
-  ``stats()`` says ``backend="sqlite"``, ``healthy=False``. The file is left as
-  it is for inspection; delete it to start afresh. A damaged cache must not
-  stop the sidecar that protects the service.
-- A file from another layout version of this store (``user_version``) is
-  emptied and rebuilt: it holds only a cache.
-
-After start-up, an SQLite error (disk full, I/O error, damage found in a data
-page) fails only the batch or the read at hand: the batch's writes are counted
-as failed, the read is a miss, a warning is logged at most once per
-`WARNING_INTERVAL`, and ``healthy`` is False until a batch succeeds again.
+Why, and each case in detail: docs/fallback-stores.md ("SQLite").
 """
 
 from __future__ import annotations
@@ -92,7 +43,7 @@ APPLICATION_ID = 0x54534643
 # The table layout below; a file with another user_version is rebuilt.
 SCHEMA_VERSION = 1
 
-# Operations queued before puts are dropped. At a few hundred bytes per reply
+# Operations queued before more are dropped. At a few hundred bytes per reply
 # this holds a few MiB, and it is about a second of writes at SQLite's
 # batched insert rate on this class of machine (measured: ~40k rows/s).
 QUEUE_SIZE = 10_000
@@ -113,8 +64,8 @@ CLOSE_TIMEOUT = 10.0
 WARNING_INTERVAL = 60.0
 # Bytes counted per row beyond key and message: the row's header and integer
 # columns, and its entries in the three indexes, each of which repeats the
-# key or the rowid (estimated from the file size per row in
-# tests/fallback/test_stores.py, rounded up).
+# key or the rowid (estimated from the file size per row, rounded up;
+# tests/fallback/test_stores.py fails when a row costs over 25 % more).
 ROW_OVERHEAD = 128
 
 _SCHEMA = """
@@ -152,7 +103,7 @@ class _Damaged(Exception):
 
 
 class SqliteStore:
-    """Fallback replies in an SQLite file; see the module docstring.
+    """Fallback replies in an SQLite file; see docs/fallback-stores.md.
 
     Args:
         path: the database file; created when missing (its directory must exist).
@@ -167,7 +118,7 @@ class SqliteStore:
         busy_timeout: seconds a write waits for another connection's lock.
 
     Raises:
-        ConfigError: the path cannot be used (see the module docstring).
+        ConfigError: the path cannot be used (see docs/fallback-stores.md).
     """
 
     backend = "sqlite"

@@ -2,21 +2,10 @@
 
 A store maps a cache key (service, method and a hash of the raw argument
 bytes) to the last good reply of that call, as the upstream wrote it. Every
-backend (memory, SQLite, Redis) implements `FallbackStore`:
-
-- ``put`` never blocks the caller: a backend with I/O queues the write and
-  does it off the event loop, and may drop it under pressure (a cache is
-  allowed to forget);
-- ``get`` is awaited only when a fallback is needed, and must answer promptly
-  (a backend with I/O bounds its own wait, and a slow or failing backend
-  answers None: no cached reply);
-- entries older than ``ttl`` are never returned;
-- ``stats`` is called on the event loop and does no I/O;
-- ``flush`` waits until the puts made before it are visible to ``get`` (tests,
-  shutdown); ``close`` flushes, then releases what the store holds.
-
-Backends: `MemoryStore` here, `sidecar.fallback.sqlite.SqliteStore` (a file
-that survives restarts), and a Redis one shared by a fleet.
+backend implements `FallbackStore`: `MemoryStore` here,
+`sidecar.fallback.sqlite.SqliteStore` (a file that survives restarts) and
+`sidecar.fallback.redis.RedisStore` (shared by a fleet). Why each is built as
+it is: docs/fallback-stores.md.
 """
 
 from __future__ import annotations
@@ -71,7 +60,19 @@ class StoreStats:
 
 
 class FallbackStore(Protocol):
-    """What every fallback backend provides."""
+    """What every fallback backend provides, and the contract it keeps.
+
+    - ``put`` never blocks the caller: a backend with I/O queues the write and
+      does it off the event loop, and may drop it under pressure (a cache is
+      allowed to forget);
+    - ``get`` is awaited only when a fallback is needed, and must answer
+      promptly (a backend with I/O bounds its own wait, and a slow or failing
+      backend answers None: no cached reply);
+    - entries older than ``ttl`` are never returned;
+    - ``stats`` is called on the event loop and does no I/O;
+    - ``flush`` waits until the puts made before it are visible to ``get``
+      (tests, shutdown); ``close`` flushes, then releases what the store holds.
+    """
 
     backend: str
 

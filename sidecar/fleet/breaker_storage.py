@@ -1,73 +1,18 @@
 """Breaker state shared by a fleet through Redis, without I/O on the hot path.
 
-Why not pybreaker's ``CircuitRedisStorage``
--------------------------------------------
-Read at the source (pybreaker 1.4.1): every property of that storage is a
-synchronous round trip on a blocking ``redis.Redis`` client. ``state`` is a
-GET, and pybreaker reads it on every ``CircuitBreaker.state`` access, so the
-adapter's ``admit`` would block the event loop once per call, and ``record``
-several times per failure (INCR, then GET of the counter, then GET/SET of
-state and a WATCH/MULTI transaction for ``opened_at``). With Redis slow, every
-client call waits; with Redis away, its getters log a stack trace per call and
-answer "closed, 0 failures", so a breaker cannot open at all. It also stores
-``opened_at`` in whole seconds and sets no TTL on its keys.
+`SharedBreakerStorage` is a ``pybreaker.CircuitBreakerStorage`` whose getters
+and setters touch only local fields, so ``admit`` and ``record`` never await.
+Each change is queued, and one `BreakerSync` task per sidecar writes the
+changes of every breaker in one MULTI/EXEC and, every
+``state.refresh_interval``, reads each breaker's hash back and adopts the
+fleet's state where this sidecar has nothing newer. One hash per breaker,
+``{key_prefix}:breaker:{<name>}``, with a TTL. With Redis away or slow the
+breakers run on local state and resynchronise when it answers. pybreaker is
+imported here as well as in `sidecar.resilience.breaker`: the storage
+interface is its class.
 
-Plan
-----
-`SharedBreakerStorage` is a ``pybreaker.CircuitBreakerStorage`` whose
-getters and setters touch only local fields (state, failure counter, success
-counter, ``opened_at``), so pybreaker's lock is held for microseconds and
-``admit``/``record`` never await. Each change is also appended to the
-storage's list of pending operations, and one `BreakerSync` task per sidecar
-applies them and reads the shared state back:
-
-- **Writes**, as soon as there are any (at most one batch per `WRITE_GAP`):
-  the pending operations of every changed breaker in one MULTI/EXEC: HSETNX
-  of ``state`` and ``opened_at`` first (so a key that had expired is whole
-  again), then HINCRBY for a failure or success count, HSET for the others,
-  then PEXPIRE. The value HINCRBY returns is the fleet's count, and becomes
-  the local count (so consecutive failures are counted across the fleet)
-  unless the breaker changed meanwhile. A healthy upstream causes no writes:
-  the adapter does not replay a success that changes nothing.
-- **Reads**, every ``state.refresh_interval``: one pipelined HGETALL per
-  breaker. A breaker without local changes in flight adopts what Redis holds;
-  pybreaker then notices the new state (the storage calls the adapter's
-  ``state`` right away, with writes muted), fires its listeners, and the
-  sidecar logs and counts the transition like one of its own. So a breaker
-  opened by sidecar A is obeyed by sidecar B within one refresh interval, and
-  so are A's move to half-open and A's close after a good probe.
-
-While half-open, each sidecar admits its own ``half_open_max_calls`` probes:
-a fleet of N sends at most N x that many probes, never a flood.
-
-Keys
-----
-One hash per breaker: ``{key_prefix}:breaker:{<name>}`` with fields
-``state``, ``fail_counter``, ``success_counter`` and ``opened_at`` (Unix
-seconds with microseconds). The name is the upstream's address list, plus
-``/method`` with ``breaker.scope: method``; the braces delimit it (a name
-cannot contain ``}``), so the keys of two upstreams never collide, and they
-are also a Redis Cluster hash tag. Every write sets the TTL again:
-max(1 h, 10 x ``reset_timeout``). A key that has expired, or a Redis that
-restarted empty, is noticed by the next read, and the local state is written.
-
-Failure behaviour
------------------
-Redis unreachable or slower than ``state.timeout``: the sidecar carries on
-with the local fields (it opens and closes its breakers on its own), counts
-``state_backend_errors_total{operation}``, and logs once (see
-`sidecar.fleet.redis_client`). A breaker changed while Redis is away, or
-whose write failed (it may or may not have been applied), is marked for a
-*forced snapshot*: its whole local state is written with HSET the next time
-Redis answers. When Redis returns: breakers changed during the outage write
-their local state (they know something newer than Redis); the others adopt
-the shared state, or, if Redis has none (restarted empty, key expired), fill
-it in with HSETNX, field by field, so that a sidecar which knows nothing new
-never overwrites one that does (whatever order their writes land in). While
-Redis is down, writes are retried once per refresh interval, not per change.
-
-pybreaker is imported here as well as in `sidecar.resilience.breaker`: the
-storage interface is pybreaker's own class.
+Why not pybreaker's ``CircuitRedisStorage``, the write and read rounds, the
+keys and the failure behaviour: docs/fleet.md.
 """
 
 from __future__ import annotations
@@ -156,7 +101,7 @@ class SharedState:
 
 
 class SharedBreakerStorage(pybreaker.CircuitBreakerStorage):
-    """pybreaker storage: local fields, changes queued to `BreakerSync` (see the module docstring).
+    """pybreaker storage: local fields, changes queued to `BreakerSync` (docs/fleet.md).
 
     Made by `BreakerSync.storage`; call `observe` with the adapter's state
     getter so that adopted changes fire pybreaker's listeners at once.
@@ -389,8 +334,9 @@ class BreakerSync:
                 mapping: dict[FieldT, EncodableT] = {k: v for k, v in s.local_fields().items()}
                 pipe.hset(s.key, mapping=mapping)
                 commands = 1
-            else:  # FILL, or before ops: a key that expired or was never written gets the
-                # whole local state; counters only where the ops do not count them
+            else:  # FILL, or before ops: HSETNX, so a key that expired or was never written
+                # is whole again; the counters only in a FILL (which has no ops: a change
+                # turns it into FORCE), as a missing counter reads as 0
                 for field, value in s.local_fields().items():
                     if snapshot == FILL or not field.endswith("counter"):
                         pipe.hsetnx(s.key, field, value)

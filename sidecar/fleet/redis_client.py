@@ -1,29 +1,15 @@
 """The Redis connection a fleet shares, and whether Redis is answering.
 
 `StateBackend` owns one ``redis.asyncio`` client (a connection pool) for the
-breaker storage and the fallback cache of one sidecar, and the one opinion
-the sidecar has about Redis: ``up`` is True while operations succeed, False
-after one failed, None before the first. Every operation goes through
-`StateBackend.call`, which
+breaker storage and the fallback cache of one sidecar. Every operation goes
+through `StateBackend.call`: bounded by ``state.timeout``, with no retries of
+its own; a failure is counted (``state_backend_errors_total{operation}``) and
+raised as `BackendUnavailable`. ``up`` is True while operations succeed, False
+after one failed (a Redis error answer does not count: Redis answered), None
+before the first; one log line per change, never one per call. Callers skip
+Redis while it is down; background writers try it once per refresh interval.
 
-- bounds it by ``state.timeout`` (a command still running then is cancelled;
-  redis-py drops a connection whose command was cancelled, so a late answer
-  is never read as the next one), with no retries of its own (the callers
-  retry on their own schedule: the refresher every ``state.refresh_interval``);
-- on a failure (connection refused or reset, timeout, a protocol error):
-  counts ``state_backend_errors_total{operation}``, keeps the error for
-  ``/state``, sets ``up`` False and ``state_backend_up`` 0, and raises
-  `BackendUnavailable`;
-- on success sets ``up`` True and ``state_backend_up`` 1.
-
-One log line per change of ``up`` (down: warning, up again: info), never one
-per call. A Redis error answer (``ResponseError``: wrong key type, out of
-memory) is counted and raised but does not mark Redis down: it answered.
-
-Callers skip Redis while ``up`` is False (no client call waits on a backend
-known to be away); background writers try again once per refresh interval
-(`StateBackend.may_try`), and so does the breaker refresher: whichever
-succeeds first notices that Redis is back.
+Why: docs/fleet.md ("The Redis connection").
 """
 
 from __future__ import annotations
@@ -77,7 +63,7 @@ def redact_url(url: str) -> str:
 
 
 class StateBackend:
-    """One Redis for a sidecar's shared state; see the module docstring.
+    """One Redis for a sidecar's shared state; see the module docstring and docs/fleet.md.
 
     Args:
         url: ``redis://``, ``rediss://`` or ``unix://`` URL (``state.redis_url``).
