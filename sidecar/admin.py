@@ -1,17 +1,12 @@
 """The admin HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``, ``/state``.
 
-A deliberately small HTTP/1.1 server on asyncio (GET and HEAD only, one
-request per connection, requests capped at 8 KiB), so that it runs on the
-sidecar's own event loop and reads its state without locks or threads.
-
-- ``/metrics``: the Prometheus text exposition of the sidecar's own registry,
-  without the ``_created`` series prometheus_client adds to every counter
-  (the text format exports them as extra gauges; nothing here reads them, and
-  they would double the series count).
-- ``/healthz``: 200 while the process runs its event loop.
-- ``/readyz``: 200 once the Thrift port listens and the config is loaded, 503
-  while starting or draining.
-- ``/state``: JSON with breakers, pools, budget, fallback store and config figures.
+It runs on the sidecar's own event loop, so it reads the sidecar's state
+without locks or threads. h11 parses the HTTP/1.1; GET and HEAD only, one
+request per connection. ``/metrics`` is OpenMetrics or the Prometheus text
+format, as the scraper's ``Accept`` asks (chosen and encoded by
+prometheus_client), without ``_created`` series. Careless or hostile clients
+are bounded in bytes, time and number, and get a 4xx or 503 with a one-line
+text body, never a traceback in the log (see `AdminServer`).
 """
 
 from __future__ import annotations
@@ -20,47 +15,66 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, cast
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
+import h11
+from prometheus_client import CollectorRegistry, disable_created_metrics
+from prometheus_client.exposition import choose_encoder
+
+from sidecar.logs import RateLimitedLog
 
 log = logging.getLogger("sidecar.admin")
 
+# A GET is a few hundred bytes (Prometheus sends about 300); 8 KiB is the
+# default header limit of nginx and of h11's own `max_incomplete_event_size`
+# order of magnitude, well above any real scrape or probe.
 MAX_REQUEST_BYTES = 8192
+# Probes and scrapes on a loopback or pod network send their request at once;
+# 5 s is generous for them and short for a connection held open on purpose.
 REQUEST_TIMEOUT = 5.0
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    500: "Internal Server Error",
-    503: "Service Unavailable",
-}
+# Prometheus scrapes once per interval and probes are one at a time: 32 open
+# admin connections is far more than any honest use.
+MAX_CONNECTIONS = 32
+
+TEXT = "text/plain; charset=utf-8"
 
 
-class WithoutCreated(Collector):
-    """A registry's metrics without the ``_created`` samples of counters and histograms."""
+@dataclass(frozen=True)
+class Answer:
+    """An HTTP answer before encoding."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+    status: int
+    content_type: str
+    body: bytes
+    headers: Sequence[tuple[str, str]] = ()
 
-    def collect(self) -> Iterator[Metric]:
-        for family in self._registry.collect():
-            family.samples = [s for s in family.samples if not s.name.endswith("_created")]
-            yield family
+
+def _text(status: int, line: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+    return Answer(status, TEXT, line.encode() + b"\n", headers)
 
 
 class AdminServer:
     """Serves the admin endpoints.
+
+    ``/healthz`` is 200 while the loop runs; ``/readyz`` 200 when ``ready()``,
+    else 503; ``/state`` the JSON of ``state()``. A request must arrive whole
+    within ``request_timeout`` seconds of connecting (bytes trickling in do
+    not extend it; else 408) and be at most ``max_request_bytes`` (else 431 or
+    413); a malformed one gets a 400. A handler that raises gets a 500 and a
+    rate-limited warning.
 
     Args:
         registry: the metrics registry to expose.
         ready: says whether ``/readyz`` is 200.
         state: returns the ``/state`` document.
         before_scrape: called before ``/metrics`` is rendered (to refresh gauges).
+        max_connections: admin connections open at once; more get a 503.
+        request_timeout: seconds for a request to arrive whole, and again for
+            its answer to be sent.
+        max_request_bytes: the largest request (head and body) read.
     """
 
     def __init__(
@@ -69,72 +83,234 @@ class AdminServer:
         ready: Callable[[], bool],
         state: Callable[[], dict[str, Any]],
         before_scrape: Callable[[], None] | None = None,
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        request_timeout: float = REQUEST_TIMEOUT,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self._registry = registry
-        self._exposed = WithoutCreated(registry)
         self._ready = ready
         self._state = state
         self._before_scrape = before_scrape
+        self.max_connections = max_connections
+        self.request_timeout = request_timeout
+        self.max_request_bytes = max_request_bytes
+        self.connections: set[AdminConnection] = set()
+        # Lines a client can cause at will are rate-limited.
+        self.error_log = RateLimitedLog(log, what="admin error lines")
+        self.refusal_log = RateLimitedLog(log, what="refused admin connection lines")
         self._server: asyncio.Server | None = None
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Start serving; returns the bound address."""
-        self._server = await asyncio.start_server(self._handle, host, port, reuse_address=True)
+        """Start serving; returns the bound address (port 0 picks a free one).
+
+        Turns off prometheus_client's ``_created`` series. That switch is
+        process-wide: it applies to every registry in this process, which in
+        the sidecar is this one alone.
+        """
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: AdminConnection(self), host, port, reuse_address=True
+        )
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
     async def close(self) -> None:
+        """Stop listening and drop the connections still open."""
         if self._server is not None:
             self._server.close()
-            with contextlib.suppress(Exception):
+            for conn in list(self.connections):
+                conn.abort()
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                head = await reader.readuntil(b"\r\n\r\n")
-            status, ctype, body = self._respond(head)
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
-            status, ctype, body = 400, "text/plain", b"bad request\n"
-        except ConnectionError:
-            writer.close()
-            return
-        except Exception:
-            log.exception("admin request failed")
-            status, ctype, body = 500, "text/plain", b"internal error\n"
-        header = (
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
-            f"Content-Type: {ctype}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
-        )
-        with contextlib.suppress(ConnectionError):
-            writer.write(header.encode("latin-1"))
-            if not head.startswith(b"HEAD"):
-                writer.write(body)
-            await writer.drain()
-        writer.close()
+    def admit(self, conn: AdminConnection) -> bool:
+        """Count ``conn`` in, unless ``max_connections`` are open already."""
+        if len(self.connections) >= self.max_connections:
+            self.refusal_log.warning(
+                "refusing admin client %s: %d admin connections open (the most allowed)",
+                conn.peer,
+                len(self.connections),
+                extra={"peer": conn.peer},
+            )
+            return False
+        return True
 
-    def _respond(self, head: bytes) -> tuple[int, str, bytes]:
-        if len(head) > MAX_REQUEST_BYTES:
-            return 400, "text/plain", b"request too large\n"
-        request_line = head.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = request_line.split(" ")
-        if len(parts) != 3:
-            return 400, "text/plain", b"bad request line\n"
-        method, target, _ = parts
-        if method not in ("GET", "HEAD"):
-            return 405, "text/plain", b"only GET and HEAD\n"
-        path = target.split("?", 1)[0]
-        if path == "/metrics":
+    def answer(self, request: h11.Request) -> Answer:
+        """The answer to a whole request; a failing handler gives a 500."""
+        try:
+            return self._route(request)
+        except Exception as exc:
+            target = request.target.decode("ascii", "replace")
+            if self.error_log.warning(
+                "admin request %s %s failed: %s: %s",
+                request.method.decode("ascii", "replace"),
+                target,
+                type(exc).__name__,
+                exc,
+                extra={"path": target},
+            ):
+                log.debug("admin request %s failed", target, exc_info=True)
+            return _text(500, "internal error")
+
+    def _route(self, request: h11.Request) -> Answer:
+        if request.method not in (b"GET", b"HEAD"):
+            return _text(405, "only GET and HEAD", [("Allow", "GET, HEAD")])
+        path = request.target.split(b"?", 1)[0]
+        if path == b"/metrics":
             if self._before_scrape is not None:
                 self._before_scrape()
-            return 200, CONTENT_TYPE_LATEST, generate_latest(self._exposed)
-        if path == "/healthz":
-            return 200, "text/plain", b"ok\n"
-        if path == "/readyz":
-            if self._ready():
-                return 200, "text/plain", b"ready\n"
-            return 503, "text/plain", b"not ready\n"
-        if path == "/state":
+            accept = b",".join(v for k, v in request.headers if k == b"accept")
+            encode, content_type = choose_encoder(accept.decode("latin-1"))
+            return Answer(200, content_type, encode(self._registry))
+        if path == b"/healthz":
+            return _text(200, "ok")
+        if path == b"/readyz":
+            return _text(200, "ready") if self._ready() else _text(503, "not ready")
+        if path == b"/state":
             body = json.dumps(self._state(), indent=2, sort_keys=True, default=str)
-            return 200, "application/json", body.encode() + b"\n"
-        return 404, "text/plain", b"not found: try /metrics, /healthz, /readyz or /state\n"
+            return Answer(200, "application/json", body.encode() + b"\n")
+        return _text(404, "not found: try /metrics, /healthz, /readyz or /state")
+
+
+class AdminConnection(asyncio.Protocol):
+    """One admin connection: reads one request with h11, answers it, closes.
+
+    Every callback from the loop is guarded: whatever goes wrong ends this
+    connection, with a rate-limited log line, and nothing else.
+    """
+
+    def __init__(self, server: AdminServer) -> None:
+        self._server = server
+        self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_request_bytes)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._request: h11.Request | None = None
+        self._received = 0
+        self._answered = False
+        self._eof = False
+        self.peer = "?"
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self._guard(self._start)
+
+    def data_received(self, data: bytes) -> None:
+        self._guard(self._receive, data)
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._guard(self._receive, b"")
+        return True  # we close, once the answer is written
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._server.connections.discard(self)
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _guard(self, step: Callable[..., None], *args: Any) -> None:
+        try:
+            step(*args)
+        except Exception as exc:
+            self._server.error_log.warning(
+                "admin connection %s failed: %s: %s", self.peer, type(exc).__name__, exc
+            )
+            self.abort()
+
+    def _start(self) -> None:
+        admitted = self._server.admit(self)
+        self._server.connections.add(self)  # counted until closed, refused or not
+        if not admitted:
+            self._send(_text(503, "too many admin connections; try again"))
+            return
+        self._arm(self._expire)
+
+    def _receive(self, data: bytes) -> None:
+        if self._answered:
+            # Bytes after the request are read and dropped until the client
+            # closes: closing with bytes unread would reset the connection, and
+            # the client could lose the answer.
+            if self._eof:
+                self._close()
+            return
+        # h11 parses at most one read (256 KiB) past the limit before we stop.
+        self._received += len(data)
+        self._http.receive_data(data)
+        limit = self._server.max_request_bytes
+        while True:
+            try:
+                event = self._http.next_event()
+            except h11.RemoteProtocolError as exc:  # 431 when the head outgrows h11's buffer
+                self._refuse(exc.error_status_hint)
+                return
+            if event is h11.NEED_DATA:
+                if self._received > limit:
+                    self._refuse(413 if self._request is not None else 431)
+                return
+            if isinstance(event, h11.Request):
+                if self._received - len(self._http.trailing_data[0]) > limit:
+                    self._refuse(431)  # a long head that arrived whole
+                    return
+                self._request = event
+            elif isinstance(event, h11.EndOfMessage):
+                assert self._request is not None
+                if self._received - len(self._http.trailing_data[0]) > limit:
+                    self._refuse(413)
+                else:
+                    self._send(self._server.answer(self._request))
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self._answered = True  # closed before sending anything: nothing to answer
+                self._close()
+                return
+
+    def _refuse(self, status: int) -> None:
+        if status in (413, 431):
+            self._send(_text(status, "request too large"))
+        else:
+            self._send(_text(status, "bad request: not HTTP/1.1 as expected"))
+
+    def _expire(self) -> None:
+        self._guard(self._send, _text(408, "request not received in time"))
+
+    def _send(self, answer: Answer) -> None:
+        """Write ``answer`` and end our side; drop the connection if not done in time."""
+        self._answered = True
+        headers = [
+            ("Content-Type", answer.content_type),
+            ("Content-Length", str(len(answer.body))),
+            ("Connection", "close"),
+            *answer.headers,
+        ]
+        response = h11.Response(
+            status_code=answer.status, headers=headers, reason=HTTPStatus(answer.status).phrase
+        )
+        data = self._http.send(response)
+        if self._request is None or self._request.method != b"HEAD":
+            data += self._http.send(h11.Data(data=answer.body))
+        data += self._http.send(h11.EndOfMessage())
+        assert self._transport is not None
+        self._transport.write(data)
+        if self._eof:
+            self._close()
+        else:
+            self._transport.write_eof()  # and wait for the client to close
+        self._arm(self.abort)
+
+    def _close(self) -> None:
+        assert self._transport is not None
+        self._transport.close()
+
+    def _arm(self, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.request_timeout, callback)

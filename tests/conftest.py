@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import prometheus_client
+import prometheus_client.metrics
+import pytest
 
 # Tests import `sidecar` and `tests.support` from the checkout, installed or not.
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+
+@pytest.fixture(autouse=True)
+def created_switch() -> Iterator[None]:
+    """Put back prometheus_client's process-wide ``_created`` switch after each test.
+
+    `sidecar.admin.AdminServer.listen` turns it off for the whole process (the
+    sidecar is one process); the next test must see the library's default.
+    """
+    was_on = prometheus_client.metrics._use_created
+    yield
+    if was_on:
+        prometheus_client.enable_created_metrics()  # type: ignore[no-untyped-call]
+    else:
+        prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
