@@ -1,7 +1,7 @@
 """The sidecar with its resilience pipeline cut out: the pass-through path, for comparison.
 
 Runs the real `sidecar.app.Sidecar` (same server, decoders, upstream pool,
-seqid rewrite, per-try timeout) but replaces `Pipeline.call` with a bare
+seqid rewrite, per-try timeout) but replaces the server's `call_factory` (`Call`) with a bare
 forward: one attempt, no breaker, no budget, no retry decision, no fallback
 cache, no per-call metrics. `bench/pipeline.py` measures the full sidecar
 against this to show what the resilience pipeline costs.
@@ -43,14 +43,11 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
     )
     sidecar = Sidecar(config)
     await sidecar.start()
-    pipeline = sidecar.pipeline
-    upstreams = sidecar.upstreams
-    assert pipeline is not None
-    assert upstreams is not None
+    upstreams = sidecar.context.upstreams
     timeout = config.retry.per_try_timeout
 
     class Forward:
-        """A call reduced to one exchange: the `ReplyHandler` of `Pipeline.call`'s stand-in."""
+        """A call reduced to one exchange: the `ReplyHandler` of the stand-in call."""
 
         __slots__ = ("client_transport", "done", "seqid")
 
@@ -92,10 +89,10 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
         def cancel(self) -> None:
             pass
 
-    def call(message: Message, client_transport: Transport, done: Done) -> Started:
+    def call(_ctx: object, message: Message, client_transport: Transport, done: Done) -> Started:
         return Started(message, client_transport, done)
 
-    pipeline.call = call  # type: ignore[assignment,method-assign]
+    sidecar.server.call_factory = call  # type: ignore[assignment]
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

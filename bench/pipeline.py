@@ -3,7 +3,7 @@
 Two sidecars in front of the same C upstream, measured with the C load
 generator in interleaved rounds (A B A B ..., order alternating, medians):
 
-- **pass-through**: `bench/passthrough.py`, the sidecar with `Pipeline.handle`
+- **pass-through**: `bench/passthrough.py`, the sidecar with its `Call`
   replaced by one bare forward;
 - **pipeline**: `python -m sidecar run` with its default pipeline: breaker
   admission and recording, retry budget deposits, retry decisions, the

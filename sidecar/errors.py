@@ -8,11 +8,6 @@ caller needs to answer the client as attributes, not in its message.
 
 from __future__ import annotations
 
-# TApplicationException type codes used as hints (see sidecar.protocol.appexc).
-_INTERNAL_ERROR = 6
-_PROTOCOL_ERROR = 7
-
-
 class SidecarError(Exception):
     """Root of every error the sidecar raises on purpose."""
 
@@ -27,11 +22,7 @@ class ProtocolError(SidecarError):
             was readable; the answer to the client can then carry it.
         name: the method name of that message, when readable.
         strict: the envelope form of that message (the answer uses the same).
-        application_exception_type: the TApplicationException type to answer
-            with.
     """
-
-    application_exception_type = _PROTOCOL_ERROR
 
     def __init__(
         self,
@@ -53,10 +44,6 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes we cannot accept."""
 
 
-class LocalProtocolError(ProtocolError):
-    """We were asked to produce bytes that would break the protocol."""
-
-
 class UpstreamError(SidecarError):
     """A call to the upstream failed.
 
@@ -64,10 +51,9 @@ class UpstreamError(SidecarError):
         address: ``host:port`` of the upstream that failed.
         sent: whether any byte of the call may have reached the upstream.
             A call with ``sent=False`` provably never executed there.
-    """
 
-    application_exception_type = _INTERNAL_ERROR
-    outcome = "connection_closed"
+    Which outcome a failure comes to is `sidecar.resilience.outcome.classify_error`.
+    """
 
     def __init__(self, message: str, *, address: str, sent: bool) -> None:
         super().__init__(message)
@@ -78,8 +64,6 @@ class UpstreamError(SidecarError):
 class UpstreamUnavailable(UpstreamError):
     """No connection to the upstream could be had; nothing was sent."""
 
-    outcome = "connect_error"
-
     def __init__(self, message: str, *, address: str) -> None:
         super().__init__(message, address=address, sent=False)
 
@@ -87,27 +71,13 @@ class UpstreamUnavailable(UpstreamError):
 class UpstreamClosed(UpstreamError):
     """The upstream closed or reset the connection before the whole reply arrived."""
 
-    outcome = "connection_closed"
-
 
 class UpstreamTimeout(UpstreamError):
     """The per-try timeout expired before the reply arrived."""
 
-    outcome = "timeout"
-
 
 class UpstreamProtocolError(UpstreamError):
     """The upstream answered with bytes that are not a valid reply to the call."""
-
-    outcome = "protocol_error"
-
-
-class CircuitOpen(SidecarError):
-    """The circuit breaker rejected the call; nothing was sent."""
-
-    def __init__(self, breaker: str) -> None:
-        super().__init__(f"circuit open for {breaker}")
-        self.breaker = breaker
 
 
 class ConfigError(SidecarError):

@@ -18,9 +18,10 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
+from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
-from sidecar.policy import MethodPolicy
 from sidecar.protocol.envelope import MessageType, encode_header, write_seqid
 from sidecar.protocol.framing import Message
 from sidecar.resilience.outcome import Outcome
@@ -29,6 +30,30 @@ log = logging.getLogger("sidecar.fallback")
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+class MethodFallback(Protocol):
+    """What the fallbacks need to know of a method (`sidecar.proxy.policy.MethodPolicy`)."""
+
+    @property
+    def name(self) -> str:
+        """The wire name, ``Service:method`` or bare: part of the cache key."""
+
+    @property
+    def method(self) -> str:
+        """The bare method name, for a static reply's envelope."""
+
+    @property
+    def cacheable(self) -> bool:
+        """Whether its replies may be remembered and served."""
+
+    @property
+    def static_reply(self) -> StaticReply | None:
+        """Its configured static reply."""
+
+    @property
+    def display_name(self) -> str:
+        """``Service.method``, for log lines."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,7 +95,7 @@ class Fallbacks:
         )
 
     def remember(
-        self, policy: MethodPolicy, call: Message, reply: Message, outcome: Outcome
+        self, policy: MethodFallback, call: Message, reply: Message, outcome: Outcome
     ) -> None:
         """Keep a good reply of a cacheable method for later."""
         if self.store is None or not policy.cacheable or outcome not in self._cached_outcomes:
@@ -80,7 +105,7 @@ class Fallbacks:
             CachedReply(bytes(reply.payload()), reply.header.seqid_offset, self._clock()),
         )
 
-    async def find(self, policy: MethodPolicy, call: Message, reason: str) -> Served | None:
+    async def find(self, policy: MethodFallback, call: Message, reason: str) -> Served | None:
         """A fallback reply for this call, or None."""
         if reason not in self.serve_on:
             return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -26,7 +27,13 @@ from thriftpy2.utils import serialize
 
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
-from sidecar.policy import StaticReply
+
+
+@dataclass(frozen=True, slots=True)
+class StaticReply:
+    """A result struct encoded at start-up, served with a fresh envelope."""
+
+    body: bytes
 
 _INT_RANGES = {
     TType.BYTE: (-(2**7), 2**7 - 1, "byte"),
@@ -95,10 +102,10 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
         key = f"methods.{name}.fallback"
         if fallback.static_exception is not None:
             body = _exception_result(result_cls, fallback.static_exception, key, unions)
-            static[name] = StaticReply(body, is_exception=True)
+            static[name] = StaticReply(body)
         else:
             body = _value_result(result_cls, fallback.static, f"{key}.static", unions)
-            static[name] = StaticReply(body, is_exception=False)
+            static[name] = StaticReply(body)
     return {"static_replies": static, "known_methods": sorted(set(known))}
 
 

@@ -1,67 +1,64 @@
-"""One client call through the pipeline, as a small state machine driven by callbacks.
+"""One client call through the sidecar, as a small state machine driven by callbacks.
 
     start: policy for the method name; breaker admits the call?
         no  -> fallback or TApplicationException
     attempt: an address (not tried yet where possible), an idle connection
         (or a task that opens or waits for one), send with a per-try timeout
-    on_reply / on_error: classify; record in the address's ejection tracker
+    after the attempt: classify; record in the address's ejection tracker
         an answer (ok, declared or application exception)
             -> record success in the breaker, remember it, finish with it
-        else retry? (not a half-open probe, circuit not opened meanwhile,
-                     retry_on, attempts, safe to repeat, deadline, budget)
-            yes -> timer (full jitter), attempt again
-            no  -> record the failure in the breaker; a fallback, the
-                   upstream's own error reply, or TApplicationException
-                   (INTERNAL_ERROR) saying what happened
+        else `RetryPolicy.decide` (one pure function: probe, circuit opened
+             meanwhile, retry_on, attempts, safe to repeat, deadline, budget)
+            retry   -> take a budget token, timer (full jitter), attempt again
+            give up -> record the failure in the breaker; a fallback, the
+                       upstream's own error reply, or TApplicationException
+                       (INTERNAL_ERROR) saying what happened
     finish: count, hand the bytes (None for oneway) to the connection
 
 The common path, an idle upstream connection and an answer, runs entirely in
-the event loop's I/O callbacks: the client's bytes arrive, the call goes out
-on the upstream connection, the reply's bytes arrive, the answer is written,
-with no task, future or extra loop iteration in between (a coroutine per call
-costed about 4 µs more, measured with bench/). Tasks are used where waiting is
-unavoidable and rare: opening a connection, waiting for a free one, and a
-fallback lookup in a store that does I/O.
+the event loop's I/O callbacks, with no task, future or extra loop iteration
+(a coroutine per call cost about 4 µs more, measured with bench/). Tasks are
+used where waiting is unavoidable and rare: opening a connection, waiting for
+a free one, and a fallback lookup in a store that does I/O.
 
-The breaker sees one outcome per call, the final one, not one per attempt:
-a transient failure that a retry absorbed says nothing about the upstream's
-health, and with several addresses one dead address (the ejection tracker's
-business, per attempt) must not open the circuit for all of them. A dead
-upstream still opens the circuit after ``fail_max`` failed calls. A half-open
-probe is a single attempt, and a call stops retrying when the circuit opens
-under it, so nothing reaches an upstream whose circuit is open except the
-attempts already in flight.
+Entry points, each behind the one guard `_entry_point`: `start`, `on_reply`,
+`on_error`, and the callbacks of a task or timer (`_acquired`, `_retry_due`,
+`_fallback_found`). A bug anywhere below one of them answers this call with
+INTERNAL_ERROR and touches nothing else. `cancel` only releases what the
+call holds.
 
-Cancellation (the sidecar drains past its timeout): the upstream connection
-in use is closed, a pending task or timer is cancelled, a half-open probe
-slot is freed, and the breaker records nothing.
+The breaker sees one outcome per call, the final one (docs/architecture.md
+explains why); a half-open probe is a single attempt. Cancellation (the
+drain timeout passed): the upstream connection in use is closed, a pending
+task or timer is cancelled, a half-open probe slot is freed, and the breaker
+records nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Concatenate, ParamSpec
 
 from sidecar.errors import UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
-from sidecar.policy import MethodPolicy
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.framing import Message, Transport, frame
+from sidecar.proxy.context import CallContext
+from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
-from sidecar.resilience.outcome import Outcome, classify_reply
+from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
 from sidecar.resilience.retry import BUDGET, GiveUp, Retry
-
-if TYPE_CHECKING:
-    from sidecar.proxy.pipeline import Pipeline
 
 log = logging.getLogger("sidecar.pipeline")
 
 Wire = bytes | bytearray | memoryview
 Done = Callable[[Wire | None], None]
+P = ParamSpec("P")
 
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
@@ -72,20 +69,31 @@ ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTI
 # Metric label of each outcome (a dict lookup is cheaper than Enum.value).
 _LABELS = {outcome: outcome.value for outcome in Outcome}
 
-# GiveUp reasons decided here rather than by the retry policy: a half-open
-# probe is one attempt; a call does not retry into a circuit that opened meanwhile.
-PROBE = "probe"
-CIRCUIT_OPENED = "circuit_open"
-
-# Label values of requests_total{outcome} besides the attempt outcomes.
+# Values of requests_total{outcome} besides the attempt outcomes (`Outcome`).
 CIRCUIT_OPEN = "circuit_open"
 FALLBACK = "fallback"
 BAD_REQUEST = "bad_request"
-INTERNAL = "sidecar_error"
+SIDECAR_ERROR = "sidecar_error"
+REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
+
+
+def _entry_point(
+    step: Callable[Concatenate[Call, P], None],
+) -> Callable[Concatenate[Call, P], None]:
+    """The guard of every way into a call: a bug answers this call, nothing else."""
+
+    def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
+        try:
+            step(self, *args, **kwargs)
+        except Exception:
+            self._crashed()
+
+    guarded.__doc__ = step.__doc__
+    return guarded
 
 
 class Call:
-    """One client message on its way through the pipeline."""
+    """One client message on its way to the upstream and back."""
 
     __slots__ = (
         "_admission",
@@ -93,13 +101,13 @@ class Call:
         "_breaker",
         "_client_transport",
         "_conn",
+        "_ctx",
         "_deadline_at",
         "_done",
         "_expires",
         "_finished",
         "_message",
         "_oneway",
-        "_p",
         "_policy",
         "_pool",
         "_started",
@@ -110,75 +118,40 @@ class Call:
     )
 
     def __init__(
-        self, pipeline: Pipeline, message: Message, client_transport: Transport, done: Done
+        self, ctx: CallContext, message: Message, client_transport: Transport, done: Done
     ) -> None:
-        self._p = pipeline
+        """A call for one client message; `start` runs it.
+
+        ``done`` gets the bytes to write back (None for oneway calls); it may
+        be called during `start`. The message's buffer is reused for the
+        upstream (its seqid is patched); the client's seqid is in its header.
+        """
+        self._ctx = ctx
         self._message = message
         self._client_transport = client_transport
         self._done = done
         self._finished = False
+        self._oneway = False
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
-        self._task: asyncio.Task[object] | None = None
+        self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._attempt = 0
         self._tried: list[str] = []
-        self._started = pipeline.loop.time()
-        self._policy: MethodPolicy = pipeline.policies.for_name(message.header.name)
+        self._started = ctx.loop.time()
+        self._policy: MethodPolicy = ctx.policies.for_name(message.header.name)
 
     @property
     def finished(self) -> bool:
         return self._finished
 
-    # entry points (each guarded: a bug answers this client, it does not hang it)
+    # entry points
 
+    @_entry_point
     def start(self) -> None:
-        """Begin; ``done`` may be called before this returns."""
-        try:
-            self._start()
-        except Exception:
-            self._crashed()
-
-    def on_reply(self, reply: Message) -> None:
-        """`ReplyHandler`: the upstream answered."""
-        self._conn = None
-        try:
-            outcome = classify_reply(reply.header.type, reply.body())
-            self._after_attempt(outcome, reply, None, True)
-        except Exception:
-            self._crashed()
-
-    def on_error(self, error: UpstreamError) -> None:
-        """`ReplyHandler`: the attempt failed."""
-        self._conn = None
-        try:
-            self._after_attempt(Outcome(error.outcome), None, error, error.sent)
-        except Exception:
-            self._crashed()
-
-    def cancel(self) -> None:
-        """Abandon the call: no answer, nothing recorded (see the module docstring)."""
-        if self._finished:
-            return
-        self._finished = True
-        if self._conn is not None:
-            self._conn.abandon()
-            self._conn = None
-        if self._task is not None:
-            self._task.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._admission is not None:
-            self._breaker.cancel(self._admission)
-            self._admission = None
-
-    # the steps
-
-    def _start(self) -> None:
-        p = self._p
-        message = self._message
-        header = message.header
-        policy = self._policy
+        """Begin: admission, then the first attempt (or a fallback or an error)."""
+        ctx = self._ctx
+        header = self._message.header
         mtype = header.type
         if mtype is not _CALL and mtype is not _ONEWAY:
             self._finish(
@@ -189,39 +162,42 @@ class Call:
                 ),
             )
             return
+        policy = self._policy
         self._oneway = mtype is _ONEWAY
         self._deadline_at = self._started + policy.retry.deadline
-        self._breaker = breaker = p.breakers.for_policy(policy)
+        self._breaker = breaker = ctx.breakers.for_label(policy.label)
         self._admission = breaker.admit()
         if self._admission is None:
-            p.metrics.breaker_rejections.labels(breaker.name).inc()
+            ctx.metrics.breaker_rejections.labels(breaker.name).inc()
             self._unanswered(
                 BREAKER_OPEN, CIRCUIT_OPEN, f"circuit open for upstream {breaker.name}"
             )
             return
-        p.budget.deposit(self._started)
-        self._transport = p.upstream_transport or self._client_transport
+        ctx.budget.deposit(self._started)
+        self._transport = ctx.upstream_transport or self._client_transport
         self._next_attempt()
 
-    def _next_attempt(self) -> None:
-        """Send the next attempt on an address of the upstream."""
-        self._timer = None
-        p = self._p
-        pool = p.upstreams.pick(self._transport, self._tried)
-        self._pool = pool
-        self._tried.append(pool.address)
-        self._attempt += 1
-        now = p.loop.time()
-        timeout = min(self._policy.retry.per_try_timeout, self._deadline_at - now)
-        self._expires = now + timeout
-        conn = pool.idle()
-        if conn is not None:
-            self._send(conn)
-        else:
-            task = p.loop.create_task(pool.acquire(timeout))
-            self._task = task
-            task.add_done_callback(self._acquired)
+    @_entry_point
+    def on_reply(self, reply: Message) -> None:
+        """`ReplyHandler`: the upstream answered."""
+        self._conn = None
+        outcome = classify_reply(reply.header.type, reply.body())
+        self._after_attempt(outcome, reply, None, True)
 
+    @_entry_point
+    def on_error(self, error: UpstreamError) -> None:
+        """`ReplyHandler`: the attempt failed."""
+        self._conn = None
+        self._after_attempt(classify_error(error), None, error, error.sent)
+
+    def cancel(self) -> None:
+        """Abandon the call: no answer, nothing recorded (see the module docstring)."""
+        if self._finished:
+            return
+        self._finished = True
+        self._release()
+
+    @_entry_point
     def _acquired(self, task: asyncio.Task[UpstreamConnection]) -> None:
         """A connection was opened or freed for the attempt (or not)."""
         self._task = None
@@ -232,15 +208,38 @@ class Call:
             if error is None:
                 self._pool.release(task.result(), True)
             return
-        try:
-            if error is None:
-                self._send(task.result())
-            elif isinstance(error, UpstreamError):
-                self._after_attempt(Outcome(error.outcome), None, error, error.sent)
-            else:
-                raise error
-        except Exception:
-            self._crashed()
+        if error is None:
+            self._send(task.result())
+        elif isinstance(error, UpstreamError):
+            self._after_attempt(classify_error(error), None, error, error.sent)
+        else:
+            raise error
+
+    @_entry_point
+    def _retry_due(self) -> None:
+        """The backoff timer fired."""
+        self._next_attempt()
+
+    # the steps
+
+    def _next_attempt(self) -> None:
+        """Send the next attempt on an address of the upstream."""
+        self._timer = None
+        ctx = self._ctx
+        pool = ctx.upstreams.pick(self._transport, self._tried)
+        self._pool = pool
+        self._tried.append(pool.address)
+        self._attempt += 1
+        now = ctx.loop.time()
+        timeout = min(self._policy.retry.per_try_timeout, self._deadline_at - now)
+        self._expires = now + timeout
+        conn = pool.idle()
+        if conn is not None:
+            self._send(conn)
+        else:
+            task = ctx.loop.create_task(pool.acquire(timeout))
+            self._task = task
+            task.add_done_callback(self._acquired)
 
     def _send(self, conn: UpstreamConnection) -> None:
         if conn.closed:  # closed by the upstream after it was opened, before any byte went
@@ -266,13 +265,13 @@ class Call:
     ) -> None:
         if self._finished:
             return
-        p = self._p
+        ctx = self._ctx
         policy = self._policy
         address = self._pool.address
-        failed = outcome in p.trip_on
-        ejected_for = p.upstreams.record(address, failed)
+        failed = outcome in ctx.trip_on
+        ejected_for = ctx.upstreams.record(address, failed)
         if ejected_for is not None:
-            p.ejected(address, ejected_for, outcome)
+            _log_ejection(ctx, address, ejected_for, outcome)
         label = _LABELS[outcome]
         policy.stats.attempt(address, label)
         if outcome in ANSWERS:
@@ -280,7 +279,7 @@ class Call:
             if reply is None:
                 self._finish(label, None)
                 return
-            p.fallbacks.remember(policy, self._message, reply, outcome)
+            ctx.fallbacks.remember(policy, self._message, reply, outcome)
             reply.set_seqid(self._message.header.seqid)
             self._finish(label, reply.to_wire(self._client_transport))
             return
@@ -289,7 +288,7 @@ class Call:
             self._record(failed)
             self._give_up(outcome, reply, error)
             return
-        p.metrics.retries.labels(policy.label, label).inc()
+        ctx.metrics.retries.labels(policy.label, label).inc()
         log.debug(
             "retrying %s after %s (attempt %d, waiting %.3fs)",
             policy.display_name,
@@ -298,38 +297,32 @@ class Call:
             decision.wait,
         )
         if decision.wait > 0:
-            self._timer = p.loop.call_later(decision.wait, self._retry_now)
+            self._timer = ctx.loop.call_later(decision.wait, self._retry_due)
         else:
             self._next_attempt()
-
-    def _retry_now(self) -> None:
-        try:
-            self._next_attempt()
-        except Exception:
-            self._crashed()
 
     def _decide(self, outcome: Outcome, sent: bool) -> Retry | GiveUp:
-        """Retry or give up after a failed attempt (the retry policy, then the breaker)."""
-        p = self._p
-        if self._admission is Admission.PROBE:
-            decision: Retry | GiveUp = GiveUp(PROBE)
-        elif self._breaker.state == STATE_OPEN:
-            decision = GiveUp(CIRCUIT_OPENED)
+        """Retry or give up after a failed attempt; a retry takes its budget token here."""
+        ctx = self._ctx
+        now = ctx.loop.time()
+        decision = self._policy.retry.decide(
+            attempt=self._attempt,
+            outcome=outcome,
+            sent=sent,
+            oneway=self._oneway,
+            now=now,
+            deadline_at=self._deadline_at,
+            rng=ctx.rng,
+            tokens=ctx.budget.balance(now),
+            probe=self._admission is Admission.PROBE,
+            circuit_open=self._breaker.state == STATE_OPEN,
+        )
+        if isinstance(decision, Retry):
+            ctx.budget.withdraw(now)
         else:
-            decision = self._policy.retry.decide(
-                attempt=self._attempt,
-                outcome=outcome,
-                sent=sent,
-                oneway=self._oneway,
-                now=p.loop.time(),
-                deadline_at=self._deadline_at,
-                rng=p.rng,
-                budget=p.budget,
-            )
-        if isinstance(decision, GiveUp):
-            p.metrics.retries_given_up.labels(self._policy.label, decision.reason).inc()
+            ctx.metrics.retries_given_up.labels(self._policy.label, decision.reason).inc()
             if decision.reason == BUDGET:
-                p.metrics.retry_budget_exhausted.labels(p.upstream_name).inc()
+                ctx.metrics.retry_budget_exhausted.labels(ctx.upstream_name).inc()
         return decision
 
     def _record(self, failed: bool) -> None:
@@ -353,7 +346,7 @@ class Call:
                 return
             tries = f" ({self._attempt} attempts)" if self._attempt > 1 else ""
             reason = str(error) if error is not None else label
-            if RETRIES_EXHAUSTED in self._p.fallbacks.serve_on:
+            if RETRIES_EXHAUSTED in self._ctx.fallbacks.serve_on:
                 tries += f", no fallback for {self._policy.display_name}"
             self._finish(
                 label, self._error(ApplicationExceptionType.INTERNAL_ERROR, f"{reason}{tries}")
@@ -381,31 +374,31 @@ class Call:
 
     def _fallback(self, reason: str, otherwise: Callable[[], None]) -> None:
         """Serve a fallback for ``reason`` if one exists, else run ``otherwise``."""
-        fallbacks = self._p.fallbacks
+        fallbacks = self._ctx.fallbacks
         policy = self._policy
         if reason not in fallbacks.serve_on or (
             policy.static_reply is None and (fallbacks.store is None or not policy.cacheable)
         ):
             otherwise()
             return
-
-        def found(task: asyncio.Task[Served | None]) -> None:
-            self._task = None
-            if task.cancelled() or self._finished:
-                return
-            try:
-                served = task.result()
-                if served is None:
-                    otherwise()
-                    return
-                self._p.metrics.fallback_replies.labels(policy.label, served.source).inc()
-                self._finish(FALLBACK, frame(served.message, self._client_transport))
-            except Exception:
-                self._crashed()
-
-        task = self._p.loop.create_task(fallbacks.find(policy, self._message, reason))
+        task = self._ctx.loop.create_task(fallbacks.find(policy, self._message, reason))
         self._task = task
-        task.add_done_callback(found)
+        task.add_done_callback(functools.partial(self._fallback_found, otherwise))
+
+    @_entry_point
+    def _fallback_found(
+        self, otherwise: Callable[[], None], task: asyncio.Task[Served | None]
+    ) -> None:
+        """The store lookup ended: serve what it found, else run ``otherwise``."""
+        self._task = None
+        if task.cancelled() or self._finished:
+            return
+        served = task.result()
+        if served is None:
+            otherwise()
+            return
+        self._ctx.metrics.fallback_replies.labels(self._policy.label, served.source).inc()
+        self._finish(FALLBACK, frame(served.message, self._client_transport))
 
     def _error(self, exc_type: ApplicationExceptionType, text: str) -> Wire:
         header = self._message.header
@@ -417,24 +410,46 @@ class Call:
         if self._finished:
             return
         self._finished = True
-        self._policy.stats.request(label, self._p.loop.time() - self._started)
+        self._policy.stats.request(label, self._ctx.loop.time() - self._started)
         self._done(wire)
+
+    def _release(self) -> None:
+        """Let go of what the call holds: connection, task, timer, probe slot."""
+        if self._conn is not None:
+            self._conn.abandon()
+            self._conn = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._admission is not None:
+            self._breaker.cancel(self._admission)
+            self._admission = None
 
     def _crashed(self) -> None:
         """A bug in the sidecar: answer this call with INTERNAL_ERROR and log it."""
         log.exception("internal error handling %s", self._message.header.name)
         if self._finished:
             return
-        if self._conn is not None:
-            self._conn.abandon()
-            self._conn = None
-        if self._admission is not None:
-            self._breaker.cancel(self._admission)
-            self._admission = None
+        self._release()
         wire = None
         if self._message.header.type is not _ONEWAY:
             wire = self._error(
                 ApplicationExceptionType.INTERNAL_ERROR,
                 "sidecar: internal error handling this call (see the sidecar's log)",
             )
-        self._finish(INTERNAL, wire)
+        self._finish(SIDECAR_ERROR, wire)
+
+
+def _log_ejection(ctx: CallContext, address: str, seconds: float, outcome: Outcome) -> None:
+    """Count and log an address taken out of rotation."""
+    ctx.metrics.upstream_ejections.labels(address).inc()
+    log.warning(
+        "upstream address %s ejected for %gs after repeated failures (last: %s)",
+        address,
+        seconds,
+        outcome.value,
+        extra={"upstream": address, "ejected_seconds": seconds},
+    )

@@ -1,27 +1,16 @@
-"""Client connections: bytes in, messages to the pipeline, replies out in order.
+"""The Thrift listener: accepts client connections and keeps the books on them and their calls.
 
-Each client connection is an `asyncio.Protocol`. Its decoder turns bytes into
-messages (the transport detected from the first bytes, or forced by config);
-messages wait in a per-connection queue and run through the pipeline one at
-a time, in arrival order, exactly as a Thrift server executes the calls of
-one connection: the next starts when the previous one's reply is written
-(`ClientConnection._pump`, no task per connection or per call). A client that
-pipelines requests gets its replies in request order, and the next request
-is read while the current one is in flight.
+`Server` owns the listening socket, the set of open client connections, the
+connections whose client went away while their calls still run, and the
+`CallContext` that new calls start with (`use_context` swaps it on a
+reload). It makes no policy decision: calls decide (`sidecar.proxy.call`).
 
-Limits and failures:
-- ``max_connections``: connections beyond it are closed at once (counted).
-- Reading pauses while more than `MAX_QUEUED_MESSAGES` messages or
-  `MAX_QUEUED_BYTES` bytes wait, and resumes below half of that; writing waits
-  while the client's socket buffer is full (no next call starts until
-  ``resume_writing``).
-- A client that breaks the protocol gets the replies to the calls it sent
-  before, then a ``TApplicationException(PROTOCOL_ERROR)`` where a seqid is
-  known, and its connection is closed; it is logged (rate-limited) and
-  counted. Nobody else notices.
-- A client that closes its side still has every accepted call executed
-  (oneway calls included): nothing accepted is lost.
+- ``max_connections``: connections beyond it are closed at once (counted,
+  logged rate-limited).
 - Idle connections are closed after ``idle_timeout`` by `Server.sweep`.
+- `Server.drain`: stop accepting, close idle connections, wait for every call
+  in flight (those of connections already closed by their client too), then
+  cut what is left when the timeout passes.
 """
 
 from __future__ import annotations
@@ -29,43 +18,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import cast
 
-from sidecar.errors import ProtocolError
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
-from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
-from sidecar.protocol.framing import (
-    AutoDecoder,
-    BufferedDecoder,
-    FramedDecoder,
-    Message,
-    Transport,
-    frame,
-    make_decoder,
-)
-from sidecar.proxy.call import Call, Wire
-from sidecar.proxy.pipeline import Pipeline
+from sidecar.protocol.framing import Message, Transport
+from sidecar.proxy.call import Call, Done
+from sidecar.proxy.client import ClientConnection
+from sidecar.proxy.context import CallContext
 
 log = logging.getLogger("sidecar.server")
 
-MAX_QUEUED_MESSAGES = 64
-MAX_QUEUED_BYTES = 8 << 20
-
-# The answer to an HTTP request that arrived on the Thrift port.
-_HTTP_BODY = (
-    b"This is the Thrift port of thrift-sidecar (binary protocol, framed or buffered).\n"
-    b"HTTP endpoints (/metrics, /healthz, /readyz, /state) are on the admin port.\n"
-)
-_HTTP_MISDIRECTED = (
-    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
-    + b"Content-Length: "
-    + str(len(_HTTP_BODY)).encode()
-    + b"\r\n\r\n"
-    + _HTTP_BODY
-)
+CallFactory = Callable[[CallContext, Message, Transport, Done], Call]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,233 +44,44 @@ class ServerSettings:
     idle_timeout: float
 
 
-class ClientConnection(asyncio.Protocol):
-    """One client connection."""
-
-    def __init__(self, server: Server) -> None:
-        self._server = server
-        self._loop = server.loop
-        settings = server.settings
-        self._decoder: AutoDecoder | FramedDecoder | BufferedDecoder
-        if settings.transport == "auto":
-            self._decoder = AutoDecoder(
-                lambda t: make_decoder(t, settings.max_frame_size, settings.max_depth)
-            )
-            self._kind: Transport | None = None
-        else:
-            self._kind = Transport(settings.transport)
-            self._decoder = make_decoder(self._kind, settings.max_frame_size, settings.max_depth)
-        self._transport: asyncio.Transport | None = None
-        self._queue: deque[Message | ProtocolError] = deque()
-        self._queued_bytes = 0
-        self._call: Call | None = None  # the call in flight
-        self._pumping = False
-        self._reading_paused = False
-        self._writable = True
-        self._eof = False
-        self._lost = False
-        self._aborted = False
-        self.peer = "?"
-        self.last_active = self._loop.time()
-
-    # asyncio callbacks
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if not self._server.admit(self):
-            self._transport.abort()
-
-    def data_received(self, data: bytes) -> None:
-        self.last_active = self._loop.time()
-        error: ProtocolError | None
-        try:
-            messages = self._decoder.receive_data(data)
-        except ProtocolError as exc:
-            messages, error = [], exc
-        else:
-            # An error after whole messages in this read: those are answered first.
-            error = self._decoder.error
-        if self._kind is None:
-            # Known once detected, even when the first message then breaks the protocol:
-            # the PROTOCOL_ERROR answer is written in it.
-            self._kind = self._decoder.transport  # type: ignore[union-attr]
-        if not messages and error is None:
-            return
-        self._queue.extend(messages)
-        for message in messages:
-            self._queued_bytes += len(message.buf)
-        if error is not None:
-            self._queue.append(error)
-            self._pause_reading()
-        elif (
-            len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
-        ) and not self._reading_paused:
-            self._pause_reading()
-        self._pump()
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        if self._decoder.error is None:  # else it is queued already
-            try:
-                self._decoder.receive_data(b"")
-            except ProtocolError as exc:
-                self._queue.append(exc)
-        self._pump()
-        return True  # keep our side open to write the pending replies
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._lost = True
-        self._writable = True
-        self._server.forget(self)
-        self._pump()  # what was accepted still runs (oneway calls included)
-
-    def pause_writing(self) -> None:
-        self._writable = False
-
-    def resume_writing(self) -> None:
-        self._writable = True
-        self._pump()
-
-    # running the queue
-
-    def _pump(self) -> None:
-        """Start queued calls one at a time, in order, while the client can take replies.
-
-        A call that finishes at once (a fallback, an error) lets the loop go
-        on to the next; one that waits for the upstream calls `_answer` later,
-        which pumps again. Re-entry is harmless: only the outermost pump runs.
-        """
-        if self._pumping:
-            return
-        self._pumping = True
-        queue = self._queue
-        pipeline = self._server.pipeline
-        try:
-            while self._call is None and queue and self._writable and not self._aborted:
-                item = queue.popleft()
-                if isinstance(item, ProtocolError):
-                    self._protocol_error(item)
-                    return
-                self._queued_bytes -= len(item.buf)
-                if self._reading_paused and (
-                    len(queue) <= MAX_QUEUED_MESSAGES // 2
-                    and self._queued_bytes <= MAX_QUEUED_BYTES // 2
-                ):
-                    self._resume_reading()
-                assert self._kind is not None
-                call = pipeline.call(item, self._kind, self._answer)
-                self._call = call
-                call.start()
-        except Exception:
-            log.exception("unexpected error serving client %s; closing its connection", self.peer)
-            self._server.metrics.protocol_errors.labels("internal").inc()
-            self._queue.clear()
-            self._call = None
-            self.close()
-            return
-        finally:
-            self._pumping = False
-        if self._call is None and not queue and (self._eof or self._lost or self._server.draining):
-            self.close()
-
-    def _answer(self, reply: Wire | None) -> None:
-        """The call in flight finished (`Call` done callback)."""
-        self._call = None
-        self.last_active = self._loop.time()
-        if reply is not None and not self._lost and self._transport is not None:
-            self._transport.write(reply)
-        self._pump()
-
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        """Answer what can be answered, count, log, close this connection only."""
-        self._server.metrics.protocol_errors.labels(exc.kind).inc()
-        self._server.protocol_log.warning(
-            "closing client %s: %s (%s)",
-            self.peer,
-            exc,
-            exc.kind,
-            extra={"peer": self.peer, "kind": exc.kind},
-        )
-        if exc.seqid is not None and self._kind is not None and not self._lost:
-            name = (exc.name or "").rpartition(":")[2]
-            message = encode_application_exception(
-                name,
-                exc.seqid,
-                ApplicationExceptionType.PROTOCOL_ERROR,
-                f"sidecar: {exc}",
-                exc.strict,
-            )
-            assert self._transport is not None
-            self._transport.write(frame(message, self._kind))
-        elif exc.kind == "http" and self._transport is not None and not self._lost:
-            self._transport.write(_HTTP_MISDIRECTED)
-        self._queue.clear()
-        self.close()
-
-    # helpers
-
-    def _pause_reading(self) -> None:
-        if self._transport is not None and not self._reading_paused:
-            self._reading_paused = True
-            with contextlib.suppress(RuntimeError):
-                self._transport.pause_reading()
-
-    def _resume_reading(self) -> None:
-        if self._transport is not None and self._reading_paused and not self._lost:
-            self._reading_paused = False
-            with contextlib.suppress(RuntimeError):
-                self._transport.resume_reading()
-
-    @property
-    def busy(self) -> bool:
-        """A call is in flight."""
-        return self._call is not None
-
-    @property
-    def idle(self) -> bool:
-        """Nothing in flight and nothing queued."""
-        return self._call is None and not self._queue
-
-    def close(self) -> None:
-        """Close after the pending writes are flushed."""
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
-    def abort(self) -> None:
-        """Close now, dropping what is queued (shutdown after the drain timeout)."""
-        self._aborted = True
-        self._queue.clear()
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
-        if self._transport is not None:
-            self._transport.abort()
-
-
 class Server:
-    """Accepts client connections and keeps track of them."""
+    """Accepts client connections and keeps track of them and their calls.
+
+    Args:
+        context: what new calls start with.
+        settings: limits and the client-side transport.
+        metrics: where connections are counted.
+        loop: the event loop it runs on.
+        call_factory: makes a call for a message (`Call`; the pass-through
+            benchmark substitutes its own).
+    """
 
     def __init__(
         self,
-        pipeline: Pipeline,
+        context: CallContext,
         settings: ServerSettings,
         metrics: SidecarMetrics,
         loop: asyncio.AbstractEventLoop,
+        call_factory: CallFactory = Call,
     ) -> None:
-        self.pipeline = pipeline
+        self.context = context
         self.settings = settings
         self.metrics = metrics
         self.loop = loop
+        self.call_factory = call_factory
         self.connections: set[ClientConnection] = set()
+        # Connections closed by their client whose calls still run.
+        self.finishing: set[ClientConnection] = set()
         self.draining = False
         # Lines a peer can cause at will are rate-limited (counters stay exact).
         self.protocol_log = RateLimitedLog(log, what="protocol error lines")
         self.refusal_log = RateLimitedLog(log, what="refused-connection lines")
         self._server: asyncio.Server | None = None
+        self._changed: asyncio.Event | None = None  # set while draining, on each change
+
+    def use_context(self, context: CallContext) -> None:
+        """Calls that start from now on use ``context``; calls in flight keep theirs."""
+        self.context = context
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Start accepting; returns the bound address (port 0 picks a free one)."""
@@ -316,6 +92,7 @@ class Server:
         return str(sockname[0]), int(sockname[1])
 
     def admit(self, conn: ClientConnection) -> bool:
+        """Count a new connection in, or refuse it (draining, or ``max_connections``)."""
         if self.draining or len(self.connections) >= self.settings.max_connections:
             self.metrics.client_connections_rejected.inc()
             self.refusal_log.warning(
@@ -332,8 +109,18 @@ class Server:
         return True
 
     def forget(self, conn: ClientConnection) -> None:
-        self.connections.discard(conn)
-        self.metrics.client_connections.set(len(self.connections))
+        """The client's connection is gone; its calls, if any, still run (see `finished`)."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            self.metrics.client_connections.set(len(self.connections))
+            if not conn.idle:
+                self.finishing.add(conn)
+        self._notify()
+
+    def finished(self, conn: ClientConnection) -> None:
+        """A connection whose client went away has no call left."""
+        self.finishing.discard(conn)
+        self._notify()
 
     def sweep(self) -> int:
         """Close connections idle longer than ``idle_timeout``; returns how many."""
@@ -347,30 +134,51 @@ class Server:
             conn.close()
         return len(stale)
 
+    def calls_in_flight(self) -> bool:
+        """Whether any connection, open or closed by its client, has work left."""
+        return bool(self.finishing) or any(not c.idle for c in self.connections)
+
+    async def close_listener(self) -> None:
+        """Stop accepting new connections (a failed start, or the start of a drain)."""
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
     async def drain(self, timeout: float) -> bool:
-        """Stop accepting, let in-flight calls finish, close everything.
+        """Stop accepting, let calls in flight finish, close everything.
 
         Returns:
             True when every call finished within ``timeout``.
         """
         self.draining = True
+        self._changed = asyncio.Event()
         if self._server is not None:
             self._server.close()
-        for conn in list(self.connections):
-            if conn.idle:
-                conn.close()
         deadline = self.loop.time() + timeout
-        while self.connections and self.loop.time() < deadline:
+        while True:
             for conn in list(self.connections):
                 if conn.idle:
                     conn.close()
-            await asyncio.sleep(0.01)
-        finished = not self.connections
-        for conn in list(self.connections):
+            if not self.connections and not self.finishing:
+                break
+            left = deadline - self.loop.time()
+            if left <= 0:
+                break
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), left)
+        finished = not self.calls_in_flight()
+        for conn in list(self.connections) + list(self.finishing):
             conn.abort()
+        self.finishing.clear()
         self.protocol_log.flush()
         self.refusal_log.flush()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
         return finished
+
+    def _notify(self) -> None:
+        if self._changed is not None:
+            self._changed.set()

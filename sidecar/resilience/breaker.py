@@ -29,14 +29,17 @@ failure: it says nothing about the upstream. `Breaker.cancel` frees the probe
 slot it may hold. Expired per-try timeouts are not cancellations; they are
 recorded as ``timeout`` failures.
 
-This is the only module that imports pybreaker.
+Time: the reset timeout is measured on the clock passed in (Unix seconds),
+against pybreaker's ``opened_at``; tests pass a fake clock. The fleet's
+shared storage (`sidecar.fleet`) is a pybreaker storage too; this module is
+the only one that drives pybreaker's state machine.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from enum import Enum
 from typing import Any
 
@@ -50,6 +53,7 @@ STATE_HALF_OPEN = pybreaker.STATE_HALF_OPEN
 STATE_VALUES = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
 
 TransitionCallback = Callable[[str, str, str], None]
+Clock = Callable[[], float]
 
 
 class Admission(Enum):
@@ -92,6 +96,8 @@ class Breaker:
         half_open_max_calls: probes allowed at once while half-open.
         storage: a pybreaker storage; a fresh in-memory one by default.
         on_transition: called with (name, old_state, new_state) on every change.
+        clock: Unix time in seconds (``time.time`` in production); when the reset
+            timeout has passed is decided on it.
     """
 
     def __init__(
@@ -104,8 +110,10 @@ class Breaker:
         half_open_max_calls: int = 1,
         storage: pybreaker.CircuitBreakerStorage | None = None,
         on_transition: TransitionCallback | None = None,
+        clock: Clock,
     ) -> None:
         self.name = name
+        self._clock = clock
         self._storage = storage or pybreaker.CircuitMemoryStorage(STATE_CLOSED)
         listeners = [_TransitionListener(on_transition)] if on_transition else []
         self._cb = pybreaker.CircuitBreaker(
@@ -150,6 +158,23 @@ class Breaker:
         return int(self._cb.success_counter)
 
     @property
+    def reset_timeout(self) -> float:
+        """Seconds the circuit stays open before a probe is let through."""
+        return float(self._cb.reset_timeout)
+
+    @property
+    def fail_max(self) -> int:
+        """Consecutive failures that open the circuit."""
+        return int(self._cb.fail_max)
+
+    def probe_in(self) -> float | None:
+        """Seconds until a probe may go while open (0 when one may go now); None otherwise."""
+        opened_at = self.opened_at
+        if self.state != STATE_OPEN or opened_at is None:
+            return None
+        return max(0.0, opened_at.timestamp() + self._cb.reset_timeout - self._clock())
+
+    @property
     def opened_at(self) -> datetime | None:
         """When pybreaker last opened the circuit (UTC)."""
         value = self._storage.opened_at
@@ -162,8 +187,10 @@ class Breaker:
             return Admission.CLOSED
         if state == STATE_OPEN:
             opened_at = self.opened_at
-            timeout = timedelta(seconds=self._cb.reset_timeout)
-            if opened_at is not None and datetime.now(UTC) < opened_at + timeout:
+            if (
+                opened_at is not None
+                and self._clock() < opened_at.timestamp() + self._cb.reset_timeout
+            ):
                 self.rejected += 1
                 return None
             self._cb.half_open()
@@ -185,8 +212,15 @@ class Breaker:
                 return
             if not failed and self._storage.counter == 0:
                 return
+        before = self._storage.state
         with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
             self._cb.call(_fail if failed else _succeed)
+        self._opened_now(before)
+
+    def _opened_now(self, before: str) -> None:
+        """Date an opening this breaker just caused on its own clock (pybreaker uses the wall's)."""
+        if before != STATE_OPEN and self._storage.state == STATE_OPEN:
+            self._storage.opened_at = datetime.fromtimestamp(self._clock(), UTC)
 
     def cancel(self, admission: Admission) -> None:
         """The admitted call was cancelled: it counts as nothing."""
@@ -195,7 +229,9 @@ class Breaker:
 
     def force_open(self) -> None:
         """Open the circuit now (operators and tests)."""
+        before = self._storage.state
         self._cb.open()
+        self._opened_now(before)
 
     def force_close(self) -> None:
         """Close the circuit now (operators and tests)."""

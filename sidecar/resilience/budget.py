@@ -58,7 +58,7 @@ class _WindowedCounter:
 class RetryBudget:
     """Token budget for retries to one upstream."""
 
-    __slots__ = ("_deposits", "_floor", "_withdrawals", "exhausted", "ratio")
+    __slots__ = ("_deposits", "_floor", "_withdrawals", "ratio")
 
     def __init__(self, ratio: float, min_retries_per_second: float, window: float) -> None:
         if window <= 0:
@@ -67,7 +67,6 @@ class RetryBudget:
         self._floor = min_retries_per_second * window
         self._deposits = _WindowedCounter(window)  # calls, for at most a window
         self._withdrawals = _WindowedCounter(window, SLOTS + 1)  # retries, for at least one
-        self.exhausted = 0
 
     def deposit(self, now: float) -> None:
         """Record one call (first attempts only)."""
@@ -78,10 +77,6 @@ class RetryBudget:
         calls = self._deposits.total(now)
         return self._floor + self.ratio * calls - self._withdrawals.total(now)
 
-    def try_withdraw(self, now: float) -> bool:
-        """Take one token for a retry; False (and counted) when the budget is empty."""
-        if self.balance(now) >= 1.0:
-            self._withdrawals.add(now, 1.0)
-            return True
-        self.exhausted += 1
-        return False
+    def withdraw(self, now: float) -> None:
+        """Take one token for a retry (`RetryPolicy.decide` checked the balance)."""
+        self._withdrawals.add(now, 1.0)

@@ -20,7 +20,14 @@ from __future__ import annotations
 import struct
 from enum import StrEnum
 
-from sidecar.errors import ProtocolError
+from sidecar.errors import (
+    ProtocolError,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.skip import FIXED_SIZE, TType
@@ -73,3 +80,17 @@ def classify_reply(mtype: int, body: bytes | bytearray | memoryview) -> Outcome:
             return Outcome.INTERNAL_ERROR
         return Outcome.APP_EXCEPTION
     return Outcome.PROTOCOL_ERROR
+
+
+# The outcome each kind of failed exchange comes to.
+_ERROR_OUTCOMES: dict[type[UpstreamError], Outcome] = {
+    UpstreamUnavailable: Outcome.CONNECT_ERROR,
+    UpstreamClosed: Outcome.CONNECTION_CLOSED,
+    UpstreamTimeout: Outcome.TIMEOUT,
+    UpstreamProtocolError: Outcome.PROTOCOL_ERROR,
+}
+
+
+def classify_error(error: UpstreamError) -> Outcome:
+    """The outcome of an exchange that failed with ``error`` (closed, by default)."""
+    return _ERROR_OUTCOMES.get(type(error), Outcome.CONNECTION_CLOSED)

@@ -1,18 +1,21 @@
-"""Retry policy: after an attempt, decide whether to retry and how long to wait.
+"""Retry policy: after a failed attempt, decide whether to retry and how long to wait.
 
-The policy is plain data and one pure function, `RetryPolicy.decide`, which
-returns `Retry(wait)` or `GiveUp(reason)`; the pipeline does the awaiting (the
+`RetryPolicy.decide` is one pure function of the facts about the failed
+attempt: it returns `Retry(wait)` (wait, spend one budget token, attempt
+again) or `GiveUp(reason)`; the caller does the waiting and the spending (the
 split tenacity makes between ``iter()`` and its drivers). Rules of this file,
 checked in this order:
 
-1. only outcomes listed in ``retry_on`` are retried (ok, declared and
+1. a half-open probe is a single attempt;
+2. no retry into a circuit that opened while the attempt was in flight;
+3. only outcomes listed in ``retry_on`` are retried (ok, declared and
    application exceptions never are: they are answers);
-2. no attempt beyond ``max_attempts`` (the first one included);
-3. safe to repeat: a call that provably never left the sidecar (nothing was
+4. no attempt beyond ``max_attempts`` (the first one included);
+5. safe to repeat: a call that provably never left the sidecar (nothing was
    sent) always is, whatever the method, ``oneway`` included; a call that was
    sent only when its method is idempotent and it is not ``oneway``;
-4. no wait starts that cannot end before the deadline;
-5. the retry budget has a token.
+6. no wait starts that cannot end before the deadline;
+7. the retry budget holds a whole token.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sidecar.resilience.backoff import Backoff, UniformSource
-from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.outcome import Outcome
 
 
 @dataclass(frozen=True, slots=True)
 class Retry:
-    """Wait ``wait`` seconds, then attempt again."""
+    """Take one token from the retry budget, wait ``wait`` seconds, attempt again."""
 
     wait: float
 
@@ -38,12 +40,15 @@ class GiveUp:
     reason: str
 
 
-# GiveUp reasons, also the values of the retries metric's "reason" label.
+# GiveUp reasons, also the values of retries_given_up_total's "reason" label.
+PROBE = "probe"
+CIRCUIT_OPEN = "circuit_open"
 NOT_RETRYABLE = "not_retryable"
 UNSAFE = "unsafe"
 ATTEMPTS = "attempts_exhausted"
 DEADLINE = "deadline"
 BUDGET = "budget_exhausted"
+GIVE_UP_REASONS = (PROBE, CIRCUIT_OPEN, NOT_RETRYABLE, UNSAFE, ATTEMPTS, DEADLINE, BUDGET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +72,9 @@ class RetryPolicy:
         now: float,
         deadline_at: float,
         rng: UniformSource,
-        budget: RetryBudget | None,
+        tokens: float,
+        probe: bool = False,
+        circuit_open: bool = False,
     ) -> Retry | GiveUp:
         """Decide what follows attempt number ``attempt`` (1-based).
 
@@ -79,9 +86,18 @@ class RetryPolicy:
             now: the current time on the caller's monotonic clock.
             deadline_at: when the call's overall deadline expires, same clock.
             rng: random source for the jitter.
-            budget: the upstream's retry budget; a token is taken only when
-                every other rule allows the retry.
+            tokens: the retry budget's balance now (`RetryBudget.balance`).
+            probe: the call was let through as a half-open probe.
+            circuit_open: the call's breaker is open now.
+
+        Returns:
+            `Retry`: the caller takes one budget token, waits, and attempts
+            again; `GiveUp`: the caller answers with the last outcome.
         """
+        if probe:
+            return GiveUp(PROBE)
+        if circuit_open:
+            return GiveUp(CIRCUIT_OPEN)
         if outcome not in self.retry_on:
             return GiveUp(NOT_RETRYABLE)
         if attempt >= self.max_attempts:
@@ -91,6 +107,6 @@ class RetryPolicy:
         wait = self.backoff.wait(attempt, rng)
         if now + wait >= deadline_at:
             return GiveUp(DEADLINE)
-        if budget is not None and not budget.try_withdraw(now):
+        if tokens < 1.0:
             return GiveUp(BUDGET)
         return Retry(wait)

@@ -64,6 +64,7 @@ class Node:
             reset_timeout=reset_timeout,
             storage=self.storage,
             on_transition=lambda _n, old, new: self.transitions.append((old, new)),
+            clock=time.time,
         )
         self.storage.observe(lambda: self.breaker.state)
 

@@ -1,4 +1,8 @@
-"""docs/metrics-reference.md is generated from the live registry and cannot drift from it."""
+"""The generated references cannot drift from the code.
+
+docs/config-reference.md is generated from the config models, and
+docs/metrics-reference.md from the live metrics registry.
+"""
 
 from __future__ import annotations
 
@@ -6,15 +10,59 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sidecar.docs import metric_docs, render_metrics_reference
+import pytest
+
+from sidecar.docs import (
+    config_keys,
+    key_paths,
+    main,
+    metric_docs,
+    render_config_reference,
+    render_metrics_reference,
+)
 from sidecar.metrics import LABEL_DOCS, PROTOCOL_ERROR_KINDS, SidecarMetrics
-from sidecar.proxy import pipeline
+from sidecar.proxy import call
 from sidecar.resilience import retry
 from sidecar.resilience.outcome import Outcome
 from tests.ops.test_metrics import DESIGN_METRICS, MORE_METRICS
 from tests.support.sidecar import REPO_ROOT
 
 REFERENCE = REPO_ROOT / "docs" / "metrics-reference.md"
+CONFIG_REFERENCE = REPO_ROOT / "docs" / "config-reference.md"
+
+
+# the configuration reference
+
+
+def test_every_key_has_a_description() -> None:
+    keys = config_keys()
+    assert len(keys) == len(key_paths()) > 60
+    assert all(k.description.strip() for k in keys)
+
+
+def test_config_reference_is_up_to_date() -> None:
+    checked_in = CONFIG_REFERENCE.read_text()
+    assert checked_in == render_config_reference(), (
+        "docs/config-reference.md is stale: run "
+        "`python -m sidecar.docs config --write docs/config-reference.md`"
+    )
+    for key in config_keys():
+        heading = "." not in key.path and (key.section or key.type == "mapping of sections")
+        assert (f"## `{key.path}`" if heading else f"| `{key.path}` |") in checked_in
+    for variable in ("SIDECAR_REDIS_URL", "SIDECAR_UPSTREAM", "SIDECAR_LOG_FORMAT"):
+        assert f"`{variable}`" in checked_in
+
+
+def test_docs_check_flag_detects_drift(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stale = tmp_path / "ref.md"
+    stale.write_text(render_config_reference().replace("`250ms`", "`300ms`", 1) + "x\n")
+    assert main(["config", "--check", str(stale)]) == 1
+    assert "out of date" in capsys.readouterr().err
+    assert main(["config", "--write", str(stale)]) == 0
+    assert main(["config", "--check", str(stale)]) == 0
+
+
+# the metrics reference
 
 
 def _exported_name(family_name: str, kind: str) -> str:
@@ -66,16 +114,8 @@ def test_every_label_value_the_code_uses_is_documented() -> None:
     text = REFERENCE.read_text()
     values = {
         *(o.value for o in Outcome),
-        pipeline.CIRCUIT_OPEN,
-        pipeline.FALLBACK,
-        pipeline.BAD_REQUEST,
-        pipeline.PROBE,
-        pipeline.CIRCUIT_OPENED,
-        retry.NOT_RETRYABLE,
-        retry.UNSAFE,
-        retry.ATTEMPTS,
-        retry.DEADLINE,
-        retry.BUDGET,
+        *call.REQUEST_OUTCOMES,
+        *retry.GIVE_UP_REASONS,
         *PROTOCOL_ERROR_KINDS,
         "cache",
         "static",

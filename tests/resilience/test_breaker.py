@@ -1,17 +1,14 @@
 """The breaker adapter over pybreaker: admission, probes, recording, transitions, shared storage.
 
-pybreaker reads wall-clock time (``datetime.now``) and cannot be given a fake
-clock, so the tests that need the reset timeout to pass either use a short
-real one and poll with a deadline, or open the breaker with a long timeout and
-then shorten it with ``configure()`` (the open period is measured from
-pybreaker's own ``opened_at``, so a timeout of 0 lets the next call probe).
+The breaker takes a clock: every test here runs on a `FakeClock` and moves
+time by hand, so the reset timeout is checked to the microsecond, with no
+waiting and nothing reached inside pybreaker.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pybreaker
@@ -27,9 +24,21 @@ from sidecar.resilience.breaker import (
     Admission,
     Breaker,
 )
-from tests.support.wait import wait_until
 
-LONG = 3600.0  # a reset timeout no test waits for
+LONG = 3600.0  # a reset timeout no test lets pass by accident
+
+
+class FakeClock:
+    """Unix seconds that move only when told to."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class Transitions:
@@ -51,6 +60,7 @@ def make(
     storage: pybreaker.CircuitBreakerStorage | None = None,
     on_transition: Transitions | None = None,
     name: str = "up",
+    clock: FakeClock | None = None,
 ) -> Breaker:
     return Breaker(
         name,
@@ -60,6 +70,7 @@ def make(
         half_open_max_calls=half_open_max_calls,
         storage=storage,
         on_transition=on_transition,
+        clock=clock or FakeClock(),
     )
 
 
@@ -76,27 +87,19 @@ def admit_probe(breaker: Breaker) -> Admission:
 
 
 def open_breaker(breaker: Breaker) -> None:
-    for _ in range(breaker._cb.fail_max):
+    for _ in range(breaker.fail_max):
         fail_once(breaker)
     assert breaker.state == STATE_OPEN
 
 
 def to_half_open(breaker: Breaker) -> Admission:
-    """Let the open period end now; returns the first probe's admission."""
-    timeout = breaker._cb.reset_timeout
-    breaker.configure(
-        fail_max=breaker._cb.fail_max,
-        reset_timeout=0.0,
-        success_threshold=breaker._cb.success_threshold,
-        half_open_max_calls=breaker.half_open_max_calls,
-    )
+    """Let the open period end now (on the breaker's clock); returns the first probe."""
+    probe_in = breaker.probe_in()
+    assert probe_in is not None
+    clock = breaker._clock
+    assert isinstance(clock, FakeClock)
+    clock.advance(probe_in)
     admission = breaker.admit()
-    breaker.configure(
-        fail_max=breaker._cb.fail_max,
-        reset_timeout=timeout,
-        success_threshold=breaker._cb.success_threshold,
-        half_open_max_calls=breaker.half_open_max_calls,
-    )
     assert admission is Admission.PROBE
     assert breaker.state == STATE_HALF_OPEN
     return admission
@@ -149,28 +152,44 @@ def test_closed_admissions_are_unlimited() -> None:
 # Half-open
 
 
-def test_reset_timeout_on_the_wall_clock() -> None:
-    timeout = 0.1
-    breaker = make(fail_max=1, reset_timeout=timeout)
+def test_reset_timeout_on_the_clock_passed_in() -> None:
+    clock = FakeClock()
+    breaker = make(fail_max=1, reset_timeout=30.0, clock=clock)
     fail_once(breaker)
     opened_at = breaker.opened_at
     assert opened_at is not None
-
-    def admitted_at() -> datetime | None:
-        return datetime.now(UTC) if breaker.admit() is not None else None
-
-    first = wait_until(admitted_at, timeout=10.0, interval=0.005, message="a probe admitted")
-    assert first is not None
-    assert first >= opened_at + timedelta(seconds=timeout)
+    assert opened_at.timestamp() == pytest.approx(clock.now, abs=1e-6)
+    clock.advance(30.0 - 1e-3)
+    assert breaker.probe_in() == pytest.approx(1e-3, abs=1e-6)
+    assert breaker.admit() is None
+    assert breaker.state == STATE_OPEN
+    clock.advance(1e-3)
+    assert breaker.probe_in() == 0.0
+    assert breaker.admit() is Admission.PROBE
     assert breaker.state == STATE_HALF_OPEN
     assert breaker.probes_in_flight == 1
 
 
+def test_a_failed_probe_opens_again_for_a_whole_reset_timeout() -> None:
+    clock = FakeClock()
+    breaker = make(fail_max=1, reset_timeout=10.0, clock=clock)
+    fail_once(breaker)
+    probe = to_half_open(breaker)
+    clock.advance(4.0)
+    breaker.record(probe, failed=True)
+    assert breaker.state == STATE_OPEN
+    assert breaker.probe_in() == pytest.approx(10.0)
+    clock.advance(9.5)
+    assert breaker.admit() is None
+    clock.advance(0.5)
+    assert breaker.admit() is Admission.PROBE
+
+
 @pytest.mark.parametrize("max_calls", [1, 2, 5])
 def test_exactly_half_open_max_calls_probes_at_once(max_calls: int) -> None:
-    breaker = make(fail_max=1, reset_timeout=0.05, half_open_max_calls=max_calls)
+    breaker = make(fail_max=1, half_open_max_calls=max_calls)
     fail_once(breaker)
-    first = wait_until(breaker.admit, timeout=10.0, message="the first probe")
+    first = to_half_open(breaker)
     admissions = [first] + [breaker.admit() for _ in range(max_calls + 5)]
     assert admissions == [Admission.PROBE] * max_calls + [None] * 5 + [None]
     assert breaker.probes_in_flight == max_calls
@@ -413,27 +432,27 @@ def test_recording_matches_plain_pybreaker(
     assert ours_t.calls == plain_t.calls
 
 
-def test_shortcut_leaves_counters_and_listeners_alone() -> None:
-    calls: list[str] = []
+def test_shortcut_leaves_counters_and_storage_alone() -> None:
+    resets: list[str] = []
 
-    class Spy(pybreaker.CircuitBreakerListener):
-        def success(self, cb: pybreaker.CircuitBreaker) -> None:
-            calls.append("success")
+    class Storage(pybreaker.CircuitMemoryStorage):
+        def reset_counter(self) -> None:
+            resets.append("reset")
+            super().reset_counter()
 
-    breaker = make(fail_max=2)
-    breaker._cb.add_listener(Spy())
+    breaker = make(fail_max=2, storage=Storage(STATE_CLOSED))
     for _ in range(5):
         admission = breaker.admit()
         assert admission is Admission.CLOSED
         breaker.record(admission, failed=False)
     assert breaker.fail_counter == 0
     assert breaker.state == STATE_CLOSED
-    assert calls == []  # not replayed
+    assert resets == []  # not replayed
     fail_once(breaker)
     admission = breaker.admit()
     assert admission is Admission.CLOSED
     breaker.record(admission, failed=False)  # with a failure counted it is replayed
-    assert calls == ["success"]
+    assert resets == ["reset"]
     assert breaker.fail_counter == 0
 
 
@@ -477,18 +496,21 @@ def test_a_probe_through_one_breaker_closes_the_shared_circuit() -> None:
 
 def test_shared_storage_with_a_short_reset_timeout() -> None:
     storage = pybreaker.CircuitMemoryStorage(STATE_CLOSED)
-    a = make(fail_max=2, reset_timeout=0.1, storage=storage, name="a")
-    b = make(fail_max=2, reset_timeout=0.1, storage=storage, name="b")
+    clock = FakeClock()
+    a = make(fail_max=2, reset_timeout=0.1, storage=storage, name="a", clock=clock)
+    b = make(fail_max=2, reset_timeout=0.1, storage=storage, name="b", clock=clock)
     open_breaker(a)
     opened_at = a.opened_at
     assert opened_at is not None
-    probe = wait_until(b.admit, timeout=10.0, message="b admits a probe")
-    assert datetime.now(UTC) >= opened_at + timedelta(seconds=0.1)
+    clock.advance(0.09)
+    assert b.admit() is None
+    clock.advance(0.01)
+    probe = b.admit()
     assert probe is Admission.PROBE
     b.record(probe, failed=True)
     assert a.state == STATE_OPEN
     assert a.opened_at is not None
-    assert a.opened_at > opened_at
+    assert a.opened_at.timestamp() == pytest.approx(opened_at.timestamp() + 0.1)
 
 
 def test_random_interleavings_keep_probe_slots_consistent() -> None:

@@ -24,6 +24,15 @@ from hypothesis import strategies as st
 
 from sidecar.resilience.budget import SLOTS, RetryBudget
 
+
+def take(budget: RetryBudget, now: float) -> bool:
+    """Take a token as a call does: only when the balance holds a whole one."""
+    if budget.balance(now) >= 1.0:
+        budget.withdraw(now)
+        return True
+    return False
+
+
 # Retries per call are bounded so that every loop here is bounded.
 MAX_RETRIES_PER_CALL = 10_000
 EPS = 1e-9
@@ -47,7 +56,7 @@ def storm(budget: RetryBudget, call_times: list[float]) -> Tally:
         budget.deposit(t)
         tally.calls += 1
         for _ in range(MAX_RETRIES_PER_CALL):
-            if not budget.try_withdraw(t):
+            if not take(budget, t):
                 tally.refused += 1
                 break
             tally.retries += 1
@@ -73,27 +82,23 @@ def test_the_floor_allows_min_retries_per_second_times_window_with_no_calls(
     budget = RetryBudget(ratio=0.2, min_retries_per_second=min_rps, window=window)
     allowed = 0
     for _ in range(10_000):
-        if not budget.try_withdraw(5.0):
+        if not take(budget, 5.0):
             break
         allowed += 1
     assert allowed == math.floor(floor_tokens(min_rps, window))
-    assert budget.exhausted == 1
 
 
 def test_no_floor_and_no_calls_means_no_retries() -> None:
     budget = RetryBudget(ratio=0.2, min_retries_per_second=0.0, window=10.0)
-    assert not budget.try_withdraw(0.0)
+    assert not take(budget, 0.0)
     assert budget.balance(0.0) == 0.0
 
 
-def test_exhausted_counts_refusals_only() -> None:
+def test_only_whole_tokens_are_taken() -> None:
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.3, window=10.0)  # 3 tokens
-    results = [budget.try_withdraw(1.0) for _ in range(8)]
+    results = [take(budget, 1.0) for _ in range(8)]
     assert results == [True] * 3 + [False] * 5
-    assert budget.exhausted == 5
-    budget.deposit(1.0)
-    budget.balance(1.0)
-    assert budget.exhausted == 5
+    assert budget.balance(1.0) == pytest.approx(0.0)
 
 
 # Deposits
@@ -107,7 +112,7 @@ def test_each_call_deposits_ratio(ratio: float, calls: int) -> None:
     for _ in range(calls):
         budget.deposit(3.0)
     assert budget.balance(3.0) == pytest.approx(ratio * calls)
-    allowed = sum(budget.try_withdraw(3.0) for _ in range(100))
+    allowed = sum(take(budget, 3.0) for _ in range(100))
     assert allowed == round(ratio * calls)
 
 
@@ -135,12 +140,12 @@ def test_a_retry_is_remembered_for_a_whole_window(window: float, offset: float) 
     # otherwise retries within one window could exceed the floor.
     budget = RetryBudget(ratio=0.0, min_retries_per_second=2.0 / window, window=window)  # 2 tokens
     start = 50.0 + offset * window
-    assert budget.try_withdraw(start)
-    assert budget.try_withdraw(start)
+    assert take(budget, start)
+    assert take(budget, start)
     for step in range(1, 100):
         now = start + window * step / 100
-        assert not budget.try_withdraw(now), f"floor came back after {now - start:.4f}s"
-    assert budget.try_withdraw(start + window + window / SLOTS + EPS)
+        assert not take(budget, now), f"floor came back after {now - start:.4f}s"
+    assert take(budget, start + window + window / SLOTS + EPS)
 
 
 def test_a_quiet_window_resets_the_budget() -> None:
@@ -176,7 +181,6 @@ def test_window_bound(
     # of the calls less than (window - one slot) old were all there to use.
     recent = sum(1 for t in times if t > times[-1] - (window - window / SLOTS))
     assert tally.retries > recent * ratio + floor_tokens(min_rps, window) - 1 - EPS
-    assert budget.exhausted == tally.refused
 
 
 # The long-run bound
@@ -243,7 +247,7 @@ def test_retries_bounded_for_any_timing(case: Traffic) -> None:
             budget.deposit(t)
             calls += 1
             call_times.append(t)
-        elif budget.try_withdraw(t):
+        elif take(budget, t):
             retry_times.append(t)
         else:
             refused += 1
@@ -256,4 +260,3 @@ def test_retries_bounded_for_any_timing(case: Traffic) -> None:
         in_window = sum(1 for u in retry_times[i:] if u < t + window)
         deposits = sum(1 for c in call_times if t - window < c < t + window)
         assert in_window <= budget.ratio * deposits + floor + EPS
-    assert budget.exhausted == refused

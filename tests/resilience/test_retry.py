@@ -15,8 +15,10 @@ from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.retry import (
     ATTEMPTS,
     BUDGET,
+    CIRCUIT_OPEN,
     DEADLINE,
     NOT_RETRYABLE,
+    PROBE,
     UNSAFE,
     GiveUp,
     Retry,
@@ -67,8 +69,11 @@ def decide(
     deadline_at: float = NOW + 100.0,
     seed: int = 1,
     budget: RetryBudget | None = None,
+    probe: bool = False,
+    circuit_open: bool = False,
 ) -> Retry | GiveUp:
-    return policy.decide(
+    """Decide as a call does: the balance goes in, a Retry takes its token."""
+    decision = policy.decide(
         attempt=attempt,
         outcome=outcome,
         sent=sent,
@@ -76,8 +81,13 @@ def decide(
         now=now,
         deadline_at=deadline_at,
         rng=random.Random(seed),
-        budget=budget,
+        tokens=budget.balance(now) if budget is not None else 1e9,
+        probe=probe,
+        circuit_open=circuit_open,
     )
+    if budget is not None and isinstance(decision, Retry):
+        budget.withdraw(now)
+    return decision
 
 
 # Rule 1: only outcomes in retry_on are retried.
@@ -220,12 +230,10 @@ def test_deadline_uses_the_clock_value_passed_in() -> None:
 # Rule 5: the budget, consulted only when every other rule allows.
 
 
-def test_budget_refusal_gives_up_and_is_counted() -> None:
+def test_budget_refusal_gives_up() -> None:
     budget = empty_budget()
     assert decide(make_policy(), budget=budget) == GiveUp(BUDGET)
-    assert budget.exhausted == 1
     assert decide(make_policy(), budget=budget, sent=False) == GiveUp(BUDGET)
-    assert budget.exhausted == 2
 
 
 def test_a_retry_takes_one_token() -> None:
@@ -233,7 +241,6 @@ def test_a_retry_takes_one_token() -> None:
     decisions = [decide(make_policy(), budget=budget) for _ in range(5)]
     assert [isinstance(d, Retry) for d in decisions] == [True, True, True, False, False]
     assert budget.balance(NOW) == pytest.approx(0.0)
-    assert budget.exhausted == 2
 
 
 @pytest.mark.parametrize(
@@ -253,7 +260,6 @@ def test_a_retry_refused_for_another_reason_takes_no_token(
     before = budget.balance(NOW)
     assert decide(make_policy(), budget=budget, **kwargs) == GiveUp(reason)  # type: ignore[arg-type]
     assert budget.balance(NOW) == before
-    assert budget.exhausted == 0
     # The one token is still there for a retry that is allowed.
     assert isinstance(decide(make_policy(), budget=budget), Retry)
     assert decide(make_policy(), budget=budget) == GiveUp(BUDGET)
@@ -351,7 +357,6 @@ def test_rules_in_docstring_order(
     else:
         assert decision == GiveUp(reason)
         assert budget.balance(NOW) == before
-    assert budget.exhausted == (1 if reason == BUDGET else 0)
 
 
 def test_every_combination_of_the_boolean_rules() -> None:
@@ -375,3 +380,49 @@ def test_every_combination_of_the_boolean_rules() -> None:
         seen.add(reason)
         assert decision == (Retry(wait) if reason is None else GiveUp(reason))
     assert seen == {None, UNSAFE, BUDGET}
+
+
+# Rules 1 and 2: a probe is one attempt; no retry into a circuit that opened.
+
+
+@pytest.mark.parametrize("sent", [True, False])
+def test_a_half_open_probe_is_never_retried(sent: bool) -> None:
+    policy = make_policy(max_attempts=5)
+    assert decide(policy, probe=True, sent=sent, outcome=Outcome.CONNECT_ERROR) == GiveUp(PROBE)
+    assert isinstance(decide(policy, sent=sent, outcome=Outcome.CONNECT_ERROR), Retry)
+
+
+def test_no_retry_into_a_circuit_that_opened_meanwhile() -> None:
+    policy = make_policy(max_attempts=5)
+    assert decide(policy, circuit_open=True, sent=False) == GiveUp(CIRCUIT_OPEN)
+    # The probe rule comes first.
+    assert decide(policy, circuit_open=True, probe=True) == GiveUp(PROBE)
+
+
+def test_deciding_spends_nothing_by_itself() -> None:
+    """The decision is a pure function: the caller takes the token."""
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10.0)  # 1 token
+    policy = make_policy()
+    for _ in range(3):
+        decision = policy.decide(
+            attempt=1,
+            outcome=Outcome.CONNECTION_CLOSED,
+            sent=False,
+            oneway=False,
+            now=NOW,
+            deadline_at=NOW + 100.0,
+            rng=random.Random(1),
+            tokens=budget.balance(NOW),
+        )
+        assert isinstance(decision, Retry)
+    assert budget.balance(NOW) == pytest.approx(1.0)
+    assert policy.decide(
+        attempt=1,
+        outcome=Outcome.CONNECTION_CLOSED,
+        sent=False,
+        oneway=False,
+        now=NOW,
+        deadline_at=NOW + 100.0,
+        rng=random.Random(1),
+        tokens=0.999,
+    ) == GiveUp(BUDGET)

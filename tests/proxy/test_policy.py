@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 
-from sidecar import policy as policy_module
 from sidecar.config import SidecarConfig, load_config
 from sidecar.metrics import OTHER, MethodLabels
-from sidecar.policy import MAX_CACHED_NAMES, MethodPolicy, PolicyTable
+from sidecar.proxy import policy as policy_module
+from sidecar.proxy.policy import MAX_CACHED_NAMES, MethodPolicy, PolicyTable
 from sidecar.resilience.outcome import Outcome
 
 

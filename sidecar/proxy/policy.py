@@ -1,4 +1,4 @@
-"""What applies to each method: retry, idempotency, caching, static fallback.
+"""What applies to each method: retry, idempotency, caching, static fallback, metrics.
 
 Settings are resolved once per method name from the config and kept in a
 bounded table: names arrive on the wire, so a client sending endless new names
@@ -6,9 +6,10 @@ makes the table stop growing (names past the bound are resolved on every call,
 which is correct, only slower).
 
 Precedence for a name ``Svc:m``, key by key: ``methods["Svc:m"]``, then
-``methods["m"]``, then the global sections. A ``Svc:m`` entry that sets only
-``per_try_timeout`` keeps the rest of the ``m`` entry (``idempotent: false``
-included).
+``methods["m"]``, then the global sections (`sidecar.config.method_overrides`;
+idempotency by `sidecar.config.is_idempotent`, the rule `sidecar check-config`
+uses too). A ``Svc:m`` entry that sets only ``per_try_timeout`` keeps the
+rest of the ``m`` entry (``idempotent: false`` included).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sidecar.config import MethodConfig, SidecarConfig, matches_any
+from sidecar.config import SidecarConfig, is_idempotent, matches_any, method_overrides
+from sidecar.fallback.static import StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
@@ -28,14 +30,6 @@ T = TypeVar("T")
 # Most method names remembered; enough for any real service, small enough
 # that a client inventing names cannot grow the process.
 MAX_CACHED_NAMES = 10_000
-
-
-@dataclass(frozen=True, slots=True)
-class StaticReply:
-    """A result struct encoded at start-up, served with a fresh envelope."""
-
-    body: bytes
-    is_exception: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,23 +76,11 @@ class PolicyTable:
                 self._cache[name] = policy
         return policy
 
-    def _overrides(self, name: str) -> list[MethodConfig]:
-        """The ``methods`` entries that apply to a name, the most specific first."""
-        methods = self._config.methods
-        found = [methods[name]] if name in methods else []
-        if ":" in name:
-            bare = methods.get(name.rpartition(":")[2])
-            if bare is not None:
-                found.append(bare)
-        return found
-
     def _resolve(self, name: str) -> MethodPolicy:
         config = self._config
         service, method = split_name(name)
-        entries = self._overrides(name)
-        idempotent = _first(
-            (e.idempotent for e in entries), matches_any(name, config.retry.idempotent)
-        )
+        entries = method_overrides(config, name)
+        idempotent = is_idempotent(config, name)
         r = config.retry
         o = [e.retry for e in entries]
         retry = RetryPolicy(

@@ -1,0 +1,192 @@
+"""Building the sidecar's parts from a config: stores, breakers, pools, the call context.
+
+Functions only, no state of their own: `sidecar.app.lifecycle` calls them at
+start-up and `sidecar.app.reload` calls `call_context` again with a new
+config. Nothing here opens a socket; `make_store` may open the SQLite file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from sidecar.config import SidecarConfig, split_address
+from sidecar.errors import ConfigError
+from sidecar.fallback.service import Fallbacks
+from sidecar.fallback.static import StaticReply
+from sidecar.fallback.store import FallbackStore, MemoryStore
+from sidecar.fleet import Fleet
+from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.protocol.framing import Transport
+from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.context import CallContext
+from sidecar.proxy.policy import PolicyTable
+from sidecar.proxy.server import ServerSettings
+from sidecar.proxy.timeouts import Timeouts
+from sidecar.proxy.upstream import UpstreamPool
+from sidecar.resilience.breaker import Breaker, TransitionCallback
+from sidecar.resilience.breakers import BreakerSet
+from sidecar.resilience.budget import RetryBudget
+from sidecar.resilience.ejection import EjectionTracker
+from sidecar.resilience.outcome import Outcome
+
+
+def upstream_name(config: SidecarConfig) -> str:
+    """The name of the upstream in metrics and messages: its address(es)."""
+    return ",".join(config.upstream.addresses)
+
+
+def services_by_method(names: list[str]) -> dict[str, str]:
+    """Bare method name -> its service, for methods that exactly one ``Service:method`` names."""
+    found: dict[str, set[str]] = {}
+    for name in names:
+        service, sep, method = name.rpartition(":")
+        if sep:
+            found.setdefault(method, set()).add(service)
+    return {method: services.pop() for method, services in found.items() if len(services) == 1}
+
+
+def make_store(config: SidecarConfig, fleet: Fleet | None) -> FallbackStore:
+    """The fallback store the config asks for (``redis`` uses the fleet's connection).
+
+    Raises:
+        ConfigError: the backend is not available, or its file cannot be used.
+    """
+    cache = config.fallback.cache
+    if cache.backend == "redis" and fleet is not None:
+        from sidecar.fallback.redis import RedisStore
+
+        return RedisStore(
+            fleet.backend,
+            namespace=upstream_name(config),
+            ttl=cache.ttl,
+            max_entries=cache.max_entries,
+            max_bytes=cache.max_bytes,
+        )
+    if cache.backend == "memory":
+        return MemoryStore(ttl=cache.ttl, max_entries=cache.max_entries, max_bytes=cache.max_bytes)
+    if cache.backend == "sqlite" and cache.path is not None:
+        from sidecar.fallback.sqlite import SqliteStore
+
+        return SqliteStore(
+            cache.path, ttl=cache.ttl, max_entries=cache.max_entries, max_bytes=cache.max_bytes
+        )
+    raise ConfigError(f"fallback.cache.backend: {cache.backend!r} is not available in this build")
+
+
+def breakers(
+    config: SidecarConfig,
+    metrics: SidecarMetrics,
+    fleet: Fleet | None,
+    on_transition: TransitionCallback,
+) -> BreakerSet:
+    """The upstream's breakers (one, or one per method label), shared through the fleet."""
+    b = config.breaker
+
+    def make(name: str) -> Breaker:
+        shared = fleet.breaker_storage(name, b.reset_timeout) if fleet else None
+        breaker = Breaker(
+            name,
+            fail_max=b.fail_max,
+            reset_timeout=b.reset_timeout,
+            success_threshold=b.success_threshold,
+            half_open_max_calls=b.half_open_max_calls,
+            storage=shared,
+            on_transition=on_transition,
+            clock=time.time,
+        )
+        if shared is not None:  # a state adopted from the fleet fires the listener at once
+            shared.observe(lambda: breaker.state)
+        metrics.breaker_state.labels(name).set(0)
+        metrics.breaker_last_opened.labels(name).set(0)
+        return breaker
+
+    return BreakerSet(make, upstream_name(config), b.scope == "method")
+
+
+def upstreams(
+    config: SidecarConfig, timeouts: Timeouts, loop: asyncio.AbstractEventLoop
+) -> UpstreamSet:
+    """The upstream's addresses, with passive ejection; pools are opened on first use."""
+    u = config.upstream
+
+    def pool(address: str, transport: Transport) -> UpstreamPool:
+        host, port = split_address(address)
+        return UpstreamPool(
+            address,
+            host,
+            port,
+            transport,
+            size=u.pool_size,
+            connect_timeout=u.connect_timeout,
+            max_message_size=config.max_frame_size,
+            timeouts=timeouts,
+            loop=loop,
+        )
+
+    tracker = EjectionTracker(
+        list(u.addresses),
+        consecutive_failures=u.ejection.consecutive_failures,
+        base_time=u.ejection.base_time,
+        max_time=u.ejection.max_time,
+        max_percent=u.ejection.max_percent,
+    )
+    return UpstreamSet(u.addresses, pool, tracker, loop.time)
+
+
+def budget(config: SidecarConfig) -> RetryBudget:
+    """The upstream's retry budget."""
+    b = config.retry.budget
+    return RetryBudget(b.ratio, b.min_retries_per_second, b.window)
+
+
+def fallbacks(config: SidecarConfig, store: FallbackStore) -> Fallbacks:
+    """What to remember and serve, over ``store``."""
+    return Fallbacks(
+        store,
+        serve_on=frozenset(config.fallback.serve_on),
+        cache_declared_exceptions=config.fallback.cache_declared_exceptions,
+    )
+
+
+def call_context(
+    config: SidecarConfig,
+    *,
+    loop: asyncio.AbstractEventLoop,
+    upstream_set: UpstreamSet,
+    breaker_set: BreakerSet,
+    retry_budget: RetryBudget,
+    store: FallbackStore,
+    metrics: SidecarMetrics,
+    labels: MethodLabels,
+    static_replies: dict[str, StaticReply],
+    service_of: dict[str, str],
+    rng: random.Random | None = None,
+) -> CallContext:
+    """The context calls start with, for this config and these long-lived parts."""
+    transport = config.upstream.transport
+    return CallContext(
+        loop=loop,
+        upstreams=upstream_set,
+        upstream_transport=None if transport == "same" else Transport(transport),
+        upstream_name=upstream_name(config),
+        policies=PolicyTable(config, labels, static_replies, metrics.calls, service_of),
+        breakers=breaker_set,
+        budget=retry_budget,
+        fallbacks=fallbacks(config, store),
+        metrics=metrics,
+        trip_on=frozenset(Outcome(v) for v in config.breaker.trip_on),
+        rng=rng or random.Random(),
+    )
+
+
+def server_settings(config: SidecarConfig) -> ServerSettings:
+    """The client-side limits of the Thrift listener."""
+    return ServerSettings(
+        transport=config.transport,
+        max_frame_size=config.max_frame_size,
+        max_depth=config.max_depth,
+        max_connections=config.max_connections,
+        idle_timeout=config.idle_timeout,
+    )

@@ -1,0 +1,316 @@
+"""One running sidecar: start, stop, and `serve` until a signal says otherwise.
+
+`Sidecar` owns the parts and their lifetimes; it builds them with
+`sidecar.app.build` in `start` (the constructor does no I/O), answers
+``/state`` through `sidecar.app.state`, and applies reloads through
+`sidecar.app.reload`. A start that fails half-way (the admin port is taken)
+closes what it had opened, the Thrift listener included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from sidecar import __version__
+from sidecar.admin import AdminServer
+from sidecar.app import build
+from sidecar.app.gauges import Gauges, transition_listener
+from sidecar.config import SidecarConfig, require_upstream, split_address
+from sidecar.fallback.static import StaticReply
+from sidecar.fallback.store import FallbackStore
+from sidecar.fleet import Fleet, make_fleet
+from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.proxy.context import CallContext
+from sidecar.proxy.server import Server
+from sidecar.proxy.timeouts import Timeouts
+from sidecar.resilience.breakers import BreakerSet
+
+log = logging.getLogger("sidecar")
+
+# Seconds between housekeeping rounds: idle connections, gauges.
+HOUSEKEEPING_INTERVAL = 1.0
+
+
+@dataclass(slots=True)
+class Parts:
+    """What a started sidecar runs on; made by `Sidecar.start`."""
+
+    fleet: Fleet | None
+    store: FallbackStore
+    timeouts: Timeouts
+    breakers: BreakerSet
+    server: Server
+    admin: AdminServer | None = None
+    housekeeping: asyncio.Task[None] | None = None
+
+
+class Sidecar:
+    """One sidecar: Thrift listener, calls, upstream pools, admin endpoint.
+
+    Args:
+        config: validated configuration (at least one upstream address).
+        static_replies: static fallback replies by method name (from the IDL).
+        known_methods: method names that always get their own metrics label.
+        metrics: the metrics to count into (a fresh registry by default).
+
+    Raises:
+        ConfigError: no upstream address.
+    """
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        static_replies: dict[str, StaticReply] | None = None,
+        known_methods: list[str] | None = None,
+        metrics: SidecarMetrics | None = None,
+    ) -> None:
+        require_upstream(config)
+        self.config = config
+        self.config_version = 1
+        self.metrics = metrics or SidecarMetrics()
+        self.static_replies = static_replies or {}
+        known = sorted(set(config.methods) | set(known_methods or []))
+        self.labels = MethodLabels(known, config.metrics.max_method_labels)
+        self.service_of = build.services_by_method(known)
+        self.upstream_name = build.upstream_name(config)
+        self.gauges = Gauges(self.metrics, self.labels)
+        self.ready = False
+        self.started_at = time.time()
+        self.listen_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self.pending_restart: tuple[str, ...] = ()
+        self.last_reload_error: str | None = None
+        self.parts: Parts | None = None
+
+    # the running parts
+
+    def _running(self) -> Parts:
+        if self.parts is None:
+            raise RuntimeError("the sidecar is not running")
+        return self.parts
+
+    @property
+    def context(self) -> CallContext:
+        """The context new calls start with."""
+        return self._running().server.context
+
+    @property
+    def server(self) -> Server:
+        return self._running().server
+
+    @property
+    def breakers(self) -> BreakerSet:
+        return self._running().breakers
+
+    @property
+    def store(self) -> FallbackStore:
+        return self._running().store
+
+    @property
+    def fleet(self) -> Fleet | None:
+        return self._running().fleet
+
+    # lifecycle
+
+    async def start(self) -> None:
+        """Build the parts, then listen on the Thrift and admin ports.
+
+        Raises:
+            ConfigError: the fallback store cannot be used.
+            OSError: a port cannot be bound; nothing is left listening.
+        """
+        loop = asyncio.get_running_loop()
+        config = self.config
+        fleet = make_fleet(config, self.metrics)  # None in local mode
+        store = build.make_store(config, fleet)
+        timeouts = Timeouts(loop)
+        on_transition = transition_listener(self.metrics, lambda: self.config.breaker.reset_timeout)
+        breakers = build.breakers(config, self.metrics, fleet, on_transition)
+        context = build.call_context(
+            config,
+            loop=loop,
+            upstream_set=build.upstreams(config, timeouts, loop),
+            breaker_set=breakers,
+            retry_budget=build.budget(config),
+            store=store,
+            metrics=self.metrics,
+            labels=self.labels,
+            static_replies=self.static_replies,
+            service_of=self.service_of,
+        )
+        server = Server(context, build.server_settings(config), self.metrics, loop)
+        self.parts = parts = Parts(fleet, store, timeouts, breakers, server)
+        try:
+            if fleet is not None:  # the fleet's breaker state, read before the first call
+                await fleet.start()
+            self.listen_address = await server.listen(*split_address(config.listen))
+            if config.metrics.listen is not None:
+                from sidecar.app.state import state_document
+
+                admin = AdminServer(
+                    self.metrics.registry,
+                    lambda: self.ready,
+                    lambda: state_document(self),
+                    self.refresh_gauges,
+                )
+                self.admin_address = await admin.listen(*split_address(config.metrics.listen))
+                parts.admin = admin
+        except BaseException:
+            await self._close(parts)
+            self.parts = None
+            raise
+        parts.housekeeping = loop.create_task(self._housekeep())
+        self.gauges.init_series(config, context)
+        self.ready = True
+        log.info(
+            "thrift-sidecar %s listening on %s:%d (transport %s), upstream %s (transport %s)%s",
+            __version__,
+            *self.listen_address,
+            config.transport,
+            self.upstream_name,
+            config.upstream.transport,
+            f", admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
+            if self.admin_address
+            else "",
+        )
+
+    async def stop(self, drain_timeout: float | None = None) -> bool:
+        """Stop accepting, drain calls in flight, close everything.
+
+        Returns:
+            True when every call in flight finished within the drain timeout.
+        """
+        self.ready = False
+        parts = self.parts
+        if parts is None:
+            return True
+        timeout = self.config.drain_timeout if drain_timeout is None else drain_timeout
+        log.info("draining: no new connections, waiting up to %gs for calls in flight", timeout)
+        finished = await parts.server.drain(timeout)
+        if not finished:
+            log.warning("drain timeout passed; closed connections with calls still in flight")
+        await self._close(parts)
+        log.info("stopped")
+        return finished
+
+    async def _close(self, parts: Parts) -> None:
+        """Close every part, whatever state the start left it in."""
+        if parts.housekeeping is not None:
+            parts.housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await parts.housekeeping
+        await parts.server.close_listener()
+        parts.server.context.upstreams.close()
+        parts.timeouts.close()
+        if parts.admin is not None:
+            await parts.admin.close()
+        await parts.store.close()
+        if parts.fleet is not None:
+            await parts.fleet.stop()
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            try:
+                parts = self._running()
+                parts.server.sweep()
+                for pool in parts.server.context.upstreams.pools():
+                    pool.close_idle(self.config.upstream.idle_timeout)
+                self.refresh_gauges()
+            except Exception:
+                log.exception("housekeeping failed")
+
+    def use_context(self, context: CallContext) -> None:
+        """Calls that start from now on use ``context`` (a reload)."""
+        self._running().server.use_context(context)
+
+    def refresh_gauges(self) -> None:
+        """Update the gauges read off the parts (every second, and before each scrape)."""
+        parts = self.parts
+        if parts is not None:
+            self.gauges.refresh(self.config, parts.server.context, parts.store, parts.fleet)
+
+    def reload(
+        self, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+    ) -> list[str]:
+        """Apply a new config without closing any connection; see `sidecar.app.reload`.
+
+        Returns:
+            The keys whose change needs a restart (not applied).
+        """
+        from sidecar.app.reload import apply
+
+        return apply(self, new, static_replies)
+
+
+@contextlib.contextmanager
+def signal_handlers(
+    loop: asyncio.AbstractEventLoop, handlers: dict[signal.Signals, Callable[[], None]]
+) -> Iterator[None]:
+    """Install loop signal handlers, and remove them on the way out."""
+    installed = []
+    try:
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
+            installed.append(sig)
+        yield
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+Reloader = Callable[[], tuple[SidecarConfig, dict[str, Any]]]
+
+
+async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool:
+    """Run until SIGTERM or SIGINT; reload on SIGHUP. Returns whether the drain was clean.
+
+    - SIGTERM/SIGINT: `Sidecar.stop`: stop accepting (the listener closes, so
+      new connections are refused; ``/readyz`` answers 503), close idle
+      client connections, let calls in flight finish for up to
+      ``drain_timeout``, then cut what is left. A second signal is logged and
+      changes nothing.
+    - SIGHUP: `sidecar.app.reload.on_sighup`. No connection is closed.
+
+    Args:
+        sidecar: the sidecar to run (not started yet).
+        reload_config: loads and checks the config again, returning it and
+            the IDL's parts (``static_replies``); raises ConfigError.
+    """
+    from sidecar.app.reload import on_sighup
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_stop(name: str) -> None:
+        if stop.is_set():
+            log.info("%s received: already draining", name, extra={"signal": name})
+            return
+        log.info("%s received: shutting down", name, extra={"signal": name})
+        stop.set()
+
+    def on_reload() -> None:
+        if stop.is_set():
+            log.warning("SIGHUP ignored: shutting down")
+            return
+        on_sighup(sidecar, reload_config)
+
+    handlers = {
+        signal.SIGTERM: lambda: on_stop("SIGTERM"),
+        signal.SIGINT: lambda: on_stop("SIGINT"),
+        signal.SIGHUP: on_reload,
+    }
+    with signal_handlers(loop, handlers):
+        # Handlers first: a SIGTERM right after "listening" must drain, not kill.
+        await sidecar.start()
+        sidecar.refresh_gauges()  # the start-up series exist before the first call
+        await stop.wait()
+        return await sidecar.stop()

@@ -1,0 +1,129 @@
+"""The ``/state`` document: what an operator asks a sick sidecar first.
+
+Read off the running parts at the moment of the request; JSON-ready values only.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+from sidecar import __version__
+from sidecar.resilience.breaker import Breaker
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from sidecar.app.lifecycle import Sidecar
+
+
+def state_document(sidecar: Sidecar) -> dict[str, Any]:
+    """The ``/state`` document of a running sidecar.
+
+    Keys: ``version``, ``config_version``, ``ready``, ``uptime_seconds``,
+    ``listen``, ``upstream`` (addresses, ejected ones), ``breakers`` (state,
+    counters, settings, seconds until a probe), ``pools`` (per address and
+    transport), ``retry_budget``, ``fallback_store`` and
+    ``fallback_store_losses`` (writes dropped or failed, reads missed),
+    ``shared_state`` (fleet mode: the Redis URL without password, whether it
+    answers, the last error, each breaker's state as Redis holds it),
+    ``config`` (reloads, the last error, changes waiting for a restart),
+    ``method_labels`` and ``client_connections``.
+    """
+    parts = sidecar.parts
+    if parts is None:
+        return {"version": __version__, "ready": False}
+    metrics = sidecar.metrics
+    context = parts.server.context
+    now = context.loop.time()
+    transitions = _samples(metrics.breaker_transitions, "breaker_transitions_total")
+    ejected = context.upstreams.ejected()
+    stats = parts.store.stats()
+    budget = sidecar.config.retry.budget
+    exhausted = _samples(metrics.retry_budget_exhausted, "retry_budget_exhausted_total")
+    reloads = _samples(metrics.config_reloads, "config_reloads_total")
+    return {
+        "version": __version__,
+        "config_version": sidecar.config_version,
+        "ready": sidecar.ready,
+        "uptime_seconds": round(time.time() - sidecar.started_at, 3),
+        "listen": sidecar.config.listen,
+        "upstream": {
+            "name": sidecar.upstream_name,
+            "addresses": list(sidecar.config.upstream.addresses),
+            "ejected": ejected,
+        },
+        "breakers": [_breaker(b, transitions) for b in parts.breakers.all()],
+        "pools": [
+            {
+                "address": pool.address,
+                "transport": pool.transport_kind.value,
+                "open": pool.open_connections,
+                "idle": pool.idle_connections,
+                "busy": pool.open_connections - pool.idle_connections,
+                "max": pool.size,
+                "ejected": pool.address in ejected,
+            }
+            for pool in context.upstreams.pools()
+        ],
+        "retry_budget": {
+            "tokens": round(context.budget.balance(now), 3),
+            "exhausted_total": int(exhausted.get((sidecar.upstream_name,), 0)),
+            "ratio": budget.ratio,
+            "min_retries_per_second": budget.min_retries_per_second,
+            "window_seconds": budget.window,
+        },
+        "fallback_store": {
+            "backend": stats.backend,
+            "entries": stats.entries,
+            "bytes": stats.bytes,
+            "healthy": stats.healthy,
+        },
+        "fallback_store_losses": {
+            "dropped_writes": stats.dropped_writes,
+            "failed_writes": stats.failed_writes,
+            "missed_reads": stats.missed_reads,
+        },
+        "shared_state": parts.fleet.describe() if parts.fleet else {"enabled": False},
+        "config": {
+            "version": sidecar.config_version,
+            "reloads_ok": int(reloads.get(("ok",), 0)),
+            "reloads_failed": int(reloads.get(("error",), 0)),
+            "last_reload_error": sidecar.last_reload_error,
+            "restart_needed_for": list(sidecar.pending_restart),
+        },
+        "method_labels": {"in_use": sidecar.labels.in_use(), "max": sidecar.labels.limit},
+        "client_connections": len(parts.server.connections),
+    }
+
+
+def _breaker(breaker: Breaker, transitions: dict[tuple[str, ...], float]) -> dict[str, Any]:
+    opened = breaker.opened_at
+    probe_in = breaker.probe_in()
+    return {
+        "name": breaker.name,
+        "state": breaker.state,
+        "consecutive_failures": breaker.fail_counter,
+        "half_open_successes": breaker.success_counter,
+        "probes_in_flight": breaker.probes_in_flight,
+        "rejected_calls": breaker.rejected,
+        "last_opened": opened.isoformat() if opened else None,
+        "probe_in_seconds": round(probe_in, 3) if probe_in is not None else None,
+        "transitions": {
+            f"{old}->{new}": int(v)
+            for (name, old, new), v in sorted(transitions.items())
+            if name == breaker.name and v
+        },
+        "fail_max": breaker.fail_max,
+        "reset_timeout_seconds": breaker.reset_timeout,
+    }
+
+
+def _samples(metric: MetricWrapperBase, sample_name: str) -> dict[tuple[str, ...], float]:
+    """The values of one labelled metric by label values, read through its public ``collect``."""
+    found: dict[tuple[str, ...], float] = {}
+    for family in metric.collect():
+        for sample in family.samples:
+            if sample.name.endswith(sample_name):
+                found[tuple(sample.labels.values())] = sample.value
+    return found

@@ -1,0 +1,307 @@
+"""One client connection: bytes in, calls run one at a time, replies out in order.
+
+`ClientConnection` is an `asyncio.Protocol`. Its decoder turns bytes into
+messages (the transport detected from the first bytes, or forced by config);
+messages wait in a per-connection queue and run one at a time, in arrival
+order, exactly as a Thrift server executes the calls of one connection: the
+next starts when the previous one's reply is written (`_pump`, no task per
+connection or per call). A client that pipelines requests gets its replies
+in request order, and the next request is read while the current one is in
+flight.
+
+Flow control: reading pauses while more than `MAX_QUEUED_MESSAGES` messages
+or `MAX_QUEUED_BYTES` bytes wait, and resumes below half of that; no next
+call starts while the client's socket buffer is full (``pause_writing``
+until ``resume_writing``).
+
+A client that breaks the protocol gets the replies to the calls it sent
+before, then a ``TApplicationException(PROTOCOL_ERROR)`` where a seqid is
+known, and its connection is closed; it is logged (rate-limited) and counted.
+A client that closes its side still has every call it sent executed (oneway
+calls included), unless a drain timeout cuts them off; the server keeps such
+a connection in its books until its calls are done.
+
+Every asyncio callback of this class runs behind one guard at the connection
+boundary (`_boundary`): a bug closes this connection only, counted as a
+protocol error of kind ``internal``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar, cast
+
+from sidecar.errors import ProtocolError
+from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
+from sidecar.protocol.framing import (
+    AutoDecoder,
+    BufferedDecoder,
+    FramedDecoder,
+    Message,
+    Transport,
+    frame,
+    make_decoder,
+)
+from sidecar.proxy.call import Call, Wire
+
+if TYPE_CHECKING:
+    from sidecar.proxy.server import Server
+
+log = logging.getLogger("sidecar.server")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+MAX_QUEUED_MESSAGES = 64
+MAX_QUEUED_BYTES = 8 << 20
+
+# The answer to an HTTP request that arrived on the Thrift port.
+_HTTP_BODY = (
+    b"This is the Thrift port of thrift-sidecar (binary protocol, framed or buffered).\n"
+    b"HTTP endpoints (/metrics, /healthz, /readyz, /state) are on the admin port.\n"
+)
+_HTTP_MISDIRECTED = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+    + b"Content-Length: "
+    + str(len(_HTTP_BODY)).encode()
+    + b"\r\n\r\n"
+    + _HTTP_BODY
+)
+
+
+def _boundary(
+    callback: Callable[Concatenate[ClientConnection, P], R],
+) -> Callable[Concatenate[ClientConnection, P], R | None]:
+    """The guard of every asyncio callback: a bug costs this connection, nothing else."""
+
+    def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
+        try:
+            return callback(self, *args, **kwargs)
+        except Exception:
+            self._crashed()
+            return None
+
+    guarded.__doc__ = callback.__doc__
+    return guarded
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self._server = server
+        self._loop = server.loop
+        settings = server.settings
+        self._decoder: AutoDecoder | FramedDecoder | BufferedDecoder
+        if settings.transport == "auto":
+            self._decoder = AutoDecoder(
+                lambda t: make_decoder(t, settings.max_frame_size, settings.max_depth)
+            )
+            self._kind: Transport | None = None
+        else:
+            self._kind = Transport(settings.transport)
+            self._decoder = make_decoder(self._kind, settings.max_frame_size, settings.max_depth)
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[Message | ProtocolError] = deque()
+        self._queued_bytes = 0
+        self._call: Call | None = None  # the call in flight
+        self._pumping = False
+        self._reading_paused = False
+        self._writable = True
+        self._eof = False
+        self.lost = False
+        self._aborted = False
+        self.peer = "?"
+        self.last_active = self._loop.time()
+
+    # asyncio callbacks
+
+    @_boundary
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+        self._transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer = f"{peer[0]}:{peer[1]}"
+        if not self._server.admit(self):
+            self._transport.abort()
+
+    @_boundary
+    def data_received(self, data: bytes) -> None:
+        self.last_active = self._loop.time()
+        error: ProtocolError | None
+        try:
+            messages = self._decoder.receive_data(data)
+        except ProtocolError as exc:
+            messages, error = [], exc
+        else:
+            # An error after whole messages in this read: those are answered first.
+            error = self._decoder.error
+        if self._kind is None:
+            # Known once detected, even when the first message then breaks the protocol:
+            # the PROTOCOL_ERROR answer is written in it.
+            self._kind = self._decoder.transport  # type: ignore[union-attr]
+        if not messages and error is None:
+            return
+        self._queue.extend(messages)
+        for message in messages:
+            self._queued_bytes += len(message.buf)
+        if error is not None:
+            self._queue.append(error)
+            self._pause_reading()
+        elif (
+            len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
+        ) and not self._reading_paused:
+            self._pause_reading()
+        self._pump()
+
+    @_boundary
+    def eof_received(self) -> bool:
+        self._eof = True
+        if self._decoder.error is None:  # else it is queued already
+            try:
+                self._decoder.receive_data(b"")
+            except ProtocolError as exc:
+                self._queue.append(exc)
+        self._pump()
+        return True  # keep our side open to write the pending replies
+
+    @_boundary
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self._writable = True
+        self._server.forget(self)
+        self._pump()  # what was accepted still runs (oneway calls included)
+
+    def pause_writing(self) -> None:
+        self._writable = False
+
+    @_boundary
+    def resume_writing(self) -> None:
+        self._writable = True
+        self._pump()
+
+    # running the queue
+
+    def _pump(self) -> None:
+        """Start queued calls one at a time, in order, while the client can take replies.
+
+        A call that finishes at once (a fallback, an error) lets the loop go
+        on to the next; one that waits for the upstream calls `_answer` later,
+        which pumps again. Re-entry is harmless: only the outermost pump runs.
+        """
+        if self._pumping:
+            return
+        self._pumping = True
+        queue = self._queue
+        server = self._server
+        try:
+            while self._call is None and queue and self._writable and not self._aborted:
+                item = queue.popleft()
+                if isinstance(item, ProtocolError):
+                    self._protocol_error(item)
+                    return
+                self._queued_bytes -= len(item.buf)
+                if self._reading_paused and (
+                    len(queue) <= MAX_QUEUED_MESSAGES // 2
+                    and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+                ):
+                    self._resume_reading()
+                assert self._kind is not None
+                call = server.call_factory(server.context, item, self._kind, self._answer)
+                self._call = call
+                call.start()
+        finally:
+            self._pumping = False
+        if self._call is None and not queue:
+            if self._eof or self.lost or server.draining:
+                self.close()
+            if self.lost:
+                server.finished(self)
+
+    @_boundary
+    def _answer(self, reply: Wire | None) -> None:
+        """The call in flight finished (`Call` done callback)."""
+        self._call = None
+        self.last_active = self._loop.time()
+        if reply is not None and not self.lost and self._transport is not None:
+            self._transport.write(reply)
+        self._pump()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        """Answer what can be answered, count, log, close this connection only."""
+        self._server.metrics.protocol_errors.labels(exc.kind).inc()
+        self._server.protocol_log.warning(
+            "closing client %s: %s (%s)",
+            self.peer,
+            exc,
+            exc.kind,
+            extra={"peer": self.peer, "kind": exc.kind},
+        )
+        if exc.seqid is not None and self._kind is not None and not self.lost:
+            name = (exc.name or "").rpartition(":")[2]
+            message = encode_application_exception(
+                name,
+                exc.seqid,
+                ApplicationExceptionType.PROTOCOL_ERROR,
+                f"sidecar: {exc}",
+                exc.strict,
+            )
+            assert self._transport is not None
+            self._transport.write(frame(message, self._kind))
+        elif exc.kind == "http" and self._transport is not None and not self.lost:
+            self._transport.write(_HTTP_MISDIRECTED)
+        self._queue.clear()
+        self.close()
+        if self.lost:
+            self._server.finished(self)
+
+    def _crashed(self) -> None:
+        """A bug in the sidecar while serving this connection: close it, count, log."""
+        log.exception("unexpected error serving client %s; closing its connection", self.peer)
+        self._server.metrics.protocol_errors.labels("internal").inc()
+        self.abort()
+
+    # helpers
+
+    def _pause_reading(self) -> None:
+        if self._transport is not None and not self._reading_paused:
+            self._reading_paused = True
+            with contextlib.suppress(RuntimeError):
+                self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._transport is not None and self._reading_paused and not self.lost:
+            self._reading_paused = False
+            with contextlib.suppress(RuntimeError):
+                self._transport.resume_reading()
+
+    @property
+    def busy(self) -> bool:
+        """A call is in flight."""
+        return self._call is not None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing in flight and nothing queued."""
+        return self._call is None and not self._queue
+
+    def close(self) -> None:
+        """Close after the pending writes are flushed."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Close now, dropping what is queued (a bug, or shutdown after the drain timeout)."""
+        self._aborted = True
+        self._queue.clear()
+        call, self._call = self._call, None
+        if call is not None:
+            call.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+        if self.lost:
+            self._server.finished(self)

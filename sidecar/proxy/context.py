@@ -1,0 +1,54 @@
+"""What every call needs, in one immutable object: `CallContext`.
+
+A call takes the context current when it starts and keeps it to the end. A
+config reload builds a new context (`sidecar.app.reload`) and the server hands
+it to the calls that start afterwards; calls in flight finish on the one they
+started with, so no setting changes under a running call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+from sidecar.fallback.service import Fallbacks
+from sidecar.metrics import SidecarMetrics
+from sidecar.protocol.framing import Transport
+from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.policy import PolicyTable
+from sidecar.resilience.breakers import BreakerSet
+from sidecar.resilience.budget import RetryBudget
+from sidecar.resilience.outcome import Outcome
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """The parts a call uses.
+
+    Attributes:
+        loop: the event loop (kept: ``asyncio.get_running_loop()`` costs a
+            ``getpid()`` system call).
+        upstreams: the upstream's addresses and their pools.
+        upstream_transport: the transport the upstream speaks; None = the client's.
+        upstream_name: the upstream's name in metrics and messages.
+        policies: per-method settings, resolved from the config.
+        breakers: the upstream's circuit breakers.
+        budget: the upstream's retry budget.
+        fallbacks: what to remember and serve when the upstream cannot answer.
+        metrics: where calls are counted.
+        trip_on: attempt outcomes that count as failures (breaker, ejection).
+        rng: the random source of the backoff jitter.
+    """
+
+    loop: asyncio.AbstractEventLoop
+    upstreams: UpstreamSet
+    upstream_transport: Transport | None
+    upstream_name: str
+    policies: PolicyTable
+    breakers: BreakerSet
+    budget: RetryBudget
+    fallbacks: Fallbacks
+    metrics: SidecarMetrics
+    trip_on: frozenset[Outcome]
+    rng: random.Random
