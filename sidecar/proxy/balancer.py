@@ -30,8 +30,6 @@ class UpstreamSet:
         tracker: EjectionTracker,
         clock: Callable[[], float],
     ) -> None:
-        if not addresses:
-            raise ValueError("at least one upstream address is needed")
         self.addresses = list(addresses)
         self.tracker = tracker
         self._make_pool = make_pool
@@ -58,17 +56,23 @@ class UpstreamSet:
         if n == 1:
             return self.pool(addresses[0], transport)
         start = self._next
-        self._next = (start + 1) % n
         now = self._clock()
-        second_choice: str | None = None
+        second_choice: int | None = None
         for i in range(n):
-            address = addresses[(start + i) % n]
+            index = (start + i) % n
+            address = addresses[index]
             if not self.tracker.available(address, now):
                 continue
             if address not in tried:
-                return self.pool(address, transport)
-            second_choice = second_choice or address
-        return self.pool(second_choice or addresses[start], transport)
+                return self._picked(index, transport)
+            if second_choice is None:
+                second_choice = index
+        return self._picked(start if second_choice is None else second_choice, transport)
+
+    def _picked(self, index: int, transport: Transport) -> UpstreamPool:
+        """The pool of address ``index``; the rotation goes on after it."""
+        self._next = (index + 1) % len(self.addresses)
+        return self.pool(self.addresses[index], transport)
 
     def record(self, address: str, failed: bool) -> float | None:
         """Record an attempt's result; returns the ejection time when the address is ejected."""

@@ -3,22 +3,34 @@
 A timer per call (``loop.call_later`` and ``cancel``) costs more than a
 microsecond on uvloop, a measurable share of a proxied call. Instead each
 waiting reply is filed in a bucket of `GRANULARITY` seconds, keyed by the
-bucket's number; one timer ticks every `GRANULARITY` seconds while anything is
-filed, and expires whole buckets that are due. A reply that arrives removes
-its entry (a dict delete), so only calls in flight are held. A timeout fires
-between 0 and `GRANULARITY` seconds late, never early.
+bucket's number (bucket ``n`` ends at ``n * GRANULARITY``); one timer, set for
+the end of the earliest bucket while anything is filed, expires whole buckets
+that are due. A reply that arrives removes its entry (a dict delete), so only
+calls in flight are held. A timeout fires between 0 and `GRANULARITY` seconds
+late (plus the loop's own lateness), never early.
+
+An expire callback that raises is logged and the others still run: one bug
+must not stop every later timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import heapq
+import logging
 import math
 from collections.abc import Callable
+
+log = logging.getLogger("sidecar.timeouts")
 
 # Seconds per bucket: how late a timeout may fire. Per-try timeouts are
 # usually hundreds of milliseconds or more.
 GRANULARITY = 0.005
+
+# A loop's timer may run a little before its time (uvloop rounds a delay to
+# whole milliseconds); the timer is then set again, at least this far ahead,
+# rather than spinning until the clock catches up.
+_MIN_DELAY = 0.001
 
 Expire = Callable[[], None]
 
@@ -32,6 +44,7 @@ class Timeouts:
         self._buckets: dict[int, dict[object, Expire]] = {}
         self._due: list[int] = []  # bucket numbers, a heap
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_bucket = 0  # the bucket the timer is set for
 
     def add(self, expires_at: float, key: object, expire: Expire) -> int:
         """Call ``expire()`` at ``expires_at`` (loop time) unless `remove` comes first.
@@ -39,14 +52,17 @@ class Timeouts:
         Returns:
             The bucket number, to pass to `remove`.
         """
-        number = math.ceil(expires_at / self._granularity)
+        granularity = self._granularity
+        number = math.ceil(expires_at / granularity)
+        if number * granularity < expires_at:  # the division rounded down
+            number += 1
         bucket = self._buckets.get(number)
         if bucket is None:
             bucket = self._buckets[number] = {}
             heapq.heappush(self._due, number)
+            if self._timer is None or number < self._timer_bucket:
+                self._set_timer(number, 0.0)
         bucket[key] = expire
-        if self._timer is None:
-            self._timer = self.loop.call_later(self._granularity, self._tick)
         return number
 
     def remove(self, number: int, key: object) -> None:
@@ -58,22 +74,50 @@ class Timeouts:
     def __len__(self) -> int:
         return sum(len(b) for b in self._buckets.values())
 
+    def _set_timer(self, number: int, min_delay: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        loop = self.loop
+        when = max(number * self._granularity, loop.time() + min_delay)
+        self._timer = loop.call_at(when, self._tick)
+        self._timer_bucket = number
+
     def _tick(self) -> None:
-        now = math.floor(self.loop.time() / self._granularity)
+        self._timer = None
+        granularity = self._granularity
+        now = self.loop.time()
         due = self._due
-        while due and due[0] <= now:
-            bucket = self._buckets.pop(heapq.heappop(due))
-            for expire in bucket.values():
-                expire()
-        if due:
-            self._timer = self.loop.call_later(self._granularity, self._tick)
-        else:
-            self._timer = None
+        buckets = self._buckets
+        early = True
+        try:
+            while due and due[0] * granularity <= now:
+                early = False
+                number = due[0]
+                bucket = buckets[number]
+                # Drained in place: a callback may remove a later entry of the
+                # same bucket (it must not fire) or file one (it must).
+                while bucket:
+                    key = next(iter(bucket))
+                    expire = bucket.pop(key)
+                    try:
+                        expire()
+                    except Exception:
+                        log.exception("a timeout callback failed: %r", expire)
+                if buckets.get(number) is bucket:  # not closed meanwhile
+                    del buckets[number]
+                    heapq.heappop(due)
+        finally:
+            # A callback may have set the timer (by filing a timeout), maybe
+            # for a later bucket than the earliest.
+            if due and (self._timer is None or self._timer_bucket != due[0]):
+                self._set_timer(due[0], _MIN_DELAY if early else 0.0)
 
     def close(self) -> None:
         """Stop the timer; pending timeouts never fire."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for bucket in self._buckets.values():
+            bucket.clear()
         self._buckets.clear()
         self._due.clear()

@@ -278,6 +278,7 @@ class UpstreamPool:
         if conn is not None:
             return conn
         if self._open < self.size:
+            self._open += 1  # the slot is ours from now: nobody else may take it
             return await self._connect(timeout)
         loop = self.loop
         expires = loop.time() + timeout
@@ -298,41 +299,56 @@ class UpstreamPool:
         finally:
             with contextlib.suppress(ValueError):
                 self._waiters.remove(waiter)
-        if handed is None:  # a slot was freed: open a connection of our own
+        if handed is None:  # a slot was handed to us (counted): open a connection in it
             return await self._connect(expires - loop.time())
         return handed
 
     async def _connect(self, timeout: float) -> UpstreamConnection:
-        """Open a connection, giving up after ``timeout`` or ``connect_timeout``, the shorter."""
-        self._open += 1
+        """Open a connection in a slot already counted in ``_open``.
+
+        Gives up after ``timeout`` or ``connect_timeout``, the shorter. On any
+        failure the slot is freed exactly once: by the connection's own close
+        when one was made (a cancel after ``connection_made``), else here.
+        """
         loop = self.loop
         limit = max(0.0, min(self.connect_timeout, timeout))
+        made: list[UpstreamConnection] = []
+
+        def protocol() -> UpstreamConnection:
+            conn = UpstreamConnection(self)
+            made.append(conn)
+            return conn
+
+        def give_back() -> None:
+            if made:
+                made[0]._broken()  # frees the slot once, however often it is closed
+            else:
+                self._slot_freed()
+
         try:
             async with asyncio.timeout(limit):
-                _, protocol = await loop.create_connection(
-                    lambda: UpstreamConnection(self), self.host, self.port
-                )
+                await loop.create_connection(protocol, self.host, self.port)
         except TimeoutError:
-            self._slot_freed()
+            give_back()
             raise UpstreamUnavailable(
                 f"cannot connect to upstream {self.address}: no answer within {limit:g}s",
                 address=self.address,
             ) from None
         except OSError as exc:
-            self._slot_freed()
+            give_back()
             reason = exc.strerror or str(exc) or type(exc).__name__
             raise UpstreamUnavailable(
                 f"cannot connect to upstream {self.address}: {reason}", address=self.address
             ) from None
         except BaseException:
-            self._slot_freed()
+            give_back()
             raise
-        assert isinstance(protocol, UpstreamConnection)
-        if protocol.closed:  # closed between connect and now
+        conn = made[0]
+        if conn.closed:  # closed between connect and now
             raise UpstreamUnavailable(
                 f"upstream {self.address} closed the connection at once", address=self.address
             )
-        return protocol
+        return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
         """Return a connection after a call; close it unless ``reusable``."""
@@ -355,8 +371,8 @@ class UpstreamPool:
             handed = waiter.result()
             if handed is not None:
                 self.release(handed, True)
-            else:
-                self._hand_slot()
+            else:  # the slot counted for this waiter goes back, and on to the next one
+                self._slot_freed()
 
     def _connection_closed(self, conn: UpstreamConnection) -> None:
         """Called once per connection when it closes."""
@@ -369,10 +385,11 @@ class UpstreamPool:
         self._hand_slot()
 
     def _hand_slot(self) -> None:
-        """Tell the first waiter that it may open a connection of its own."""
+        """Give a free slot to the first waiter (counted now), to open a connection in."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._open += 1
                 waiter.set_result(None)
                 return
 
