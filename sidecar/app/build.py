@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass
 
+from sidecar.admin import AdminServer
 from sidecar.config import SidecarConfig, split_address
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
@@ -22,7 +24,7 @@ from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.policy import PolicyTable
-from sidecar.proxy.server import ServerSettings
+from sidecar.proxy.server import Server, ServerSettings
 from sidecar.proxy.timeouts import Timeouts
 from sidecar.proxy.upstream import UpstreamPool
 from sidecar.resilience.breaker import Breaker, TransitionCallback
@@ -30,6 +32,19 @@ from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.ejection import EjectionTracker
 from sidecar.resilience.outcome import Outcome
+
+
+@dataclass(slots=True)
+class Parts:
+    """What a started sidecar runs on; made by `sidecar.app.lifecycle.Sidecar.start`."""
+
+    fleet: Fleet | None
+    store: FallbackStore
+    timeouts: Timeouts
+    breakers: BreakerSet
+    server: Server
+    admin: AdminServer | None = None
+    housekeeping: asyncio.Task[None] | None = None
 
 
 def upstream_name(config: SidecarConfig) -> str:

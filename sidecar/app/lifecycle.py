@@ -15,13 +15,14 @@ import logging
 import signal
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
 
 from sidecar import __version__
 from sidecar.admin import AdminServer
 from sidecar.app import build
+from sidecar.app.build import Parts
 from sidecar.app.gauges import Gauges, transition_listener
+from sidecar.app.reload import Reloader, apply, on_sighup
+from sidecar.app.state import state_document
 from sidecar.config import SidecarConfig, require_upstream, split_address
 from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import FallbackStore
@@ -36,19 +37,6 @@ log = logging.getLogger("sidecar")
 
 # Seconds between housekeeping rounds: idle connections, gauges.
 HOUSEKEEPING_INTERVAL = 1.0
-
-
-@dataclass(slots=True)
-class Parts:
-    """What a started sidecar runs on; made by `Sidecar.start`."""
-
-    fleet: Fleet | None
-    store: FallbackStore
-    timeouts: Timeouts
-    breakers: BreakerSet
-    server: Server
-    admin: AdminServer | None = None
-    housekeeping: asyncio.Task[None] | None = None
 
 
 class Sidecar:
@@ -153,8 +141,6 @@ class Sidecar:
                 await fleet.start()
             self.listen_address = await server.listen(*split_address(config.listen))
             if config.metrics.listen is not None:
-                from sidecar.app.state import state_document
-
                 admin = AdminServer(
                     self.metrics.registry,
                     lambda: self.ready,
@@ -246,8 +232,6 @@ class Sidecar:
         Returns:
             The keys whose change needs a restart (not applied).
         """
-        from sidecar.app.reload import apply
-
         return apply(self, new, static_replies)
 
 
@@ -267,9 +251,6 @@ def signal_handlers(
             loop.remove_signal_handler(sig)
 
 
-Reloader = Callable[[], tuple[SidecarConfig, dict[str, Any]]]
-
-
 async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool:
     """Run until SIGTERM or SIGINT; reload on SIGHUP. Returns whether the drain was clean.
 
@@ -285,8 +266,6 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
         reload_config: loads and checks the config again, returning it and
             the IDL's parts (``static_replies``); raises ConfigError.
     """
-    from sidecar.app.reload import on_sighup
-
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

@@ -14,16 +14,42 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from sidecar.app import build
+from sidecar.app.gauges import Gauges
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.fallback.static import StaticReply
 from sidecar.logs import configure_logging
+from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.proxy.context import CallContext
 
-if TYPE_CHECKING:
-    from sidecar.app.lifecycle import Reloader, Sidecar
+# Loads and checks the config file again: the config and the IDL's parts.
+Reloader = Callable[[], tuple[SidecarConfig, dict[str, Any]]]
+
+
+class Reloadable(Protocol):
+    """What a reload reads and changes of a running sidecar (`sidecar.app.lifecycle.Sidecar`)."""
+
+    config: SidecarConfig
+    config_version: int
+    static_replies: dict[str, StaticReply]
+    labels: MethodLabels
+    metrics: SidecarMetrics
+    service_of: dict[str, str]
+    parts: build.Parts | None
+    pending_restart: tuple[str, ...]
+    last_reload_error: str | None
+    gauges: Gauges
+
+    def use_context(self, context: CallContext) -> None: ...
+
+    def reload(
+        self, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+    ) -> list[str]: ...
+
 
 log = logging.getLogger("sidecar")
 
@@ -57,7 +83,7 @@ def kept_for_restart(old: SidecarConfig, new: SidecarConfig) -> tuple[SidecarCon
 
 
 def apply(
-    sidecar: Sidecar, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+    sidecar: Reloadable, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
 ) -> list[str]:
     """Apply ``new`` to a running sidecar.
 
@@ -113,7 +139,7 @@ def apply(
     return ignored
 
 
-def on_sighup(sidecar: Sidecar, reload_config: Reloader | None) -> None:
+def on_sighup(sidecar: Reloadable, reload_config: Reloader | None) -> None:
     """Load the config again and apply it; log and count the result either way."""
     if reload_config is None:
         log.warning("SIGHUP ignored: no config file to reload")

@@ -6,18 +6,34 @@ Read off the running parts at the moment of the request; JSON-ready values only.
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar import __version__
+from sidecar.app.build import Parts
+from sidecar.config import SidecarConfig
+from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.resilience.breaker import Breaker
 
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
 
-    from sidecar.app.lifecycle import Sidecar
+
+class Described(Protocol):
+    """What ``/state`` reads of a sidecar (`sidecar.app.lifecycle.Sidecar`)."""
+
+    config: SidecarConfig
+    config_version: int
+    ready: bool
+    started_at: float
+    upstream_name: str
+    metrics: SidecarMetrics
+    labels: MethodLabels
+    parts: Parts | None
+    last_reload_error: str | None
+    pending_restart: tuple[str, ...]
 
 
-def state_document(sidecar: Sidecar) -> dict[str, Any]:
+def state_document(sidecar: Described) -> dict[str, Any]:
     """The ``/state`` document of a running sidecar.
 
     Keys: ``version``, ``config_version``, ``ready``, ``uptime_seconds``,

@@ -33,9 +33,12 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar, cast
+from dataclasses import dataclass
+from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from sidecar.errors import ProtocolError
+from sidecar.logs import RateLimitedLog
+from sidecar.metrics import SidecarMetrics
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.framing import (
     AutoDecoder,
@@ -46,10 +49,8 @@ from sidecar.protocol.framing import (
     frame,
     make_decoder,
 )
-from sidecar.proxy.call import Call, Wire
-
-if TYPE_CHECKING:
-    from sidecar.proxy.server import Server
+from sidecar.proxy.call import Call, Done, Wire
+from sidecar.proxy.context import CallContext
 
 log = logging.getLogger("sidecar.server")
 P = ParamSpec("P")
@@ -72,6 +73,38 @@ _HTTP_MISDIRECTED = (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """What the listener and its connections need from the config."""
+
+    transport: str  # auto | framed | buffered
+    max_frame_size: int
+    max_depth: int
+    max_connections: int
+    idle_timeout: float
+
+
+CallFactory = Callable[[CallContext, Message, Transport, Done], Call]
+
+
+class Host(Protocol):
+    """What a connection needs of the server that accepted it (`sidecar.proxy.server.Server`)."""
+
+    loop: asyncio.AbstractEventLoop
+    settings: ServerSettings
+    context: CallContext
+    call_factory: CallFactory
+    metrics: SidecarMetrics
+    protocol_log: RateLimitedLog
+    draining: bool
+
+    def admit(self, conn: ClientConnection) -> bool: ...
+
+    def forget(self, conn: ClientConnection) -> None: ...
+
+    def finished(self, conn: ClientConnection) -> None: ...
+
+
 def _boundary(
     callback: Callable[Concatenate[ClientConnection, P], R],
 ) -> Callable[Concatenate[ClientConnection, P], R | None]:
@@ -91,7 +124,7 @@ def _boundary(
 class ClientConnection(asyncio.Protocol):
     """One client connection."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Host) -> None:
         self._server = server
         self._loop = server.loop
         settings = server.settings

@@ -18,30 +18,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
 
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
-from sidecar.protocol.framing import Message, Transport
-from sidecar.proxy.call import Call, Done
-from sidecar.proxy.client import ClientConnection
+from sidecar.proxy.call import Call
+from sidecar.proxy.client import CallFactory, ClientConnection, ServerSettings
 from sidecar.proxy.context import CallContext
 
 log = logging.getLogger("sidecar.server")
 
-CallFactory = Callable[[CallContext, Message, Transport, Done], Call]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerSettings:
-    """What the server needs from the config."""
-
-    transport: str  # auto | framed | buffered
-    max_frame_size: int
-    max_depth: int
-    max_connections: int
-    idle_timeout: float
+__all__ = ["CallFactory", "Server", "ServerSettings"]
 
 
 class Server:
