@@ -252,6 +252,7 @@ def sidecar_process(
     upstream_port: int,
     log: Path,
     timeout: float = START_TIMEOUT,
+    source: Path = REPO_ROOT,
 ) -> Iterator[SidecarProcess]:
     """Run a sidecar in front of the upstream on 127.0.0.1:``upstream_port``.
 
@@ -262,9 +263,11 @@ def sidecar_process(
         upstream_port: the upstream's port, given as ``--upstream``.
         log: the file that gets the process's stdout and stderr.
         timeout: seconds it gets for ``/readyz`` to answer 200.
+        source: the checkout whose ``sidecar`` package runs (this one by
+            default; another one to compare two versions).
 
     Free ports are picked for ``--listen`` and ``--metrics-listen``; the
-    repository root is put first on ``PYTHONPATH``. The process is stopped
+    checkout is put first on ``PYTHONPATH`` and is the working directory. The process is stopped
     by its PID on exit.
 
     Raises:
@@ -273,7 +276,7 @@ def sidecar_process(
     """
     port, admin = free_port(), free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
     command = [
         sys.executable,
         *program,
@@ -285,7 +288,7 @@ def sidecar_process(
         f"{HOST}:{admin}",
     ]
     with log.open("wb") as out:
-        proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen(command, cwd=source, env=env, stdout=out, stderr=out)
         try:
             running = SidecarProcess(proc, port, admin)
             with explain_failure(log):
