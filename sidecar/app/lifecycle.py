@@ -21,7 +21,7 @@ from sidecar.admin import AdminServer
 from sidecar.app import build
 from sidecar.app.build import Parts
 from sidecar.app.gauges import Gauges, transition_listener
-from sidecar.app.reload import Reloader, apply, on_sighup
+from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
 from sidecar.config import SidecarConfig, require_upstream, split_address
 from sidecar.fallback.static import StaticReply
@@ -259,7 +259,8 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
       client connections, let calls in flight finish for up to
       ``drain_timeout``, then cut what is left. A second signal is logged and
       changes nothing.
-    - SIGHUP: `sidecar.app.reload.on_sighup`. No connection is closed.
+    - SIGHUP: `sidecar.app.reload.Reloads`: the file is read off the loop, then
+      applied; no connection is closed.
 
     Args:
         sidecar: the sidecar to run (not started yet).
@@ -268,6 +269,7 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    reloads = Reloads(sidecar, reload_config)
 
     def on_stop(name: str) -> None:
         if stop.is_set():
@@ -280,7 +282,7 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
         if stop.is_set():
             log.warning("SIGHUP ignored: shutting down")
             return
-        on_sighup(sidecar, reload_config)
+        reloads.request()
 
     handlers = {
         signal.SIGTERM: lambda: on_stop("SIGTERM"),
@@ -292,4 +294,5 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
         await sidecar.start()
         sidecar.refresh_gauges()  # the start-up series exist before the first call
         await stop.wait()
+        await reloads.close()
         return await sidecar.stop()

@@ -12,6 +12,7 @@ counted; the running one stays.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from typing import Any, Protocol
 
 from sidecar.app import build
 from sidecar.app.gauges import Gauges
-from sidecar.config import SidecarConfig
+from sidecar.config import SidecarConfig, redact
 from sidecar.errors import ConfigError
 from sidecar.fallback.static import StaticReply
 from sidecar.logs import configure_logging
@@ -139,35 +140,84 @@ def apply(
     return ignored
 
 
-def on_sighup(sidecar: Reloadable, reload_config: Reloader | None) -> None:
-    """Load the config again and apply it; log and count the result either way."""
-    if reload_config is None:
-        log.warning("SIGHUP ignored: no config file to reload")
-        return
-    if sidecar.parts is None:
-        log.warning("SIGHUP ignored: still starting")
-        return
+class Reloads:
+    """SIGHUPs, one reload at a time: the file and the IDL are read off the event loop.
+
+    Reading YAML and loading an IDL take milliseconds to seconds; done on the
+    loop they would stall every call. `request` starts a reload task (or, when
+    one is running, asks for one more after it), the config is loaded in a
+    worker thread, and applied back on the loop.
+    """
+
+    def __init__(self, sidecar: Reloadable, reload_config: Reloader | None) -> None:
+        self._sidecar = sidecar
+        self._load = reload_config
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    def request(self) -> None:
+        """A SIGHUP arrived."""
+        if self._load is None:
+            log.warning("SIGHUP ignored: no config file to reload")
+            return
+        if self._sidecar.parts is None:
+            log.warning("SIGHUP ignored: still starting")
+            return
+        if self._task is not None and not self._task.done():
+            self._again = True
+            return
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        assert self._load is not None
+        while True:
+            self._again = False
+            try:
+                loaded = await asyncio.to_thread(self._load)
+            except Exception as exc:
+                reload_failed(self._sidecar, exc)
+            else:
+                apply_loaded(self._sidecar, *loaded)
+            if not self._again:
+                return
+
+    async def close(self) -> None:
+        """Wait for a reload in progress (a shutdown does not cut one in half)."""
+        if self._task is not None:
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+def reload_failed(sidecar: Reloadable, exc: BaseException) -> None:
+    """Count and log a rejected reload; the running config stays. Secrets are redacted."""
+    sidecar.metrics.config_reloads.labels("error").inc()
+    text = redact(str(exc))
+    sidecar.last_reload_error = text
+    extra = {"config_version": sidecar.config_version, "result": "error"}
+    if isinstance(exc, ConfigError):
+        log.error(
+            "config reload rejected, still running config version %d: %s",
+            sidecar.config_version,
+            text,
+            extra=extra,
+        )
+    else:
+        log.error(
+            "config reload failed, still running config version %d: %s: %s",
+            sidecar.config_version,
+            type(exc).__name__,
+            text,
+            exc_info=exc,
+            extra=extra,
+        )
+
+
+def apply_loaded(sidecar: Reloadable, new: SidecarConfig, parts: dict[str, Any]) -> None:
+    """Apply a config loaded for a SIGHUP; log and count the result either way."""
     running = sidecar.config
     try:
-        new, parts = reload_config()
         ignored = sidecar.reload(new, static_replies=parts.get("static_replies"))
-    except Exception as exc:  # a bad file, or a bug: either way the running config stays
-        sidecar.metrics.config_reloads.labels("error").inc()
-        sidecar.last_reload_error = str(exc)
-        extra = {"config_version": sidecar.config_version, "result": "error"}
-        if isinstance(exc, ConfigError):
-            log.error(
-                "config reload rejected, still running config version %d: %s",
-                sidecar.config_version,
-                exc,
-                extra=extra,
-            )
-        else:
-            log.exception(
-                "config reload failed, still running config version %d",
-                sidecar.config_version,
-                extra=extra,
-            )
+    except Exception as exc:  # a bug while applying: the running config stays
+        reload_failed(sidecar, exc)
         return
     sidecar.metrics.config_reloads.labels("ok").inc()
     sidecar.last_reload_error = None

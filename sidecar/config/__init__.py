@@ -36,6 +36,7 @@ from sidecar.config.dump import dump_yaml, to_yaml_data
 from sidecar.config.env import env_overrides, env_sources, is_service_link
 from sidecar.config.keys import annotation_at, format_key, split_optional
 from sidecar.config.load import load_config
+from sidecar.config.messages import redact
 from sidecar.config.methods import is_idempotent, matches_any, method_overrides
 from sidecar.config.model import SidecarConfig
 from sidecar.config.names import ENV_SHORTCUTS, FLAG_KEYS, SHORT_NAMES, env_name
@@ -114,6 +115,7 @@ __all__ = [
     "parse_address",
     "parse_duration",
     "parse_size",
+    "redact",
     "require_positive",
     "require_upstream",
     "split_address",

@@ -71,8 +71,20 @@ def paragraph(problems: list[tuple[str, str | None]], source: str | None) -> str
     return "\n".join(lines)
 
 
+# user:password@ in any URL-like text (redis://:secret@host, rediss://user:secret@host).
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
+
+
+def redact(text: str) -> str:
+    """``text`` with the password of every URL in it replaced by ``***``.
+
+    Error messages quote bad values, and they end up in logs and ``/state``.
+    """
+    return _CREDENTIALS.sub(r"\g<scheme>\g<user>:***@", text)
+
+
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = redact(repr(value))
     return text if len(text) <= 80 else text[:77] + "..."
 
 

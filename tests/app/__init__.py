@@ -1,0 +1,1 @@
+"""Tests of `sidecar.app`: start, stop and reload of a whole sidecar."""
