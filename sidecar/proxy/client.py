@@ -164,7 +164,6 @@ class ClientConnection(asyncio.Protocol):
 
     @_boundary
     def data_received(self, data: bytes) -> None:
-        self.last_active = self._loop.time()
         error: ProtocolError | None
         try:
             messages = self._decoder.receive_data(data)
@@ -178,7 +177,8 @@ class ClientConnection(asyncio.Protocol):
             # the PROTOCOL_ERROR answer is written in it.
             self._kind = self._decoder.transport  # type: ignore[union-attr]
         if not messages and error is None:
-            return
+            return  # bytes that complete no message are not activity (slowloris)
+        self.last_active = self._loop.time()
         self._queue.extend(messages)
         for message in messages:
             self._queued_bytes += len(message.buf)
@@ -319,7 +319,7 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight and nothing queued."""
+        """Nothing in flight and nothing queued (a partly received message is not work)."""
         return self._call is None and not self._queue
 
     def close(self) -> None:

@@ -7,7 +7,9 @@ reload). It makes no policy decision: calls decide (`sidecar.proxy.call`).
 
 - ``max_connections``: connections beyond it are closed at once (counted,
   logged rate-limited).
-- Idle connections are closed after ``idle_timeout`` by `Server.sweep`.
+- Idle connections are closed after ``idle_timeout`` by `Server.sweep`; only a
+  completed message or a reply is activity, so bytes trickled in that never
+  complete a message (slowloris) do not keep a connection open.
 - `Server.drain`: stop accepting, close idle connections, wait for every call
   in flight (those of connections already closed by their client too), then
   cut what is left when the timeout passes.

@@ -12,8 +12,10 @@ of bad input on a fresh raw connection. For each case:
 - two well-behaved clients connected before the bad input, and a new one
   after it, get correct answers; the sidecar process is still alive.
 
-A second sidecar with a short ``idle_timeout`` closes a silent connection
-and a stalled half message, but neither a busy one nor an active one.
+A second sidecar with a short ``idle_timeout`` closes a silent connection,
+a stalled half message and one trickling a byte at a time (slowloris: bytes
+that never complete a message are no activity), but neither a busy one nor
+an active one.
 """
 
 from __future__ import annotations
@@ -367,4 +369,37 @@ def test_idle_connections_are_closed_by_the_sidecar(deployments: Deployments) ->
         assert active.add(-1, -1) == -2
     with client("apache", d.address, "framed") as after:
         assert after.add(2, 2) == 4
+    assert d.alive()
+
+
+def test_a_connection_trickling_bytes_is_closed_after_idle_timeout(
+    deployments: Deployments,
+) -> None:
+    """Slowloris: one byte every 100 ms never completes a message, so it is not activity."""
+    d = _idle_sidecar(deployments)
+    # A frame of 200 bytes: a valid start, then bytes that are never all sent.
+    message = encode_frame(encode_call("add", {"a": 1, "b": 1}) + bytes(160))
+    with (
+        client("thriftpy2", d.address, "framed") as active,
+        raw_connection(d.address) as trickle,
+    ):
+        started = time.monotonic()
+        closed_after: float | None = None
+        # Bounded: at most len(message) - 1 bytes, ten a second, and IDLE_TIMEOUT + 15 s.
+        for byte in message[:-1]:
+            if time.monotonic() - started > IDLE_TIMEOUT + 15.0:
+                break
+            try:
+                trickle.sendall(bytes([byte]))
+            except (BrokenPipeError, ConnectionResetError):
+                closed_after = time.monotonic() - started
+                break
+            if _closed(trickle):
+                closed_after = time.monotonic() - started
+                break
+            assert active.add(2, 3) == 5  # a real client is served meanwhile
+            trickle.setblocking(True)
+            time.sleep(0.1)  # the pace of the attack, not a wait for a condition
+        assert closed_after is not None, "the trickling connection was never closed"
+        assert closed_after >= IDLE_TIMEOUT * 0.9
     assert d.alive()
