@@ -40,6 +40,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Callable
+from time import perf_counter
 from typing import Any, Concatenate, ParamSpec
 
 from sidecar.errors import UpstreamClosed, UpstreamError
@@ -111,6 +112,7 @@ class Call:
         "_policy",
         "_pool",
         "_started",
+        "_t0",
         "_task",
         "_timer",
         "_transport",
@@ -138,7 +140,8 @@ class Call:
         self._timer: asyncio.TimerHandle | None = None
         self._attempt = 0
         self._tried: list[str] = []
-        self._started = ctx.loop.time()
+        self._started = ctx.loop.time()  # deadlines and timers: the loop's clock
+        self._t0 = perf_counter()  # the latency metric: the loop's clock moves in 1 ms steps
         self._policy: MethodPolicy = ctx.policies.for_name(message.header.name)
 
     @property
@@ -410,7 +413,7 @@ class Call:
         if self._finished:
             return
         self._finished = True
-        self._policy.stats.request(label, self._ctx.loop.time() - self._started)
+        self._policy.stats.request(label, perf_counter() - self._t0)
         self._done(wire)
 
     def _release(self) -> None:
