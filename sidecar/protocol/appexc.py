@@ -4,6 +4,8 @@ On the wire it is a struct in an EXCEPTION message (Thrift spec, TApplicationExc
 
     field 1  message  string
     field 2  type     i32      (`ApplicationExceptionType`)
+
+in the binary or the compact protocol, as the client speaks.
 """
 
 from __future__ import annotations
@@ -11,7 +13,11 @@ from __future__ import annotations
 import struct
 from enum import IntEnum
 
-from sidecar.protocol.envelope import MessageType, encode_header
+from sidecar.errors import RemoteProtocolError
+from sidecar.protocol.compact import encode_compact_header, encode_varint, read_varint, zigzag
+from sidecar.protocol.compact_skip import CType, compact_struct_end
+from sidecar.protocol.envelope import MessageType, Protocol, encode_header
+from sidecar.protocol.fields import iter_compact_fields
 from sidecar.protocol.skip import TType, struct_end, value_end
 
 _I16 = struct.Struct(">h")
@@ -34,9 +40,22 @@ class ApplicationExceptionType(IntEnum):
     UNSUPPORTED_CLIENT_TYPE = 10
 
 
-def encode_exception_struct(exc_type: int, message: str) -> bytes:
+def encode_exception_struct(
+    exc_type: int, message: str, protocol: Protocol = Protocol.BINARY
+) -> bytes:
     """The TApplicationException struct alone (no envelope)."""
     raw = message.encode("utf-8")
+    if protocol is Protocol.COMPACT:
+        return b"".join(
+            (
+                bytes(((1 << 4) | CType.BINARY,)),
+                encode_varint(len(raw)),
+                raw,
+                bytes(((1 << 4) | CType.I32,)),
+                encode_varint(zigzag(int(exc_type), 32)),
+                b"\x00",
+            )
+        )
     return b"".join(
         (
             bytes((TType.STRING,)),
@@ -52,7 +71,12 @@ def encode_exception_struct(exc_type: int, message: str) -> bytes:
 
 
 def encode_application_exception(
-    name: str, seqid: int, exc_type: int, message: str, strict: bool = True
+    name: str,
+    seqid: int,
+    exc_type: int,
+    message: str,
+    strict: bool = True,
+    protocol: Protocol = Protocol.BINARY,
 ) -> bytes:
     """A whole EXCEPTION message (envelope + struct), unframed.
 
@@ -62,14 +86,19 @@ def encode_application_exception(
         seqid: the client's sequence id.
         exc_type: an `ApplicationExceptionType`.
         message: human-readable text for the client.
-        strict: strict or non-strict envelope, as the client used.
+        strict: strict or non-strict envelope, as the client used (binary only).
+        protocol: the client's protocol.
     """
-    return encode_header(name, MessageType.EXCEPTION, seqid, strict) + encode_exception_struct(
-        exc_type, message
-    )
+    if protocol is Protocol.COMPACT:
+        envelope = encode_compact_header(name, MessageType.EXCEPTION, seqid)
+    else:
+        envelope = encode_header(name, MessageType.EXCEPTION, seqid, strict)
+    return envelope + encode_exception_struct(exc_type, message, protocol)
 
 
-def parse_application_exception(body: bytes | bytearray | memoryview) -> tuple[int, str]:
+def parse_application_exception(
+    body: bytes | bytearray | memoryview, protocol: Protocol = Protocol.BINARY
+) -> tuple[int, str]:
     """Read (type, message) from a TApplicationException struct.
 
     Unknown fields are skipped; a missing type reads as UNKNOWN, a missing
@@ -78,6 +107,8 @@ def parse_application_exception(body: bytes | bytearray | memoryview) -> tuple[i
     Raises:
         RemoteProtocolError: the struct is malformed.
     """
+    if protocol is Protocol.COMPACT:
+        return _parse_compact(body)
     exc_type = int(ApplicationExceptionType.UNKNOWN)
     message = ""
     end = struct_end(body)
@@ -97,4 +128,24 @@ def parse_application_exception(body: bytes | bytearray | memoryview) -> tuple[i
             pos += 4
         else:
             pos = value_end(body, pos, ftype)
+    return exc_type, message
+
+
+def _parse_compact(body: bytes | bytearray | memoryview) -> tuple[int, str]:
+    """`parse_application_exception` for a compact struct: walk the fields with the skipper."""
+    exc_type = int(ApplicationExceptionType.UNKNOWN)
+    message = ""
+    compact_struct_end(body)
+    for fid, ctype, at in iter_compact_fields(body):
+        if fid == 1 and ctype == CType.BINARY:
+            read = read_varint(body, at, len(body), 5)
+            if read is None:  # pragma: no cover - compact_struct_end saw the whole struct
+                raise RemoteProtocolError("truncated string", kind="truncated")
+            length, at = read
+            message = bytes(body[at : at + length]).decode("utf-8", "replace")
+        elif fid == 2 and ctype == CType.I32:
+            read = read_varint(body, at, len(body), 5)
+            if read is None:  # pragma: no cover - compact_struct_end saw the whole struct
+                raise RemoteProtocolError("truncated i32", kind="truncated")
+            exc_type = (read[0] >> 1) ^ -(read[0] & 1)
     return exc_type, message

@@ -12,7 +12,7 @@ result) stays opaque bytes; `MessageHeader.body_offset` says where it starts.
 from __future__ import annotations
 
 import struct
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from typing import NamedTuple
 
 from sidecar.errors import RemoteProtocolError
@@ -30,6 +30,13 @@ _U32 = struct.Struct(">I")
 _I8 = struct.Struct(">b")
 
 
+class Protocol(StrEnum):
+    """The encoding of a message: Thrift's binary or compact protocol."""
+
+    BINARY = "binary"
+    COMPACT = "compact"
+
+
 class MessageType(IntEnum):
     """TMessageType from the Thrift spec."""
 
@@ -40,8 +47,8 @@ class MessageType(IntEnum):
 
 
 _VALID_TYPES = frozenset(int(t) for t in MessageType)
-# MessageType by wire value, without the cost of calling the enum.
-_TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
+# MessageType by wire value, without the cost of calling the enum (None: not a type).
+TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
     MessageType(v) if v in _VALID_TYPES else None for v in range(256)
 )
 _STRICT_START = struct.Struct(">Ii")
@@ -55,8 +62,10 @@ class MessageHeader(NamedTuple):
         type: CALL, REPLY, EXCEPTION or ONEWAY.
         seqid: the sequence id.
         strict: True for the strict (versioned) envelope.
-        seqid_offset: offset of the 4 seqid bytes from the start of the message.
+        seqid_offset: offset of the seqid from the start of the message.
         body_offset: offset of the struct from the start of the message.
+        protocol: binary (the default) or compact.
+        seqid_size: bytes the seqid takes (4 in binary; a 1-5 byte varint in compact).
     """
 
     name: str
@@ -65,6 +74,8 @@ class MessageHeader(NamedTuple):
     strict: bool
     seqid_offset: int
     body_offset: int
+    protocol: Protocol = Protocol.BINARY
+    seqid_size: int = 4
 
     @property
     def service(self) -> str:
@@ -128,7 +139,7 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         name = str(data[name_at:name_end], "utf-8")
     except UnicodeDecodeError:
         raise RemoteProtocolError("method name is not UTF-8", seqid=seqid, strict=strict) from None
-    message_type = _TYPE_BY_VALUE[mtype]
+    message_type = TYPE_BY_VALUE[mtype]
     if message_type is None:
         raise RemoteProtocolError(
             f"unknown message type {mtype}", kind="bad_type", seqid=seqid, name=name, strict=strict

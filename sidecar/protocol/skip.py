@@ -195,6 +195,7 @@ class StructSkipper:
                 etype, count = _SEQ_HEADER.unpack_from(data, pos)
                 pos += 5
                 _check_container(etype, count)
+                self._check_depth()
                 esize = FIXED_SIZE.get(etype)
                 if esize is not None:
                     self._push_raw(stack, count * esize, pos, limit)
@@ -209,6 +210,7 @@ class StructSkipper:
                 pos += 6
                 _check_container(ktype, count)
                 _check_container(vt, count)
+                self._check_depth()
                 ksize = FIXED_SIZE.get(ktype)
                 vsize = FIXED_SIZE.get(vt)
                 if ksize is not None and vsize is not None:
@@ -223,11 +225,15 @@ class StructSkipper:
         self.done = True
         return pos
 
-    def _enter(self, stack: list[list[int]], frame: list[int]) -> None:
+    def _check_depth(self) -> None:
+        """Refuse one more level of nesting (every struct and container is a level)."""
         if self._depth >= self._max_depth:
             raise RemoteProtocolError(
                 f"structs and containers nested deeper than {self._max_depth}", kind="too_deep"
             )
+
+    def _enter(self, stack: list[list[int]], frame: list[int]) -> None:
+        self._check_depth()
         self._depth += 1
         stack.append(frame)
 

@@ -377,9 +377,10 @@ COMPACT_CALL = b"\x82\x21\x07\x07getItem\x00"  # compact: id, version|type, seqi
 @pytest.mark.parametrize(
     ("prefix", "kind", "decided_at"),
     [
-        (COMPACT_CALL, "compact", 1),
+        (COMPACT_CALL, "compact", 2),
         (encode_frame(COMPACT_CALL), "compact", 6),
-        (struct.pack(">iHH", 40, 0x0FFF, 0) + b"\x00" * 10, "unsupported", 6),
+        # THeader: decided at its payload protocol id, the first byte of the variable header.
+        (struct.pack(">iHH", 40, 0x0FFF, 0) + b"\x00" * 10, "unsupported", 15),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", "http", 4),
         (b"POST /rpc HTTP/1.1\r\n", "http", 4),
         (b"PUT / HTTP/1.1\r\n", "http", 4),

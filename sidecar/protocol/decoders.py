@@ -1,0 +1,255 @@
+"""Message boundaries: framed and buffered decoders, binary or compact protocol.
+
+A decoder is fed bytes in any split with ``receive_data(data)`` and returns
+the complete messages they finish; ``receive_data(b"")`` means end of input.
+
+- Framed: ``i32 length`` then exactly one message. The length is checked
+  against the limit as soon as its four bytes arrive, before any body is
+  buffered (a hostile length cannot make us allocate).
+- Buffered (unframed): messages back to back; each ends where its struct ends,
+  found by `StructSkipper` (`CompactSkipper`) without decoding it.
+- THeader frames: theader_decoder.py. Detection: detect.py and auto.py.
+
+A decoder that has raised stays broken: every later call raises the same error.
+When the error comes after messages that completed in the same call, those
+messages are returned first and the error is raised by the next call; the
+`error` property shows it at once, so a caller can answer the messages and
+then the error, in order, without waiting for more input.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+
+from sidecar.errors import RemoteProtocolError
+from sidecar.protocol.compact import parse_compact_header
+from sidecar.protocol.compact_skip import CompactSkipper
+from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header
+from sidecar.protocol.message import Message
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, StructSkipper
+
+HeaderParser = Callable[[bytes | bytearray | memoryview, int], MessageHeader | None]
+PARSERS: dict[Protocol, HeaderParser] = {
+    Protocol.BINARY: parse_header,
+    Protocol.COMPACT: parse_compact_header,
+}
+
+# Largest message accepted unless configured otherwise: 16 MiB, the design's
+# default (Apache Thrift's own default frame limit is 16,384,000 bytes).
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+
+_I32 = struct.Struct(">i")
+
+
+class DecoderBase:
+    """What every decoder shares: the buffer, the size limit, the error that broke it."""
+
+    __slots__ = ("_buf", "_error", "_parse", "max_size", "protocol")
+
+    def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
+        self.max_size = max_size
+        self.protocol = protocol
+        self._parse = PARSERS[protocol]
+        self._buf = bytearray()
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet returned in a message."""
+        return len(self._buf)
+
+    @property
+    def error(self) -> RemoteProtocolError | None:
+        """The error that broke this decoder, if any (every later call raises it)."""
+        return self._error
+
+    def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
+        self._error = error
+        self._buf = bytearray()
+        return error
+
+    def _take(self, start: int, end: int) -> bytearray:
+        """Bytes ``[start:end]`` of the buffer as a new array; the whole buffer when it fits."""
+        if start == 0 and end == len(self._buf):
+            taken = self._buf
+            self._buf = bytearray()
+            return taken
+        return self._buf[start:end]
+
+
+class FramedDecoder(DecoderBase):
+    """Splits a framed byte stream into messages (of ``protocol``, binary by default)."""
+
+    __slots__ = ()
+
+    def receive_data(self, data: bytes | bytearray) -> list[Message]:
+        """Feed bytes; return the messages they complete.
+
+        Raises:
+            RemoteProtocolError: bad or oversized frame length, a frame too
+                short for its envelope, or input that ends inside a frame.
+        """
+        if self._error is not None:
+            raise self._error
+        buf = self._buf
+        if not data:
+            if buf:
+                raise self._fail(_truncated(buf, 4, self._parse))
+            return []
+        if not buf and len(data) > 4 and _I32.unpack_from(data, 0)[0] == len(data) - 4:
+            # The common case: one whole frame, nothing pending. Anything unusual
+            # (too big, bad envelope) takes the general path below, which reports it.
+            try:
+                header = self._parse(data, 4) if len(data) - 4 <= self.max_size else None
+            except RemoteProtocolError:
+                header = None
+            if header is not None and header.body_offset < len(data) - 4:
+                return [Message(header, bytearray(data), 4)]
+        buf += data
+        out: list[Message] = []
+        try:
+            self._split(out)
+        except RemoteProtocolError:
+            if not out:
+                raise
+            # The messages before the error are whole: deliver them; the next call raises.
+        return out
+
+    def _split(self, out: list[Message]) -> None:
+        """Move every whole frame from the buffer to ``out``."""
+        buf = self._buf
+        pos = 0
+        end = len(buf)
+        max_size = self.max_size
+        while end - pos >= 4:
+            length = _I32.unpack_from(buf, pos)[0]
+            if length > max_size:
+                error = RemoteProtocolError(
+                    f"frame of {length} bytes exceeds the {max_size}-byte limit",
+                    kind="oversized",
+                )
+                _identify(error, buf, pos + 4, self._parse)
+                raise self._fail(error)
+            if length <= 0:
+                raise self._fail(
+                    RemoteProtocolError(f"invalid frame length {length}", kind="garbage")
+                )
+            stop = pos + 4 + length
+            if stop > end:
+                break
+            msg = self._take(pos, stop)
+            buf = self._buf if msg is buf else buf
+            try:
+                header = self._parse(msg, 4)
+            except RemoteProtocolError as exc:
+                raise self._fail(exc) from None
+            if header is None or header.body_offset >= length:
+                raise self._fail(
+                    RemoteProtocolError(
+                        "frame shorter than its message envelope",
+                        kind="garbage",
+                        seqid=None if header is None else header.seqid,
+                        strict=True if header is None else header.strict,
+                    )
+                )
+            out.append(Message(header, msg, 4))
+            pos = stop
+        if pos and buf is self._buf:
+            del buf[:pos]
+
+
+class BufferedDecoder(DecoderBase):
+    """Splits an unframed byte stream into messages by skipping each struct."""
+
+    __slots__ = ("_header", "_pos", "_skipper")
+
+    def __init__(
+        self,
+        max_size: int,
+        max_depth: int = DEFAULT_MAX_DEPTH,
+        protocol: Protocol = Protocol.BINARY,
+    ) -> None:
+        super().__init__(max_size, protocol)
+        self._skipper: StructSkipper | CompactSkipper = (
+            CompactSkipper(max_depth) if protocol is Protocol.COMPACT else StructSkipper(max_depth)
+        )
+        self._header: MessageHeader | None = None
+        self._pos = 0
+
+    def receive_data(self, data: bytes | bytearray) -> list[Message]:
+        """Feed bytes; return the messages they complete.
+
+        Raises:
+            RemoteProtocolError: a malformed envelope or struct, a message over
+                the size limit, or input that ends inside a message.
+        """
+        if self._error is not None:
+            raise self._error
+        if not data:
+            if self._buf:
+                raise self._fail(_truncated(self._buf, 0, self._parse, self._header))
+            return []
+        self._buf += data
+        out: list[Message] = []
+        start = 0
+        skipper = self._skipper
+        header = self._header
+        try:
+            while True:
+                if header is None:
+                    header = self._parse(self._buf, start)
+                    if header is None:
+                        break
+                    skipper.reset()
+                    self._pos = start + header.body_offset
+                buf = self._buf
+                self._pos = skipper.advance(buf, self._pos, len(buf), start + self.max_size)
+                if not skipper.done:
+                    break
+                out.append(Message(header, self._take(start, self._pos), 0))
+                start = self._pos
+                header = None
+        except RemoteProtocolError as exc:
+            if exc.seqid is None and header is not None:
+                exc.seqid = header.seqid
+                exc.name = header.name
+                exc.strict = header.strict
+            self._fail(exc)
+            if out:  # deliver the whole messages before the error; the next call raises
+                return out
+            raise exc from None
+        self._header = header
+        if start and self._buf:
+            del self._buf[:start]
+        self._pos -= start
+        return out
+
+
+def _identify(
+    error: RemoteProtocolError, buf: bytearray, start: int, parse: HeaderParser = parse_header
+) -> None:
+    """Attach the seqid and name of the message at ``start`` to ``error`` when readable."""
+    try:
+        header = parse(buf, start)
+    except RemoteProtocolError:
+        return
+    if header is not None:
+        error.seqid = header.seqid
+        error.name = header.name
+        error.strict = header.strict
+
+
+def _truncated(
+    buf: bytearray, start: int, parse: HeaderParser, header: MessageHeader | None = None
+) -> RemoteProtocolError:
+    error = RemoteProtocolError(
+        f"connection ended inside a message ({len(buf)} bytes unfinished)", kind="truncated"
+    )
+    if header is not None:
+        error.seqid = header.seqid
+        error.name = header.name
+        error.strict = header.strict
+    else:
+        _identify(error, buf, start, parse)
+    return error

@@ -1,0 +1,161 @@
+"""One complete message as the decoders return it, and how it goes back on the wire.
+
+A `Message` owns its bytes in a ``bytearray`` so that its seqid can be patched
+in place; when it arrived framed, the frame prefix is kept in front of it and
+it can be forwarded framed without another copy. A compact seqid is a varint:
+patching it may change the message's length, and the frame prefix follows.
+A message that arrived in a THeader frame keeps the frame's header
+(`THeaderFrame`: info headers, transforms) beside its payload.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import StrEnum
+
+from sidecar.protocol.compact import (
+    PROTOCOL_ID,
+    parse_compact_header,
+    read_varint,
+    replace_seqid,
+)
+from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header
+from sidecar.protocol.theader import THeaderFrame, encode_theader
+
+_I32 = struct.Struct(">i")
+
+
+class Transport(StrEnum):
+    """How messages are delimited on a connection."""
+
+    FRAMED = "framed"
+    BUFFERED = "buffered"
+    THEADER = "theader"
+
+
+@dataclass(slots=True)
+class Message:
+    """One complete message.
+
+    Attributes:
+        header: the envelope as it arrived (its offsets follow any seqid patch).
+        buf: the bytes; owned by this message and safe to patch.
+        start: 4 when ``buf`` begins with the frame length prefix, else 0.
+        theader: the THeader frame's header when the message came in one.
+    """
+
+    header: MessageHeader
+    buf: bytearray
+    start: int
+    theader: THeaderFrame | None = None
+
+    @property
+    def protocol(self) -> Protocol:
+        """The protocol the message is encoded in."""
+        return self.header.protocol
+
+    @property
+    def size(self) -> int:
+        """Length of the message without any frame prefix."""
+        return len(self.buf) - self.start
+
+    def set_seqid(self, seqid: int) -> None:
+        """Patch the seqid in place (``header.seqid`` keeps the one that arrived)."""
+        header = self.header
+        if header.protocol is Protocol.COMPACT:
+            grown = replace_seqid(self.buf, header, self.start, seqid)
+            if grown:
+                self.header = header._replace(
+                    seqid_size=header.seqid_size + grown, body_offset=header.body_offset + grown
+                )
+                if self.start == 4:
+                    _I32.pack_into(self.buf, 0, len(self.buf) - 4)
+        else:
+            _I32.pack_into(self.buf, self.start + header.seqid_offset, seqid)
+        if self.theader is not None:
+            self.theader.seqid = seqid
+
+    def payload(self) -> memoryview:
+        """The message without frame prefix."""
+        return memoryview(self.buf)[self.start :]
+
+    def body(self) -> memoryview:
+        """The struct after the envelope: call arguments or reply result."""
+        return memoryview(self.buf)[self.start + self.header.body_offset :]
+
+    def to_wire(self, transport: Transport) -> bytes | bytearray | memoryview:
+        """The bytes to write for ``transport``; no copy when the form already matches.
+
+        For THEADER the message's own frame header is used (a plain one, with
+        the payload's protocol, when it came without).
+        """
+        if transport is Transport.THEADER:
+            info = self.theader
+            if info is None:
+                info = THeaderFrame(protocol=self.protocol)
+                info.seqid = _seqid_now(self)
+            return encode_theader(info, self.payload())
+        if transport is Transport.FRAMED:
+            if self.start == 4:
+                return self.buf
+            return _I32.pack(len(self.buf)) + self.buf
+        if self.start == 0:
+            return self.buf
+        return memoryview(self.buf)[4:]
+
+
+def _seqid_now(message: Message) -> int:
+    """The seqid as the bytes say now (after any patch)."""
+    header = message.header
+    at = message.start + header.seqid_offset
+    if header.protocol is Protocol.COMPACT:
+        read = read_varint(message.buf, at, len(message.buf), 5)
+        assert read is not None
+        raw = read[0]
+        return raw - (1 << 32) if raw & 0x80000000 else raw
+    value: int = _I32.unpack_from(message.buf, at)[0]
+    return value
+
+
+def encode_frame(message: bytes | bytearray) -> bytes:
+    """Prefix one message with its frame length."""
+    return _I32.pack(len(message)) + bytes(message)
+
+
+def frame(message: bytes | bytearray, transport: Transport, *, outer_framed: bool = False) -> bytes:
+    """One message as written on ``transport``.
+
+    THEADER: a frame without info headers, with the payload's protocol and
+    seqid; ``outer_framed`` puts it inside a frame length too (as a client
+    whose THeader frames come framed expects).
+    """
+    if transport is Transport.THEADER:
+        compact = message[:1] == bytes((PROTOCOL_ID,))
+        header = parse_compact_header(message) if compact else parse_header(message)
+        info = THeaderFrame(protocol=Protocol.COMPACT if compact else Protocol.BINARY)
+        info.seqid = 0 if header is None else header.seqid
+        info.outer_framed = outer_framed
+        return encode_theader(info, message)
+    return encode_frame(message) if transport is Transport.FRAMED else bytes(message)
+
+
+def frame_reply(message: bytes | bytearray, request: Message, transport: Transport) -> bytes:
+    """A reply (``message``, unframed) framed the way ``request`` came on ``transport``.
+
+    For a THeader request: the same outer framing, flags and transforms; no
+    info headers (a reply's are the upstream's to send).
+    """
+    if transport is Transport.THEADER and request.theader is not None:
+        like = request.theader
+        compact = message[:1] == bytes((PROTOCOL_ID,))
+        header = parse_compact_header(message) if compact else parse_header(message)
+        info = THeaderFrame(
+            flags=like.flags,
+            seqid=like.seqid if header is None else header.seqid,
+            protocol=Protocol.COMPACT if compact else Protocol.BINARY,
+            transforms=like.transforms,
+            outer_framed=like.outer_framed,
+        )
+        return encode_theader(info, message)
+    return frame(message, transport)
