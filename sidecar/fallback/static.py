@@ -35,6 +35,7 @@ class StaticReply:
 
     body: bytes
 
+
 _INT_RANGES = {
     TType.BYTE: (-(2**7), 2**7 - 1, "byte"),
     TType.I16: (-(2**15), 2**15 - 1, "i16"),

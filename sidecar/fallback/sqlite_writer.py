@@ -1,0 +1,257 @@
+"""The SQLite fallback store's writer: queued puts, touches and deletes in batched transactions.
+
+`SqliteWriter` runs on the store's writer thread with the write connection:
+it applies each batch of queued operations in one transaction, keeps the LRU
+within ``max_entries`` and ``max_bytes``, purges expired rows, and keeps the
+figures (rows, bytes) that `SqliteStore.stats` reports without I/O.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import logging
+import queue
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sidecar.fallback.sqlite_file import figures
+from sidecar.fallback.store import CachedReply
+
+log = logging.getLogger("sidecar.fallback")
+
+# Most operations applied in one transaction: large enough that a burst costs
+# few commits, small enough that a flush waits for little.
+BATCH_SIZE = 1_000
+# Bytes counted per row beyond key and message: the row's header and integer
+# columns, and its entries in the three indexes, each of which repeats the
+# key or the rowid (estimated from the file size per row, rounded up;
+# tests/fallback/test_stores.py fails when a row costs over 25 % more).
+ROW_OVERHEAD = 128
+
+_UPSERT = (
+    "INSERT INTO entries (key, seqid_offset, stored_at, used_seq, size, message) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+    "seqid_offset = excluded.seqid_offset, stored_at = excluded.stored_at, "
+    "used_seq = excluded.used_seq, size = excluded.size, message = excluded.message"
+)
+
+# Writer operations: (kind, ...) tuples.
+PUT = 0  # (PUT, key, CachedReply)
+TOUCH = 1  # (TOUCH, key)
+DELETE = 2  # (DELETE, key, stored_at): only the row that was read
+FLUSH = 3  # (FLUSH, concurrent Future)
+STOP = 4  # (STOP, concurrent Future)
+
+Op = tuple[Any, ...]
+
+
+class SqliteWriter:
+    """The writer thread's side of `SqliteStore`: the write connection and its figures.
+
+    Args:
+        conn: the write connection (`sqlite_file.open_file`); closed when `run` ends.
+        path: the file, for messages.
+        ops: the queue the store fills; `run` applies it until a `STOP`.
+        ttl, max_entries, max_bytes, clock: as for `SqliteStore`.
+        purge_interval: seconds between purges of expired rows.
+        warn: logs a warning about a kind of trouble, rate-limited by the store.
+
+    Raises:
+        sqlite3.Error: the figures could not be read or the bounds not applied.
+    """
+
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        path: Path,
+        ops: queue.Queue[Op],
+        *,
+        ttl: float,
+        max_entries: int,
+        max_bytes: int,
+        clock: Callable[[], float],
+        purge_interval: float,
+        warn: Callable[[str, str], None],
+    ) -> None:
+        self.conn = conn
+        self.path = path
+        self.ttl = ttl
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.purge_interval = purge_interval
+        self._ops = ops
+        self._clock = clock
+        self._warn = warn
+        self.healthy = True
+        self.failed_writes = 0
+        self.entries, self.bytes, self._seq = figures(conn)
+        self._in_transaction(self._trim_now)
+
+    def trouble(self, what: str, exc: BaseException) -> None:
+        """An SQLite error in ``what`` (read, write, purge): unhealthy until a write succeeds."""
+        self.healthy = False
+        self._warn(what, f"{what} failed: {exc}")
+
+    def run(self) -> None:
+        """The writer thread: apply batches and purge until a `STOP`, then close the file."""
+        next_purge = time.monotonic() + self.purge_interval
+        stopping = False
+        try:
+            while not stopping:
+                batch: list[Op] = []
+                with contextlib.suppress(queue.Empty):
+                    batch.append(self._ops.get(True, max(next_purge - time.monotonic(), 0.0)))
+                while len(batch) < BATCH_SIZE:
+                    try:
+                        batch.append(self._ops.get_nowait())
+                    except queue.Empty:
+                        break
+                if batch:
+                    stopping = self._apply(batch)
+                if time.monotonic() >= next_purge:
+                    self._purge()
+                    next_purge = time.monotonic() + self.purge_interval
+        finally:
+            self.conn.close()
+
+    def _apply(self, batch: list[Op]) -> bool:
+        """Apply one batch in one transaction; True when it holds the stop request."""
+        puts: dict[str, CachedReply] = {}
+        touches: dict[str, None] = {}
+        deletes: list[tuple[str, float]] = []
+        waiters: list[concurrent.futures.Future[None]] = []
+        stopping = False
+        for op in batch:
+            kind = op[0]
+            if kind == PUT:
+                touches.pop(op[1], None)
+                puts.pop(op[1], None)
+                puts[op[1]] = op[2]
+            elif kind == TOUCH:
+                if op[1] not in puts:
+                    touches.pop(op[1], None)
+                    touches[op[1]] = None
+            elif kind == DELETE:
+                deletes.append((op[1], op[2]))
+            else:
+                waiters.append(op[1])
+                stopping = stopping or kind == STOP
+        try:
+            if puts or touches or deletes:
+                self._in_transaction(lambda: self._write(puts, touches, deletes))
+                self.healthy = True
+        except sqlite3.Error as exc:
+            self.failed_writes += len(puts)
+            self.trouble("write", exc)
+        except Exception:  # a bug: keep the thread, and the cache, alive
+            self.failed_writes += len(puts)
+            self.healthy = False
+            log.exception("fallback cache %s: unexpected error in the writer", self.path)
+        finally:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+        return stopping
+
+    def _in_transaction(self, work: Callable[[], None]) -> None:
+        """Run ``work`` in one write transaction; on an error roll back and recount."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            work()
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+            with contextlib.suppress(sqlite3.Error):
+                self.entries, self.bytes, _ = figures(conn)
+            raise
+
+    def _write(
+        self,
+        puts: dict[str, CachedReply],
+        touches: dict[str, None],
+        deletes: list[tuple[str, float]],
+    ) -> None:
+        conn = self.conn
+        entries, nbytes = self.entries, self.bytes
+        for key, stored_at in deletes:
+            row = conn.execute(
+                "SELECT size FROM entries WHERE key = ? AND stored_at = ?", (key, stored_at)
+            ).fetchone()
+            if row is not None:
+                conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                entries -= 1
+                nbytes -= row[0]
+        for key, reply in puts.items():
+            row = conn.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
+            if row is not None:
+                entries -= 1
+                nbytes -= row[0]
+            cost = len(key) + len(reply.message) + ROW_OVERHEAD
+            if cost > self.max_bytes:  # can never fit; and the older reply is not the last one
+                if row is not None:
+                    conn.execute("DELETE FROM entries WHERE key = ?", (key,))
+                continue
+            self._seq += 1
+            conn.execute(
+                _UPSERT,
+                (key, reply.seqid_offset, reply.stored_at, self._seq, cost, reply.message),
+            )
+            entries += 1
+            nbytes += cost
+        for key in touches:
+            self._seq += 1
+            conn.execute("UPDATE entries SET used_seq = ? WHERE key = ?", (self._seq, key))
+        self.entries, self.bytes = entries, nbytes
+        self._trim_now()
+
+    def _trim_now(self) -> None:
+        """Delete least recently used rows until both bounds hold (inside a transaction)."""
+        conn = self.conn
+        entries, nbytes = self.entries, self.bytes
+        while entries > self.max_entries or nbytes > self.max_bytes:
+            rows = conn.execute(
+                "SELECT key, size FROM entries ORDER BY used_seq LIMIT ?",
+                (max(entries - self.max_entries, 64),),
+            ).fetchall()
+            if not rows:  # the figures were off; the table is empty
+                entries, nbytes = 0, 0
+                break
+            victims = []
+            for key, size in rows:
+                if entries <= self.max_entries and nbytes <= self.max_bytes:
+                    break
+                victims.append((key,))
+                entries -= 1
+                nbytes -= size
+            conn.executemany("DELETE FROM entries WHERE key = ?", victims)
+        self.entries, self.bytes = entries, nbytes
+
+    def _purge(self) -> None:
+        """Delete the rows older than the TTL; return free pages when many."""
+        conn = self.conn
+        cutoff = self._clock() - self.ttl
+
+        def purge() -> None:
+            count, size = conn.execute(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM entries WHERE stored_at < ?",
+                (cutoff,),
+            ).fetchone()
+            if count:
+                conn.execute("DELETE FROM entries WHERE stored_at < ?", (cutoff,))
+                self.entries -= count
+                self.bytes -= size
+
+        try:
+            self._in_transaction(purge)
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            if free * 4 > pages:
+                conn.execute("PRAGMA incremental_vacuum").fetchall()
+        except sqlite3.Error as exc:
+            self.trouble("purge", exc)

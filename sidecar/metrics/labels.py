@@ -1,0 +1,141 @@
+"""Metric names and labels: the name prefix, the fixed label values, what each label means.
+
+Method names arrive on the wire, so their label values are capped
+(`MethodLabels`): names known from the config or the IDL always get their own
+label, other names get one until ``max_method_labels`` distinct names are in
+use, and everything after that is `OTHER`. Every metric with a ``method``
+label (and the per-method breakers) uses these values, so a client cannot
+blow up the series count. `LABEL_DOCS` feeds ``docs/metrics-reference.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+PREFIX = "thrift_sidecar_"
+OTHER = "other"
+
+# The `kind` label of client protocol errors: the ``kind=`` values raised in
+# sidecar/protocol/ and ``internal`` (a bug caught in server.py). A test in
+# tests/ops checks that this list covers the code.
+PROTOCOL_ERROR_KINDS = (
+    "garbage",
+    "oversized",
+    "truncated",
+    "too_deep",
+    "bad_version",
+    "bad_type",
+    "compact",
+    "http",
+    "json",
+    "unsupported",
+    "internal",
+)
+# The moves a breaker makes (pybreaker's state names).
+BREAKER_TRANSITIONS = (
+    ("closed", "open"),
+    ("open", "half-open"),
+    ("half-open", "open"),
+    ("half-open", "closed"),
+)
+CONNECTION_STATES = ("busy", "idle")
+RELOAD_RESULTS = ("ok", "error")
+
+# What each label means, for docs/metrics-reference.md.
+LABEL_DOCS: dict[str, str] = {
+    "service": "The service part of a multiplexed name (`Interop` in `Interop:getItem`); "
+    "empty for a bare name.",
+    "method": "The method name. In `requests_total` and `request_duration_seconds` the bare "
+    "method (the service has its own label); elsewhere the name as sent, `Service:method` "
+    "for multiplexed calls. Capped: names from the config and the IDL, then new names until "
+    "`metrics.max_method_labels` are in use, then `other`.",
+    "outcome": "What the client got: the last attempt's outcome (`ok`, `declared_exception`, "
+    "`app_exception`, `internal_error`, `connect_error`, `connection_closed`, `timeout`, "
+    "`protocol_error`), or `fallback` (a cached or static reply), `circuit_open` (rejected "
+    "by the breaker, no fallback), `bad_request` (not a CALL or ONEWAY message), "
+    "`sidecar_error` (a bug in the sidecar, answered with INTERNAL_ERROR and logged).",
+    "upstream": "One upstream address `host:port` (attempts, connections, ejections), or "
+    "all the upstream's addresses joined by commas (the retry budget, which they share).",
+    "result": "`upstream_attempts_total`: the attempt's outcome (`ok` ... `protocol_error`, "
+    "as for `outcome`); `config_reloads_total`: `ok` or `error`.",
+    "reason": "`retries_total`: the outcome of the attempt that was retried "
+    "(`connect_error`, `connection_closed`, `timeout`, `internal_error`, `protocol_error`). "
+    "`retries_given_up_total`: why not retried: `not_retryable` (outcome not in "
+    "`retry.retry_on`), `attempts_exhausted`, `unsafe` (sent, and not idempotent or oneway), "
+    "`deadline`, `budget_exhausted`, `probe` (a half-open probe gets one attempt), "
+    "`circuit_open` (the circuit opened meanwhile).",
+    "breaker": "The breaker's name: the upstream (its addresses joined by commas), then "
+    "`/method` when `breaker.scope: method`.",
+    "from_state": "`closed`, `open` or `half-open`.",
+    "to_state": "`closed`, `open` or `half-open`.",
+    "source": "`cache` (the last good reply to the same arguments) or `static` (the "
+    "method's static reply from the config).",
+    "state": "`busy` (a call in flight) or `idle`.",
+    "kind": "What was wrong: " + ", ".join(f"`{k}`" for k in PROTOCOL_ERROR_KINDS) + ".",
+    "operation": "The shared-state operation that failed.",
+    "version": "The sidecar's version.",
+}
+
+
+class MethodLabels:
+    """Maps wire method names to a bounded set of label values.
+
+    Names known from the config or the IDL (``known``, and `add_known` on a
+    reload) always get their own label. Other names get one on first sight
+    while fewer than ``limit`` labels are in use; after that they all share
+    `OTHER`. At most ``max(limit, known) + 1`` values exist.
+    """
+
+    def __init__(self, known: Iterable[str], limit: int) -> None:
+        self._labels: dict[str, str] = {}
+        self._limit = limit
+        self.configured: list[str] = []
+        for name in known:
+            if name not in self._labels:
+                self._labels[name] = name
+                self.configured.append(name)
+        self._free = max(0, limit - len(self._labels))
+
+    @property
+    def limit(self) -> int:
+        """``metrics.max_method_labels``."""
+        return self._limit
+
+    def label(self, name: str) -> str:
+        """The label value for a method name (``Service:method`` or bare)."""
+        found = self._labels.get(name)
+        if found is not None:
+            return found
+        if self._free > 0:
+            self._free -= 1
+            self._labels[name] = name
+            return name
+        return OTHER
+
+    def add_known(self, names: Iterable[str]) -> list[str]:
+        """Give configured names their own label, past the limit if need be (a reload).
+
+        Returns:
+            The names that were not configured before.
+        """
+        added = []
+        for name in names:
+            self._labels[name] = name
+            if name not in self.configured:
+                self.configured.append(name)
+                added.append(name)
+        return added
+
+    def known(self) -> list[str]:
+        """Label values in use."""
+        return sorted(set(self._labels.values()))
+
+    def in_use(self) -> int:
+        """How many names have a label of their own (`OTHER` not counted)."""
+        return len(self._labels)
+
+
+def split_name(name: str) -> tuple[str, str]:
+    """``"Svc:m"`` → ("Svc", "m"); a bare name has service ``""``."""
+    service, sep, method = name.rpartition(":")
+    return (service, method) if sep else ("", name)

@@ -1,0 +1,238 @@
+"""Every metric the sidecar exports, registered in one place (`SidecarMetrics`).
+
+Names follow the Prometheus conventions (prefix ``thrift_sidecar_``, base
+units, ``_total`` for counters) and the list in the design (§8). Metrics live
+in a registry owned by the `SidecarMetrics` instance, never the global
+default, so tests and several sidecars in one process do not collide.
+
+Series that exist before anything happens: the ``init_*`` methods create the
+label sets of what is known at start-up (the upstream and its addresses, the
+breakers, the configured and IDL methods, the protocol error kinds) at zero,
+so that ``rate()`` and alerts see the first failure rather than a new series.
+Each metric's help text is what ``docs/metrics-reference.md`` is generated from
+(``python -m sidecar.docs metrics``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from sidecar import __version__
+from sidecar.metrics.calls import CallMetrics
+from sidecar.metrics.labels import (
+    BREAKER_TRANSITIONS,
+    CONNECTION_STATES,
+    PREFIX,
+    PROTOCOL_ERROR_KINDS,
+    RELOAD_RESULTS,
+)
+
+
+class SidecarMetrics:
+    """The sidecar's metrics, registered in ``registry``.
+
+    Attributes:
+        registry: where they are registered (a fresh one unless given).
+        label_names: each exported metric name (``..._total`` for counters)
+            and its label names, for the generated reference.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        self.label_names: dict[str, tuple[str, ...]] = {}
+        # requests_total, request_duration_seconds, upstream_attempts_total
+        self.calls = CallMetrics()
+        self.registry.register(self.calls)
+        for name, labels in CallMetrics.LABELS.items():
+            self.label_names[name] = labels
+        self.retries = self._counter(
+            "retries_total",
+            "Retries made, by method and the outcome of the attempt that was retried.",
+            ["method", "reason"],
+        )
+        self.retries_given_up = self._counter(
+            "retries_given_up_total",
+            "Failed attempts that were not retried, by method and why not.",
+            ["method", "reason"],
+        )
+        self.retry_budget_exhausted = self._counter(
+            "retry_budget_exhausted_total",
+            "Retries refused because the upstream's retry budget was empty.",
+            ["upstream"],
+        )
+        self.retry_budget_tokens = self._gauge(
+            "retry_budget_tokens",
+            "Retry tokens available now (a retry takes one; below 1, retries are refused).",
+            ["upstream"],
+        )
+        self.breaker_state = self._gauge(
+            "breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["breaker"]
+        )
+        self.breaker_transitions = self._counter(
+            "breaker_transitions_total",
+            "Circuit breaker state changes, by old and new state.",
+            ["breaker", "from_state", "to_state"],
+        )
+        self.breaker_last_opened = self._gauge(
+            "breaker_last_opened_timestamp_seconds",
+            "Unix time the breaker last opened (0: never since start-up).",
+            ["breaker"],
+        )
+        self.breaker_rejections = self._counter(
+            "breaker_rejections_total",
+            "Calls not sent because the breaker was open (or its probes were all in use).",
+            ["breaker"],
+        )
+        self.breaker_failures = self._gauge(
+            "breaker_consecutive_failures",
+            "Consecutive failures counted by the breaker (it opens at breaker.fail_max).",
+            ["breaker"],
+        )
+        self.breaker_shared_state = self._gauge(
+            "breaker_shared_state",
+            "Fleet mode: the breaker's state as Redis last held it (0 closed, 1 half-open, "
+            "2 open); absent in local mode.",
+            ["breaker"],
+        )
+        self.breaker_shared_failures = self._gauge(
+            "breaker_shared_consecutive_failures",
+            "Fleet mode: consecutive failures counted by the whole fleet, as Redis last held "
+            "them; absent in local mode.",
+            ["breaker"],
+        )
+        self.upstream_ejections = self._counter(
+            "upstream_ejections_total",
+            "Upstream addresses taken out of rotation after repeated failures.",
+            ["upstream"],
+        )
+        self.upstream_ejected = self._gauge(
+            "upstream_ejected", "1 while the upstream address is out of rotation.", ["upstream"]
+        )
+        self.upstream_connections = self._gauge(
+            "upstream_connections",
+            "Open connections to an upstream address, by whether a call is in flight on them.",
+            ["upstream", "state"],
+        )
+        self.fallback_replies = self._counter(
+            "fallback_replies_total",
+            "Replies served from a fallback instead of the upstream, by method and source.",
+            ["method", "source"],
+        )
+        self.fallback_cache_entries = self._gauge(
+            "fallback_cache_entries", "Replies held by the fallback cache."
+        )
+        self.fallback_cache_bytes = self._gauge(
+            "fallback_cache_bytes",
+            "Bytes held by the fallback cache, as counted against fallback.cache.max_bytes.",
+        )
+        self.client_connections = self._gauge("client_connections", "Open client connections.")
+        self.client_connections_rejected = self._counter(
+            "client_connections_rejected_total",
+            "Client connections closed at once: max_connections reached, or draining.",
+        )
+        self.client_idle_closes = self._counter(
+            "client_idle_closes_total",
+            "Client connections closed after idle_timeout without a call.",
+        )
+        self.protocol_errors = self._counter(
+            "protocol_errors_total",
+            "Client connections closed for breaking the protocol, by kind.",
+            ["kind"],
+        )
+        self.config_reloads = self._counter(
+            "config_reloads_total", "Config reloads (SIGHUP), by result.", ["result"]
+        )
+        self.state_backend_errors = self._counter(
+            "state_backend_errors_total",
+            "Failed operations on the shared state backend (Redis), by operation.",
+            ["operation"],
+        )
+        self.state_backend_up = UnsetGauge(
+            PREFIX + "state_backend_up",
+            "1 while the shared state backend (Redis) answers, 0 when not; "
+            "absent in local mode and until the first answer.",
+        )
+        self.registry.register(self.state_backend_up)
+        self.label_names[PREFIX + "state_backend_up"] = ()
+        self.build_info = self._gauge(
+            "build_info", "Always 1; the label tells the version.", ["version"]
+        )
+        self.build_info.labels(__version__).set(1)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+        for kind in PROTOCOL_ERROR_KINDS:
+            self.protocol_errors.labels(kind)
+        self._breakers_seen: set[str] = set()
+
+    def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:
+        self.label_names[PREFIX + name] = tuple(labels)
+        return Counter(PREFIX + name, doc, labels, registry=self.registry)
+
+    def _gauge(self, name: str, doc: str, labels: Sequence[str] = ()) -> Gauge:
+        self.label_names[PREFIX + name] = tuple(labels)
+        return Gauge(PREFIX + name, doc, labels, registry=self.registry)
+
+    # series known at start-up (all idempotent: existing values are kept)
+
+    def init_upstream(self, name: str, addresses: Iterable[str]) -> None:
+        """The series of one upstream and its addresses."""
+        self.retry_budget_exhausted.labels(name)
+        self.retry_budget_tokens.labels(name)
+        for address in addresses:
+            self.upstream_ejections.labels(address)
+            self.upstream_ejected.labels(address)
+            for state in CONNECTION_STATES:
+                self.upstream_connections.labels(address, state)
+
+    def init_breaker(self, name: str) -> None:
+        """The series of one breaker (cheap when already done: called every second)."""
+        if name in self._breakers_seen:
+            return
+        self._breakers_seen.add(name)
+        self.breaker_state.labels(name)
+        self.breaker_last_opened.labels(name)
+        self.breaker_rejections.labels(name)
+        self.breaker_failures.labels(name)
+        for old, new in BREAKER_TRANSITIONS:
+            self.breaker_transitions.labels(name, old, new)
+
+    def init_method(
+        self, label: str, addresses: Iterable[str], fallback_sources: Iterable[str] = ()
+    ) -> None:
+        """The series of one known method label: ``ok`` calls and attempts, the latency
+        histogram, and the fallback sources it can be served from."""
+        stats = self.calls.method(label)
+        stats.requests.setdefault("ok", 0)
+        for address in addresses:
+            stats.attempts.setdefault((address, "ok"), 0)
+        for source in fallback_sources:
+            self.fallback_replies.labels(label, source)
+
+
+class UnsetGauge(Collector):
+    """A gauge without labels that is not exported until it is first set.
+
+    prometheus_client's Gauge always exports a sample (0 before any ``set``),
+    which would read as "down" for a backend that is not configured at all.
+    """
+
+    def __init__(self, name: str, documentation: str) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def describe(self) -> list[Metric]:
+        return [GaugeMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(self.name, self.documentation)
+        if self.value is not None:
+            family.add_metric([], self.value)
+        yield family
