@@ -238,8 +238,10 @@ class ClientConnection(asyncio.Protocol):
                     self._protocol_error(item)
                     return
                 self._queued_bytes -= len(item.buf)
-                if self._reading_paused and (
-                    len(queue) <= MAX_QUEUED_MESSAGES // 2
+                if (
+                    self._reading_paused
+                    and self._decoder.error is None  # after a protocol error: never again
+                    and len(queue) <= MAX_QUEUED_MESSAGES // 2
                     and self._queued_bytes <= MAX_QUEUED_BYTES // 2
                 ):
                     self._resume_reading()

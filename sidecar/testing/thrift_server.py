@@ -207,7 +207,7 @@ class ThreadedServer:
             self.connections_accepted += 1
             self._conns.add(conn)
             self._threads.add(thread)
-        thread.start()
+            thread.start()  # under the lock: stop() never sees a thread it cannot join
 
     def _run_connection(self, conn: socket.socket) -> None:
         try:

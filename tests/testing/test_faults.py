@@ -18,6 +18,7 @@ import thriftpy2.transport
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
+from sidecar.protocol.auto import decoder_for
 from sidecar.protocol.envelope import MessageType, parse_header
 from sidecar.protocol.framing import Transport, make_decoder
 from sidecar.testing.faults import Action, Fault, FaultPlan, FaultProxyThread, start_in_thread
@@ -154,7 +155,7 @@ def test_garbage_cannot_pass_for_a_message() -> None:
         assert 16 <= len(junk) <= 64
         for kind in Transport:
             with pytest.raises(RemoteProtocolError):
-                make_decoder(kind).receive_data(junk)
+                decoder_for(kind).receive_data(junk)
 
 
 # -- the proxy with a real upstream ---------------------------------------------------
