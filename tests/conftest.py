@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import pytest
 _REPO_ROOT = str(Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
     sys.path.insert(0, _REPO_ROOT)
+
+from tests.support.redis import RedisServer, redis_server  # noqa: E402  (after the path)
 
 
 @pytest.fixture(autouse=True)
@@ -29,3 +32,23 @@ def created_switch() -> Iterator[None]:
         prometheus_client.enable_created_metrics()  # type: ignore[no-untyped-call]
     else:
         prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="session")
+def shared_redis() -> Iterator[RedisServer]:
+    """A redis-server for the whole session; tests keep apart by key prefix (`key_prefix`)."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def redis_server_fixture() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which the test may stop and start again."""
+    with redis_server() as server:
+        yield server
+
+
+@pytest.fixture
+def key_prefix() -> str:
+    """A key prefix no other test uses."""
+    return f"t-{uuid.uuid4().hex[:12]}"

@@ -6,7 +6,7 @@ read raw and parsed with ``http.client``, metrics with prometheus_client's
 text and OpenMetrics parsers. The last two run a whole sidecar: in a thread,
 then as a ``python -m sidecar run`` process.
 ``/readyz`` answering 503 while draining is checked in
-tests/ops/test_drain_reload.py, where a drain happens.
+tests/app/test_signals.py, where a drain happens.
 """
 
 from __future__ import annotations

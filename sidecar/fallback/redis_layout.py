@@ -22,7 +22,7 @@ HEADER = struct.Struct(">BdI")
 # that repeat the cache key, and Redis's object headers and allocator slack.
 # Measured with INFO used_memory over 10,000 entries on Redis 7.0 with the
 # default key prefix: 460-530 bytes for messages of 64 B to 4 KiB
-# (tests/fleet/test_redis_store.py measures it again for 300 B messages, prints
+# (tests/fallback/test_redis_store.py measures it again for 300 B messages, prints
 # it, and fails when it exceeds this by more than 10 %). L1 counts at least as
 # much per entry (`_L1` in `sidecar.fallback.redis`), so that it evicts no
 # later than Redis does.

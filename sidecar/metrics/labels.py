@@ -17,7 +17,7 @@ OTHER = "other"
 
 # The `kind` label of client protocol errors: the ``kind=`` values raised in
 # sidecar/protocol/ and ``internal`` (a bug caught in server.py). A test in
-# tests/ops checks that this list covers the code.
+# tests/test_metrics.py checks that this list covers the code.
 PROTOCOL_ERROR_KINDS = (
     "garbage",
     "oversized",

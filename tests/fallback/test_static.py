@@ -17,8 +17,7 @@ from thriftpy2.utils import deserialize
 
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
-from sidecar.fallback.static import load_idl_parts
-from sidecar.fallback.static import StaticReply
+from sidecar.fallback.static import StaticReply, load_idl_parts
 from tests.support.idl import canonical, load_thriftpy2_interop
 
 INTEROP_IDL = Path(__file__).resolve().parents[2] / "idl" / "interop.thrift"

@@ -27,7 +27,7 @@ from sidecar.resilience.breaker import (
     Admission,
     Breaker,
 )
-from tests.fleet import RedisServer, SilentServer, redis_keys
+from tests.support.redis import RedisServer, SilentServer, redis_keys
 
 LONG = 3600.0
 NAME = "10.0.0.1:9090"

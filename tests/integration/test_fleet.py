@@ -8,7 +8,7 @@ client ──► sidecar B ─┘
 Failures are ``internal_error`` answers injected by the proxy; what reaches
 the upstream side is counted at the proxy and the upstream. Breaker states
 are read from each sidecar's metrics. Redis is a real ``redis-server`` on a
-free port (`tests.fleet.RedisServer`), stopped and started again by PID
+free port (`tests.support.redis.RedisServer`), stopped and started again by PID
 where a test needs an outage.
 """
 
@@ -26,8 +26,8 @@ import pytest
 import thriftpy2.thrift
 
 from sidecar.testing.faults import FaultPlan, FaultProxyThread
-from tests.fleet import RedisServer, redis_keys, redis_server
 from tests.support.clients import thriftpy2_client
+from tests.support.redis import RedisServer, redis_keys, redis_server
 from tests.support.rig import breaker_state, breaker_transitions, faulty_upstream, wait_probe_due
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, run_sidecar

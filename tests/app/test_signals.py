@@ -27,8 +27,8 @@ import pytest
 import thriftpy2.thrift
 import thriftpy2.transport
 
-from tests.ops import PREFIX, rig, sample, scrape
 from tests.support.clients import split_address, thriftpy2_client
+from tests.support.ops import PREFIX, rig, sample, scrape
 from tests.support.raw import decode_reply, encode_call, raw_calls
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import SidecarProcess, free_port, http_get, run_sidecar

@@ -25,7 +25,7 @@ from sidecar.fallback.redis import RedisStore, decode_value, encode_value
 from sidecar.fallback.store import CachedReply
 from sidecar.fleet.redis_client import StateBackend
 from tests.fallback import test_stores as conformance
-from tests.fleet import RedisServer, SilentServer, redis_keys
+from tests.support.redis import RedisServer, SilentServer, redis_keys
 
 MiB = 1 << 20
 T0 = conformance.T0

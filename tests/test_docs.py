@@ -24,8 +24,8 @@ from sidecar.metrics import LABEL_DOCS, PROTOCOL_ERROR_KINDS, SidecarMetrics
 from sidecar.proxy import call
 from sidecar.resilience import retry
 from sidecar.resilience.outcome import Outcome
-from tests.ops.test_metrics import DESIGN_METRICS, MORE_METRICS
 from tests.support.sidecar import REPO_ROOT
+from tests.test_metrics import DESIGN_METRICS, MORE_METRICS
 
 REFERENCE = REPO_ROOT / "docs" / "metrics-reference.md"
 CONFIG_REFERENCE = REPO_ROOT / "docs" / "config-reference.md"

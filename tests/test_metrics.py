@@ -25,9 +25,9 @@ import thriftpy2.thrift
 from sidecar import __version__
 from sidecar.metrics import BREAKER_TRANSITIONS, OTHER, PROTOCOL_ERROR_KINDS
 from sidecar.resilience.outcome import Outcome
-from tests.ops import IDL, PREFIX, label_sets, rig, sample, scrape, send_garbage
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
+from tests.support.ops import IDL, PREFIX, label_sets, rig, sample, scrape, send_garbage
 from tests.support.raw import encode_call, raw_call, raw_calls
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import REPO_ROOT, run_sidecar

@@ -20,8 +20,17 @@ import pytest
 import thriftpy2.thrift
 
 from sidecar.logs import DEFAULT_BURST, DEFAULT_PERIOD
-from tests.ops import GARBAGE, PREFIX, json_log, log_lines, rig, sample, scrape, send_garbage
 from tests.support.clients import thriftpy2_client
+from tests.support.ops import (
+    GARBAGE,
+    PREFIX,
+    json_log,
+    log_lines,
+    rig,
+    sample,
+    scrape,
+    send_garbage,
+)
 from tests.support.sidecar import free_port, run_sidecar
 from tests.support.wait import wait_until
 
