@@ -1,0 +1,1 @@
+"""Tests of deploy/, the Dockerfile and docker-compose.yml, without Docker or a cluster."""
