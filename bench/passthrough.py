@@ -63,6 +63,9 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
         def on_error(self, error: UpstreamError) -> None:
             self.done(None)
 
+        def on_no_reply(self) -> None:
+            self.done(None)
+
     class Started:
         def __init__(self, message: Message, client_transport: Transport, done: Done) -> None:
             self.message, self.client_transport, self.done = message, client_transport, done
@@ -88,6 +91,13 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
 
         def cancel(self) -> None:
             pass
+
+        def chain_target(self) -> None:
+            """Never sends a call behind another (the full sidecar may, for a oneway)."""
+            return None
+
+        def chain_after(self, conn: UpstreamConnection) -> None:
+            raise AssertionError("never chained: chain_target is None")
 
     def call(_ctx: object, message: Message, client_transport: Transport, done: Done) -> Started:
         return Started(message, client_transport, done)

@@ -8,6 +8,7 @@ caller needs to answer the client as attributes, not in its message.
 
 from __future__ import annotations
 
+
 class SidecarError(Exception):
     """Root of every error the sidecar raises on purpose."""
 

@@ -30,7 +30,7 @@ from tests.support.idl import load_thriftpy2_interop
 from tests.support.ops import IDL, PREFIX, label_sets, rig, sample, scrape, send_garbage
 from tests.support.raw import encode_call, raw_call, raw_calls
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import REPO_ROOT, run_sidecar
+from tests.support.sidecar import REPO_ROOT, SidecarThread, base_config, run_sidecar
 from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
@@ -403,10 +403,19 @@ def test_invented_method_names_do_not_grow_any_metric_past_the_cap() -> None:
         "client_connections_rejected": 1,
         "client_idle_closes": 1,
         "state_backend_up": 1,
+        "event_loop_lag_seconds": 1,
+        "tls_handshake_errors": 2 * 7,
+        # prometheus_client's process metrics: one series each.
+        "process_virtual_memory_bytes": 1,
+        "process_resident_memory_bytes": 1,
+        "process_start_time_seconds": 1,
+        "process_cpu_seconds": 1,
+        "process_open_fds": 1,
+        "process_max_fds": 1,
     }
     assert set(bounds) == {n.removeprefix(PREFIX) for n in f}, "a metric without a bound"
     for name, bound in bounds.items():
-        series = label_sets(f[PREFIX + name])
+        series = label_sets(f[name if name.startswith("process_") else PREFIX + name])
         assert len(series) <= bound, (name, len(series), bound)
     method_values = {_method_label(dict(s)) for fam in f.values() for s in label_sets(fam)} - {None}
     assert len(method_values) == labels
@@ -448,3 +457,24 @@ def test_protocol_error_kinds_cover_the_code() -> None:
     found.discard(None)
     assert found, "no kind= found: the scan is broken"
     assert found <= set(PROTOCOL_ERROR_KINDS), found - set(PROTOCOL_ERROR_KINDS)
+
+
+def test_event_loop_lag_and_process_metrics() -> None:
+    """A loop held up shows in event_loop_lag_seconds; process_* describe the process."""
+    with (
+        thriftpy2_server("framed") as upstream,
+        SidecarThread(base_config([upstream.address])) as st,
+    ):
+        m = st.metrics()
+        assert m.value("process_open_fds") > 0
+        assert m.value("process_resident_memory_bytes") > 10 << 20
+        assert abs(m.value("process_start_time_seconds") - time.time()) < 3600
+        assert m.value(PREFIX + "event_loop_lag_seconds") < 0.5
+        # Hold the loop for 1.5 s (a stand-in for a render or a parse that blocks it).
+        st.call(lambda: time.sleep(1.5))
+        lag = wait_until(
+            lambda: (v := st.metrics().value(PREFIX + "event_loop_lag_seconds")) >= 0.4 and v,
+            timeout=10.0,
+            message="the lag measured",
+        )
+        assert 0.4 <= lag < 5.0

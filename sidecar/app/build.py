@@ -20,12 +20,15 @@ from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import FallbackStore, MemoryStore
 from sidecar.fleet import Fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.proxy.server import Server, ServerSettings
 from sidecar.proxy.timeouts import Timeouts
+from sidecar.proxy.tls import ClientTls, UpstreamTls, server_context, upstream_context
 from sidecar.proxy.upstream import UpstreamPool
 from sidecar.resilience.breaker import Breaker, TransitionCallback
 from sidecar.resilience.breakers import BreakerSet
@@ -43,8 +46,11 @@ class Parts:
     timeouts: Timeouts
     breakers: BreakerSet
     server: Server
+    oneway: OnewayMethods
     admin: AdminServer | None = None
     housekeeping: asyncio.Task[None] | None = None
+    client_tls: ClientTls | None = None
+    upstream_tls: UpstreamTls | None = None
 
 
 def upstream_name(config: SidecarConfig) -> str:
@@ -121,12 +127,15 @@ def breakers(
 
 
 def upstreams(
-    config: SidecarConfig, timeouts: Timeouts, loop: asyncio.AbstractEventLoop
+    config: SidecarConfig,
+    timeouts: Timeouts,
+    loop: asyncio.AbstractEventLoop,
+    tls: UpstreamTls | None = None,
 ) -> UpstreamSet:
     """The upstream's addresses, with passive ejection; pools are opened on first use."""
     u = config.upstream
 
-    def pool(address: str, transport: Transport) -> UpstreamPool:
+    def pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
         host, port = split_address(address)
         return UpstreamPool(
             address,
@@ -138,6 +147,8 @@ def upstreams(
             max_message_size=config.max_frame_size,
             timeouts=timeouts,
             loop=loop,
+            protocol=protocol,
+            tls=tls,
         )
 
     tracker = EjectionTracker(
@@ -177,22 +188,31 @@ def call_context(
     labels: MethodLabels,
     static_replies: dict[str, StaticReply],
     service_of: dict[str, str],
+    oneway_methods: frozenset[str],
+    learned_oneway: OnewayMethods,
     rng: random.Random | None = None,
 ) -> CallContext:
     """The context calls start with, for this config and these long-lived parts."""
-    transport = config.upstream.transport
+    u = config.upstream
     return CallContext(
         loop=loop,
         upstreams=upstream_set,
-        upstream_transport=None if transport == "same" else Transport(transport),
+        upstream_transport=None if u.transport == "same" else Transport(u.transport),
+        upstream_protocol=None if u.protocol == "same" else Protocol(u.protocol),
         upstream_name=upstream_name(config),
-        policies=PolicyTable(config, labels, static_replies, metrics.calls, service_of),
+        policies=PolicyTable(
+            config, labels, static_replies, metrics.calls, service_of, oneway_methods
+        ),
         breakers=breaker_set,
         budget=retry_budget,
         fallbacks=fallbacks(config, store),
         metrics=metrics,
         trip_on=frozenset(Outcome(v) for v in config.breaker.trip_on),
         rng=rng or random.Random(),
+        max_message_size=config.max_frame_size,
+        max_depth=config.max_depth,
+        timeout_header=u.theader_timeout_header,
+        oneway=learned_oneway,
     )
 
 
@@ -205,3 +225,21 @@ def server_settings(config: SidecarConfig) -> ServerSettings:
         max_connections=config.max_connections,
         idle_timeout=config.idle_timeout,
     )
+
+
+def client_tls(
+    config: SidecarConfig, metrics: SidecarMetrics, loop: asyncio.AbstractEventLoop
+) -> ClientTls | None:
+    """TLS on the listener (``tls``), or None for plaintext."""
+    context = server_context(config)
+    if context is None:
+        return None
+    return ClientTls(context, metrics, loop, max_handshakes=min(config.max_connections, 1024))
+
+
+def upstream_tls(config: SidecarConfig, metrics: SidecarMetrics) -> UpstreamTls | None:
+    """TLS to the upstream (``upstream.tls``), or None for plaintext."""
+    context = upstream_context(config)
+    if context is None or config.upstream.tls is None:
+        return None
+    return UpstreamTls(context, config.upstream.tls, metrics)

@@ -29,6 +29,7 @@ from sidecar.fallback.store import FallbackStore
 from sidecar.fleet import Fleet, make_fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.server import Server
 from sidecar.proxy.timeouts import Timeouts
 from sidecar.resilience.breakers import BreakerSet
@@ -46,6 +47,7 @@ class Sidecar:
         config: validated configuration (at least one upstream address).
         static_replies: static fallback replies by method name (from the IDL).
         known_methods: method names that always get their own metrics label.
+        oneway_methods: the IDL's oneway methods (bare and ``Service:method``).
         metrics: the metrics to count into (a fresh registry by default).
 
     Raises:
@@ -58,9 +60,11 @@ class Sidecar:
         *,
         static_replies: dict[str, StaticReply] | None = None,
         known_methods: list[str] | None = None,
+        oneway_methods: list[str] | None = None,
         metrics: SidecarMetrics | None = None,
     ) -> None:
         require_upstream(config)
+        self.oneway_methods = frozenset(oneway_methods or ())
         self.config = config
         self.config_version = 1
         self.metrics = metrics or SidecarMetrics()
@@ -122,10 +126,13 @@ class Sidecar:
         timeouts = Timeouts(loop)
         on_transition = transition_listener(self.metrics, lambda: self.config.breaker.reset_timeout)
         breakers = build.breakers(config, self.metrics, fleet, on_transition)
+        client_tls = build.client_tls(config, self.metrics, loop)
+        upstream_tls = build.upstream_tls(config, self.metrics)
+        oneway = OnewayMethods()
         context = build.call_context(
             config,
             loop=loop,
-            upstream_set=build.upstreams(config, timeouts, loop),
+            upstream_set=build.upstreams(config, timeouts, loop, upstream_tls),
             breaker_set=breakers,
             retry_budget=build.budget(config),
             store=store,
@@ -133,9 +140,20 @@ class Sidecar:
             labels=self.labels,
             static_replies=self.static_replies,
             service_of=self.service_of,
+            oneway_methods=self.oneway_methods,
+            learned_oneway=oneway,
         )
-        server = Server(context, build.server_settings(config), self.metrics, loop)
-        self.parts = parts = Parts(fleet, store, timeouts, breakers, server)
+        server = Server(context, build.server_settings(config), self.metrics, loop, tls=client_tls)
+        self.parts = parts = Parts(
+            fleet,
+            store,
+            timeouts,
+            breakers,
+            server,
+            oneway,
+            client_tls=client_tls,
+            upstream_tls=upstream_tls,
+        )
         try:
             if fleet is not None:  # the fleet's breaker state, read before the first call
                 await fleet.start()
@@ -203,8 +221,11 @@ class Sidecar:
             await parts.fleet.stop()
 
     async def _housekeep(self) -> None:
+        lag = self.metrics.event_loop_lag
         while True:
+            asked = time.perf_counter()
             await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+            lag.set(max(0.0, time.perf_counter() - asked - HOUSEKEEPING_INTERVAL))
             try:
                 parts = self._running()
                 parts.server.sweep()

@@ -26,6 +26,7 @@ from sidecar.fallback.static import StaticReply
 from sidecar.logs import configure_logging
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.tls import reload_certificates
 
 # Loads and checks the config file again: the config and the IDL's parts.
 Reloader = Callable[[], tuple[SidecarConfig, dict[str, Any]]]
@@ -40,6 +41,7 @@ class Reloadable(Protocol):
     labels: MethodLabels
     metrics: SidecarMetrics
     service_of: dict[str, str]
+    oneway_methods: frozenset[str]
     parts: build.Parts | None
     pending_restart: tuple[str, ...]
     last_reload_error: str | None
@@ -76,6 +78,9 @@ def kept_for_restart(old: SidecarConfig, new: SidecarConfig) -> tuple[SidecarCon
         ignored.append("breaker.scope")
         kept = new.breaker.model_copy(update={"scope": old.breaker.scope})
         new = new.model_copy(update={"breaker": kept})
+    if (new.tls is None) != (old.tls is None):  # the listener is made with TLS or without
+        ignored.append("tls")
+        new = new.model_copy(update={"tls": old.tls})
     if new.fallback.cache != old.fallback.cache:  # the store is built once
         ignored.append("fallback.cache")
         kept_fallback = new.fallback.model_copy(update={"cache": old.fallback.cache})
@@ -99,6 +104,8 @@ def apply(
         raise RuntimeError("the sidecar is not running yet")
     old = sidecar.config
     new, ignored = kept_for_restart(old, new)
+    # Certificates and keys read again for new connections (ConfigError: rejected).
+    reload_certificates(new, parts.client_tls, parts.upstream_tls)
     b = new.breaker
     for breaker in parts.breakers.all():
         breaker.configure(
@@ -125,6 +132,8 @@ def apply(
         labels=sidecar.labels,
         static_replies=sidecar.static_replies,
         service_of=sidecar.service_of,
+        oneway_methods=sidecar.oneway_methods,
+        learned_oneway=parts.oneway,
         rng=current.rng,
     )
     sidecar.config = new

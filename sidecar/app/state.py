@@ -44,7 +44,8 @@ def state_document(sidecar: Described) -> dict[str, Any]:
     ``shared_state`` (fleet mode: the Redis URL without password, whether it
     answers, the last error, each breaker's state as Redis holds it),
     ``config`` (reloads, the last error, changes waiting for a restart),
-    ``method_labels`` and ``client_connections``.
+    ``method_labels``, ``client_connections`` and ``oneway`` (methods learned
+    to be oneway from the wire).
     """
     parts = sidecar.parts
     if parts is None:
@@ -110,6 +111,7 @@ def state_document(sidecar: Described) -> dict[str, Any]:
         },
         "method_labels": {"in_use": sidecar.labels.in_use(), "max": sidecar.labels.limit},
         "client_connections": len(parts.server.connections),
+        "oneway": parts.oneway.describe(),
     }
 
 

@@ -16,7 +16,8 @@ The modules, each with one job:
 - `messages`: validation errors as one readable paragraph;
 - `dump`: a config as YAML again;
 - `methods`: which per-method settings and patterns apply to a wire name;
-- `checks`: what a valid config still needs to run, and warnings.
+- `checks`: what a valid config still needs to run, and warnings;
+- `tls`: the ``tls`` and ``upstream.tls`` sections and the checks of their files.
 
 This package re-exports their public names.
 """
@@ -53,6 +54,7 @@ from sidecar.config.sections import (
     StateConfig,
     UpstreamConfig,
 )
+from sidecar.config.tls import ServerTlsConfig, UpstreamTlsConfig, certificate_validity
 from sidecar.config.units import (
     Address,
     Duration,
@@ -92,12 +94,15 @@ __all__ = [
     "RetryOverride",
     "RetryableOutcome",
     "Section",
+    "ServerTlsConfig",
     "SidecarConfig",
     "Size",
     "StateConfig",
     "StaticException",
     "UpstreamConfig",
+    "UpstreamTlsConfig",
     "annotation_at",
+    "certificate_validity",
     "config_warnings",
     "dump_yaml",
     "env_name",

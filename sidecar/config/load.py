@@ -2,9 +2,10 @@
 
 Precedence: flags > ``SIDECAR_*`` environment > file > defaults. A key
 written twice in one YAML mapping is an error, not a silent "last one wins".
-Relative paths (``idl``, ``fallback.cache.path``) are relative to the config
-file when written there, and to the working directory when given by a flag or
-the environment.
+Relative paths (``idl``, ``fallback.cache.path``, the files of ``tls`` and
+``upstream.tls``) are relative to the config file when written there, and to
+the working directory when given by a flag or the environment. TLS files are
+read once here (`sidecar.config.tls.check_tls_files`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from sidecar.config.base import KeyPath
 from sidecar.config.env import env_layer
 from sidecar.config.messages import describe, origin_of, paragraph
 from sidecar.config.model import SidecarConfig
+from sidecar.config.tls import TlsFileProblem, check_tls_files, tls_sections, with_absolute_paths
 from sidecar.errors import ConfigError
 
 
@@ -179,4 +181,17 @@ def _resolve_paths(
         resolved = str((base_for(("fallback", "cache", "path")) / cache.path).resolve())
         new_cache = cache.model_copy(update={"path": resolved})
         updates["fallback"] = config.fallback.model_copy(update={"cache": new_cache})
+    for at, section in tls_sections(config):
+        section = with_absolute_paths(section, base_for, at)
+        try:
+            check_tls_files(at, section)
+        except TlsFileProblem as exc:
+            origin = origin_of(exc.key, origins)
+            key = ".".join(exc.key) + (f" (from {origin})" if origin else "")
+            raise ConfigError(paragraph([(f"{key}: {exc}", origin)], source)) from None
+        if at == ("tls",):
+            updates["tls"] = section
+        else:
+            upstream = updates.get("upstream", config.upstream)
+            updates["upstream"] = upstream.model_copy(update={"tls": section})
     return config.model_copy(update=updates) if updates else config

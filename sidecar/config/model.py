@@ -24,6 +24,7 @@ from sidecar.config.sections import (
     StateConfig,
     UpstreamConfig,
 )
+from sidecar.config.tls import ServerTlsConfig
 from sidecar.config.units import Address, Duration, PositiveDuration, Size, split_address
 
 # Exact method names (``getItem``) or ``Service:method``; Thrift identifiers
@@ -37,7 +38,9 @@ class SidecarConfig(Section):
     listen: Address = Field("0.0.0.0:9090", description="Where Thrift clients connect.")
     transport: Literal["auto", "framed", "buffered"] = Field(
         "auto",
-        description="Client-side transport; auto detects framed or buffered per connection.",
+        description="Client-side transport; auto detects it per connection (framed, buffered "
+        "or THeader, with binary or compact protocol). framed or buffered: only that transport, "
+        "binary protocol, no detection.",
     )
     max_frame_size: Size = Field(
         16 << 20,
@@ -63,6 +66,9 @@ class SidecarConfig(Section):
         None,
         description="The upstream's Thrift IDL (optional): checks method names and "
         "encodes static replies. Relative to this file.",
+    )
+    tls: ServerTlsConfig | None = Field(
+        None, description="TLS on the listener (listen); null means plaintext."
     )
     upstream: UpstreamConfig = Field(UpstreamConfig(), description="The upstream service.")
     retry: RetryConfig = Field(RetryConfig(), description="Retries.")

@@ -65,6 +65,12 @@ class MethodConfig(Section):
     idempotent: bool | None = Field(
         None, description="Safe to repeat or not, overriding the retry.idempotent patterns."
     )
+    oneway: bool | None = Field(
+        None,
+        description="true: a oneway method, which clients may send as CALL (the Go library "
+        "does): forwarded without waiting for a reply, none is sent back. Also read from the "
+        "IDL's oneway, and learned from the wire when neither says.",
+    )
     retry: RetryOverride = Field(
         RetryOverride(), description="Retry settings for this method; unset keys inherit."
     )

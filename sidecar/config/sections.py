@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from sidecar.config.base import FailureOutcome, FieldProblem, RetryableOutcome, Section
+from sidecar.config.tls import UpstreamTlsConfig
 from sidecar.config.units import Address, Duration, PositiveDuration, Size
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -52,7 +53,19 @@ class UpstreamConfig(Section):
     )
     transport: Literal["same", "framed", "buffered"] = Field(
         "same",
-        description="Transport the upstream speaks; `same` uses each client's own.",
+        description="Transport the upstream speaks; `same` uses each client's own. A THeader "
+        "client's calls go upstream in THeader whatever this says.",
+    )
+    protocol: Literal["same", "binary", "compact"] = Field(
+        "same",
+        description="Protocol the upstream speaks; `same` uses each client's own. With another "
+        "protocol than a client's, the sidecar transcodes its calls and their replies.",
+    )
+    theader_timeout_header: str | None = Field(
+        "client_timeout",
+        description="THeader info header in which clients give a call's timeout in "
+        "milliseconds; the call's deadline is then the smaller of it and retry.deadline. "
+        "null: ignore such headers.",
     )
     pool_size: int = Field(
         64, ge=1, description="Most open connections per upstream address (one call each)."
@@ -65,6 +78,9 @@ class UpstreamConfig(Section):
     )
     ejection: EjectionConfig = Field(
         EjectionConfig(), description="Passive ejection of failing addresses."
+    )
+    tls: UpstreamTlsConfig | None = Field(
+        None, description="TLS to the upstream; null means plaintext."
     )
 
 

@@ -55,9 +55,10 @@ Every metric the sidecar exports on `GET /metrics` of its admin address
 (`metrics.listen`, default `0.0.0.0:9464`), in the Prometheus text format.
 
 - Names: prefix `thrift_sidecar_`, base units (seconds, bytes), `_total` on
-  counters. The process and Python metrics of prometheus_client are not
-  exported (the sidecar uses a registry of its own), nor are the `_created`
-  series prometheus_client adds to counters.
+  counters; and prometheus_client's `process_*` metrics of the sidecar's
+  process (CPU, memory, file descriptors, start time). Its Python GC and
+  platform metrics are not exported (the sidecar uses a registry of its
+  own), nor are the `_created` series prometheus_client adds to counters.
 - Bounded labels: `method` comes from the wire, so its values are capped
   (methods from the config and the IDL, then new names until
   `metrics.max_method_labels`, default 200, then `other`); nothing is

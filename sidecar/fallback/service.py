@@ -22,11 +22,16 @@ from typing import Protocol
 
 from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
+from sidecar.protocol.compact import PROTOCOL_ID, parse_compact_header
 from sidecar.protocol.envelope import MessageType, encode_header, write_seqid
+from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.framing import Message
+from sidecar.protocol.transcode import transcode_message
 from sidecar.resilience.outcome import Outcome
 
 log = logging.getLogger("sidecar.fallback")
+
+_COMPACT_ID = bytes((PROTOCOL_ID,))
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
@@ -113,13 +118,27 @@ class Fallbacks:
         if self.store is not None and policy.cacheable:
             cached = await self.store.get(cache_key(policy.name, call.body()))
             if cached is not None:
-                message = bytearray(cached.message)
-                write_seqid(message, cached.seqid_offset, seqid)
                 log.debug("serving cached reply for %s (%s)", policy.display_name, reason)
-                return Served(message, "cache")
+                return Served(_with_seqid(cached, seqid), "cache")
         static = policy.static_reply
         if static is not None:
             log.debug("serving static reply for %s (%s)", policy.display_name, reason)
             header = encode_header(policy.method, MessageType.REPLY, seqid, call.header.strict)
-            return Served(header + static.body, "static")
+            message = header + static.body
+            if call.header.protocol is WireProtocol.COMPACT:  # encoded once, in binary
+                message = transcode_message(message, WireProtocol.BINARY, WireProtocol.COMPACT)
+            return Served(message, "static")
         return None
+
+
+def _with_seqid(cached: CachedReply, seqid: int) -> bytearray:
+    """The cached reply (kept in the client's protocol) with the client's seqid."""
+    message = bytearray(cached.message)
+    if message[:1] != _COMPACT_ID:
+        write_seqid(message, cached.seqid_offset, seqid)
+        return message
+    header = parse_compact_header(message)
+    assert header is not None, "a cached reply has a whole envelope"
+    reply = Message(header, message, 0)
+    reply.set_seqid(seqid)  # a varint: its length may change
+    return reply.buf

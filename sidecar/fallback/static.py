@@ -66,10 +66,11 @@ def services(module: ModuleType) -> dict[str, Any]:
 
 
 def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
-    """Static replies and known method names from the config's IDL.
+    """Static replies, known method names and oneway methods from the config's IDL.
 
     Returns:
-        Keyword arguments for `sidecar.app.Sidecar`: ``static_replies`` and ``known_methods``.
+        Keyword arguments for `sidecar.app.Sidecar`: ``static_replies``,
+        ``known_methods`` and ``oneway_methods`` (bare and ``Service:method``).
 
     Raises:
         ConfigError: a static reply without an IDL, a method not in the IDL, or
@@ -87,14 +88,17 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
                 f"methods.{name}.fallback: a static reply needs the service's IDL to encode it; "
                 "set idl: (or --idl) to the .thrift file"
             )
-        return {"static_replies": {}, "known_methods": []}
+        return {"static_replies": {}, "known_methods": [], "oneway_methods": []}
     module = load_idl(config.idl)
     found = services(module)
     known: list[str] = []
+    oneway: list[str] = []
     for service_name, service in found.items():
         for method in service.thrift_services:
-            known.append(method)
-            known.append(f"{service_name}:{method}")
+            names = (method, f"{service_name}:{method}")
+            known.extend(names)
+            if getattr(getattr(service, f"{method}_result", None), "oneway", False):
+                oneway.extend(names)
     unions = set(getattr(module, "__thrift_meta__", {}).get("unions", []))
     static: dict[str, StaticReply] = {}
     for name, fallback in wanted.items():
@@ -107,7 +111,11 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
         else:
             body = _value_result(result_cls, fallback.static, f"{key}.static", unions)
             static[name] = StaticReply(body)
-    return {"static_replies": static, "known_methods": sorted(set(known))}
+    return {
+        "static_replies": static,
+        "known_methods": sorted(set(known)),
+        "oneway_methods": sorted(set(oneway)),
+    }
 
 
 def _find_method(found: dict[str, Any], name: str, idl: str) -> tuple[Any, str]:

@@ -40,6 +40,17 @@ BREAKER_TRANSITIONS = (
 )
 CONNECTION_STATES = ("busy", "idle")
 RELOAD_RESULTS = ("ok", "error")
+# TLS handshakes that failed: which side of the sidecar, and why (sidecar/proxy/tls.py).
+TLS_SIDES = ("client", "upstream")
+TLS_HANDSHAKE_REASONS = (
+    "plaintext",
+    "no_client_certificate",
+    "bad_certificate",
+    "unknown_ca",
+    "expired",
+    "version",
+    "other",
+)
 
 # What each label means, for docs/metrics-reference.md.
 LABEL_DOCS: dict[str, str] = {
@@ -63,7 +74,14 @@ LABEL_DOCS: dict[str, str] = {
     "`retries_given_up_total`: why not retried: `not_retryable` (outcome not in "
     "`retry.retry_on`), `attempts_exhausted`, `unsafe` (sent, and not idempotent or oneway), "
     "`deadline`, `budget_exhausted`, `probe` (a half-open probe gets one attempt), "
-    "`circuit_open` (the circuit opened meanwhile).",
+    "`circuit_open` (the circuit opened meanwhile). "
+    "`tls_handshake_errors_total`: why the handshake failed: `plaintext` (the peer does not "
+    "speak TLS), `no_client_certificate` (mutual TLS required and no certificate given), "
+    "`bad_certificate` (a certificate that does not verify, or for another name), "
+    "`unknown_ca` (signed by a CA that is not trusted), `expired` (a certificate not valid "
+    "now), `version` (no TLS version or cipher in common), `other`.",
+    "side": "`client` (a client's handshake with the listener) or `upstream` (the "
+    "sidecar's handshake with an upstream address).",
     "breaker": "The breaker's name: the upstream (its addresses joined by commas), then "
     "`/method` when `breaker.scope: method`.",
     "from_state": "`closed`, `open` or `half-open`.",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -29,6 +29,7 @@ from sidecar.metrics.labels import (
     PREFIX,
     PROTOCOL_ERROR_KINDS,
     RELOAD_RESULTS,
+    TLS_HANDSHAKE_REASONS,
 )
 
 
@@ -44,6 +45,11 @@ class SidecarMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
         self.label_names: dict[str, tuple[str, ...]] = {}
+        # process_* of prometheus_client: CPU seconds, memory, open and max fds, start time.
+        process = ProcessCollector(registry=self.registry)
+        for family in process.collect():
+            kind = "_total" if family.type == "counter" else ""
+            self.label_names[family.name + kind] = ()
         # requests_total, request_duration_seconds, upstream_attempts_total
         self.calls = CallMetrics()
         self.registry.register(self.calls)
@@ -130,6 +136,11 @@ class SidecarMetrics:
             "Bytes held by the fallback cache, as counted against fallback.cache.max_bytes.",
         )
         self.client_connections = self._gauge("client_connections", "Open client connections.")
+        self.event_loop_lag = self._gauge(
+            "event_loop_lag_seconds",
+            "How late the event loop ran its last once-a-second housekeeping timer: the "
+            "backlog of the one loop that serves every call (near 0 when it keeps up).",
+        )
         self.client_connections_rejected = self._counter(
             "client_connections_rejected_total",
             "Client connections closed at once: max_connections reached, or draining.",
@@ -142,6 +153,12 @@ class SidecarMetrics:
             "protocol_errors_total",
             "Client connections closed for breaking the protocol, by kind.",
             ["kind"],
+        )
+        self.tls_handshake_errors = self._counter(
+            "tls_handshake_errors_total",
+            "TLS handshakes that failed, by side and reason; the connection was closed "
+            "(client side) or the attempt failed as a connect_error (upstream side).",
+            ["side", "reason"],
         )
         self.config_reloads = self._counter(
             "config_reloads_total", "Config reloads (SIGHUP), by result.", ["result"]
@@ -187,6 +204,11 @@ class SidecarMetrics:
             self.upstream_ejected.labels(address)
             for state in CONNECTION_STATES:
                 self.upstream_connections.labels(address, state)
+
+    def init_tls(self, side: str) -> None:
+        """The handshake error series of one side that speaks TLS (``client``, ``upstream``)."""
+        for reason in TLS_HANDSHAKE_REASONS:
+            self.tls_handshake_errors.labels(side, reason)
 
     def init_breaker(self, name: str) -> None:
         """The series of one breaker (cheap when already done: called every second)."""

@@ -4,20 +4,22 @@ Round robin over the addresses in rotation; a retry goes to an address the
 call has not tried yet where there is one. Which addresses are in rotation is
 decided by `EjectionTracker` (passive ejection).
 
-Each address has one pool per upstream transport in use: with
+Each address has one pool per upstream transport and protocol in use: with
 ``upstream.transport: same`` a framed client's calls go over framed
-connections and a buffered client's over buffered ones.
+connections and a buffered client's over buffered ones (likewise for the
+protocol with ``upstream.protocol: same``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.upstream import UpstreamPool
 from sidecar.resilience.ejection import EjectionTracker
 
-PoolFactory = Callable[[str, Transport], UpstreamPool]
+PoolFactory = Callable[[str, Transport, Protocol], UpstreamPool]
 
 
 class UpstreamSet:
@@ -34,27 +36,34 @@ class UpstreamSet:
         self.tracker = tracker
         self._make_pool = make_pool
         self._clock = clock
-        self._pools: dict[tuple[str, Transport], UpstreamPool] = {}
+        self._pools: dict[tuple[str, Transport, Protocol], UpstreamPool] = {}
         self._next = 0
 
-    def pool(self, address: str, transport: Transport) -> UpstreamPool:
+    def pool(
+        self, address: str, transport: Transport, protocol: Protocol = Protocol.BINARY
+    ) -> UpstreamPool:
         """The pool for one address and transport, made on first use."""
-        key = (address, transport)
+        key = (address, transport, protocol)
         pool = self._pools.get(key)
         if pool is None:
-            pool = self._pools[key] = self._make_pool(address, transport)
+            pool = self._pools[key] = self._make_pool(address, transport, protocol)
         return pool
 
     def pools(self) -> list[UpstreamPool]:
         """Every pool made so far."""
         return list(self._pools.values())
 
-    def pick(self, transport: Transport, tried: Sequence[str] = ()) -> UpstreamPool:
+    def pick(
+        self,
+        transport: Transport,
+        tried: Sequence[str] = (),
+        protocol: Protocol = Protocol.BINARY,
+    ) -> UpstreamPool:
         """The pool for the next attempt: in rotation, and not tried yet where possible."""
         addresses = self.addresses
         n = len(addresses)
         if n == 1:
-            return self.pool(addresses[0], transport)
+            return self.pool(addresses[0], transport, protocol)
         start = self._next
         now = self._clock()
         second_choice: int | None = None
@@ -64,15 +73,15 @@ class UpstreamSet:
             if not self.tracker.available(address, now):
                 continue
             if address not in tried:
-                return self._picked(index, transport)
+                return self._picked(index, transport, protocol)
             if second_choice is None:
                 second_choice = index
-        return self._picked(start if second_choice is None else second_choice, transport)
+        return self._picked(start if second_choice is None else second_choice, transport, protocol)
 
-    def _picked(self, index: int, transport: Transport) -> UpstreamPool:
+    def _picked(self, index: int, transport: Transport, protocol: Protocol) -> UpstreamPool:
         """The pool of address ``index``; the rotation goes on after it."""
         self._next = (index + 1) % len(self.addresses)
-        return self.pool(self.addresses[index], transport)
+        return self.pool(self.addresses[index], transport, protocol)
 
     def record(self, address: str, failed: bool) -> float | None:
         """Record an attempt's result; returns the ejection time when the address is ejected."""

@@ -43,13 +43,20 @@ from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Concatenate, ParamSpec
 
-from sidecar.errors import UpstreamClosed, UpstreamError
+from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
-from sidecar.protocol.framing import Message, Transport, frame
+from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.policy import MethodPolicy
+from sidecar.proxy.translate import (
+    client_timeout,
+    for_client,
+    for_upstream,
+    set_theader_headers,
+    upstream_transport,
+)
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
@@ -100,6 +107,7 @@ class Call:
         "_admission",
         "_attempt",
         "_breaker",
+        "_chain",
         "_client_transport",
         "_conn",
         "_ctx",
@@ -109,9 +117,12 @@ class Call:
         "_finished",
         "_message",
         "_oneway",
+        "_outgoing",
         "_policy",
         "_pool",
+        "_protocol",
         "_started",
+        "_started_try",
         "_t0",
         "_task",
         "_timer",
@@ -136,6 +147,7 @@ class Call:
         self._oneway = False
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
+        self._chain: UpstreamConnection | None = None
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._attempt = 0
@@ -147,6 +159,29 @@ class Call:
     @property
     def finished(self) -> bool:
         return self._finished
+
+    def chain_target(self) -> UpstreamConnection | None:
+        """The connection a client's next call may be sent on right behind this one.
+
+        Only while this is a CALL whose method has never been answered, waiting
+        on that connection: if the next call's reply comes first, this one was
+        oneway (`on_no_reply`). None otherwise (the usual case).
+        """
+        conn = self._conn
+        if (
+            conn is None
+            or conn.closed
+            or self._oneway
+            or self._finished
+            or self._message.header.type is not _CALL
+            or self._ctx.oneway.is_two_way(self._policy.name)
+        ):
+            return None
+        return conn
+
+    def chain_after(self, conn: UpstreamConnection) -> None:
+        """Send the first attempt on ``conn``, behind the call waiting there (before `start`)."""
+        self._chain = conn
 
     # entry points
 
@@ -166,8 +201,27 @@ class Call:
             )
             return
         policy = self._policy
-        self._oneway = mtype is _ONEWAY
-        self._deadline_at = self._started + policy.retry.deadline
+        self._oneway = mtype is _ONEWAY or policy.oneway or ctx.oneway.is_oneway(policy.name)
+        deadline = policy.retry.deadline
+        given = client_timeout(self._message, ctx.timeout_header)
+        if given is not None and given < deadline:
+            deadline = given
+        self._deadline_at = self._started + deadline
+        self._transport = upstream_transport(self._client_transport, ctx.upstream_transport)
+        self._protocol = ctx.upstream_protocol or header.protocol
+        try:
+            self._outgoing = for_upstream(
+                self._message,
+                self._protocol,
+                max_size=ctx.max_message_size,
+                max_depth=ctx.max_depth,
+            )
+        except ProtocolError as exc:  # the client's call cannot be sent in the upstream's protocol
+            self._finish(
+                BAD_REQUEST,
+                self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
+            )
+            return
         self._breaker = breaker = ctx.breakers.for_label(policy.label)
         self._admission = breaker.admit()
         if self._admission is None:
@@ -177,14 +231,14 @@ class Call:
             )
             return
         ctx.budget.deposit(self._started)
-        self._transport = ctx.upstream_transport or self._client_transport
         self._next_attempt()
 
     @_entry_point
     def on_reply(self, reply: Message) -> None:
         """`ReplyHandler`: the upstream answered."""
         self._conn = None
-        outcome = classify_reply(reply.header.type, reply.body())
+        self._ctx.oneway.answered(self._policy.name)
+        outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
         self._after_attempt(outcome, reply, None, True)
 
     @_entry_point
@@ -192,6 +246,21 @@ class Call:
         """`ReplyHandler`: the attempt failed."""
         self._conn = None
         self._after_attempt(classify_error(error), None, error, error.sent)
+
+    @_entry_point
+    def on_no_reply(self) -> None:
+        """`ReplyHandler`: a call sent later on the connection was answered first: oneway."""
+        self._conn = None
+        policy = self._policy
+        self._ctx.oneway.unanswered(policy.name)
+        self._oneway = True
+        log.info(
+            "learned that %s is oneway: a later call was answered first; its calls are "
+            "sent without waiting for a reply from now on",
+            policy.display_name,
+            extra={"method": policy.name},
+        )
+        self._after_attempt(Outcome.OK, None, None, True)
 
     def cancel(self) -> None:
         """Abandon the call: no answer, nothing recorded (see the module docstring)."""
@@ -229,14 +298,25 @@ class Call:
         """Send the next attempt on an address of the upstream."""
         self._timer = None
         ctx = self._ctx
-        pool = ctx.upstreams.pick(self._transport, self._tried)
+        chain, self._chain = self._chain, None
+        if (
+            chain is not None
+            and not chain.closed
+            and chain.pool.transport_kind is self._transport
+            and chain.pool.protocol is self._protocol
+        ):
+            pool = chain.pool
+        else:
+            chain = None
+            pool = ctx.upstreams.pick(self._transport, self._tried, self._protocol)
         self._pool = pool
         self._tried.append(pool.address)
         self._attempt += 1
         now = ctx.loop.time()
         timeout = min(self._policy.retry.per_try_timeout, self._deadline_at - now)
+        self._started_try = now
         self._expires = now + timeout
-        conn = pool.idle()
+        conn = chain or pool.idle()
         if conn is not None:
             self._send(conn)
         else:
@@ -254,14 +334,18 @@ class Call:
             )
             self._after_attempt(Outcome.CONNECTION_CLOSED, None, error, False)
             return
-        timeout = self._policy.retry.per_try_timeout
+        timeout = self._expires - self._started_try  # per_try_timeout, or less near the deadline
+        outgoing = self._outgoing
+        if outgoing.theader is not None:
+            left = self._deadline_at - self._ctx.loop.time()
+            set_theader_headers(outgoing, self._attempt, int(left * 1000))
         if self._oneway:
-            conn.send(self._message, None, self._expires, timeout)
+            conn.send(outgoing, None, self._expires, timeout)
             self._pool.release(conn, True)
             self._after_attempt(Outcome.OK, None, None, True)
             return
         self._conn = conn
-        conn.send(self._message, self, self._expires, timeout)
+        conn.send(outgoing, self, self._expires, timeout)
 
     def _after_attempt(
         self, outcome: Outcome, reply: Message | None, error: UpstreamError | None, sent: bool
@@ -281,6 +365,9 @@ class Call:
             self._record(failed)
             if reply is None:
                 self._finish(label, None)
+                return
+            reply = self._for_client(reply)
+            if reply is None:
                 return
             ctx.fallbacks.remember(policy, self._message, reply, outcome)
             reply.set_seqid(self._message.header.seqid)
@@ -343,9 +430,12 @@ class Call:
             return
 
         def without_fallback() -> None:
-            if reply is not None:  # the upstream answered, with an error of its own: pass it on
-                reply.set_seqid(self._message.header.seqid)
-                self._finish(label, reply.to_wire(self._client_transport))
+            answer = None if reply is None else self._for_client(reply)
+            if answer is not None:  # the upstream answered, with an error of its own: pass it on
+                answer.set_seqid(self._message.header.seqid)
+                self._finish(label, answer.to_wire(self._client_transport))
+                return
+            if reply is not None:  # it could not be put in the client's protocol: answered
                 return
             tries = f" ({self._attempt} attempts)" if self._attempt > 1 else ""
             reason = str(error) if error is not None else label
@@ -359,7 +449,7 @@ class Call:
 
     def _unanswered(self, reason: str, label: str, why: str) -> None:
         """No attempt could be made: serve a fallback, or say why not."""
-        if self._message.header.type is _ONEWAY:
+        if self._oneway:
             log.debug("dropping oneway %s: %s", self._policy.display_name, why)
             self._finish(label, None)
             return
@@ -401,13 +491,34 @@ class Call:
             otherwise()
             return
         self._ctx.metrics.fallback_replies.labels(self._policy.label, served.source).inc()
-        self._finish(FALLBACK, frame(served.message, self._client_transport))
+        self._finish(FALLBACK, frame_reply(served.message, self._message, self._client_transport))
+
+    def _for_client(self, reply: Message) -> Message | None:
+        """The reply in the client's protocol; None (the call answered) when it cannot be."""
+        if reply.header.protocol is self._message.header.protocol:
+            return reply
+        ctx = self._ctx
+        try:
+            return for_client(
+                reply, self._message, max_size=ctx.max_message_size, max_depth=ctx.max_depth
+            )
+        except ProtocolError as exc:
+            self._finish(
+                _LABELS[Outcome.PROTOCOL_ERROR],
+                self._error(
+                    ApplicationExceptionType.PROTOCOL_ERROR,
+                    f"sidecar: the upstream's reply cannot be put in the client's protocol: {exc}",
+                ),
+            )
+            return None
 
     def _error(self, exc_type: ApplicationExceptionType, text: str) -> Wire:
         header = self._message.header
         method = header.name.rpartition(":")[2]
-        message = encode_application_exception(method, header.seqid, exc_type, text, header.strict)
-        return frame(message, self._client_transport)
+        message = encode_application_exception(
+            method, header.seqid, exc_type, text, header.strict, header.protocol
+        )
+        return frame_reply(message, self._message, self._client_transport)
 
     def _finish(self, label: str, wire: Wire | None) -> None:
         if self._finished:
@@ -419,7 +530,7 @@ class Call:
     def _release(self) -> None:
         """Let go of what the call holds: connection, task, timer, probe slot."""
         if self._conn is not None:
-            self._conn.abandon()
+            self._conn.abandon(self)
             self._conn = None
         if self._task is not None:
             self._task.cancel()
@@ -438,7 +549,7 @@ class Call:
             return
         self._release()
         wire = None
-        if self._message.header.type is not _ONEWAY:
+        if not self._oneway:
             wire = self._error(
                 ApplicationExceptionType.INTERNAL_ERROR,
                 "sidecar: internal error handling this call (see the sidecar's log)",

@@ -40,15 +40,10 @@ from sidecar.errors import ProtocolError
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
-from sidecar.protocol.framing import (
-    AutoDecoder,
-    BufferedDecoder,
-    FramedDecoder,
-    Message,
-    Transport,
-    frame,
-    make_decoder,
-)
+from sidecar.protocol.auto import EVERYTHING, AutoDecoder, Decoder, make_decoder
+from sidecar.protocol.envelope import Protocol as WireProtocol
+from sidecar.protocol.framing import Message, Transport, frame
+from sidecar.protocol.tjson import UnsupportedProtocolError
 from sidecar.proxy.call import Call, Done, Wire
 from sidecar.proxy.context import CallContext
 
@@ -59,9 +54,16 @@ R = TypeVar("R")
 MAX_QUEUED_MESSAGES = 64
 MAX_QUEUED_BYTES = 8 << 20
 
+# What a client of a protocol the sidecar does not proxy (JSON) is told.
+_UNSUPPORTED = (
+    "sidecar: this Thrift port takes the binary and compact protocols (framed, buffered or "
+    "THeader), not this one; the sidecar's HTTP endpoints are on its admin port"
+)
+
 # The answer to an HTTP request that arrived on the Thrift port.
 _HTTP_BODY = (
-    b"This is the Thrift port of thrift-sidecar (binary protocol, framed or buffered).\n"
+    b"This is the Thrift port of thrift-sidecar (binary or compact protocol; framed, buffered\n"
+    b"or THeader transport).\n"
     b"HTTP endpoints (/metrics, /healthz, /readyz, /state) are on the admin port.\n"
 )
 _HTTP_MISDIRECTED = (
@@ -121,6 +123,27 @@ def _boundary(
     return guarded
 
 
+class _Behind:
+    """A call sent behind the one in flight; its answer waits until the first one's is out."""
+
+    __slots__ = ("_conn", "call", "finished", "first", "wire")
+
+    def __init__(self, conn: ClientConnection) -> None:
+        self._conn = conn
+        self.call: Call | None = None
+        self.finished = False
+        self.first = False  # the call in front has finished: this one is first now
+        self.wire: Wire | None = None
+
+    def done(self, wire: Wire | None) -> None:
+        """`Call` done callback."""
+        if self.first:
+            self._conn._answer(wire)
+        else:
+            self.finished = True
+            self.wire = wire
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection."""
 
@@ -128,10 +151,10 @@ class ClientConnection(asyncio.Protocol):
         self._server = server
         self._loop = server.loop
         settings = server.settings
-        self._decoder: AutoDecoder | FramedDecoder | BufferedDecoder
+        self._decoder: AutoDecoder | Decoder
         if settings.transport == "auto":
             self._decoder = AutoDecoder(
-                lambda t: make_decoder(t, settings.max_frame_size, settings.max_depth)
+                max_size=settings.max_frame_size, max_depth=settings.max_depth, accept=EVERYTHING
             )
             self._kind: Transport | None = None
         else:
@@ -141,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
         self._call: Call | None = None  # the call in flight
+        self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
         self._pumping = False
         self._reading_paused = False
         self._writable = True
@@ -220,11 +244,16 @@ class ClientConnection(asyncio.Protocol):
     # running the queue
 
     def _pump(self) -> None:
-        """Start queued calls one at a time, in order, while the client can take replies.
+        """Start queued calls in order, while the client can take replies.
 
-        A call that finishes at once (a fallback, an error) lets the loop go
-        on to the next; one that waits for the upstream calls `_answer` later,
-        which pumps again. Re-entry is harmless: only the outermost pump runs.
+        One call at a time, as a server executes one connection's calls; the
+        exception is a CALL whose method has never been answered: the next
+        call may go right behind it on the same upstream connection (it may
+        be a oneway sent as CALL; `Call.chain_target`). Replies are written in
+        request order whatever finishes first. A call that finishes at once (a
+        fallback, an error) lets the loop go on to the next; one that waits
+        for the upstream calls back later, which pumps again. Re-entry is
+        harmless: only the outermost pump runs.
         """
         if self._pumping:
             return
@@ -232,7 +261,14 @@ class ClientConnection(asyncio.Protocol):
         queue = self._queue
         server = self._server
         try:
-            while self._call is None and queue and self._writable and not self._aborted:
+            while queue and self._writable and not self._aborted:
+                chain = None
+                if self._call is not None:
+                    if self._behind is not None:
+                        break
+                    chain = self._call.chain_target()
+                    if chain is None or isinstance(queue[0], ProtocolError):
+                        break
                 item = queue.popleft()
                 if isinstance(item, ProtocolError):
                     self._protocol_error(item)
@@ -246,8 +282,14 @@ class ClientConnection(asyncio.Protocol):
                 ):
                     self._resume_reading()
                 assert self._kind is not None
-                call = server.call_factory(server.context, item, self._kind, self._answer)
-                self._call = call
+                if chain is None:
+                    call = server.call_factory(server.context, item, self._kind, self._answer)
+                    self._call = call
+                else:
+                    behind = self._behind = _Behind(self)
+                    call = server.call_factory(server.context, item, self._kind, behind.done)
+                    behind.call = call
+                    call.chain_after(chain)
                 call.start()
         finally:
             self._pumping = False
@@ -259,12 +301,22 @@ class ClientConnection(asyncio.Protocol):
 
     @_boundary
     def _answer(self, reply: Wire | None) -> None:
-        """The call in flight finished (`Call` done callback)."""
+        """The first call in flight finished (`Call` done callback)."""
         self._call = None
         self.last_active = self._loop.time()
+        self._write(reply)
+        behind, self._behind = self._behind, None
+        if behind is not None:  # the call sent behind it is first now
+            if behind.finished:
+                self._write(behind.wire)
+            else:
+                self._call = behind.call
+                behind.first = True
+        self._pump()
+
+    def _write(self, reply: Wire | None) -> None:
         if reply is not None and not self.lost and self._transport is not None:
             self._transport.write(reply)
-        self._pump()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         """Answer what can be answered, count, log, close this connection only."""
@@ -276,18 +328,31 @@ class ClientConnection(asyncio.Protocol):
             exc.kind,
             extra={"peer": self.peer, "kind": exc.kind},
         )
-        if exc.seqid is not None and self._kind is not None and not self.lost:
+        writable = self._transport is not None and not self.lost
+        if isinstance(exc, UnsupportedProtocolError):  # a JSON client: answered in JSON
+            answer = exc.answer(ApplicationExceptionType.INVALID_PROTOCOL, _UNSUPPORTED)
+            if answer is not None and writable:
+                assert self._transport is not None
+                self._transport.write(answer)
+        elif exc.seqid is not None and self._kind is not None and writable:
             name = (exc.name or "").rpartition(":")[2]
+            decoder = self._decoder
+            protocol = (decoder.protocol if isinstance(decoder, AutoDecoder) else None) or (
+                WireProtocol.BINARY
+            )
             message = encode_application_exception(
                 name,
                 exc.seqid,
                 ApplicationExceptionType.PROTOCOL_ERROR,
                 f"sidecar: {exc}",
                 exc.strict,
+                protocol,
             )
+            outer = bool(getattr(decoder, "outer_framed", False))
             assert self._transport is not None
-            self._transport.write(frame(message, self._kind))
-        elif exc.kind == "http" and self._transport is not None and not self.lost:
+            self._transport.write(frame(message, self._kind, outer_framed=outer))
+        elif exc.kind == "http" and writable:
+            assert self._transport is not None
             self._transport.write(_HTTP_MISDIRECTED)
         self._queue.clear()
         self.close()
@@ -317,12 +382,12 @@ class ClientConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """A call is in flight."""
-        return self._call is not None
+        return self._call is not None or self._behind is not None
 
     @property
     def idle(self) -> bool:
         """Nothing in flight and nothing queued (a partly received message is not work)."""
-        return self._call is None and not self._queue
+        return self._call is None and self._behind is None and not self._queue
 
     def close(self) -> None:
         """Close after the pending writes are flushed."""
@@ -333,9 +398,11 @@ class ClientConnection(asyncio.Protocol):
         """Close now, dropping what is queued (a bug, or shutdown after the drain timeout)."""
         self._aborted = True
         self._queue.clear()
-        call, self._call = self._call, None
-        if call is not None:
-            call.cancel()
+        calls = (self._call, self._behind.call if self._behind is not None else None)
+        self._call = self._behind = None
+        for call in calls:
+            if call is not None:
+                call.cancel()
         if self._transport is not None:
             self._transport.abort()
         if self.lost:

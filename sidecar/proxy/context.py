@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 from sidecar.fallback.service import Fallbacks
 from sidecar.metrics import SidecarMetrics
+from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
@@ -30,7 +32,9 @@ class CallContext:
         loop: the event loop (kept: ``asyncio.get_running_loop()`` costs a
             ``getpid()`` system call).
         upstreams: the upstream's addresses and their pools.
-        upstream_transport: the transport the upstream speaks; None = the client's.
+        upstream_transport: the transport the upstream speaks; None = the client's
+            (a THeader client's calls stay THeader).
+        upstream_protocol: the protocol the upstream speaks; None = the client's.
         upstream_name: the upstream's name in metrics and messages.
         policies: per-method settings, resolved from the config.
         breakers: the upstream's circuit breakers.
@@ -39,11 +43,16 @@ class CallContext:
         metrics: where calls are counted.
         trip_on: attempt outcomes that count as failures (breaker, ejection).
         rng: the random source of the backoff jitter.
+        max_message_size: largest message a transcoding may produce.
+        max_depth: nesting limit of a transcoding.
+        timeout_header: the THeader info header with a client's timeout (ms), or None.
+        oneway: the methods learned to be oneway (kept across reloads).
     """
 
     loop: asyncio.AbstractEventLoop
     upstreams: UpstreamSet
     upstream_transport: Transport | None
+    upstream_protocol: Protocol | None
     upstream_name: str
     policies: PolicyTable
     breakers: BreakerSet
@@ -52,3 +61,7 @@ class CallContext:
     metrics: SidecarMetrics
     trip_on: frozenset[Outcome]
     rng: random.Random
+    max_message_size: int
+    max_depth: int
+    timeout_header: str | None
+    oneway: OnewayMethods

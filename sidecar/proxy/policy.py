@@ -46,6 +46,7 @@ class MethodPolicy:
     static_reply: StaticReply | None
     stats: MethodStats
     display_name: str  # ``Service.method`` for messages to people
+    oneway: bool = False  # declared oneway (IDL or methods.<name>.oneway)
 
 
 class PolicyTable:
@@ -58,9 +59,12 @@ class PolicyTable:
         static_replies: dict[str, StaticReply] | None = None,
         calls: CallMetrics | None = None,
         service_of: dict[str, str] | None = None,
+        oneway_methods: frozenset[str] = frozenset(),
     ) -> None:
-        """Args: ``service_of`` names the one IDL service of a bare method name, for messages."""
+        """Args: ``service_of`` names the one IDL service of a bare method name, for messages;
+        ``oneway_methods`` the IDL's oneway methods (bare and ``Service:method``)."""
         self._config = config
+        self._oneway = oneway_methods
         self._service_of = service_of or {}
         self._labels = labels
         self._calls = calls or CallMetrics()
@@ -113,6 +117,7 @@ class PolicyTable:
             static_reply=static,
             stats=self._calls.method(label),
             display_name=f"{service or self._service_of.get(method, '')}.{method}".lstrip("."),
+            oneway=_first((e.oneway for e in entries), name in self._oneway),
         )
 
 

@@ -26,6 +26,7 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.call import Call
 from sidecar.proxy.client import CallFactory, ClientConnection, ServerSettings
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.tls import ClientTls, TlsListener
 
 log = logging.getLogger("sidecar.server")
 
@@ -51,12 +52,14 @@ class Server:
         metrics: SidecarMetrics,
         loop: asyncio.AbstractEventLoop,
         call_factory: CallFactory = Call,
+        tls: ClientTls | None = None,
     ) -> None:
         self.context = context
         self.settings = settings
         self.metrics = metrics
         self.loop = loop
         self.call_factory = call_factory
+        self.tls = tls
         self.connections: set[ClientConnection] = set()
         # Connections closed by their client whose calls still run.
         self.finishing: set[ClientConnection] = set()
@@ -64,7 +67,7 @@ class Server:
         # Lines a peer can cause at will are rate-limited (counters stay exact).
         self.protocol_log = RateLimitedLog(log, what="protocol error lines")
         self.refusal_log = RateLimitedLog(log, what="refused-connection lines")
-        self._server: asyncio.Server | None = None
+        self._server: asyncio.Server | TlsListener | None = None
         self._changed: asyncio.Event | None = None  # set while draining, on each change
 
     def use_context(self, context: CallContext) -> None:
@@ -73,9 +76,14 @@ class Server:
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Start accepting; returns the bound address (port 0 picks a free one)."""
-        self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
-        )
+        if self.tls is not None:
+            self._server = await self.tls.listen(
+                lambda: ClientConnection(self), host, port, backlog=1024
+            )
+        else:
+            self._server = await self.loop.create_server(
+                lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+            )
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
 
@@ -162,6 +170,8 @@ class Server:
         self.finishing.clear()
         self.protocol_log.flush()
         self.refusal_log.flush()
+        if self.tls is not None:
+            self.tls.close()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)

@@ -1,4 +1,4 @@
-"""Connections to one upstream address, pooled; one call in flight per connection.
+"""Connections to one upstream address, pooled; one call at a time per connection, as a rule.
 
 One exchange, driven by callbacks (no task or future on the way):
 
@@ -8,11 +8,22 @@ One exchange, driven by callbacks (no task or future on the way):
 2. `UpstreamConnection.send` gives the call a fresh seqid of this connection
    (the client's is restored by the caller), writes it, and files a per-try
    timeout (`sidecar.proxy.timeouts`); a oneway call expects nothing;
-3. the reply, checked (exactly one message, the seqid sent, REPLY or
-   EXCEPTION), goes to the caller's `ReplyHandler.on_reply`, after the
-   connection is back in the pool; any failure goes to ``on_error``;
+3. the reply, checked (the seqid sent, REPLY or EXCEPTION), goes to the
+   caller's `ReplyHandler.on_reply`, after the connection is back in the pool
+   when nothing else waits on it; any failure goes to ``on_error``;
 4. a connection that timed out, was reset or sent garbage is closed, never
    reused: a late reply must never be read as the answer to the next call.
+
+Replies are matched by seqid, and a Thrift server answers a connection's
+calls in order, which gives two more rules:
+
+- a reply to a call sent as oneway (a two-way method that a client marked
+  ONEWAY: servers answer it anyway) is recognised by its seqid and dropped,
+  never taken for the next call's reply (`MAX_ONEWAY_SEQIDS` remembered);
+- a second call may be sent behind one that is still waiting (a client's
+  next call behind a CALL that may be oneway, `sidecar.proxy.client`); when
+  the later one is answered first, the earlier one was oneway and is told so
+  (`ReplyHandler.on_no_reply`).
 
 Errors say whether anything may have reached the upstream (``sent``), which
 decides whether a call that is not idempotent may be retried.
@@ -34,15 +45,12 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from sidecar.protocol.auto import Decoder, decoder_for
 from sidecar.protocol.envelope import MessageType
-from sidecar.protocol.framing import (
-    BufferedDecoder,
-    FramedDecoder,
-    Message,
-    Transport,
-    make_decoder,
-)
+from sidecar.protocol.envelope import Protocol as WireProtocol
+from sidecar.protocol.framing import Message, Transport
 from sidecar.proxy.timeouts import Timeouts
+from sidecar.proxy.tls import UpstreamTls
 
 log = logging.getLogger("sidecar.upstream")
 
@@ -50,30 +58,54 @@ _SEQID_MASK = 0x7FFFFFFF
 _REPLY = MessageType.REPLY
 _EXCEPTION = MessageType.EXCEPTION
 
+# Seqids of calls sent as oneway whose stray reply is still recognised. A
+# server answers in order, so a reply to any later call ends their chance.
+MAX_ONEWAY_SEQIDS = 64
+
 
 class ReplyHandler(Protocol):
     """Where the result of one exchange goes."""
 
     def on_reply(self, reply: Message) -> None:
-        """The reply arrived; the connection is already back in the pool."""
+        """The reply arrived; the connection is back in the pool unless another call waits."""
 
     def on_error(self, error: UpstreamError) -> None:
         """The exchange failed; the connection is closed."""
 
+    def on_no_reply(self) -> None:
+        """A call sent after this one was answered first: this one was oneway."""
+
+
+class _Waiting:
+    """One call waiting for its reply on a connection: the key of its timeout too."""
+
+    __slots__ = ("bucket", "conn", "handler", "seqid", "timeout")
+
+    def __init__(
+        self, conn: UpstreamConnection, seqid: int, handler: ReplyHandler, timeout: float
+    ) -> None:
+        self.conn = conn
+        self.seqid = seqid
+        self.handler = handler
+        self.timeout = timeout
+        self.bucket = 0
+
+    def __call__(self) -> None:
+        """The per-try timeout fired (`Timeouts` callback)."""
+        self.conn._expire(self)
+
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to the upstream; at most one call waits on it."""
+    """One TCP connection to the upstream."""
 
     def __init__(self, pool: UpstreamPool) -> None:
-        self._pool = pool
-        self._decoder: FramedDecoder | BufferedDecoder = make_decoder(
-            pool.transport_kind, pool.max_message_size
+        self.pool = pool
+        self._decoder: Decoder = decoder_for(
+            pool.transport_kind, pool.protocol, pool.max_message_size
         )
         self.transport: asyncio.Transport | None = None
-        self._handler: ReplyHandler | None = None
-        self._expected = 0
-        self._bucket = 0
-        self._timeout = 0.0
+        self._waiting: deque[_Waiting] = deque()
+        self._oneways: deque[int] = deque(maxlen=MAX_ONEWAY_SEQIDS)
         self._seqid = 0
         self.closed = False
         self.idle_since = 0.0
@@ -81,6 +113,11 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
         self.transport = cast(asyncio.Transport, transport)
+
+    @property
+    def waiting(self) -> int:
+        """Calls waiting for a reply on this connection."""
+        return len(self._waiting)
 
     def send(
         self, message: Message, handler: ReplyHandler | None, expires: float, timeout: float
@@ -90,61 +127,74 @@ class UpstreamConnection(asyncio.Protocol):
         Args:
             message: the call; its seqid is overwritten.
             handler: None for a oneway call (nothing is awaited; the caller
-                releases the connection).
+                releases the connection; a reply the upstream sends anyway is
+                dropped).
             expires: loop time after which the reply is too late.
             timeout: the per-try timeout, for the error message.
         """
         self._seqid = seqid = (self._seqid + 1) & _SEQID_MASK
         message.set_seqid(seqid)
-        if handler is not None:
-            self._handler = handler
-            self._expected = seqid
-            self._timeout = timeout
-            self._bucket = self._pool.timeouts.add(expires, self, self._expire)
+        if handler is None:
+            self._oneways.append(seqid)
+        else:
+            waiting = _Waiting(self, seqid, handler, timeout)
+            waiting.bucket = self.pool.timeouts.add(expires, waiting, waiting)
+            self._waiting.append(waiting)
         assert self.transport is not None
-        self.transport.write(message.to_wire(self._pool.transport_kind))
+        self.transport.write(message.to_wire(self.pool.transport_kind))
 
     def data_received(self, data: bytes) -> None:
-        address = self._pool.address
         try:
             messages = self._decoder.receive_data(data)
         except RemoteProtocolError as exc:
-            self._fail(
-                UpstreamProtocolError(
-                    f"upstream {address} sent invalid bytes: {exc}", address=address, sent=True
-                )
-            )
+            self._fail(self._protocol_error(f"sent invalid bytes: {exc}"))
             return
-        if not messages:
-            return
-        handler = self._handler
-        reply = messages[0]
-        header = reply.header
-        if handler is None:
-            problem = "a message nobody asked for"
-        elif header.seqid != self._expected:
-            problem = f"a reply with seqid {header.seqid}, expected {self._expected}"
-        elif header.type is not _REPLY and header.type is not _EXCEPTION:
-            problem = f"a {header.type.name} message as a reply"
-        else:
-            problem = ""
-        if problem:
-            self._fail(
-                UpstreamProtocolError(
-                    f"upstream {address} sent {problem}", address=address, sent=True
-                )
-            )
-            return
-        assert handler is not None
-        self._handler = None
-        self._pool.timeouts.remove(self._bucket, self)
-        if len(messages) > 1 or self._decoder.error is not None:
-            # More than the one reply in flight (garbage or an unsolicited
-            # message after it): the reply stands, the connection goes.
+        for reply in messages:
+            if not self._take(reply):
+                return
+        if self._decoder.error is not None:  # garbage after the replies: they stand, it goes
             self._broken()
-        else:
-            self._pool.release(self, True)
-        handler.on_reply(reply)
+
+    def _take(self, reply: Message) -> bool:
+        """Hand one message to the call it answers; False when the connection failed."""
+        header = reply.header
+        seqid = header.seqid
+        waiting = self._waiting
+        if waiting and waiting[0].seqid != seqid:
+            for later in range(1, len(waiting)):
+                if waiting[later].seqid == seqid:
+                    self._not_answered(later)  # the ones before it were oneway
+                    break
+        if waiting and waiting[0].seqid == seqid:
+            if header.type is not _REPLY and header.type is not _EXCEPTION:
+                self._fail(self._protocol_error(f"sent a {header.type.name} message as a reply"))
+                return False
+            first = waiting.popleft()
+            self.pool.timeouts.remove(first.bucket, first)
+            self._oneways.clear()  # earlier oneway calls will not be answered now
+            if not waiting and not self.closed:
+                self.pool.release(self, True)
+            first.handler.on_reply(reply)
+            return True
+        if seqid in self._oneways:  # a reply to a call sent as oneway: dropped
+            while self._oneways and self._oneways.popleft() != seqid:
+                pass
+            log.debug("dropped the reply to a call sent as oneway (seqid %d)", seqid)
+            return True
+        expected = f"expected {waiting[0].seqid}" if waiting else "none was awaited"
+        self._fail(self._protocol_error(f"sent a reply with seqid {seqid}, {expected}"))
+        return False
+
+    def _not_answered(self, count: int) -> None:
+        """The first ``count`` waiting calls were passed over by a later reply: oneway."""
+        for _ in range(count):
+            skipped = self._waiting.popleft()
+            self.pool.timeouts.remove(skipped.bucket, skipped)
+            skipped.handler.on_no_reply()
+
+    def _protocol_error(self, problem: str) -> UpstreamProtocolError:
+        address = self.pool.address
+        return UpstreamProtocolError(f"upstream {address} {problem}", address=address, sent=True)
 
     def eof_received(self) -> bool:
         self._fail(None)
@@ -153,32 +203,31 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(None)
 
-    def _expire(self) -> None:
-        """The per-try timeout fired (`Timeouts` callback)."""
-        handler = self._handler
-        if handler is None:
+    def _expire(self, waiting: _Waiting) -> None:
+        """A per-try timeout fired: that call fails, the connection goes (and any call behind)."""
+        if waiting not in self._waiting:
             return
-        self._handler = None
-        self._broken()
-        address = self._pool.address
-        handler.on_error(
+        self._waiting.remove(waiting)
+        address = self.pool.address
+        self._fail(None)
+        waiting.handler.on_error(
             UpstreamTimeout(
-                f"upstream {address} did not reply within {self._timeout:g}s",
+                f"upstream {address} did not reply within {round(waiting.timeout, 3):g}s",
                 address=address,
                 sent=True,
             )
         )
 
     def _fail(self, error: UpstreamError | None) -> None:
-        """Close; the call in flight, if any, fails with ``error`` (or "closed")."""
-        handler = self._handler
-        self._handler = None
-        if handler is not None:
-            self._pool.timeouts.remove(self._bucket, self)
+        """Close; every call waiting fails with ``error`` (or "closed")."""
+        failed = list(self._waiting)
+        self._waiting.clear()
+        for waiting in failed:
+            self.pool.timeouts.remove(waiting.bucket, waiting)
         self._broken()
-        if handler is not None:
-            address = self._pool.address
-            handler.on_error(
+        address = self.pool.address
+        for waiting in failed:
+            waiting.handler.on_error(
                 error
                 or UpstreamClosed(
                     f"upstream {address} closed the connection before replying",
@@ -193,14 +242,18 @@ class UpstreamConnection(asyncio.Protocol):
             self.closed = True
             if self.transport is not None:
                 self.transport.close()
-            self._pool._connection_closed(self)
+            self.pool._connection_closed(self)
 
-    def abandon(self) -> None:
-        """Forget the call in flight (it was cancelled) and close: a late reply dies here."""
-        if self._handler is not None:
-            self._pool.timeouts.remove(self._bucket, self)
-            self._handler = None
-        self._broken()
+    def abandon(self, handler: ReplyHandler | None = None) -> None:
+        """Forget ``handler``'s call (cancelled) and close: a late reply dies here.
+
+        Any other call waiting on the connection fails as closed.
+        """
+        for waiting in list(self._waiting):
+            if waiting.handler is handler:
+                self._waiting.remove(waiting)
+                self.pool.timeouts.remove(waiting.bucket, waiting)
+        self._fail(None)
 
     def close(self) -> None:
         """Close now (idle connections); a late reply is dropped with the connection."""
@@ -212,12 +265,13 @@ class UpstreamPool:
 
     Args:
         address: ``host:port``.
-        transport_kind: framed or buffered, as the upstream speaks.
+        transport_kind: framed, buffered or THeader, as the upstream speaks.
         size: most connections open at once.
         connect_timeout: seconds to wait for a TCP connection.
         max_message_size: largest reply accepted.
         timeouts: the loop's per-try timeouts.
         loop: the event loop the pool runs on.
+        protocol: the protocol the upstream speaks (binary or compact).
     """
 
     def __init__(
@@ -232,8 +286,12 @@ class UpstreamPool:
         max_message_size: int,
         timeouts: Timeouts,
         loop: asyncio.AbstractEventLoop,
+        protocol: WireProtocol = WireProtocol.BINARY,
+        tls: UpstreamTls | None = None,
     ) -> None:
         self.address = address
+        self.tls = tls
+        self.protocol = protocol
         self.timeouts = timeouts
         # Kept, not looked up: asyncio.get_running_loop() costs a getpid() system call.
         self.loop = loop
@@ -327,16 +385,28 @@ class UpstreamPool:
 
         try:
             async with asyncio.timeout(limit):
-                await loop.create_connection(protocol, self.host, self.port)
+                if self.tls is None:
+                    await loop.create_connection(protocol, self.host, self.port)
+                else:
+                    await loop.create_connection(
+                        protocol,
+                        self.host,
+                        self.port,
+                        ssl=self.tls.context,
+                        server_hostname=self.tls.server_hostname(self.host),
+                    )
         except TimeoutError:
             give_back()
             raise UpstreamUnavailable(
                 f"cannot connect to upstream {self.address}: no answer within {limit:g}s",
                 address=self.address,
             ) from None
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError included: a failed TLS handshake
             give_back()
-            reason = exc.strerror or str(exc) or type(exc).__name__
+            if self.tls is not None and self.tls.handshake_failed(exc, self.address):
+                reason = f"TLS handshake failed: {exc}"
+            else:
+                reason = exc.strerror or str(exc) or type(exc).__name__
             raise UpstreamUnavailable(
                 f"cannot connect to upstream {self.address}: {reason}", address=self.address
             ) from None
@@ -351,9 +421,15 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection, reusable: bool) -> None:
-        """Return a connection after a call; close it unless ``reusable``."""
+        """Return a connection after a call; close it unless ``reusable``.
+
+        A connection with a call still waiting on it (one sent behind another)
+        comes back when that call's reply does.
+        """
         if not reusable or conn.closed or self._closed:
             conn.close()
+            return
+        if conn.waiting:
             return
         while self._waiters:
             waiter = self._waiters.popleft()

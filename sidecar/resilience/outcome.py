@@ -29,7 +29,8 @@ from sidecar.errors import (
     UpstreamUnavailable,
 )
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
-from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.envelope import MessageType, Protocol
+from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.skip import FIXED_SIZE, TType
 
 _I16 = struct.Struct(">h")
@@ -56,24 +57,33 @@ class Outcome(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
 
 
-def classify_reply(mtype: int, body: bytes | bytearray | memoryview) -> Outcome:
+def classify_reply(
+    mtype: int, body: bytes | bytearray | memoryview, protocol: Protocol = Protocol.BINARY
+) -> Outcome:
     """Classify a reply message from its type and result struct.
 
     Args:
         mtype: the envelope's message type.
         body: the struct after the envelope.
+        protocol: the protocol the reply is in.
     """
     if mtype == MessageType.REPLY:
-        if len(body) == 0:
+        if protocol is Protocol.BINARY:  # the common case, inline
+            if len(body) == 0:
+                return Outcome.PROTOCOL_ERROR
+            if body[0] == TType.STOP:
+                return Outcome.OK
+            if len(body) < 3 or body[0] not in _FIELD_TYPES:
+                return Outcome.PROTOCOL_ERROR
+            return Outcome.OK if _I16.unpack_from(body, 1)[0] == 0 else Outcome.DECLARED_EXCEPTION
+        try:
+            field = first_field_id(body, protocol)
+        except ProtocolError:
             return Outcome.PROTOCOL_ERROR
-        if body[0] == TType.STOP:
-            return Outcome.OK
-        if len(body) < 3 or body[0] not in _FIELD_TYPES:
-            return Outcome.PROTOCOL_ERROR
-        return Outcome.OK if _I16.unpack_from(body, 1)[0] == 0 else Outcome.DECLARED_EXCEPTION
+        return Outcome.OK if field is None or field == 0 else Outcome.DECLARED_EXCEPTION
     if mtype == MessageType.EXCEPTION:
         try:
-            exc_type, _ = parse_application_exception(body)
+            exc_type, _ = parse_application_exception(body, protocol)
         except ProtocolError:
             return Outcome.PROTOCOL_ERROR
         if exc_type == ApplicationExceptionType.INTERNAL_ERROR:

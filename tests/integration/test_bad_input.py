@@ -190,8 +190,11 @@ CASES = [
         strict=False,
     ),
     BadInput("truncated-envelope", b"\x80\x01\x00\x01\x00\x00", "truncated", half_close=True),
-    BadInput("compact", b"\x82\x21\x01\x07getItem\x16\x0e\x00", "compact"),
-    BadInput("framed-compact", _I32.pack(12) + b"\x82\x21\x01\x07getItem\x00", "compact"),
+    # Compact with a version the protocol does not have (the low bits must be 1).
+    BadInput("compact-bad-version", b"\x82\x22\x01\x07getItem\x16\x0e\x00", "garbage"),
+    BadInput(
+        "framed-compact-bad-version", _I32.pack(12) + b"\x82\x22\x01\x07getItem\x00", "garbage"
+    ),
     BadInput("http-get", b"GET /metrics HTTP/1.1\r\nHost: sidecar\r\n\r\n", "http"),
     BadInput(
         "http-post",

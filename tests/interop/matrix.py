@@ -6,10 +6,8 @@ sidecar keep it working?).
 
 - `LIBRARY_LACKS`: what a library cannot do at all. Such a cell is skipped
   on both paths with the reason given.
-- `sidecar_lacks`: what the sidecar cannot do yet. Such a cell runs through
-  the sidecar as ``xfail(strict=True)`` with every reason that applies, so it
-  becomes a failure (XPASS) the day the sidecar supports it and the mark must
-  go. The direct run of the same cell is expected to pass.
+- Every other cell must pass on both paths: the sidecar has no gap of its own
+  in this matrix (compact, THeader, TLS and Go's oneway-as-CALL included).
 """
 
 from __future__ import annotations
@@ -86,30 +84,6 @@ def library_lacks(cell: Cell) -> str | None:
     return None
 
 
-GO_ONEWAY_AS_CALL = (
-    "the Go library sends oneway calls as CALL; the sidecar waits for a reply, "
-    "then writes the client an INTERNAL_ERROR it is not waiting for, which the "
-    "Go client reads as the next call's reply (issue 15)"
-)
-NO_TLS = "the sidecar has no TLS listener: `tls:` is not a config key yet (issue 15)"
-NO_COMPACT = "the sidecar speaks only the binary protocol: compact clients are cut off (issue 15)"
-NO_THEADER = "the sidecar does not speak the THeader transport (issue 15)"
-
-
-def sidecar_lacks(cell: Cell) -> list[str]:
-    """Why ``cell`` cannot pass through today's sidecar (empty: it must pass)."""
-    reasons = []
-    if cell.wire.tls:
-        reasons.append(NO_TLS)
-    if cell.wire.protocol == "compact":
-        reasons.append(NO_COMPACT)
-    if cell.wire.transport == "header":
-        reasons.append(NO_THEADER)
-    if cell.language == "go":
-        reasons.append(GO_ONEWAY_AS_CALL)
-    return reasons
-
-
 WIRES = [
     Wire(p, t, tls) for tls, p, t in itertools.product((False, True), PROTOCOLS, WIRE_TRANSPORTS)
 ]
@@ -127,12 +101,5 @@ def direct_params() -> list[Any]:
 
 
 def sidecar_params() -> list[Any]:
-    """Every cell, through a sidecar: the library's gaps skipped, the sidecar's xfail."""
-    params = []
-    for cell in CELLS:
-        marks = _library_skip(cell)
-        reasons = sidecar_lacks(cell)
-        if not marks and reasons:
-            marks = [pytest.mark.xfail(strict=True, reason="; ".join(reasons))]
-        params.append(pytest.param(cell, id=str(cell), marks=marks))
-    return params
+    """Every cell, through a sidecar: only the library's gaps are skipped."""
+    return [pytest.param(cell, id=str(cell), marks=_library_skip(cell)) for cell in CELLS]

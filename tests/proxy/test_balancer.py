@@ -8,6 +8,7 @@ from typing import cast
 
 import pytest
 
+from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.timeouts import Timeouts
@@ -46,7 +47,7 @@ class Rig:
         )
         self.upstreams = UpstreamSet(addresses, self.make_pool, self.tracker, self.clock)
 
-    def make_pool(self, address: str, transport: Transport) -> UpstreamPool:
+    def make_pool(self, address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
         self.made.append((address, transport))
         host, _, port = address.rpartition(":")
         return UpstreamPool(
@@ -201,7 +202,7 @@ class ClosablePool:
 def test_close_closes_every_pool_once() -> None:
     made: list[ClosablePool] = []
 
-    def make_pool(address: str, transport: Transport) -> UpstreamPool:
+    def make_pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
         made.append(ClosablePool(address))
         return cast(UpstreamPool, made[-1])
 

@@ -24,9 +24,9 @@ import thriftpy2.thrift
 import thriftpy2.transport
 
 from sidecar.fallback import service as fallback_service
+from sidecar.protocol import auto as auto_module
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.proxy import call as call_module
-from sidecar.proxy import client as client_module
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.budget import RetryBudget
@@ -310,7 +310,7 @@ def test_a_bug_in_a_client_connection_callback_closes_that_connection_only(
 ) -> None:
     _, bystander = clients
     assert bystander.add(1, 2) == 3  # its transport is detected already
-    switch = plant(monkeypatch, client_module, "make_decoder")
+    switch = plant(monkeypatch, auto_module, "detect")
     switch.on()  # breaks detecting the transport of the next connection
     with (
         thriftpy2_client(sidecar.address, "framed") as victim,

@@ -17,6 +17,7 @@ import pytest
 import thriftpy2.thrift
 
 from sidecar.metrics import SidecarMetrics
+from sidecar.protocol import auto as auto_module
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.protocol.envelope import MessageType, encode_header
 from sidecar.protocol.framing import FramedDecoder, Message, Transport, frame, make_decoder
@@ -103,6 +104,15 @@ class FakeCall:
         self.started = False
         self.cancelled = False
         self.answered = False
+        # What chain_target offers (None: the next call waits, the usual case).
+        self.offers: Any = None
+        self.chained_after: Any = None
+
+    def chain_target(self) -> Any:
+        return self.offers
+
+    def chain_after(self, conn: Any) -> None:
+        self.chained_after = conn
 
     @property
     def seqid(self) -> int:
@@ -117,6 +127,12 @@ class FakeCall:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def finish_without_reply(self) -> None:
+        """Finish with nothing to write (a call learned to be oneway)."""
+        assert self.started
+        self.answered = True
+        self._done(None)
 
     def answer(self) -> None:
         """Finish: the reply names the seqid (nothing for a oneway call)."""
@@ -262,6 +278,48 @@ def test_pipelined_calls_run_one_at_a_time_and_are_answered_in_order(rig: Rig) -
     assert seqids(transport) == [10, 11, 12]
     assert conn.idle
     assert not transport.closed
+
+
+def test_a_call_that_offers_its_connection_gets_the_next_one_behind_it(rig: Rig) -> None:
+    """A CALL of a method never answered (maybe a oneway): the next call goes behind it."""
+    conn, transport = rig.connect()
+    first_bytes = call_bytes(20)
+    conn.data_received(first_bytes)
+    [first] = rig.calls.made
+    first.offers = sentinel = object()
+    conn.data_received(b"".join(call_bytes(s) for s in (21, 22)))
+    assert [c.seqid for c in rig.calls.made] == [20, 21], "one call behind, never two"
+    second = rig.calls.made[1]
+    assert second.chained_after is sentinel
+    # The second finishes first: its answer waits for the first's.
+    second.answer()
+    assert seqids(transport) == []
+    first.answer()
+    assert seqids(transport)[:2] == [20, 21]
+    [third] = [c for c in rig.calls.made if c.seqid == 22]
+    third.answer()
+    assert seqids(transport) == [20, 21, 22]
+    assert conn.idle
+
+
+def test_a_oneway_proven_by_the_call_behind_it_writes_only_that_reply(rig: Rig) -> None:
+    conn, transport = rig.connect()
+    conn.data_received(call_bytes(30))
+    [first] = rig.calls.made
+    first.offers = object()
+    conn.data_received(call_bytes(31))
+    second = rig.calls.made[1]
+    first.finish_without_reply()  # a later reply came first: it was oneway
+    assert seqids(transport) == []
+    second.answer()
+    assert seqids(transport) == [31]
+    assert conn.idle
+
+
+def test_a_call_that_offers_nothing_keeps_the_next_one_waiting(rig: Rig) -> None:
+    conn, _ = rig.connect()
+    conn.data_received(b"".join(call_bytes(s) for s in (40, 41)))
+    assert [c.seqid for c in rig.calls.made] == [40]
 
 
 def test_a_call_answered_during_start_lets_the_next_one_start(rig: Rig) -> None:
@@ -581,7 +639,7 @@ def test_a_bug_while_detecting_the_transport_closes_that_connection_only(
 ) -> None:
     detected, detected_t = rig.connect()
     detected.data_received(call_bytes(1))
-    monkeypatch.setattr(client_module, "make_decoder", _raising)
+    monkeypatch.setattr(auto_module, "detect", _raising)
     victim, victim_t = rig.connect()
     victim.data_received(call_bytes(2))
     assert victim_t.aborted

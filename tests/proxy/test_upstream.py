@@ -671,7 +671,7 @@ def test_abandon_forgets_the_call_and_closes() -> None:
     async def scenario() -> None:
         rig = Rig(size=1)
         conn, handler, _ = await exchange(rig)
-        conn.abandon()
+        conn.abandon(handler)
         assert conn.closed
         assert len(rig.timeouts) == 0
         assert rig.pool.open_connections == 0

@@ -1,0 +1,56 @@
+"""Which methods are oneway: declared, or learned from the wire.
+
+The message type does not say it: Apache Thrift before 0.9.3 and the official
+Go library send oneway methods as CALL, and servers answer a two-way method
+even when a client marked it ONEWAY. So a method is oneway when
+
+- the IDL declares it ``oneway``, or ``methods.<name>.oneway: true`` says so
+  (the policy's ``oneway``), or
+- it was learned: a Thrift server answers one connection's calls in order, so
+  a reply to a later call on the same upstream connection proves that an
+  earlier unanswered CALL was oneway (`sidecar.proxy.upstream` tells the call,
+  the call tells this table).
+
+A method that has been answered once is two-way for good. Learned names are
+bounded (`MAX_NAMES`): names come from the wire. The table outlives reloads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Most names remembered per kind; a client inventing names cannot grow the process.
+MAX_NAMES = 10_000
+
+
+class OnewayMethods:
+    """What the sidecar learned about methods that clients send as CALL."""
+
+    __slots__ = ("_oneway", "_two_way")
+
+    def __init__(self) -> None:
+        self._oneway: set[str] = set()
+        self._two_way: set[str] = set()
+
+    def is_oneway(self, name: str) -> bool:
+        """Learned to be oneway (a CALL of it is sent without waiting for a reply)."""
+        return name in self._oneway
+
+    def is_two_way(self, name: str) -> bool:
+        """Answered at least once."""
+        return name in self._two_way
+
+    def answered(self, name: str) -> None:
+        """A reply to a call of ``name`` arrived: it is two-way."""
+        if name not in self._two_way and len(self._two_way) < MAX_NAMES:
+            self._two_way.add(name)
+            self._oneway.discard(name)
+
+    def unanswered(self, name: str) -> None:
+        """A later call's reply came first: this CALL of ``name`` was oneway."""
+        if name not in self._two_way and len(self._oneway) < MAX_NAMES:
+            self._oneway.add(name)
+
+    def describe(self) -> dict[str, Any]:
+        """The ``oneway`` part of ``/state``."""
+        return {"learned_oneway": sorted(self._oneway), "answered_methods": len(self._two_way)}
