@@ -96,6 +96,9 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
             """Never sends a call behind another (the full sidecar may, for a oneway)."""
             return None
 
+        def waits_to_send(self) -> bool:
+            return False
+
         def chain_after(self, conn: UpstreamConnection) -> None:
             raise AssertionError("never chained: chain_target is None")
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -45,17 +47,46 @@ _INT_RANGES = {
 _module_ids = itertools.count()
 
 
+# A namespace with annotations, as Apache's ThriftTest.thrift has:
+# ``namespace xsd test (uri = 'http://thrift.apache.org/ns/ThriftTest')``.
+# The Apache compiler accepts it; thriftpy2's grammar does not, and the sidecar
+# needs no namespace: the annotation is dropped before parsing.
+_ANNOTATED_NAMESPACE = re.compile(r"^(\s*namespace\s+\S+\s+\S+)\s*\([^)]*\)", re.MULTILINE)
+
+
 def load_idl(path: str) -> ModuleType:
     """Parse an IDL file with thriftpy2.
 
+    Namespace annotations are dropped first (thriftpy2 cannot parse them);
+    includes are still found beside the file.
+
     Raises:
-        ConfigError: the file cannot be read or parsed.
+        ConfigError: the file cannot be read or parsed; the message names the
+            line and a way around it.
     """
     stem = "".join(c if c.isalnum() else "_" for c in Path(path).stem)
+    module_name = f"sidecar_idl_{stem}_{next(_module_ids)}_thrift"
     try:
-        return thriftpy2.load(path, module_name=f"sidecar_idl_{stem}_{next(_module_ids)}_thrift")
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"idl: cannot read {path}: {exc}") from None
+    cleaned = _ANNOTATED_NAMESPACE.sub(r"\1", text)
+    try:
+        if cleaned == text:
+            return thriftpy2.load(path, module_name=module_name)
+        with tempfile.TemporaryDirectory(prefix="sidecar-idl-") as tmp:
+            copy = Path(tmp) / Path(path).name
+            copy.write_text(cleaned, encoding="utf-8")
+            return thriftpy2.load(
+                str(copy), module_name=module_name, include_dirs=[str(Path(path).parent)]
+            )
     except Exception as exc:  # thriftpy2 raises several unrelated types for bad input
-        raise ConfigError(f"idl: cannot load {path}: {exc}") from None
+        raise ConfigError(
+            f"idl: cannot load {path}: {exc}. The sidecar reads the IDL with thriftpy2, whose "
+            "grammar is narrower than the Apache compiler's (annotations in some places, for "
+            "one): give idl: a copy without the construct at that line; the sidecar needs "
+            "only the services, their methods and types"
+        ) from None
 
 
 def services(module: ModuleType) -> dict[str, Any]:

@@ -116,6 +116,7 @@ class Call:
         "_expires",
         "_finished",
         "_message",
+        "_on_sent",
         "_oneway",
         "_outgoing",
         "_policy",
@@ -148,6 +149,7 @@ class Call:
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
         self._chain: UpstreamConnection | None = None
+        self._on_sent: Callable[[], None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._attempt = 0
@@ -178,6 +180,20 @@ class Call:
         ):
             return None
         return conn
+
+    def waits_to_send(self) -> bool:
+        """A CALL of a method never answered, still waiting for a connection or a retry."""
+        return (
+            self._conn is None
+            and not self._finished
+            and not self._oneway
+            and self._message.header.type is _CALL
+            and not self._ctx.oneway.is_two_way(self._policy.name)
+        )
+
+    def when_sent(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this call has been sent upstream (a chain target may exist)."""
+        self._on_sent = callback
 
     def chain_after(self, conn: UpstreamConnection) -> None:
         """Send the first attempt on ``conn``, behind the call waiting there (before `start`)."""
@@ -346,6 +362,9 @@ class Call:
             return
         self._conn = conn
         conn.send(outgoing, self, self._expires, timeout)
+        if self._on_sent is not None:
+            on_sent, self._on_sent = self._on_sent, None
+            on_sent()
 
     def _after_attempt(
         self, outcome: Outcome, reply: Message | None, error: UpstreamError | None, sent: bool

@@ -268,6 +268,8 @@ class ClientConnection(asyncio.Protocol):
                         break
                     chain = self._call.chain_target()
                     if chain is None or isinstance(queue[0], ProtocolError):
+                        if chain is None and self._call.waits_to_send():
+                            self._call.when_sent(self._sent)  # look again once it is sent
                         break
                 item = queue.popleft()
                 if isinstance(item, ProtocolError):
@@ -298,6 +300,11 @@ class ClientConnection(asyncio.Protocol):
                 self.close()
             if self.lost:
                 server.finished(self)
+
+    @_boundary
+    def _sent(self) -> None:
+        """The call in flight went upstream: the next one may go behind it now."""
+        self._pump()
 
     @_boundary
     def _answer(self, reply: Wire | None) -> None:

@@ -15,9 +15,9 @@ import pytest
 from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.utils import deserialize
 
-from sidecar.config import SidecarConfig
+from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
-from sidecar.fallback.static import StaticReply, load_idl_parts
+from sidecar.fallback.static import StaticReply, load_idl, load_idl_parts
 from tests.support.idl import canonical, load_thriftpy2_interop
 
 INTEROP_IDL = Path(__file__).resolve().parents[2] / "idl" / "interop.thrift"
@@ -225,3 +225,47 @@ def test_union_needs_exactly_one_field() -> None:
     value = {"aUnion": {"intValue": 1, "stringValue": "x"}}
     text = rejected(static("echoAll", value))
     assert text.startswith("methods.echoAll.fallback.static.aUnion: union Value needs exactly one")
+
+
+# -- IDLs other tools accept ---------------------------------------------------------------
+
+# The constructs of Apache Thrift's own test IDL (test/ThriftTest.thrift) that
+# thriftpy2's grammar refuses, written here: namespaces with annotations.
+ANNOTATED_NAMESPACES = """
+namespace c_glib TTest
+namespace xsd test (uri = 'http://thrift.apache.org/ns/ThriftTest')
+namespace py ThriftTest
+typedef i64 UserId
+enum Numberz { ONE = 1, TWO, FIVE = 5 }
+struct Xtruct { 1: string string_thing, 4: i64 i64_thing }
+exception Xception { 1: i32 errorCode, 2: string message }
+service ThriftTest {
+  void testVoid(),
+  Xtruct testStruct(1: Xtruct thing),
+  oneway void testOneway(1: i32 secondsToSleep),
+  Numberz testEnum(1: Numberz thing) throws (1: Xception err)
+}
+"""
+
+
+def test_an_idl_with_annotated_namespaces_loads(tmp_path: Path) -> None:
+    idl = tmp_path / "ThriftTest.thrift"
+    idl.write_text(ANNOTATED_NAMESPACES)
+    config = load_config(None, environ={}, overrides={("idl",): str(idl)})
+    parts = load_idl_parts(config)
+    assert "testStruct" in parts["known_methods"]
+    assert "ThriftTest:testOneway" in parts["known_methods"]
+    assert set(parts["oneway_methods"]) == {"testOneway", "ThriftTest:testOneway"}
+
+
+def test_an_idl_thriftpy2_cannot_parse_is_a_config_error_that_says_what_to_do(
+    tmp_path: Path,
+) -> None:
+    idl = tmp_path / "odd.thrift"
+    idl.write_text('service S { void f() }\nstruct T { 1: string s = "a" "b" }\n')
+    with pytest.raises(ConfigError) as raised:
+        load_idl(str(idl))
+    message = str(raised.value)
+    assert f"idl: cannot load {idl}" in message
+    assert "line 2" in message  # thriftpy2's own words name the place
+    assert "give idl: a copy without the construct at that line" in message

@@ -107,9 +107,25 @@ class FakeCall:
         # What chain_target offers (None: the next call waits, the usual case).
         self.offers: Any = None
         self.chained_after: Any = None
+        self.unsent = False  # waiting for a connection, so nothing to offer yet
+        self.on_sent: Any = None
 
     def chain_target(self) -> Any:
         return self.offers
+
+    def waits_to_send(self) -> bool:
+        return self.unsent
+
+    def when_sent(self, callback: Any) -> None:
+        self.on_sent = callback
+
+    def sent(self, offers: Any) -> None:
+        """The call went upstream on ``offers`` (a connection a next call may share)."""
+        self.unsent = False
+        self.offers = offers
+        if self.on_sent is not None:
+            callback, self.on_sent = self.on_sent, None
+            callback()
 
     def chain_after(self, conn: Any) -> None:
         self.chained_after = conn
@@ -314,6 +330,18 @@ def test_a_oneway_proven_by_the_call_behind_it_writes_only_that_reply(rig: Rig) 
     second.answer()
     assert seqids(transport) == [31]
     assert conn.idle
+
+
+def test_a_call_still_connecting_gets_the_next_one_behind_it_once_sent(rig: Rig) -> None:
+    conn, _ = rig.connect()
+    conn.data_received(call_bytes(50))
+    [first] = rig.calls.made
+    first.unsent = True
+    conn.data_received(call_bytes(51))
+    assert [c.seqid for c in rig.calls.made] == [50], "nothing to go behind yet"
+    first.sent(sentinel := object())
+    assert [c.seqid for c in rig.calls.made] == [50, 51]
+    assert rig.calls.made[1].chained_after is sentinel
 
 
 def test_a_call_that_offers_nothing_keeps_the_next_one_waiting(rig: Rig) -> None:
