@@ -99,9 +99,11 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
         breaker = up  # scope upstream: the breaker is named after the upstream
         plan = r.proxy.plan
 
-        # Before any call: the series of what is known exist, at zero.
+        # Before any call: the series of what is known exist, at zero. One method, one
+        # series: a bare name of the IDL is labelled with its service (Interop:getItem),
+        # and no series is labelled with the bare name or an empty service.
         f = scrape(r.sidecar)
-        for name in ("getItem", "Interop:getItem", "listItems", "placeOrder", "Echo:echo"):
+        for name in ("Interop:getItem", "Interop:listItems", "Interop:placeOrder", "Echo:echo"):
             service, _, method = name.rpartition(":")
             labels = {"service": service, "method": method}
             assert sample(f, PREFIX + "requests", "_total", **labels, outcome="ok") == 0, name
@@ -112,16 +114,27 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
                 )
                 == 0
             )
+        for bare in ("getItem", "listItems", "placeOrder"):
+            assert sample(f, PREFIX + "requests", "_total", service="", method=bare) is None
+            assert (
+                sample(f, PREFIX + "upstream_attempts", "_total", upstream=up, method=bare) is None
+            )
         for method, source in (
-            ("getItem", "cache"),
-            ("listItems", "cache"),
-            ("listItems", "static"),
+            ("Interop:getItem", "cache"),
+            ("Interop:listItems", "cache"),
+            ("Interop:listItems", "static"),
         ):
             assert (
                 sample(f, PREFIX + "fallback_replies", "_total", method=method, source=source) == 0
             )
         assert (
-            sample(f, PREFIX + "fallback_replies", "_total", method="placeOrder", source="cache")
+            sample(
+                f,
+                PREFIX + "fallback_replies",
+                "_total",
+                method="Interop:placeOrder",
+                source="cache",
+            )
             is None
         )  # not cacheable
         assert sample(f, PREFIX + "breaker_state", breaker=breaker) == 0
@@ -208,19 +221,27 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
         def v(name: str, suffix: str = "", **labels: str) -> float | None:
             return sample(f, PREFIX + name, suffix, **labels)
 
-        get = {"service": "", "method": "getItem"}
+        get = {"service": "Interop", "method": "getItem"}
         assert v("requests", "_total", **get, outcome="ok") == 4
         assert v("requests", "_total", **get, outcome="connection_closed") == 1
         assert v("requests", "_total", **get, outcome="internal_error") == FAIL_MAX
         assert v("requests", "_total", **get, outcome="fallback") == 1
         assert v("requests", "_total", **get, outcome="circuit_open") == 1
         assert (
-            v("requests", "_total", service="", method="placeOrder", outcome="connection_closed")
+            v(
+                "requests",
+                "_total",
+                service="Interop",
+                method="placeOrder",
+                outcome="connection_closed",
+            )
             == 1
         )
-        assert v("requests", "_total", service="", method="listItems", outcome="fallback") == 1
-        assert v("requests", "_total", service="", method="listItems", outcome="ok") == 0
-        assert v("requests", "_total", service="Interop", method="getItem", outcome="ok") == 0
+        assert (
+            v("requests", "_total", service="Interop", method="listItems", outcome="fallback") == 1
+        )
+        assert v("requests", "_total", service="Interop", method="listItems", outcome="ok") == 0
+        assert v("requests", "_total", service="", method="getItem", outcome="ok") is None
 
         # The histogram: one observation per call, cumulative buckets, +Inf == count.
         assert v("request_duration_seconds", "_count", **get) == 10
@@ -231,12 +252,12 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
             for s in f[PREFIX + "request_duration_seconds"].samples
             if s.name.endswith("_bucket")
             and s.labels["method"] == "getItem"
-            and s.labels["service"] == ""
+            and s.labels["service"] == "Interop"
         ]
         assert buckets == sorted(buckets)
-        assert v("request_duration_seconds", "_count", service="", method="placeOrder") == 1
+        assert v("request_duration_seconds", "_count", service="Interop", method="placeOrder") == 1
 
-        attempts = {"upstream": up, "method": "getItem"}
+        attempts = {"upstream": up, "method": "Interop:getItem"}
         assert v("upstream_attempts", "_total", **attempts, result="ok") == 4
         assert v("upstream_attempts", "_total", **attempts, result="connection_closed") == 3
         assert v("upstream_attempts", "_total", **attempts, result="internal_error") == FAIL_MAX
@@ -245,17 +266,17 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
                 "upstream_attempts",
                 "_total",
                 upstream=up,
-                method="placeOrder",
+                method="Interop:placeOrder",
                 result="connection_closed",
             )
             == 1
         )
 
-        assert _values(f, "retries") == {("getItem", "connection_closed"): 2}
+        assert _values(f, "retries") == {("Interop:getItem", "connection_closed"): 2}
         assert _values(f, "retries_given_up") == {
-            ("placeOrder", "unsafe"): 1,
-            ("getItem", "budget_exhausted"): 1,
-            ("getItem", "not_retryable"): FAIL_MAX,
+            ("Interop:placeOrder", "unsafe"): 1,
+            ("Interop:getItem", "budget_exhausted"): 1,
+            ("Interop:getItem", "not_retryable"): FAIL_MAX,
         }
         assert v("retry_budget_exhausted", "_total", upstream=up) == 1
         assert v("retry_budget_tokens", upstream=up) == 0  # ratio 0, floor 0
@@ -278,15 +299,14 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
         assert v("upstream_connections", upstream=up, state="idle") == 1
 
         assert _values(f, "fallback_replies") == {
-            ("getItem", "cache"): 1,
-            ("listItems", "static"): 1,
-            ("listItems", "cache"): 0,
-            ("Interop:listItems", "static"): 0,  # a bare name's static reply serves both
+            ("Interop:getItem", "cache"): 1,
+            ("Interop:listItems", "static"): 1,
+            ("Interop:listItems", "cache"): 0,
             # every other IDL method the default patterns make cacheable, at 0
             **{
                 (name, "cache"): 0
                 for name in _cacheable_idl_names()
-                if name not in ("getItem", "listItems")
+                if name not in ("Interop:getItem", "Interop:listItems")
             },
         }
         assert v("fallback_cache_entries") == 2  # getItem(1) and getItem(2)
@@ -318,18 +338,26 @@ def _values(families: dict[str, Any], name: str) -> dict[tuple[str, ...], float]
 
 
 def _cacheable_idl_names() -> list[str]:
-    """IDL method names (bare and Service:method) that the default patterns make cacheable."""
+    """IDL method labels that the default patterns make cacheable.
+
+    One label per method: ``Service:method``, and the bare name too for a
+    method that more than one service defines (``ping``: Interop and Echo).
+    """
     from fnmatch import fnmatchcase
 
     idl = load_thriftpy2_interop()
+    services = {svc: getattr(idl, svc).thrift_services for svc in ("Interop", "Echo")}
     names = []
-    for service in ("Interop", "Echo"):
-        for method in getattr(idl, service).thrift_services:
-            for name in (method, f"{service}:{method}"):
-                bare = name.rpartition(":")[2]
-                if any(fnmatchcase(n, p) for n in (name, bare) for p in ("get*", "list*", "ping")):
+    for service, methods in services.items():
+        for method in methods:
+            owners = [svc for svc, ms in services.items() if method in ms]
+            labels = [f"{service}:{method}"] + ([method] if len(owners) > 1 else [])
+            for name in labels:
+                if any(
+                    fnmatchcase(n, p) for n in (name, method) for p in ("get*", "list*", "ping")
+                ):
                     names.append(name)
-    return names
+    return sorted(set(names))
 
 
 # The series cap

@@ -70,8 +70,8 @@ class Sidecar:
         self.metrics = metrics or SidecarMetrics()
         self.static_replies = static_replies or {}
         known = sorted(set(config.methods) | set(known_methods or []))
-        self.labels = MethodLabels(known, config.metrics.max_method_labels)
         self.service_of = build.services_by_method(known)
+        self.labels = MethodLabels(known, config.metrics.max_method_labels, self.service_of)
         self.upstream_name = build.upstream_name(config)
         self.gauges = Gauges(self.metrics, self.labels)
         self.ready = False

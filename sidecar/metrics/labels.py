@@ -10,6 +10,7 @@ blow up the series count. `LABEL_DOCS` feeds ``docs/metrics-reference.md``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 PREFIX = "thrift_sidecar_"
@@ -95,62 +96,83 @@ LABEL_DOCS: dict[str, str] = {
 }
 
 
+# A method name as Thrift identifiers are written, bare or ``Service:method``;
+# anything else (control bytes, spaces, junk) never becomes a label value.
+_IDENTIFIER = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.]*:)?[A-Za-z_][A-Za-z0-9_.]*\Z")
+
+
 class MethodLabels:
     """Maps wire method names to a bounded set of label values.
 
-    Names known from the config or the IDL (``known``, and `add_known` on a
-    reload) always get their own label. Other names get one on first sight
-    while fewer than ``limit`` labels are in use; after that they all share
-    `OTHER`. At most ``max(limit, known) + 1`` values exist.
+    One method, one label value, whatever the client sends: a bare name that
+    exactly one IDL service defines is labelled ``Service:method`` (``service_of``),
+    like its multiplexed form. Names known from the config or the IDL
+    (``known``, and `add_known` on a reload) always get their own value.
+    Other names get one on first sight while fewer than ``limit`` values are
+    in use, if they are identifiers; everything else is `OTHER`.
     """
 
-    def __init__(self, known: Iterable[str], limit: int) -> None:
-        self._labels: dict[str, str] = {}
+    def __init__(
+        self, known: Iterable[str], limit: int, service_of: dict[str, str] | None = None
+    ) -> None:
+        self._service_of = dict(service_of or {})
+        self._labels: dict[str, str] = {}  # wire name -> label value
+        self._values: set[str] = set()
         self._limit = limit
-        self.configured: list[str] = []
+        self.configured: list[str] = []  # label values of the known names
         for name in known:
-            if name not in self._labels:
-                self._labels[name] = name
-                self.configured.append(name)
-        self._free = max(0, limit - len(self._labels))
+            self._know(name)
 
     @property
     def limit(self) -> int:
         """``metrics.max_method_labels``."""
         return self._limit
 
+    def _canonical(self, name: str) -> str:
+        if ":" not in name:
+            service = self._service_of.get(name)
+            if service:
+                return f"{service}:{name}"
+        return name
+
+    def _know(self, name: str) -> bool:
+        label = self._canonical(name)
+        self._labels[name] = label
+        if label in self._values:
+            return False
+        self._values.add(label)
+        self.configured.append(label)
+        return True
+
     def label(self, name: str) -> str:
         """The label value for a method name (``Service:method`` or bare)."""
         found = self._labels.get(name)
         if found is not None:
             return found
-        if self._free > 0:
-            self._free -= 1
-            self._labels[name] = name
-            return name
+        if not _IDENTIFIER.match(name):
+            return OTHER
+        label = self._canonical(name)
+        if label in self._values or len(self._values) < self._limit:
+            self._labels[name] = label
+            self._values.add(label)
+            return label
         return OTHER
 
     def add_known(self, names: Iterable[str]) -> list[str]:
         """Give configured names their own label, past the limit if need be (a reload).
 
         Returns:
-            The names that were not configured before.
+            The label values that were not configured before.
         """
-        added = []
-        for name in names:
-            self._labels[name] = name
-            if name not in self.configured:
-                self.configured.append(name)
-                added.append(name)
-        return added
+        return [self._canonical(name) for name in names if self._know(name)]
 
     def known(self) -> list[str]:
         """Label values in use."""
-        return sorted(set(self._labels.values()))
+        return sorted(self._values)
 
     def in_use(self) -> int:
-        """How many names have a label of their own (`OTHER` not counted)."""
-        return len(self._labels)
+        """How many label values are in use (`OTHER` not counted)."""
+        return len(self._values)
 
 
 def split_name(name: str) -> tuple[str, str]:

@@ -1,0 +1,45 @@
+"""MethodLabels: one label per method whatever the client sends, bounded, identifiers only."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.metrics import OTHER, MethodLabels
+
+SERVICE_OF = {"getItem": "Catalog", "listItems": "Catalog"}
+
+
+def test_a_bare_name_of_one_service_is_labelled_with_it() -> None:
+    labels = MethodLabels(["getItem", "Catalog:getItem"], limit=10, service_of=SERVICE_OF)
+    assert labels.label("getItem") == "Catalog:getItem"
+    assert labels.label("Catalog:getItem") == "Catalog:getItem"
+    assert labels.configured == ["Catalog:getItem"]  # one series set, not two
+    assert labels.in_use() == 1
+    # Learned on the wire too: the bare and the multiplexed form share one value.
+    assert labels.label("listItems") == "Catalog:listItems"
+    assert labels.label("Catalog:listItems") == "Catalog:listItems"
+    assert labels.in_use() == 2
+
+
+def test_names_without_a_unique_service_keep_their_own_label() -> None:
+    labels = MethodLabels([], limit=10, service_of=SERVICE_OF)
+    assert labels.label("ping") == "ping"
+    assert labels.label("Echo:ping") == "Echo:ping"
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["get\x00Item", "bad name", "\x1b[31mred", "ünïcode", "a:b:c", "", "9lives", "x" * 10 + "\n"],
+)
+def test_names_that_are_not_identifiers_never_become_labels(name: str) -> None:
+    labels = MethodLabels([], limit=10)
+    assert labels.label(name) == OTHER
+    assert labels.in_use() == 0  # and they take no slot
+
+
+def test_identifiers_take_slots_until_the_limit() -> None:
+    labels = MethodLabels(["known"], limit=3)
+    assert [labels.label(n) for n in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
+    assert labels.in_use() == 3
+    assert labels.add_known(["late"]) == ["late"]  # configured names pass the limit
+    assert labels.label("late") == "late"
