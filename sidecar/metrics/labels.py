@@ -29,6 +29,7 @@ PROTOCOL_ERROR_KINDS = (
     "compact",
     "http",
     "json",
+    "malformed",
     "unsupported",
     "internal",
 )

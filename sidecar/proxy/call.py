@@ -48,6 +48,7 @@ from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.framing import Message, Transport, frame_reply
+from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import (
@@ -115,6 +116,7 @@ class Call:
         "_done",
         "_expires",
         "_finished",
+        "malformed",
         "_message",
         "_on_sent",
         "_oneway",
@@ -145,6 +147,7 @@ class Call:
         self._client_transport = client_transport
         self._done = done
         self._finished = False
+        self.malformed = False  # the client's call was found malformed (see `_refuse_if_malformed`)
         self._oneway = False
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
@@ -372,9 +375,11 @@ class Call:
         if self._finished:
             return
         ctx = self._ctx
+        failed = outcome in ctx.trip_on
+        if failed and sent and self._refuse_if_malformed():
+            return
         policy = self._policy
         address = self._pool.address
-        failed = outcome in ctx.trip_on
         ejected_for = ctx.upstreams.record(address, failed)
         if ejected_for is not None:
             _log_ejection(ctx, address, ejected_for, outcome)
@@ -410,6 +415,35 @@ class Call:
         else:
             self._next_attempt()
 
+    def _refuse_if_malformed(self) -> bool:
+        """After a failed attempt: was the client's framed call itself malformed?
+
+        Then the failure is the client's: not the upstream's (no breaker or
+        ejection count), never retried, answered with PROTOCOL_ERROR. Buffered
+        calls were walked whole on the way in; framed ones are checked only
+        now (`sidecar.protocol.validate`), so a good call pays nothing.
+        """
+        message = self._message
+        if message.start == 0 and message.theader is None:
+            return False
+        try:
+            check_body(message, self._ctx.max_depth)
+        except ProtocolError as exc:
+            self.malformed = True
+            if self._admission is not None:
+                self._breaker.cancel(self._admission)
+                self._admission = None
+            self._finish(
+                BAD_REQUEST,
+                self._error(
+                    ApplicationExceptionType.PROTOCOL_ERROR,
+                    f"sidecar: the call is malformed ({exc}); it was not retried and does not "
+                    "count against the upstream",
+                ),
+            )
+            return True
+        return False
+
     def _decide(self, outcome: Outcome, sent: bool) -> Retry | GiveUp:
         """Retry or give up after a failed attempt; a retry takes its budget token here."""
         ctx = self._ctx
@@ -436,7 +470,7 @@ class Call:
 
     def _record(self, failed: bool) -> None:
         if self._admission is not None:
-            self._breaker.record(self._admission, failed)
+            self._breaker.record(self._admission, failed, perf_counter() - self._t0)
             self._admission = None
 
     def _give_up(

@@ -53,6 +53,9 @@ R = TypeVar("R")
 
 MAX_QUEUED_MESSAGES = 64
 MAX_QUEUED_BYTES = 8 << 20
+# Malformed calls (found so after they failed upstream) a connection may send
+# before it is closed: one is a bug, three in a row are a client to stop.
+MAX_MALFORMED_CALLS = 3
 
 # What a client of a protocol the sidecar does not proxy (JSON) is told.
 _UNSUPPORTED = (
@@ -171,6 +174,7 @@ class ClientConnection(asyncio.Protocol):
         self._eof = False
         self.lost = False
         self._aborted = False
+        self._malformed = 0
         self.peer = "?"
         self.last_active = self._loop.time()
 
@@ -309,9 +313,11 @@ class ClientConnection(asyncio.Protocol):
     @_boundary
     def _answer(self, reply: Wire | None) -> None:
         """The first call in flight finished (`Call` done callback)."""
-        self._call = None
+        call, self._call = self._call, None
         self.last_active = self._loop.time()
         self._write(reply)
+        if getattr(call, "malformed", False) and self._too_many_malformed():
+            return
         behind, self._behind = self._behind, None
         if behind is not None:  # the call sent behind it is first now
             if behind.finished:
@@ -324,6 +330,28 @@ class ClientConnection(asyncio.Protocol):
     def _write(self, reply: Wire | None) -> None:
         if reply is not None and not self.lost and self._transport is not None:
             self._transport.write(reply)
+
+    def _too_many_malformed(self) -> bool:
+        """Count a malformed call; at `MAX_MALFORMED_CALLS` the connection is closed."""
+        self._malformed += 1
+        if self._malformed < MAX_MALFORMED_CALLS:
+            return False
+        self._server.metrics.protocol_errors.labels("malformed").inc()
+        self._server.protocol_log.warning(
+            "closing client %s: %d malformed calls (cut short or with bytes after their "
+            "arguments inside a correct frame)",
+            self.peer,
+            self._malformed,
+            extra={"peer": self.peer, "kind": "malformed"},
+        )
+        self._queue.clear()
+        behind, self._behind = self._behind, None
+        if behind is not None and behind.call is not None:
+            behind.call.cancel()
+        self.close()
+        if self.lost:
+            self._server.finished(self)
+        return True
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         """Answer what can be answered, count, log, close this connection only."""

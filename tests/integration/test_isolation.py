@@ -1,0 +1,94 @@
+"""One client's malformed calls cost that client alone: never the breaker, never a retry.
+
+Issue 13, finding 3: a framed getItem whose last argument is cut short, with
+a frame length that matches, makes the upstream wait for bytes that never
+come; the sidecar counted an upstream timeout, retried it, and six such
+connections opened the breaker for everyone. Now the failed call's request is
+checked, found malformed, answered with PROTOCOL_ERROR and counted against
+the client; a connection that keeps sending such calls is closed.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+from sidecar.protocol.appexc import ApplicationExceptionType
+from sidecar.protocol.framing import FramedDecoder
+from tests.integration import reply_parts
+from tests.support.clients import split_address, thriftpy2_client
+from tests.support.raw import encode_call
+from tests.support.servers import thriftpy2_server
+from tests.support.sidecar import run_sidecar
+from tests.support.wait import wait_until
+
+CONFIG = {
+    "breaker": {"fail_max": 3, "reset_timeout": "1h"},
+    "retry": {"max_attempts": 3, "per_try_timeout": "300ms", "deadline": "5s"},
+}
+
+
+def cut_short(seqid: int) -> bytes:
+    """getItem(7) with the last 4 bytes of its i64 missing, in a frame of the right length."""
+    body = encode_call("getItem", {"id": 7}, seqid=seqid)[:-5]  # 4 bytes of the value + STOP
+    return struct.pack(">i", len(body)) + body
+
+
+def answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
+    sock.settimeout(timeout)
+    decoder = FramedDecoder(1 << 20)
+    out: list[bytes] = []
+    while len(out) < count:
+        data = sock.recv(65536)
+        if not data:
+            break
+        out.extend(bytes(m.payload()) for m in decoder.receive_data(data))
+    return out
+
+
+def test_malformed_calls_never_open_the_breaker_nor_get_retried() -> None:
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=CONFIG) as sc,
+        thriftpy2_client(sc.address, "framed") as bystander,
+    ):
+        assert bystander.add(1, 1) == 2
+        for i in range(6):
+            with socket.create_connection(split_address(sc.address)) as sock:
+                sock.sendall(cut_short(100 + i))
+                [reply] = answers(sock, 1)
+            parts = reply_parts(reply)
+            assert parts.header.seqid == 100 + i
+            assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
+            assert "malformed" in (parts.exc_message or "")
+            assert bystander.add(i, 1) == i + 1  # served all along
+        m = sc.metrics()
+        assert m.value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
+        assert m.value("thrift_sidecar_retries_total", method="getItem", reason="timeout") == 0
+        assert (
+            m.value(
+                "thrift_sidecar_requests_total", service="", method="getItem", outcome="bad_request"
+            )
+            == 6
+        )
+        assert upstream.calls["getItem"] == 0  # never a whole call there, never retried
+
+
+def test_a_connection_that_keeps_sending_malformed_calls_is_closed() -> None:
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=CONFIG) as sc,
+        socket.create_connection(split_address(sc.address)) as sock,
+    ):
+        for i in range(3):
+            sock.sendall(cut_short(200 + i))
+            [reply] = answers(sock, 1)
+            assert reply_parts(reply).exc_type == ApplicationExceptionType.PROTOCOL_ERROR
+        sock.settimeout(10.0)
+        assert sock.recv(1) == b""  # closed after the third
+        wait_until(
+            lambda: (
+                sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="malformed") == 1
+            ),
+            message="counted",
+        )
