@@ -92,6 +92,9 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
         def cancel(self) -> None:
             pass
 
+        def cut(self, reason: str) -> None:
+            return None
+
         def chain_target(self) -> None:
             """Never sends a call behind another (the full sidecar may, for a oneway)."""
             return None

@@ -14,7 +14,8 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
 
 from sidecar import __version__
 from sidecar.admin import AdminServer
@@ -157,7 +158,8 @@ class Sidecar:
         try:
             if fleet is not None:  # the fleet's breaker state, read before the first call
                 await fleet.start()
-            self.listen_address = await server.listen(*split_address(config.listen))
+            listening = server.listen(*split_address(config.listen))
+            self.listen_address = await _bound("Thrift clients", "listen", config.listen, listening)
             if config.metrics.listen is not None:
                 admin = AdminServer(
                     self.metrics.registry,
@@ -165,7 +167,12 @@ class Sidecar:
                     lambda: state_document(self),
                     self.refresh_gauges,
                 )
-                self.admin_address = await admin.listen(*split_address(config.metrics.listen))
+                self.admin_address = await _bound(
+                    "the admin endpoint",
+                    "metrics.listen",
+                    config.metrics.listen,
+                    admin.listen(*split_address(config.metrics.listen)),
+                )
                 parts.admin = admin
         except BaseException:
             await self._close(parts)
@@ -254,6 +261,18 @@ class Sidecar:
             The keys whose change needs a restart (not applied).
         """
         return apply(self, new, static_replies)
+
+
+async def _bound(
+    what: str, key: str, address: str, listening: Coroutine[Any, Any, tuple[str, int]]
+) -> tuple[str, int]:
+    """Await a listener; a failure says which listener, key and address it was."""
+    try:
+        return await listening
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        message = f"cannot listen for {what} on {address} ({key}): {reason}"
+        raise OSError(exc.errno, message) from exc
 
 
 @contextlib.contextmanager

@@ -64,6 +64,7 @@ from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
 from sidecar.resilience.retry import BUDGET, GiveUp, Retry
 
 log = logging.getLogger("sidecar.pipeline")
+access_log = logging.getLogger("sidecar.access")
 
 Wire = bytes | bytearray | memoryview
 Done = Callable[[Wire | None], None]
@@ -116,7 +117,6 @@ class Call:
         "_done",
         "_expires",
         "_finished",
-        "malformed",
         "_message",
         "_on_sent",
         "_oneway",
@@ -124,6 +124,7 @@ class Call:
         "_policy",
         "_pool",
         "_protocol",
+        "_served_by",
         "_started",
         "_started_try",
         "_t0",
@@ -131,6 +132,7 @@ class Call:
         "_timer",
         "_transport",
         "_tried",
+        "malformed",
     )
 
     def __init__(
@@ -152,6 +154,7 @@ class Call:
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
         self._chain: UpstreamConnection | None = None
+        self._served_by: str | None = None  # the fallback's source, when one answered
         self._on_sent: Callable[[], None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -280,6 +283,16 @@ class Call:
             extra={"method": policy.name},
         )
         self._after_attempt(Outcome.OK, None, None, True)
+
+    def cut(self, reason: str) -> Wire | None:
+        """Abandon the call as `cancel` does; returns the error reply the client should get."""
+        if self._finished:
+            return None
+        wire = (
+            None if self._oneway else self._error(ApplicationExceptionType.INTERNAL_ERROR, reason)
+        )
+        self.cancel()
+        return wire
 
     def cancel(self) -> None:
         """Abandon the call: no answer, nothing recorded (see the module docstring)."""
@@ -544,6 +557,7 @@ class Call:
             otherwise()
             return
         self._ctx.metrics.fallback_replies.labels(self._policy.label, served.source).inc()
+        self._served_by = served.source
         self._finish(FALLBACK, frame_reply(served.message, self._message, self._client_transport))
 
     def _for_client(self, reply: Message) -> Message | None:
@@ -577,8 +591,36 @@ class Call:
         if self._finished:
             return
         self._finished = True
-        self._policy.stats.request(label, perf_counter() - self._t0)
+        seconds = perf_counter() - self._t0
+        self._policy.stats.request(label, seconds)
+        rate = self._ctx.access_sample_rate
+        if rate and (rate >= 1.0 or self._ctx.rng.random() < rate):
+            self._log_access(label, seconds)
         self._done(wire)
+
+    def _log_access(self, label: str, seconds: float) -> None:
+        """One access log line: what the call was and came to; never payload bytes."""
+        header = self._message.header
+        upstream = self._pool.address if self._tried else "-"
+        access_log.info(
+            "%s seqid=%d outcome=%s attempts=%d upstream=%s duration_ms=%.3f fallback=%s",
+            self._policy.display_name or "-",
+            header.seqid,
+            label,
+            self._attempt,
+            upstream,
+            seconds * 1000,
+            self._served_by or "-",
+            extra={
+                "method": header.name,
+                "seqid": header.seqid,
+                "outcome": label,
+                "attempts": self._attempt,
+                "upstream": upstream,
+                "duration_ms": round(seconds * 1000, 3),
+                "fallback": self._served_by,
+            },
+        )
 
     def _release(self) -> None:
         """Let go of what the call holds: connection, task, timer, probe slot."""

@@ -429,6 +429,20 @@ class ClientConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
 
+    def cut(self, reason: str) -> None:
+        """Shut down now (the drain timeout passed): calls in flight are answered with an
+        INTERNAL_ERROR saying ``reason``, queued ones dropped, the connection closed."""
+        self._aborted = True
+        self._queue.clear()
+        calls = (self._call, self._behind.call if self._behind is not None else None)
+        self._call = self._behind = None
+        for call in calls:
+            if call is not None:
+                self._write(call.cut(reason))
+        self.close()
+        if self.lost:
+            self._server.finished(self)
+
     def abort(self) -> None:
         """Close now, dropping what is queued (a bug, or shutdown after the drain timeout)."""
         self._aborted = True

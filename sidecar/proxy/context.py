@@ -47,6 +47,7 @@ class CallContext:
         max_depth: nesting limit of a transcoding.
         timeout_header: the THeader info header with a client's timeout (ms), or None.
         oneway: the methods learned to be oneway (kept across reloads).
+        access_sample_rate: share of calls logged on ``sidecar.access`` (0: none).
     """
 
     loop: asyncio.AbstractEventLoop
@@ -65,3 +66,4 @@ class CallContext:
     max_depth: int
     timeout_header: str | None
     oneway: OnewayMethods
+    access_sample_rate: float = 0.0

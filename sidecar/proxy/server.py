@@ -166,7 +166,10 @@ class Server:
                 await asyncio.wait_for(self._changed.wait(), left)
         finished = not self.calls_in_flight()
         for conn in list(self.connections) + list(self.finishing):
-            conn.abort()
+            conn.cut(
+                f"sidecar: shutting down, and this call did not finish within drain_timeout "
+                f"({timeout:g}s)"
+            )
         self.finishing.clear()
         self.protocol_log.flush()
         self.refusal_log.flush()

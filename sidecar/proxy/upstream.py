@@ -61,6 +61,8 @@ _EXCEPTION = MessageType.EXCEPTION
 # Seqids of calls sent as oneway whose stray reply is still recognised. A
 # server answers in order, so a reply to any later call ends their chance.
 MAX_ONEWAY_SEQIDS = 64
+# Bytes kept of what an upstream sent first, to tell an operator what it was.
+_FIRST_BYTES = 64
 
 
 class ReplyHandler(Protocol):
@@ -107,6 +109,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._waiting: deque[_Waiting] = deque()
         self._oneways: deque[int] = deque(maxlen=MAX_ONEWAY_SEQIDS)
         self._seqid = 0
+        self._answered = False  # a reply came on this connection
+        self._first_bytes = bytearray()  # what came first, to describe it if it is not Thrift
         self.closed = False
         self.idle_since = 0.0
 
@@ -144,11 +148,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport.write(message.to_wire(self.pool.transport_kind))
 
     def data_received(self, data: bytes) -> None:
+        if not self._answered:
+            self._first_bytes += data[: _FIRST_BYTES - len(self._first_bytes)]
         try:
             messages = self._decoder.receive_data(data)
         except RemoteProtocolError as exc:
-            self._fail(self._protocol_error(f"sent invalid bytes: {exc}"))
+            self._fail(self._protocol_error(self._what_was_sent(exc)))
             return
+        if messages:
+            self._answered = True
         for reply in messages:
             if not self._take(reply):
                 return
@@ -184,6 +192,18 @@ class UpstreamConnection(asyncio.Protocol):
         expected = f"expected {waiting[0].seqid}" if waiting else "none was awaited"
         self._fail(self._protocol_error(f"sent a reply with seqid {seqid}, {expected}"))
         return False
+
+    def _what_was_sent(self, exc: RemoteProtocolError) -> str:
+        """Say what came back when it is not Thrift: text (HTTP, HTML) is shown as text."""
+        head = bytes(self._first_bytes)
+        if not self._answered and head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+            shown = head.decode("ascii").splitlines()[0][:60]
+            kind = "HTTP" if head.startswith((b"HTTP/", b"<")) else "text"
+            return (
+                f"answered in {kind}, not Thrift ({shown!r}): does upstream.addresses name "
+                "the Thrift port?"
+            )
+        return f"sent invalid bytes: {exc}"
 
     def _not_answered(self, count: int) -> None:
         """The first ``count`` waiting calls were passed over by a later reply: oneway."""
@@ -230,7 +250,14 @@ class UpstreamConnection(asyncio.Protocol):
             waiting.handler.on_error(
                 error
                 or UpstreamClosed(
-                    f"upstream {address} closed the connection before replying",
+                    f"upstream {address} closed the connection before replying"
+                    + (
+                        ""
+                        if self._answered
+                        else f" to the first call on it: does it speak "
+                        f"{self.pool.transport_kind.value} {self.pool.protocol.value}? "
+                        "(upstream.transport, upstream.protocol)"
+                    ),
                     address=address,
                     sent=True,
                 )

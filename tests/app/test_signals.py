@@ -125,7 +125,11 @@ def test_a_drain_past_drain_timeout_cuts_the_call_and_exits_1() -> None:
     assert status == 1
     assert drain_timeout <= took < drain_timeout + EXIT_SLACK
     [error] = result
-    assert isinstance(error, thriftpy2.transport.TTransportException), error
+    # Told why, not just cut off.
+    assert isinstance(error, TAE), error
+    assert error.type == TAE.INTERNAL_ERROR
+    assert "shutting down" in error.message
+    assert "drain_timeout (1s)" in error.message
     assert "drain timeout passed; closed connections with calls still in flight" in sc.log()
 
 

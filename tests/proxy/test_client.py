@@ -144,6 +144,11 @@ class FakeCall:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def cut(self, reason: str) -> bytes | None:
+        """As `Call.cut`: cancelled, and the error reply a client waiting for one gets."""
+        self.cancel()
+        return None if self.oneway else b"cut:" + reason.encode()
+
     def finish_without_reply(self) -> None:
         """Finish with nothing to write (a call learned to be oneway)."""
         assert self.started

@@ -178,7 +178,10 @@ def test_drain_past_its_timeout_cuts_what_is_left_and_says_so(
     in_flight = [c for c in rig.calls.made if c.seqid in (1, 3)]
     assert all(c.cancelled for c in in_flight)
     assert [c.seqid for c in rig.calls.made] == [1, 3], "the queued call is dropped"
-    assert busy_t.aborted
+    # The client still connected is told why, then its connection is closed.
+    assert busy_t.closed
+    assert busy_t.writes[-1].startswith(b"cut:sidecar: shutting down")
+    assert b"drain_timeout (0.05s)" in busy_t.writes[-1]
     assert not rig.server.finishing
     assert not rig.server.calls_in_flight()
 
