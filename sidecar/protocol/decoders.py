@@ -25,7 +25,7 @@ from collections.abc import Callable
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.compact_skip import CompactSkipper
-from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header
+from sidecar.protocol.envelope import MessageHeader, Protocol, identify, parse_header
 from sidecar.protocol.message import Message
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, StructSkipper
 
@@ -212,9 +212,7 @@ class BufferedDecoder(DecoderBase):
                 header = None
         except RemoteProtocolError as exc:
             if exc.seqid is None and header is not None:
-                exc.seqid = header.seqid
-                exc.name = header.name
-                exc.strict = header.strict
+                identify(exc, header)
             self._fail(exc)
             if out:  # deliver the whole messages before the error; the next call raises
                 return out
@@ -235,9 +233,7 @@ def _identify(
     except RemoteProtocolError:
         return
     if header is not None:
-        error.seqid = header.seqid
-        error.name = header.name
-        error.strict = header.strict
+        identify(error, header)
 
 
 def _truncated(
@@ -247,9 +243,7 @@ def _truncated(
         f"connection ended inside a message ({len(buf)} bytes unfinished)", kind="truncated"
     )
     if header is not None:
-        error.seqid = header.seqid
-        error.name = header.name
-        error.strict = header.strict
+        identify(error, header)
     else:
         _identify(error, buf, start, parse)
     return error

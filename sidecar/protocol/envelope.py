@@ -15,7 +15,7 @@ import struct
 from enum import IntEnum, StrEnum
 from typing import NamedTuple
 
-from sidecar.errors import RemoteProtocolError
+from sidecar.errors import ProtocolError, RemoteProtocolError
 
 VERSION_1 = 0x80010000
 VERSION_MASK = 0xFFFF0000
@@ -169,3 +169,13 @@ def encode_header(name: str, mtype: MessageType, seqid: int, strict: bool = True
 def write_seqid(buf: bytearray, offset: int, seqid: int) -> None:
     """Overwrite the seqid at ``offset`` (a header's seqid_offset plus the message start)."""
     _I32.pack_into(buf, offset, seqid)
+
+
+def identify(error: ProtocolError, header: MessageHeader) -> None:
+    """Attach the message's seqid, name and envelope form to ``error`` (the one place).
+
+    The client's answer to a broken message then carries its seqid, in its form.
+    """
+    error.seqid = header.seqid
+    error.name = header.name
+    error.strict = header.strict

@@ -24,7 +24,7 @@ from sidecar.protocol.compact import (
     parse_compact_header,
     zigzag,
 )
-from sidecar.protocol.envelope import MessageHeader, Protocol, encode_header, parse_header
+from sidecar.protocol.envelope import MessageHeader, Protocol, encode_header, identify, parse_header
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, TType
 from sidecar.protocol.transcode_read import BinaryReader, CompactReader, Reader
 
@@ -87,7 +87,7 @@ def transcode_message(
     try:
         transcode_struct(reader, out, target, max_depth, max_size)
     except RemoteProtocolError as exc:
-        exc.seqid, exc.name, exc.strict = header.seqid, header.name, header.strict
+        identify(exc, header)
         raise
     return bytes(out)
 
