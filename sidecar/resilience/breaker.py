@@ -29,6 +29,17 @@ failure: it says nothing about the upstream. `Breaker.cancel` frees the probe
 slot it may hold. Expired per-try timeouts are not cancellations; they are
 recorded as ``timeout`` failures.
 
+Two ways to open (``breaker.mode``): ``consecutive`` (the default) is
+pybreaker's own rule, ``fail_max`` failures in a row. ``rate`` keeps results
+of calls admitted while closed out of pybreaker and adds them to a sliding
+window (`sidecar.resilience.window`) instead; when the window's failure rate
+or slow-call rate crosses its threshold, the adapter opens pybreaker with its
+public ``open()``, so the storage and listeners see an ordinary opening.
+Half-open probes are replayed through pybreaker in both modes
+(``success_threshold`` closes it, a failed probe opens it again). The window
+is emptied whenever the circuit opens or is seen open; in fleet mode each
+sidecar keeps its own window while the state is shared.
+
 Time: the reset timeout is measured on the clock passed in (Unix seconds),
 against pybreaker's ``opened_at``; tests pass a fake clock. The fleet's
 shared storage (`sidecar.fleet`) is a pybreaker storage too; this module is
@@ -41,9 +52,11 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any
+from typing import Any, Literal
 
 import pybreaker
+
+from sidecar.resilience.window import RateSettings, RateWindow
 
 STATE_CLOSED = pybreaker.STATE_CLOSED
 STATE_OPEN = pybreaker.STATE_OPEN
@@ -97,7 +110,9 @@ class Breaker:
         storage: a pybreaker storage; a fresh in-memory one by default.
         on_transition: called with (name, old_state, new_state) on every change.
         clock: Unix time in seconds (``time.time`` in production); when the reset
-            timeout has passed is decided on it.
+            timeout has passed is decided on it, and a time window's seconds.
+        rate: the ``rate`` mode's window and thresholds; None for ``consecutive``
+            (fail_max then opens it).
     """
 
     def __init__(
@@ -111,6 +126,7 @@ class Breaker:
         storage: pybreaker.CircuitBreakerStorage | None = None,
         on_transition: TransitionCallback | None = None,
         clock: Clock,
+        rate: RateSettings | None = None,
     ) -> None:
         self.name = name
         self._clock = clock
@@ -127,6 +143,21 @@ class Breaker:
         self.half_open_max_calls = half_open_max_calls
         self.probes_in_flight = 0
         self.rejected = 0
+        self._window = RateWindow(rate) if rate is not None else None
+        self._window_stale = False
+
+    @property
+    def rate(self) -> RateSettings | None:
+        """The ``rate`` mode's settings; None in ``consecutive`` mode."""
+        return self._window.settings if self._window is not None else None
+
+    def rates(self) -> tuple[float, float] | None:
+        """(failure rate, slow-call rate) in percent over the window now; None in
+        ``consecutive`` mode. 0 while the window is empty."""
+        if self._window is None:
+            return None
+        totals = self._window.totals(self._clock())
+        return totals.failure_rate, totals.slow_rate
 
     def configure(
         self,
@@ -135,12 +166,19 @@ class Breaker:
         reset_timeout: float,
         success_threshold: int,
         half_open_max_calls: int,
+        rate: RateSettings | Literal["keep"] | None = "keep",
     ) -> None:
-        """Change the settings, keeping the state (used by a config reload)."""
+        """Change the settings, keeping the state (used by a config reload).
+
+        ``rate``: new ``rate`` mode settings, None for ``consecutive``, or
+        ``"keep"``; a change starts from an empty window.
+        """
         self._cb.fail_max = fail_max
         self._cb.reset_timeout = reset_timeout
         self._cb.success_threshold = success_threshold
         self.half_open_max_calls = half_open_max_calls
+        if rate != "keep" and rate != self.rate:
+            self._window = RateWindow(rate) if isinstance(rate, RateSettings) else None
 
     @property
     def state(self) -> str:
@@ -185,6 +223,7 @@ class Breaker:
         state = self._cb.state.name
         if state == STATE_CLOSED:
             return Admission.CLOSED
+        self._window_stale = True  # a window from before this opening must not reopen it
         if state == STATE_OPEN:
             opened_at = self.opened_at
             if (
@@ -200,8 +239,9 @@ class Breaker:
         self.probes_in_flight += 1
         return Admission.PROBE
 
-    def record(self, admission: Admission, failed: bool) -> None:
-        """Replay an attempt's result through pybreaker (see the module docstring)."""
+    def record(self, admission: Admission, failed: bool, duration: float | None = None) -> None:
+        """Replay a call's result through pybreaker, or add it to the rate window
+        (see the module docstring). ``duration``: the call's seconds (slow calls)."""
         if admission is Admission.PROBE:
             self.probes_in_flight -= 1
         else:
@@ -210,6 +250,9 @@ class Breaker:
                 # Admitted while closed, finished after the circuit opened: a stale
                 # result must not act as a probe (pybreaker would half-open on it).
                 return
+            if self._window is not None:
+                self._record_rate(failed, duration)
+                return
             if not failed and self._storage.counter == 0:
                 return
         before = self._storage.state
@@ -217,10 +260,22 @@ class Breaker:
             self._cb.call(_fail if failed else _succeed)
         self._opened_now(before)
 
+    def _record_rate(self, failed: bool, duration: float | None) -> None:
+        """Rate mode, closed: add the result to the window; open when it says so."""
+        window = self._window
+        assert window is not None
+        if self._window_stale:
+            window.reset()
+            self._window_stale = False
+        if window.record(failed, duration, self._clock()):
+            self.force_open()
+
     def _opened_now(self, before: str) -> None:
         """Date an opening this breaker just caused on its own clock (pybreaker uses the wall's)."""
         if before != STATE_OPEN and self._storage.state == STATE_OPEN:
             self._storage.opened_at = datetime.fromtimestamp(self._clock(), UTC)
+            if self._window is not None:
+                self._window.reset()
 
     def cancel(self, admission: Admission) -> None:
         """The admitted call was cancelled: it counts as nothing."""
@@ -228,11 +283,12 @@ class Breaker:
             self.probes_in_flight -= 1
 
     def force_open(self) -> None:
-        """Open the circuit now (operators and tests)."""
+        """Open the circuit now (operators, tests, and the rate window)."""
         before = self._storage.state
         self._cb.open()
         self._opened_now(before)
 
     def force_close(self) -> None:
-        """Close the circuit now (operators and tests)."""
+        """Close the circuit now (operators and tests); a rate window starts empty."""
         self._cb.close()
+        self._window_stale = True

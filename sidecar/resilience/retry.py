@@ -8,8 +8,10 @@ checked in this order:
 
 1. a half-open probe is a single attempt;
 2. no retry into a circuit that opened while the attempt was in flight;
-3. only outcomes listed in ``retry_on`` are retried (ok, declared and
-   application exceptions never are: they are answers);
+3. only outcomes listed in ``retry_on`` are retried, and declared exceptions
+   whose field id is in ``retry_exceptions`` (``retry_on_exceptions``, by
+   name in the config); ok, application exceptions and other declared
+   exceptions never are: they are answers;
 4. no attempt beyond ``max_attempts`` (the first one included);
 5. safe to repeat: a call that provably never left the sidecar (nothing was
    sent) always is, whatever the method, ``oneway`` included; a call that was
@@ -61,6 +63,7 @@ class RetryPolicy:
     deadline: float
     retry_on: frozenset[Outcome]
     idempotent: bool
+    retry_exceptions: frozenset[int] = frozenset()  # result field ids of declared exceptions
 
     def decide(
         self,
@@ -75,6 +78,7 @@ class RetryPolicy:
         tokens: float,
         probe: bool = False,
         circuit_open: bool = False,
+        exception_id: int | None = None,
     ) -> Retry | GiveUp:
         """Decide what follows attempt number ``attempt`` (1-based).
 
@@ -89,6 +93,8 @@ class RetryPolicy:
             tokens: the retry budget's balance now (`RetryBudget.balance`).
             probe: the call was let through as a half-open probe.
             circuit_open: the call's breaker is open now.
+            exception_id: for a declared exception, the field id of the reply's
+                result (its first field); None otherwise.
 
         Returns:
             `Retry`: the caller takes one budget token, waits, and attempts
@@ -98,7 +104,9 @@ class RetryPolicy:
             return GiveUp(PROBE)
         if circuit_open:
             return GiveUp(CIRCUIT_OPEN)
-        if outcome not in self.retry_on:
+        if outcome not in self.retry_on and not (
+            outcome is Outcome.DECLARED_EXCEPTION and exception_id in self.retry_exceptions
+        ):
             return GiveUp(NOT_RETRYABLE)
         if attempt >= self.max_attempts:
             return GiveUp(ATTEMPTS)
