@@ -277,6 +277,9 @@ def sidecar_process(
     port, admin = free_port(), free_port()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    if _has_control_listener(source):
+        # Each sidecar its own control port (the default, 127.0.0.1:9465, is one per machine).
+        env["SIDECAR_CONTROL__LISTEN"] = f"{HOST}:{free_port()}"
     command = [
         sys.executable,
         *program,
@@ -296,6 +299,12 @@ def sidecar_process(
             yield running
         finally:
             stop_process(proc)
+
+
+def _has_control_listener(source: Path) -> bool:
+    """Does the checkout's sidecar have a control listener (an older one refuses the key)?"""
+    model = source / "sidecar" / "config" / "model.py"
+    return model.is_file() and "control" in model.read_text()
 
 
 def run_loadgen(
@@ -398,20 +407,30 @@ class LoadRun:
         }
 
 
-def measured_load(binary: Path, port: int, watch: dict[str, int], **load: Any) -> LoadRun:
+def measured_load(
+    binary: Path,
+    port: int,
+    watch: dict[str, int],
+    cpu_of: Callable[[int], tuple[float, float]] | None = None,
+    **load: Any,
+) -> LoadRun:
     """`run_loadgen` against ``port``, with the CPU of the ``watch`` processes around it.
 
     Args:
         binary: the load generator.
         port: where it connects.
         watch: process IDs to account for, by name.
+        cpu_of: how a PID's (user, system) seconds are read: `cpu_times` (the
+            default: that process alone) or `tree_cpu_times` (with its children,
+            for a sidecar running worker processes).
         load: `run_loadgen`'s keyword arguments (conns, payload, ...).
     """
-    before = {name: cpu_times(pid) for name, pid in watch.items()}
+    read = cpu_of or cpu_times
+    before = {name: read(pid) for name, pid in watch.items()}
     machine0 = machine_busy_seconds()
     report = run_loadgen(binary, port, **load)
     machine = machine_busy_seconds() - machine0
-    after = {name: cpu_times(pid) for name, pid in watch.items()}
+    after = {name: read(pid) for name, pid in watch.items()}
     cpu = {
         name: (after[name][0] - before[name][0], after[name][1] - before[name][1]) for name in watch
     }
@@ -430,6 +449,36 @@ def cpu_times(pid: int) -> tuple[float, float]:
     # The command name (field 2) may contain spaces: split after its ')'.
     fields = raw[raw.rindex(b")") + 2 :].split()
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every live descendant of it (from ``/proc/PID/task/*/children``)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo and len(found) < 4096:  # bounded: a process tree is never near this
+        current = todo.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(child) for child in task.read_text().split())
+    return found
+
+
+def tree_cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``pid`` and its live descendants, summed.
+
+    For a sidecar that runs worker processes: the parent's own figure does
+    not include its children until they exit. A child that exits between two
+    readings takes its seconds with it (they move to the parent's ``cutime``),
+    so compare readings taken while the same children run.
+    """
+    user = system = 0.0
+    for member in process_tree(pid):
+        with contextlib.suppress(OSError):
+            u, s = cpu_times(member)
+            user += u
+            system += s
+    return user, system
 
 
 def cpu_seconds(pid: int) -> float:

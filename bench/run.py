@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -188,8 +188,12 @@ def measure(
     upstream_pid: int,
     duration: float,
     warmup: float,
+    cpu_of: Callable[[int], tuple[float, float]] | None = None,
 ) -> dict[str, Any]:
-    """One load generator run against one target, with CPU deltas around it."""
+    """One load generator run against one target, with CPU deltas around it.
+
+    ``cpu_of`` reads a PID's CPU seconds (`benchtools.measured_load`).
+    """
     watch = {"upstream": upstream_pid}
     if target.proc is not None:
         watch["proxy"] = target.proc.pid
@@ -197,6 +201,7 @@ def measure(
         loadgen,
         target.port,
         watch,
+        cpu_of,
         conns=case.conns,
         payload=case.payload,
         transport=case.transport,
