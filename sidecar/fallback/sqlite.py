@@ -10,7 +10,10 @@ with what this one stored. One file belongs to one sidecar process.
 
 Failures: a path that cannot be used is a `ConfigError` at start-up; a damaged
 file makes the store keep entries in memory (``healthy=False``); an SQLite
-error after start-up fails only the batch or the read at hand.
+error after start-up fails only the batch or the read at hand; a file deleted
+or replaced while open is noticed within a second and a fresh one opened at
+the path. ``healthy`` is False from a failure until a read works again (and
+for a failed write, until a write does); failures are counted by operation.
 
 Why, and each case in detail: docs/fallback-stores.md ("SQLite").
 The file's opening and schema: `sidecar.fallback.sqlite_file`; the writer
@@ -32,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.fallback.sqlite_file import KEY_PATH, Damaged, classify, connect, open_file
+from sidecar.fallback.sqlite_health import StoreHealth
 from sidecar.fallback.sqlite_writer import (
     BATCH_SIZE,
     DELETE,
@@ -67,6 +71,8 @@ CLOSE_TIMEOUT = 10.0
 WARNING_INTERVAL = 60.0
 
 _Read = tuple[str, asyncio.AbstractEventLoop, "asyncio.Future[CachedReply | None]"]
+# Put on the reader's queue for a read that only tells whether reading works.
+_PROBE = "probe"
 
 
 class SqliteStore:
@@ -117,8 +123,9 @@ class SqliteStore:
         self._closed = False
         self._last_warning: dict[str, float] = {}
         self._queue: queue.Queue[Op] = queue.Queue(queue_size)
-        self._reads: queue.SimpleQueue[_Read | None] = queue.SimpleQueue()
+        self._reads: queue.SimpleQueue[_Read | str | threading.Event | None] = queue.SimpleQueue()
         self._memory: MemoryStore | None = None
+        self._health = StoreHealth()
         try:
             wconn = open_file(self.path, busy_timeout)
             try:
@@ -132,9 +139,14 @@ class SqliteStore:
                     clock=clock,
                     purge_interval=self.purge_interval,
                     warn=self._warn,
+                    busy_timeout=busy_timeout,
+                    health=self._health,
+                    wake_reader=lambda: self._reads.put(_PROBE),
+                    release_reader=self._release_reader,
                 )
                 self._rconn = connect(self.path, busy_timeout)
                 self._rconn.execute("PRAGMA query_only = 1")
+                self._writer.reader_conn = self._rconn
             except sqlite3.Error as exc:
                 wconn.close()
                 raise classify(exc, self.path) from None
@@ -211,10 +223,11 @@ class SqliteStore:
             self.backend,
             writer.entries,
             writer.bytes,
-            healthy=writer.healthy,
+            healthy=self._health.healthy,
             dropped_writes=self.dropped_writes,
             failed_writes=writer.failed_writes,
             missed_reads=self.missed_reads,
+            errors=self._health.errors(),
         )
 
     def pending_writes(self) -> int:
@@ -281,28 +294,51 @@ class SqliteStore:
 
     # -- the reader thread ---------------------------------------------------------
 
+    def _release_reader(self) -> None:
+        """(Writer thread) Have the reader close its connection; wait until it has."""
+        released = threading.Event()
+        self._reads.put(released)
+        released.wait(CLOSE_TIMEOUT)
+
     def _read_loop(self) -> None:
-        conn = self._rconn
+        conn: sqlite3.Connection | None = self._rconn
+        writer, health = self._writer, self._health
         try:
             while True:
                 item = self._reads.get()
                 if item is None:
                     return
-                key, loop, future = item
+                fresh = writer.reader_conn  # None while the file is lost
+                if fresh is not conn:
+                    if conn is not None:
+                        with contextlib.suppress(sqlite3.Error):
+                            conn.close()
+                    conn = fresh
+                if isinstance(item, threading.Event):  # the writer waits for the release
+                    item.set()
+                    continue
+                key, loop, future = ("", None, None) if isinstance(item, str) else item
                 result: CachedReply | None = None
-                try:
-                    row = conn.execute(
-                        "SELECT message, seqid_offset, stored_at FROM entries WHERE key = ?",
-                        (key,),
-                    ).fetchone()
-                    if row is not None:
-                        result = CachedReply(bytes(row[0]), int(row[1]), float(row[2]))
-                except sqlite3.Error as exc:
-                    self._writer.trouble("read", exc)
-                with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_settle, future, result)
+                if conn is not None:
+                    try:
+                        row = conn.execute(
+                            "SELECT message, seqid_offset, stored_at FROM entries WHERE key = ?",
+                            (key,),
+                        ).fetchone()
+                        if row is not None:
+                            result = CachedReply(bytes(row[0]), int(row[1]), float(row[2]))
+                        if conn is writer.reader_conn and not health.file_lost:
+                            health.read_failed = False
+                    except sqlite3.Error as exc:
+                        writer.trouble("read", exc)
+                if loop is not None and future is not None:
+                    with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits
+                        loop.call_soon_threadsafe(_settle, future, result)
         finally:
-            conn.close()
+            for each in {conn, writer.reader_conn}:  # a fresh one the reader never used too
+                if each is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        each.close()
 
 
 def _settle(future: asyncio.Future[CachedReply | None], result: CachedReply | None) -> None:

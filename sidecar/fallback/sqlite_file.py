@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import sqlite3
+import stat
 from pathlib import Path
 
 from sidecar.errors import ConfigError
@@ -42,6 +43,19 @@ CREATE INDEX IF NOT EXISTS entries_age ON entries (stored_at, size);
 
 class Damaged(Exception):
     """The file is not a readable fallback cache."""
+
+
+# (device, inode) of a file: a path whose identity changed names another file.
+FileIdentity = tuple[int, int]
+
+
+def file_identity(path: Path) -> FileIdentity | None:
+    """The identity of the file at ``path`` now; None when nothing (or no file) is there."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def connect(path: Path, busy_timeout: float) -> sqlite3.Connection:

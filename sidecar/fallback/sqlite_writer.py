@@ -3,7 +3,10 @@
 `SqliteWriter` runs on the store's writer thread with the write connection:
 it applies each batch of queued operations in one transaction, keeps the LRU
 within ``max_entries`` and ``max_bytes``, purges expired rows, and keeps the
-figures (rows, bytes) that `SqliteStore.stats` reports without I/O.
+figures (rows, bytes) that `SqliteStore.stats` reports without I/O. Once a
+second, and after a failed write, it checks that the file at the path is
+still the one it has open; when it was deleted or replaced it opens a fresh
+file there and hands the reader a new connection (docs/fallback-stores.md).
 """
 
 from __future__ import annotations
@@ -18,7 +21,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sidecar.fallback.sqlite_file import figures
+from sidecar.errors import ConfigError
+from sidecar.fallback.sqlite_file import (
+    Damaged,
+    FileIdentity,
+    connect,
+    figures,
+    file_identity,
+    open_file,
+)
+from sidecar.fallback.sqlite_health import StoreHealth
 from sidecar.fallback.store import CachedReply
 
 log = logging.getLogger("sidecar.fallback")
@@ -31,6 +43,9 @@ BATCH_SIZE = 1_000
 # key or the rowid (estimated from the file size per row, rounded up;
 # tests/fallback/test_stores.py fails when a row costs over 25 % more).
 ROW_OVERHEAD = 128
+# Seconds between two checks that the file at the path is the one open (a
+# stat call), and between two tries to open a fresh one while it is gone.
+CHECK_INTERVAL = 1.0
 
 _UPSERT = (
     "INSERT INTO entries (key, seqid_offset, stored_at, used_seq, size, message) "
@@ -59,6 +74,10 @@ class SqliteWriter:
         ttl, max_entries, max_bytes, clock: as for `SqliteStore`.
         purge_interval: seconds between purges of expired rows.
         warn: logs a warning about a kind of trouble, rate-limited by the store.
+        busy_timeout: as for `SqliteStore`, for a fresh file opened at the path.
+        health: where failures are flagged and counted (shared with the reader).
+        wake_reader: makes the reader thread try a read (a probe) soon.
+        release_reader: makes the reader close its connection, and waits for it.
 
     Raises:
         sqlite3.Error: the figures could not be read or the bounds not applied.
@@ -76,6 +95,10 @@ class SqliteWriter:
         clock: Callable[[], float],
         purge_interval: float,
         warn: Callable[[str, str], None],
+        busy_timeout: float = 5.0,
+        health: StoreHealth | None = None,
+        wake_reader: Callable[[], None] = lambda: None,
+        release_reader: Callable[[], None] = lambda: None,
     ) -> None:
         self.conn = conn
         self.path = path
@@ -86,25 +109,104 @@ class SqliteWriter:
         self._ops = ops
         self._clock = clock
         self._warn = warn
-        self.healthy = True
+        self.busy_timeout = busy_timeout
+        self.health = health if health is not None else StoreHealth()
+        self._wake_reader = wake_reader
+        self._release_reader = release_reader
+        # What the path named when the file was opened: a change means deleted or replaced.
+        self.identity: FileIdentity | None = file_identity(path)
+        # The reader's connection; replaced when a fresh file is opened (the reader switches).
+        self.reader_conn: sqlite3.Connection | None = None
         self.failed_writes = 0
         self.entries, self.bytes, self._seq = figures(conn)
         self._in_transaction(self._trim_now)
 
+    @property
+    def healthy(self) -> bool:
+        return self.health.healthy
+
     def trouble(self, what: str, exc: BaseException) -> None:
-        """An SQLite error in ``what`` (read, write, purge): unhealthy until a write succeeds."""
-        self.healthy = False
+        """An SQLite error in ``what`` (read, write, purge): flagged, counted and logged."""
+        self.health.failed(what)
         self._warn(what, f"{what} failed: {exc}")
+
+    def check_file(self) -> None:
+        """Open a fresh file when the one open is no longer the file at the path."""
+        health = self.health
+        if not health.file_lost:
+            now = file_identity(self.path)
+            if now == self.identity:
+                if health.read_failed:
+                    self._wake_reader()  # healthy again once a read works
+                return
+            health.failed("file")
+            health.read_failed = True
+            how = "deleted" if now is None else "replaced"
+            self._warn(
+                "file",
+                f"the file was {how} while open (what is written to it now is lost); "
+                "opening the file at the path afresh",
+            )
+        self._reopen()
+
+    def _reopen(self) -> None:
+        """Close the lost file, then open the file at the path (created when missing).
+
+        Both connections to the lost file are closed first: the last one to
+        close removes the ``-wal`` and ``-shm`` files at the path, which belong
+        to it and must not be read as the new file's.
+        """
+        if self.reader_conn is not None:
+            self.reader_conn = None
+            self._release_reader()  # returns once the reader has closed its connection
+        with contextlib.suppress(sqlite3.Error):
+            self.conn.close()
+        reader = None
+        try:
+            conn = open_file(self.path, self.busy_timeout)
+            try:
+                reader = connect(self.path, self.busy_timeout)
+                reader.execute("PRAGMA query_only = 1")
+                self.conn = conn
+                self.entries, self.bytes, self._seq = figures(conn)
+                self._in_transaction(self._trim_now)
+            except sqlite3.Error:
+                conn.close()
+                if reader is not None:
+                    reader.close()
+                raise
+        except (ConfigError, Damaged, sqlite3.Error) as exc:
+            self.health.failed("reopen")
+            self._warn(
+                "reopen",
+                f"cannot open a fresh file ({exc}); retrying every {CHECK_INTERVAL:g}s, "
+                "fallback replies are neither stored nor served meanwhile",
+            )
+            return
+        self.identity = file_identity(self.path)
+        self.health.read_failed = True  # until the reader has read the new file
+        self.reader_conn = reader
+        self.health.write_failed = False
+        self.health.file_lost = False
+        self._wake_reader()
+        log.warning(
+            "fallback cache %s: opened the file at the path afresh (%d entries in it); "
+            "replies stored in the lost file are gone",
+            self.path,
+            self.entries,
+        )
 
     def run(self) -> None:
         """The writer thread: apply batches and purge until a `STOP`, then close the file."""
         next_purge = time.monotonic() + self.purge_interval
+        next_check = time.monotonic() + CHECK_INTERVAL
         stopping = False
         try:
             while not stopping:
                 batch: list[Op] = []
+                wait = min(next_purge, next_check) - time.monotonic()
                 with contextlib.suppress(queue.Empty):
-                    batch.append(self._ops.get(True, max(next_purge - time.monotonic(), 0.0)))
+                    batch.append(self._ops.get(True, max(wait, 0.0)))
                 while len(batch) < BATCH_SIZE:
                     try:
                         batch.append(self._ops.get_nowait())
@@ -112,8 +214,12 @@ class SqliteWriter:
                         break
                 if batch:
                     stopping = self._apply(batch)
+                if time.monotonic() >= next_check:
+                    self.check_file()
+                    next_check = time.monotonic() + CHECK_INTERVAL
                 if time.monotonic() >= next_purge:
-                    self._purge()
+                    if not self.health.file_lost:
+                        self._purge()
                     next_purge = time.monotonic() + self.purge_interval
         finally:
             self.conn.close()
@@ -141,15 +247,18 @@ class SqliteWriter:
                 waiters.append(op[1])
                 stopping = stopping or kind == STOP
         try:
-            if puts or touches or deletes:
+            if self.health.file_lost:  # nowhere to write until a fresh file is open
+                self.failed_writes += len(puts)
+            elif puts or touches or deletes:
                 self._in_transaction(lambda: self._write(puts, touches, deletes))
-                self.healthy = True
+                self.health.write_failed = False
         except sqlite3.Error as exc:
             self.failed_writes += len(puts)
             self.trouble("write", exc)
+            self.check_file()  # the file may be gone: SQLite says no more than "I/O error"
         except Exception:  # a bug: keep the thread, and the cache, alive
             self.failed_writes += len(puts)
-            self.healthy = False
+            self.health.failed("write")
             log.exception("fallback cache %s: unexpected error in the writer", self.path)
         finally:
             for waiter in waiters:

@@ -48,6 +48,9 @@ class StoreStats:
         dropped_writes: puts dropped because the write queue was full.
         failed_writes: puts lost to backend errors.
         missed_reads: gets answered "none" because the backend was too slow or busy.
+        errors: (operation, failures so far) of the backend's own operations
+            (the SQLite store's: read, write, purge, file, reopen); empty for
+            backends that do not count them.
     """
 
     backend: str
@@ -57,6 +60,7 @@ class StoreStats:
     dropped_writes: int = 0
     failed_writes: int = 0
     missed_reads: int = 0
+    errors: tuple[tuple[str, int], ...] = ()
 
 
 class FallbackStore(Protocol):

@@ -5,8 +5,14 @@ connections whose client went away while their calls still run, and the
 `CallContext` that new calls start with (`use_context` swaps it on a
 reload). It makes no policy decision: calls decide (`sidecar.proxy.call`).
 
-- ``max_connections``: connections beyond it are closed at once (counted,
-  logged rate-limited).
+- ``max_connections``: connections beyond it are closed at once (counted by
+  reason, logged rate-limited). At `Server.listen` it is capped to fit the
+  open-file limit (``RLIMIT_NOFILE``, raised towards its hard limit first) less
+  a reserve for upstream connections, the admin port and files, so that the
+  process never runs out of descriptors in ``accept``: the event loop would
+  then reset connections without a word (libuv's EMFILE handling) and
+  ``/healthz`` could not be answered. ``process_open_fds`` and
+  ``process_max_fds`` in /metrics show how close the process is.
 - Idle connections are closed after ``idle_timeout`` by `Server.sweep`; only a
   completed message or a reply is activity, so bytes trickled in that never
   complete a message (slowloris) do not keep a connection open.
@@ -20,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import resource
 
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
@@ -30,7 +38,42 @@ from sidecar.proxy.tls import ClientTls, TlsListener
 
 log = logging.getLogger("sidecar.server")
 
-__all__ = ["CallFactory", "Server", "ServerSettings"]
+__all__ = ["CallFactory", "Server", "ServerSettings", "connection_cap"]
+
+# Descriptors kept free beyond those open at `Server.listen` and the upstream
+# pools: admin and control connections (32 admin connections at most), the
+# fallback file's reopening, Redis, a reload's files, DNS lookups.
+RESERVED_FDS = 128
+
+
+def connection_cap(max_connections: int, reserve: int) -> tuple[int | None, int]:
+    """Client connections that fit the open-file limit, and that limit.
+
+    Raises the soft ``RLIMIT_NOFILE`` towards the hard one when
+    ``max_connections + reserve`` needs it (as much as the hard limit allows).
+
+    Returns:
+        (the soft limit less ``reserve``, None when unlimited; the soft limit now).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    needed = max_connections + reserve
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        if target > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+                soft = target
+    if soft == resource.RLIM_INFINITY:
+        return None, soft
+    return max(0, soft - reserve), soft
+
+
+def open_fds() -> int:
+    """Descriptors this process has open now (0 where the system does not say)."""
+    for listing in ("/proc/self/fd", "/dev/fd"):
+        with contextlib.suppress(OSError):
+            return len(os.listdir(listing))
+    return 0
 
 
 class Server:
@@ -68,14 +111,35 @@ class Server:
         self.protocol_log = RateLimitedLog(log, what="protocol error lines")
         self.refusal_log = RateLimitedLog(log, what="refused-connection lines")
         self._server: asyncio.Server | TlsListener | None = None
+        # Client connections that fit the open-file limit (set by `listen`; None: no limit).
+        self.fd_cap: int | None = None
         self._changed: asyncio.Event | None = None  # set while draining, on each change
 
     def use_context(self, context: CallContext) -> None:
         """Calls that start from now on use ``context``; calls in flight keep theirs."""
         self.context = context
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Start accepting; returns the bound address (port 0 picks a free one)."""
+    async def listen(self, host: str, port: int, upstream_fds: int = 0) -> tuple[str, int]:
+        """Start accepting; returns the bound address (port 0 picks a free one).
+
+        Args:
+            upstream_fds: most upstream connections open at once (pool size
+                times addresses), kept free of client connections.
+        """
+        configured = self.settings.max_connections
+        reserve = open_fds() + 1 + upstream_fds + RESERVED_FDS  # + 1: the listener
+        self.fd_cap, soft = connection_cap(configured, reserve)
+        if self.fd_cap is not None and self.fd_cap < configured:
+            log.warning(
+                "max_connections is %d, but the open-file limit (RLIMIT_NOFILE) is %d and %d "
+                "descriptors are kept for upstream connections, the admin port and files: "
+                "at most %d client connections are accepted, further ones are refused and "
+                "counted (reason fd_limit); raise the limit (ulimit -n) to accept more",
+                configured,
+                soft,
+                reserve,
+                self.fd_cap,
+            )
         if self.tls is not None:
             self._server = await self.tls.listen(
                 lambda: ClientConnection(self), host, port, backlog=1024
@@ -88,21 +152,38 @@ class Server:
         return str(sockname[0]), int(sockname[1])
 
     def admit(self, conn: ClientConnection) -> bool:
-        """Count a new connection in, or refuse it (draining, or ``max_connections``)."""
-        if self.draining or len(self.connections) >= self.settings.max_connections:
-            self.metrics.client_connections_rejected.inc()
+        """Count a new connection in, or refuse it (draining, ``max_connections``, or the
+        open-file limit)."""
+        reason = self._refusal()
+        if reason is not None:
+            self.metrics.client_connections_rejected.labels(reason).inc()
+            open_now = len(self.connections)
             self.refusal_log.warning(
                 "refusing client %s: %s",
                 conn.peer,
                 "draining"
-                if self.draining
-                else f"{len(self.connections)} connections open (max_connections)",
-                extra={"peer": conn.peer},
+                if reason == "draining"
+                else f"{open_now} connections open (max_connections)"
+                if reason == "max_connections"
+                else f"{open_now} connections open, as many as the open-file limit allows "
+                "(raise ulimit -n)",
+                extra={"peer": conn.peer, "reason": reason},
             )
             return False
         self.connections.add(conn)
         self.metrics.client_connections.set(len(self.connections))
         return True
+
+    def _refusal(self) -> str | None:
+        """Why a new connection is refused now (a reason label), or None."""
+        if self.draining:
+            return "draining"
+        open_now = len(self.connections)
+        if open_now >= self.settings.max_connections:
+            return "max_connections"
+        if self.fd_cap is not None and open_now >= self.fd_cap:
+            return "fd_limit"
+        return None
 
     def forget(self, conn: ClientConnection) -> None:
         """The client's connection is gone; its calls, if any, still run (see `finished`)."""

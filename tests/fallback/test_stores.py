@@ -580,6 +580,22 @@ def test_sqlite_write_error_fails_the_batch_then_recovers(
     assert any("write failed" in r.getMessage() for r in caplog.records)
 
 
+def test_sqlite_failed_read_stays_unhealthy_through_good_writes(tmp_path: Path) -> None:
+    """A good write batch does not hide failing reads: healthy again only when a read works."""
+    store = sqlite_store(tmp_path / "fallback.db")
+    run(fill(store, 1))
+    # What the reader thread reports when SQLite fails a read ("disk I/O error").
+    store._writer.trouble("read", sqlite3.OperationalError("disk I/O error"))
+    run(fill(store, 1, start=1))  # a write batch that succeeds
+    stats = store.stats()
+    assert (stats.healthy, stats.entries) == (False, 2)
+    assert dict(stats.errors) == {"read": 1, "write": 0, "purge": 0, "file": 0, "reopen": 0}
+    # The writer has the reader try a read (once a second); it works: healthy again.
+    wait_until(lambda: store.stats().healthy, timeout=10.0, message="a read worked")
+    assert run(store.get(key(1))) is not None
+    run(store.close())
+
+
 def test_sqlite_read_slower_than_get_timeout_is_a_miss(tmp_path: Path) -> None:
     store = sqlite_store(tmp_path / "fallback.db", get_timeout=0.0)
 

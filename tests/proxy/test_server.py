@@ -53,7 +53,7 @@ def test_connections_beyond_max_connections_are_refused_and_counted(
     assert not first_t.closed
     assert rig.server.connections == {first, second}
     assert sample(rig.metrics, "client_connections") == 2
-    assert sample(rig.metrics, "client_connections_rejected_total") == 1
+    assert sample(rig.metrics, "client_connections_rejected_total", reason="max_connections") == 1
     rig.settle()
     assert rig.server.connections == {first, second}, "a refused connection never enters the books"
 

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -93,6 +94,8 @@ def base_config(upstreams: list[str], **overrides: Any) -> dict[str, Any]:
         "listen": f"127.0.0.1:{free_port()}",
         "upstream": {"addresses": list(upstreams)},
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        # Its default (127.0.0.1:9465) is one port for every sidecar of a machine.
+        "control": {"listen": f"127.0.0.1:{free_port()}"},
         "drain_timeout": "5s",
     }
     _merge(config, overrides)
@@ -181,6 +184,7 @@ def run_sidecar(
     env: dict[str, str] | None = None,
     wait_ready: bool = True,
     ready_timeout: float = 20.0,
+    open_files: int | None = None,
 ) -> Iterator[SidecarProcess]:
     """Start ``python -m sidecar run --config FILE`` and stop it on exit.
 
@@ -190,6 +194,8 @@ def run_sidecar(
         args: extra command-line arguments.
         env: extra environment variables (the rest of SIDECAR_* is cleared).
         wait_ready: wait until ``/readyz`` answers 200.
+        open_files: the process's open-file limit (``RLIMIT_NOFILE``, soft and
+            hard), set in the child before it runs; None keeps this process's.
     """
     full = base_config(upstreams, **(config or {}))
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-test-"))
@@ -201,8 +207,19 @@ def run_sidecar(
     environ["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + environ.get("PYTHONPATH", "")
     environ.update(env or {})
     cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), *(args or [])]
+
+    def limit_open_files() -> None:  # runs in the child, between fork and exec
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
+
     proc = subprocess.Popen(
-        cmd, stdout=log_file, stderr=subprocess.STDOUT, env=environ, cwd=workdir, text=True
+        cmd,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        env=environ,
+        cwd=workdir,
+        text=True,
+        preexec_fn=limit_open_files if open_files is not None else None,
     )
     sidecar = SidecarProcess(proc, full, config_path, log_path, log_file)
     try:
