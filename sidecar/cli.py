@@ -388,5 +388,36 @@ def demo(
     sys.exit(run_demo(options))
 
 
+@main.command(short_help="A live view of a running sidecar: calls, latency, breakers.")
+@click.option(
+    "--admin",
+    metavar="URL",
+    help="The sidecar's admin endpoint, http://HOST:PORT or HOST:PORT. [default: from "
+    "SIDECAR_METRICS_LISTEN, else 127.0.0.1:9464]",
+)
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="Seconds between two readings; the rates are over this interval.",
+)
+@click.option("--once", is_flag=True, help="Read twice, one interval apart, print one frame, exit.")
+def top(admin: str | None, interval: float, once: bool) -> None:
+    """Watch a running sidecar: per-method calls/s, success, errors/s, retries/s,
+    fallbacks/s, p50 and p99 latency, breaker state and ejected upstream addresses.
+
+    Reads /metrics and /state of the admin endpoint every interval; the rates and
+    quantiles are over the interval between two readings. Ctrl-C exits (status 0).
+    With --once, prints one frame and exits: 0, or 1 when the endpoint cannot be read.
+    """
+    from sidecar.top import live
+
+    url = live.admin_url(admin) if admin else live.default_admin()
+    show = live.once if once else live.watch
+    sys.exit(show(url, interval, sys.stdout))
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Any, TypeVar
 
 import pytest
@@ -296,6 +297,76 @@ def test_exposition_is_the_registry_without_created_series(new_loop: NewLoop) ->
         body = get(admin.address, "/metrics").body
     assert steady(body) == steady(expected)
     assert b"process_resident_memory_bytes " in body
+
+
+class PageParser(HTMLParser):
+    """The tags, links, cell texts and meta tags of a page, as html.parser reads them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[str] = []
+        self.links: list[str] = []
+        self.meta: list[dict[str, str | None]] = []
+        self.cells: list[str] = []
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.append(tag)
+        if tag == "a":
+            self.links.append(dict(attrs)["href"] or "")
+        elif tag == "meta":
+            self.meta.append(dict(attrs))
+        elif tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td" and self._cell is not None:
+            self.cells.append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+HOSTILE = '<script>alert("x")</script><img src=x onerror=alert(1)>&amp;'
+
+
+def test_the_index_links_the_endpoints_and_escapes_what_came_from_the_wire(
+    new_loop: NewLoop,
+) -> None:
+    with AdminThread(new_loop) as admin:
+        with_traffic(admin.metrics)
+        stats = admin.call(lambda: admin.metrics.calls.method("Svc:" + HOSTILE))
+        admin.call(lambda: stats.request("ok", 0.0004))
+        admin.document = {
+            "version": __version__,
+            "ready": True,
+            "uptime_seconds": 4.0,
+            "breakers": [{"name": HOSTILE, "state": "open", "consecutive_failures": 3}],
+            "upstream": {"addresses": ["127.0.0.1:9"], "ejected": ["127.0.0.1:9"]},
+            "pools": [],
+        }
+        reply = get(admin.address, "/")
+        head = get(admin.address, "/", method="HEAD")
+    assert reply.status == 200
+    assert reply.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert head.headers["Content-Length"] == str(len(reply.body))
+    page = PageParser()
+    page.feed(reply.body.decode())
+    page.close()
+    assert "script" not in page.tags
+    assert "img" not in page.tags
+    assert set(page.links) == {"/metrics", "/healthz", "/readyz", "/state"}
+    assert {"http-equiv": "refresh", "content": "2"} in page.meta
+    # The names are shown as they are, as text.
+    assert "Svc:" + HOSTILE in page.cells
+    assert HOSTILE in page.cells
+    # The same table as `sidecar top`: from zero over the uptime here (no earlier reading).
+    row = page.cells[page.cells.index("Catalog:getItem") :][:8]
+    assert row == ["Catalog:getItem", "0.5", "100.00%", "0.0", "0.5", "0.0", "5.00ms", "247ms"]
+    assert page.cells[page.cells.index(HOSTILE) + 1] == "open"
+    assert page.cells[page.cells.index("127.0.0.1:9") + 1] == "ejected"
 
 
 # Careless and hostile clients

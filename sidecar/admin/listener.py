@@ -1,28 +1,24 @@
-"""The admin HTTP endpoint: ``/metrics``, ``/healthz``, ``/readyz``, ``/state``.
+"""The HTTP machinery both listeners share: h11, one request per connection, bounded clients.
 
-It runs on the sidecar's own event loop, so it reads the sidecar's state
-without locks or threads. h11 parses the HTTP/1.1; GET and HEAD only, one
-request per connection. ``/metrics`` is OpenMetrics or the Prometheus text
-format, as the scraper's ``Accept`` asks (chosen and encoded by
-prometheus_client), without ``_created`` series. Careless or hostile clients
-are bounded in bytes, time and number, and get a 4xx or 503 with a one-line
-text body, never a traceback in the log (see `AdminServer`).
+`HttpServer` listens on the sidecar's event loop and hands each whole
+request to its subclass's `HttpServer.route`; `HttpConnection` reads it with
+h11 and writes the answer. Careless or hostile clients are bounded in bytes,
+time and number, and get a 4xx or 503 with a one-line text body, never a
+traceback in the log.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, cast
+from urllib.parse import parse_qs
 
 import h11
-from prometheus_client import CollectorRegistry, disable_created_metrics
-from prometheus_client.exposition import choose_encoder
 
 from sidecar.logs import RateLimitedLog
 
@@ -52,66 +48,84 @@ class Answer:
     headers: Sequence[tuple[str, str]] = ()
 
 
-def _text(status: int, line: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+@dataclass(frozen=True)
+class Request:
+    """A whole request, as the routes see it.
+
+    Attributes:
+        method: ``GET``, ``POST`` ...
+        path: the target before ``?``, percent-decoding left to the route.
+        query: the query string's parameters (``parse_qs``).
+        headers: as h11 gives them (lower-case names).
+        peer: ``host:port`` of the client, for the log.
+    """
+
+    method: str
+    path: str
+    query: dict[str, list[str]]
+    headers: Sequence[tuple[bytes, bytes]]
+    peer: str
+
+    @classmethod
+    def from_h11(cls, event: h11.Request, peer: str) -> Request:
+        target = event.target.decode("latin-1")
+        path, _, query = target.partition("?")
+        return cls(event.method.decode("latin-1"), path, parse_qs(query), list(event.headers), peer)
+
+    def header(self, name: bytes) -> str:
+        """Every value of header ``name`` (lower-case), joined by commas."""
+        return b",".join(v for k, v in self.headers if k == name).decode("latin-1")
+
+
+def text(status: int, line: str, headers: Sequence[tuple[str, str]] = ()) -> Answer:
+    """A one-line plain text answer."""
     return Answer(status, TEXT, line.encode() + b"\n", headers)
 
 
-class AdminServer:
-    """Serves the admin endpoints.
+class HttpServer:
+    """An HTTP/1.1 listener on the event loop; subclasses answer with `route`.
 
-    ``/healthz`` is 200 while the loop runs; ``/readyz`` 200 when ``ready()``,
-    else 503; ``/state`` the JSON of ``state()``. A request must arrive whole
-    within ``request_timeout`` seconds of connecting (bytes trickling in do
-    not extend it; else 408) and be at most ``max_request_bytes`` (else 431 or
-    413); a malformed one gets a 400. A handler that raises gets a 500 and a
-    rate-limited warning.
+    A request must arrive whole within ``request_timeout`` seconds of
+    connecting (bytes trickling in do not extend it; else 408) and be at most
+    ``max_request_bytes`` (else 431 or 413); a malformed one gets a 400. A
+    route that raises gives a 500 and a rate-limited warning. More than
+    ``max_connections`` open at once get a 503.
 
     Args:
-        registry: the metrics registry to expose.
-        ready: says whether ``/readyz`` is 200.
-        state: returns the ``/state`` document.
-        before_scrape: called before ``/metrics`` is rendered (to refresh gauges).
-        max_connections: admin connections open at once; more get a 503.
+        name: what the log calls this listener (``admin``, ``control``).
+        max_connections: connections open at once; more get a 503.
         request_timeout: seconds for a request to arrive whole, and again for
             its answer to be sent.
         max_request_bytes: the largest request (head and body) read.
     """
 
+    name = "http"
+
     def __init__(
         self,
-        registry: CollectorRegistry,
-        ready: Callable[[], bool],
-        state: Callable[[], dict[str, Any]],
-        before_scrape: Callable[[], None] | None = None,
         *,
         max_connections: int = MAX_CONNECTIONS,
         request_timeout: float = REQUEST_TIMEOUT,
         max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
-        self._registry = registry
-        self._ready = ready
-        self._state = state
-        self._before_scrape = before_scrape
         self.max_connections = max_connections
         self.request_timeout = request_timeout
         self.max_request_bytes = max_request_bytes
-        self.connections: set[AdminConnection] = set()
+        self.connections: set[HttpConnection] = set()
         # Lines a client can cause at will are rate-limited.
-        self.error_log = RateLimitedLog(log, what="admin error lines")
-        self.refusal_log = RateLimitedLog(log, what="refused admin connection lines")
+        self.error_log = RateLimitedLog(log, what=f"{self.name} error lines")
+        self.refusal_log = RateLimitedLog(log, what=f"refused {self.name} connection lines")
         self._server: asyncio.Server | None = None
 
-    async def listen(self, host: str, port: int) -> tuple[str, int]:
-        """Start serving; returns the bound address (port 0 picks a free one).
+    def route(self, request: Request) -> Answer:
+        """The answer to a whole request (subclasses)."""
+        raise NotImplementedError
 
-        Turns off prometheus_client's ``_created`` series. That switch is
-        process-wide: it applies to every registry in this process, which in
-        the sidecar is this one alone.
-        """
-        disable_created_metrics()  # type: ignore[no-untyped-call]
+    async def listen(self, host: str, port: int) -> tuple[str, int]:
+        """Start serving; returns the bound address (port 0 picks a free one)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: AdminConnection(self), host, port, reuse_address=True
+            lambda: HttpConnection(self), host, port, reuse_address=True
         )
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])
@@ -125,63 +139,47 @@ class AdminServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
-    def admit(self, conn: AdminConnection) -> bool:
+    def admit(self, conn: HttpConnection) -> bool:
         """Count ``conn`` in, unless ``max_connections`` are open already."""
         if len(self.connections) >= self.max_connections:
             self.refusal_log.warning(
-                "refusing admin client %s: %d admin connections open (the most allowed)",
+                "refusing %s client %s: %d %s connections open (the most allowed)",
+                self.name,
                 conn.peer,
                 len(self.connections),
+                self.name,
                 extra={"peer": conn.peer},
             )
             return False
         return True
 
-    def answer(self, request: h11.Request) -> Answer:
-        """The answer to a whole request; a failing handler gives a 500."""
+    def answer(self, request: h11.Request, peer: str = "?") -> Answer:
+        """The answer to a whole request; a failing route gives a 500."""
         try:
-            return self._route(request)
+            return self.route(Request.from_h11(request, peer))
         except Exception as exc:
             target = request.target.decode("ascii", "replace")
             if self.error_log.warning(
-                "admin request %s %s failed: %s: %s",
+                "%s request %s %s failed: %s: %s",
+                self.name,
                 request.method.decode("ascii", "replace"),
                 target,
                 type(exc).__name__,
                 exc,
                 extra={"path": target},
             ):
-                log.debug("admin request %s failed", target, exc_info=True)
-            return _text(500, "internal error")
-
-    def _route(self, request: h11.Request) -> Answer:
-        if request.method not in (b"GET", b"HEAD"):
-            return _text(405, "only GET and HEAD", [("Allow", "GET, HEAD")])
-        path = request.target.split(b"?", 1)[0]
-        if path == b"/metrics":
-            if self._before_scrape is not None:
-                self._before_scrape()
-            accept = b",".join(v for k, v in request.headers if k == b"accept")
-            encode, content_type = choose_encoder(accept.decode("latin-1"))
-            return Answer(200, content_type, encode(self._registry))
-        if path == b"/healthz":
-            return _text(200, "ok")
-        if path == b"/readyz":
-            return _text(200, "ready") if self._ready() else _text(503, "not ready")
-        if path == b"/state":
-            body = json.dumps(self._state(), indent=2, sort_keys=True, default=str)
-            return Answer(200, "application/json", body.encode() + b"\n")
-        return _text(404, "not found: try /metrics, /healthz, /readyz or /state")
+                log.debug("%s request %s failed", self.name, target, exc_info=True)
+            return text(500, "internal error")
 
 
-class AdminConnection(asyncio.Protocol):
-    """One admin connection: reads one request with h11, answers it, closes.
+class HttpConnection(asyncio.Protocol):
+    """One connection: reads one request with h11, answers it, closes.
 
     Every callback from the loop is guarded: whatever goes wrong ends this
     connection, with a rate-limited log line, and nothing else.
     """
 
-    def __init__(self, server: AdminServer) -> None:
+    def __init__(self, server: HttpServer) -> None:
         self._server = server
         self._http = h11.Connection(h11.SERVER, max_incomplete_event_size=server.max_request_bytes)
         self._transport: asyncio.Transport | None = None
@@ -221,7 +219,11 @@ class AdminConnection(asyncio.Protocol):
             step(*args)
         except Exception as exc:
             self._server.error_log.warning(
-                "admin connection %s failed: %s: %s", self.peer, type(exc).__name__, exc
+                "%s connection %s failed: %s: %s",
+                self._server.name,
+                self.peer,
+                type(exc).__name__,
+                exc,
             )
             self.abort()
 
@@ -229,7 +231,7 @@ class AdminConnection(asyncio.Protocol):
         admitted = self._server.admit(self)
         self._server.connections.add(self)  # counted until closed, refused or not
         if not admitted:
-            self._send(_text(503, "too many admin connections; try again"))
+            self._send(text(503, f"too many {self._server.name} connections; try again"))
             return
         self._arm(self._expire)
 
@@ -265,7 +267,7 @@ class AdminConnection(asyncio.Protocol):
                 if self._received - len(self._http.trailing_data[0]) > limit:
                     self._refuse(413)
                 else:
-                    self._send(self._server.answer(self._request))
+                    self._send(self._server.answer(self._request, self.peer))
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 self._answered = True  # closed before sending anything: nothing to answer
@@ -274,12 +276,12 @@ class AdminConnection(asyncio.Protocol):
 
     def _refuse(self, status: int) -> None:
         if status in (413, 431):
-            self._send(_text(status, "request too large"))
+            self._send(text(status, "request too large"))
         else:
-            self._send(_text(status, "bad request: not HTTP/1.1 as expected"))
+            self._send(text(status, "bad request: not HTTP/1.1 as expected"))
 
     def _expire(self) -> None:
-        self._guard(self._send, _text(408, "request not received in time"))
+        self._guard(self._send, text(408, "request not received in time"))
 
     def _send(self, answer: Answer) -> None:
         """Write ``answer`` and end our side; drop the connection if not done in time."""
