@@ -9,6 +9,11 @@ not set (an error for a ``required`` field); a ``void`` method takes ``{}``.
 Each is checked field by field against the types the IDL declares and
 encoded once, at start-up, with thriftpy2; a value that does not fit is a
 config error naming the key path. Nothing on the hot path touches the IDL.
+
+Declared exceptions named in the config (``methods.<name>.retry_on_exceptions``,
+``breaker.failure_exceptions``) are resolved here too, once, to the field ids
+of each method's result struct (`ExceptionIds`): a reply is then classified
+by its first field id alone.
 """
 
 from __future__ import annotations
@@ -36,6 +41,21 @@ class StaticReply:
     """A result struct encoded at start-up, served with a fresh envelope."""
 
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionIds:
+    """Result-struct field ids of the declared exceptions the config names.
+
+    Attributes:
+        retry: ``methods.<key>.retry_on_exceptions`` by config key, then by the
+            service (``""``: a bare wire name, any service that has the method).
+        failures: ``breaker.failure_exceptions`` by wire method name (bare and
+            ``Service:method``), for every method that declares one of them.
+    """
+
+    retry: dict[str, dict[str, frozenset[int]]]
+    failures: dict[str, frozenset[int]]
 
 
 _INT_RANGES = {
@@ -101,7 +121,8 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
 
     Returns:
         Keyword arguments for `sidecar.app.Sidecar`: ``static_replies``,
-        ``known_methods`` and ``oneway_methods`` (bare and ``Service:method``).
+        ``known_methods``, ``oneway_methods`` (bare and ``Service:method``) and
+        ``exception_ids`` (`ExceptionIds`).
 
     Raises:
         ConfigError: a static reply without an IDL, a method not in the IDL, or
@@ -119,9 +140,15 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
                 f"methods.{name}.fallback: a static reply needs the service's IDL to encode it; "
                 "set idl: (or --idl) to the .thrift file"
             )
-        return {"static_replies": {}, "known_methods": [], "oneway_methods": []}
+        return {
+            "static_replies": {},
+            "known_methods": [],
+            "oneway_methods": [],
+            "exception_ids": exception_ids(config, {}, ""),  # refuses names without an IDL
+        }
     module = load_idl(config.idl)
     found = services(module)
+    declared_ids = exception_ids(config, found, config.idl)
     known: list[str] = []
     oneway: list[str] = []
     for service_name, service in found.items():
@@ -146,6 +173,7 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
         "static_replies": static,
         "known_methods": sorted(set(known)),
         "oneway_methods": sorted(set(oneway)),
+        "exception_ids": declared_ids,
     }
 
 
@@ -169,6 +197,87 @@ def _find_method(found: dict[str, Any], name: str, idl: str) -> tuple[Any, str]:
             f"methods.{name}: several services define {method}; use one of {names} as the key"
         )
     return candidates[0][1], method
+
+
+def _declared(result_cls: Any) -> dict[str, int]:
+    """A method's declared exceptions: name -> field id of its result struct."""
+    return {
+        spec[2].__name__: fid
+        for fid, spec in result_cls.thrift_spec.items()
+        if fid != 0 and len(spec) == 4
+    }
+
+
+def exception_ids(config: SidecarConfig, found: dict[str, Any], idl: str) -> ExceptionIds:
+    """Resolve the declared exceptions the config names to field ids, method by method.
+
+    Args:
+        config: the configuration.
+        found: the IDL's services (`services`); empty without an IDL.
+        idl: the IDL's path, for messages.
+
+    Raises:
+        ConfigError: a name is set without an IDL, or is not declared (by the
+            method for ``retry_on_exceptions``, by any method for
+            ``breaker.failure_exceptions``); the message names the key and the
+            exceptions that are declared.
+    """
+    wanted = {
+        key: method.retry_on_exceptions
+        for key, method in config.methods.items()
+        if method.retry_on_exceptions
+    }
+    failing = set(config.breaker.failure_exceptions)
+    if config.idl is None:
+        key = (
+            f"methods.{next(iter(wanted))}.retry_on_exceptions"
+            if wanted
+            else "breaker.failure_exceptions"
+        )
+        if wanted or failing:
+            raise ConfigError(
+                f"{key}: declared exceptions are named in the service's IDL, which is needed "
+                "to find their field ids; set idl: (or --idl) to the .thrift file"
+            )
+        return ExceptionIds({}, {})
+    retry: dict[str, dict[str, frozenset[int]]] = {}
+    for key, names in wanted.items():
+        service_name, sep, method = key.rpartition(":")
+        per_service = {
+            s: _declared(getattr(svc, f"{method}_result"))
+            for s, svc in found.items()
+            if method in svc.thrift_services and (not sep or s == service_name)
+        }
+        if not per_service:
+            _find_method(found, key, idl)  # raises: no such method
+        declared = {n for names_of in per_service.values() for n in names_of}
+        unknown = [n for n in names if n not in declared]
+        if unknown:
+            raise ConfigError(
+                f"methods.{key}.retry_on_exceptions: {unknown[0]!r} is not declared by "
+                f"{method} (declared: {', '.join(sorted(declared)) or 'none'})"
+            )
+        by_service = {s: frozenset(d[n] for n in names if n in d) for s, d in per_service.items()}
+        # A bare wire name does not say its service: the ids of every service with the method.
+        by_service[""] = frozenset().union(*by_service.values())
+        retry[key] = by_service
+    failures: dict[str, set[int]] = {}
+    everywhere: set[str] = set()
+    for service_name, service in found.items():
+        for method in service.thrift_services:
+            by_name = _declared(getattr(service, f"{method}_result"))
+            everywhere.update(by_name)
+            ids = {fid for n, fid in by_name.items() if n in failing}
+            if ids:
+                failures.setdefault(method, set()).update(ids)
+                failures.setdefault(f"{service_name}:{method}", set()).update(ids)
+    unknown = sorted(failing - everywhere)
+    if unknown:
+        raise ConfigError(
+            f"breaker.failure_exceptions: {unknown[0]!r} is not declared by any method in "
+            f"{idl} (declared: {', '.join(sorted(everywhere)) or 'none'})"
+        )
+    return ExceptionIds(retry, {name: frozenset(ids) for name, ids in failures.items()})
 
 
 def _value_result(result_cls: Any, value: Any, key: str, unions: set[Any]) -> bytes:

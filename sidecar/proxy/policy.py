@@ -1,4 +1,5 @@
-"""What applies to each method: retry, idempotency, caching, static fallback, metrics.
+"""What applies to each method: retry, idempotency, caching, static fallback, metrics,
+and which of its declared exceptions are retried or count as breaker failures.
 
 Settings are resolved once per method name from the config and kept in a
 bounded table: names arrive on the wire, so a client sending endless new names
@@ -10,6 +11,9 @@ Precedence for a name ``Svc:m``, key by key: ``methods["Svc:m"]``, then
 idempotency by `sidecar.config.is_idempotent`, the rule `sidecar check-config`
 uses too). A ``Svc:m`` entry that sets only ``per_try_timeout`` keeps the
 rest of the ``m`` entry (``idempotent: false`` included).
+
+Declared exceptions are known by field id here: the names in the config were
+resolved against the IDL at start-up (`sidecar.fallback.static.ExceptionIds`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from sidecar.config import SidecarConfig, is_idempotent, matches_any, method_overrides
-from sidecar.fallback.static import StaticReply
+from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
@@ -47,6 +51,14 @@ class MethodPolicy:
     stats: MethodStats
     display_name: str  # ``Service.method`` for messages to people
     oneway: bool = False  # declared oneway (IDL or methods.<name>.oneway)
+    # Result field ids of declared exceptions that count as breaker failures
+    # (breaker.failure_exceptions); the retried ones are in retry.retry_exceptions.
+    failure_exceptions: frozenset[int] = frozenset()
+
+    @property
+    def classifies_exceptions(self) -> bool:
+        """Does a declared exception's field id matter for this method?"""
+        return bool(self.failure_exceptions or self.retry.retry_exceptions)
 
 
 class PolicyTable:
@@ -60,10 +72,13 @@ class PolicyTable:
         calls: CallMetrics | None = None,
         service_of: dict[str, str] | None = None,
         oneway_methods: frozenset[str] = frozenset(),
+        exception_ids: ExceptionIds | None = None,
     ) -> None:
         """Args: ``service_of`` names the one IDL service of a bare method name, for messages;
-        ``oneway_methods`` the IDL's oneway methods (bare and ``Service:method``)."""
+        ``oneway_methods`` the IDL's oneway methods (bare and ``Service:method``);
+        ``exception_ids`` the declared exceptions the config names, resolved by the IDL."""
         self._config = config
+        self._exceptions = exception_ids or ExceptionIds({}, {})
         self._oneway = oneway_methods
         self._service_of = service_of or {}
         self._labels = labels
@@ -98,7 +113,9 @@ class PolicyTable:
             deadline=_first((x.deadline for x in o), r.deadline),
             retry_on=frozenset(Outcome(v) for v in _first((x.retry_on for x in o), r.retry_on)),
             idempotent=idempotent,
+            retry_exceptions=self._retry_exceptions(name, service, method),
         )
+        failures = self._exceptions.failures
         # Cacheable: the idempotent methods (patterns or methods.X.idempotent),
         # narrowed by fallback.methods when set; never a non-idempotent one.
         patterns = config.fallback.methods
@@ -118,7 +135,17 @@ class PolicyTable:
             stats=self._calls.method(label),
             display_name=f"{service or self._service_of.get(method, '')}.{method}".lstrip("."),
             oneway=_first((e.oneway for e in entries), name in self._oneway),
+            failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
         )
+
+    def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:
+        """Field ids from the most specific ``methods`` entry that names exceptions to retry."""
+        retry = self._exceptions.retry
+        for key in (name, method):
+            by_service = retry.get(key)
+            if by_service is not None:
+                return by_service.get(service, frozenset())
+        return frozenset()
 
 
 def _first(overrides: Iterable[T | None], default: T) -> T:

@@ -370,3 +370,197 @@ def test_policies_carry_capped_labels() -> None:
     assert [p.label for p in got] == ["getItem", "x1", "x2", OTHER, OTHER]
     assert got[3].name == "x3"  # the name itself is kept; only the label is capped
     assert t.for_name("x1").label == "x1"
+
+
+# Declared exceptions by name: resolved against the IDL once, carried as field ids
+
+EXCEPTIONS_IDL = """
+exception NotFound { 1: string message }
+exception Overloaded { 1: i32 retryAfterMs }
+exception TemporarilyUnavailable { 1: string why }
+
+service Catalog {
+  string getItem(1: i64 id)
+      throws (1: NotFound notFound, 2: Overloaded overloaded, 3: TemporarilyUnavailable busy),
+  string lookup(1: i64 id) throws (1: Overloaded overloaded, 2: NotFound notFound),
+  void placeOrder(1: i64 id) throws (1: Overloaded overloaded),
+  void ping(),
+}
+
+service Admin {
+  string getItem(1: i64 id) throws (4: Overloaded overloaded),
+}
+"""
+
+
+def idl_config(tmp_path: Path, data: dict[str, Any]) -> SidecarConfig:
+    idl = tmp_path / "catalog.thrift"
+    idl.write_text(EXCEPTIONS_IDL, encoding="utf-8")
+    return config_of({"idl": str(idl), **data})
+
+
+def resolved_table(config: SidecarConfig) -> PolicyTable:
+    from sidecar.fallback.static import exception_ids, load_idl, services
+
+    assert config.idl is not None
+    ids = exception_ids(config, services(load_idl(config.idl)), config.idl)
+    return PolicyTable(config, MethodLabels(sorted(config.methods), 200), exception_ids=ids)
+
+
+def test_retry_on_exceptions_by_name_become_field_ids(tmp_path: Path) -> None:
+    config = idl_config(
+        tmp_path,
+        {
+            "methods": {
+                "getItem": {"retry_on_exceptions": ["Overloaded", "TemporarilyUnavailable"]},
+                "lookup": {"retry_on_exceptions": ["Overloaded"]},
+            }
+        },
+    )
+    t = resolved_table(config)
+    assert t.for_name("Catalog:getItem").retry.retry_exceptions == frozenset({2, 3})
+    assert t.for_name("Admin:getItem").retry.retry_exceptions == frozenset({4})
+    # A bare name does not say which service: the ids of every service with the method.
+    assert t.for_name("getItem").retry.retry_exceptions == frozenset({2, 3, 4})
+    assert t.for_name("lookup").retry.retry_exceptions == frozenset({1})  # its own field id
+    assert t.for_name("ping").retry.retry_exceptions == frozenset()
+    assert not t.for_name("ping").classifies_exceptions
+
+
+def test_a_service_entry_naming_exceptions_wins_over_the_bare_one(tmp_path: Path) -> None:
+    config = idl_config(
+        tmp_path,
+        {
+            "methods": {
+                "getItem": {"retry_on_exceptions": ["Overloaded"]},
+                "Admin:getItem": {"retry_on_exceptions": ["Overloaded"]},
+            }
+        },
+    )
+    t = resolved_table(config)
+    assert t.for_name("Admin:getItem").retry.retry_exceptions == frozenset({4})
+
+
+def test_failure_exceptions_by_name_for_every_method_that_declares_them(tmp_path: Path) -> None:
+    config = idl_config(tmp_path, {"breaker": {"failure_exceptions": ["Overloaded"]}})
+    t = resolved_table(config)
+    assert t.for_name("Catalog:getItem").failure_exceptions == frozenset({2})
+    assert t.for_name("Admin:getItem").failure_exceptions == frozenset({4})
+    assert t.for_name("getItem").failure_exceptions == frozenset({2, 4})  # bare: either service
+    assert t.for_name("lookup").failure_exceptions == frozenset({1})
+    assert t.for_name("placeOrder").failure_exceptions == frozenset({1})
+    assert t.for_name("ping").failure_exceptions == frozenset()
+    assert t.for_name("lookup").classifies_exceptions
+
+
+def test_declared_exception_retried_only_when_listed_and_idempotent(tmp_path: Path) -> None:
+    import random
+
+    from sidecar.resilience.retry import NOT_RETRYABLE, UNSAFE, GiveUp, Retry
+
+    config = idl_config(
+        tmp_path,
+        {
+            "methods": {
+                "Catalog:getItem": {"retry_on_exceptions": ["Overloaded"]},
+                "placeOrder": {"retry_on_exceptions": ["Overloaded"]},
+            }
+        },
+    )
+    t = resolved_table(config)
+
+    def decide(name: str, exception_id: int | None) -> Retry | GiveUp:
+        return t.for_name(name).retry.decide(
+            attempt=1,
+            outcome=Outcome.DECLARED_EXCEPTION,
+            sent=True,
+            oneway=False,
+            now=0.0,
+            deadline_at=100.0,
+            rng=random.Random(1),
+            tokens=10.0,
+            exception_id=exception_id,
+        )
+
+    assert isinstance(decide("Catalog:getItem", 2), Retry)  # Overloaded
+    assert decide("Catalog:getItem", 1) == GiveUp(NOT_RETRYABLE)  # NotFound: an answer
+    assert decide("Catalog:getItem", None) == GiveUp(NOT_RETRYABLE)
+    assert decide("placeOrder", 1) == GiveUp(UNSAFE)  # not idempotent: it ran upstream
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"methods": {"getItem": {"retry_on_exceptions": ["Overloaded", "Busy"]}}},
+            "methods.getItem.retry_on_exceptions: 'Busy' is not declared by getItem "
+            "(declared: NotFound, Overloaded, TemporarilyUnavailable)",
+        ),
+        (
+            {"methods": {"ping": {"retry_on_exceptions": ["Overloaded"]}}},
+            "methods.ping.retry_on_exceptions: 'Overloaded' is not declared by ping "
+            "(declared: none)",
+        ),
+        (
+            {"breaker": {"failure_exceptions": ["Overloaded", "Exploded"]}},
+            "breaker.failure_exceptions: 'Exploded' is not declared by any method",
+        ),
+        (
+            {"methods": {"nothing": {"retry_on_exceptions": ["Overloaded"]}}},
+            "methods.nothing: no such method",
+        ),
+    ],
+)
+def test_unknown_exception_names_are_config_errors_naming_the_key(
+    tmp_path: Path, data: dict[str, Any], message: str
+) -> None:
+    from sidecar.errors import ConfigError
+    from sidecar.fallback.static import load_idl_parts
+
+    with pytest.raises(ConfigError) as raised:
+        load_idl_parts(idl_config(tmp_path, data))
+    assert message in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("data", "key"),
+    [
+        (
+            {"methods": {"getItem": {"retry_on_exceptions": ["Overloaded"]}}},
+            "methods.getItem.retry_on_exceptions",
+        ),
+        ({"breaker": {"failure_exceptions": ["Overloaded"]}}, "breaker.failure_exceptions"),
+    ],
+)
+def test_exception_names_without_an_idl_are_config_errors(data: dict[str, Any], key: str) -> None:
+    from sidecar.errors import ConfigError
+    from sidecar.fallback.static import load_idl_parts
+
+    with pytest.raises(ConfigError) as raised:
+        load_idl_parts(config_of(data))
+    assert str(raised.value).startswith(f"{key}: ")
+    assert "set idl:" in str(raised.value)
+
+
+def test_without_names_nothing_is_classified(tmp_path: Path) -> None:
+    t = resolved_table(idl_config(tmp_path, {}))
+    policy = t.for_name("getItem")
+    assert policy.failure_exceptions == frozenset()
+    assert policy.retry.retry_exceptions == frozenset()
+    assert not policy.classifies_exceptions
+
+
+def test_retry_on_exceptions_of_a_non_idempotent_method_is_warned_about(tmp_path: Path) -> None:
+    from sidecar.config import config_warnings
+
+    config = idl_config(
+        tmp_path, {"methods": {"placeOrder": {"retry_on_exceptions": ["Overloaded"]}}}
+    )
+    warnings = config_warnings(config)
+    assert any(
+        w.startswith(
+            "methods.placeOrder.retry_on_exceptions is set but placeOrder is not idempotent"
+        )
+        for w in warnings
+    ), warnings
+    assert not any("retry_on_exceptions" in w for w in config_warnings(idl_config(tmp_path, {})))
