@@ -38,7 +38,9 @@ from sidecar.protocol.tjson import JSON_START, parse_json_envelope, unsupported_
 
 _I32 = struct.Struct(">i")
 _HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"PRI ", b"CONN")
-_CLIENT_TYPES = frozenset({int(MessageType.CALL), int(MessageType.ONEWAY)})
+# Message types a non-strict envelope may carry: every valid one, so that a client
+# whose first message is a REPLY is answered (INVALID_MESSAGE_TYPE), not cut off.
+_NONSTRICT_TYPES = frozenset(int(t) for t in MessageType)
 # Bytes kept while deciding, at most (a non-strict name, or a JSON envelope).
 MAX_PREFIX = MAX_NAME_LENGTH + 16
 
@@ -178,7 +180,7 @@ def _json_at(prefix: bytes | bytearray, at: int) -> Detected | None:
 
 
 def _nonstrict_call_at(prefix: bytes | bytearray, at: int, frame_length: int | None) -> bool | None:
-    """Does a non-strict CALL/ONEWAY envelope start at ``at``? None: too few bytes to say."""
+    """Does a non-strict envelope start at ``at``? None: too few bytes to say."""
     if len(prefix) < at + 4:
         return None
     name_len = _I32.unpack_from(prefix, at)[0]
@@ -189,7 +191,7 @@ def _nonstrict_call_at(prefix: bytes | bytearray, at: int, frame_length: int | N
     type_at = at + 4 + name_len
     if len(prefix) <= type_at:
         return None
-    return prefix[type_at] in _CLIENT_TYPES
+    return prefix[type_at] in _NONSTRICT_TYPES
 
 
 def may_be_json(prefix: bytes | bytearray) -> bool:

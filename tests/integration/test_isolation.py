@@ -13,8 +13,12 @@ from __future__ import annotations
 import socket
 import struct
 
+import thriftpy2.protocol
+import thriftpy2.thrift
+import thriftpy2.transport
+
 from sidecar.protocol.appexc import ApplicationExceptionType
-from sidecar.protocol.framing import FramedDecoder
+from sidecar.protocol.framing import BufferedDecoder, FramedDecoder
 from tests.integration import reply_parts
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.raw import encode_call
@@ -92,3 +96,31 @@ def test_a_connection_that_keeps_sending_malformed_calls_is_closed() -> None:
             ),
             message="counted",
         )
+
+
+def test_a_non_strict_client_whose_first_message_is_a_reply_is_answered() -> None:
+    """Issue 13, finding 11: it was closed without an error reply; a strict one was answered."""
+    buf = thriftpy2.transport.TCyMemoryBuffer()
+    proto = thriftpy2.protocol.TCyBinaryProtocol(buf, strict_write=False)
+    proto.write_message_begin("add", thriftpy2.thrift.TMessageType.REPLY, 42)
+    buf.write(b"\x00")  # an empty struct
+    reply_first = bytes(buf.getvalue())
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=CONFIG) as sc,
+        socket.create_connection(split_address(sc.address)) as sock,
+    ):
+        sock.sendall(reply_first)
+        sock.settimeout(10.0)
+        decoder = BufferedDecoder(1 << 20)
+        replies: list[bytes] = []
+        for _ in range(100):  # until the answer is whole; bounded by count and the timeout
+            chunk = sock.recv(65536)
+            assert chunk, "closed without an answer"
+            replies += [bytes(m.payload()) for m in decoder.receive_data(chunk)]
+            if replies:
+                break
+        parts = reply_parts(replies[0])
+    assert parts.header.seqid == 42
+    assert not parts.header.strict  # answered in the client's own form
+    assert parts.exc_type == ApplicationExceptionType.INVALID_MESSAGE_TYPE
