@@ -31,6 +31,7 @@ from tests.support.ops import (
     scrape,
     send_garbage,
 )
+from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import free_port, run_sidecar
 from tests.support.wait import wait_until
 
@@ -218,3 +219,41 @@ def test_rate_limiter_windows_with_a_fake_clock(caplog: pytest.LogCaptureFixture
         "next window",
     ]
     assert limited.suppressed_total == 6
+
+
+def test_the_access_log_one_line_per_call_sampled_without_payload() -> None:
+    secret = "a-payload-that-must-never-be-logged"
+    access = {"log": {"format": "json", "access": {"sample_rate": 1}}}
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=access) as sc,
+        thriftpy2_client(sc.address, "framed") as client,
+    ):
+        assert client.add(1, 2) == 3
+        assert client.getItem(4).id == 4
+        assert client.echoBinary(secret.encode()) == secret.encode()
+
+        def lines() -> list[dict[str, Any]]:
+            return [r for r in json_log(sc) if r["logger"] == "sidecar.access"]
+
+        found = wait_until(lambda: len(lines()) == 3 and lines(), message="three access lines")
+    assert [r["method"] for r in found] == ["add", "getItem", "echoBinary"]
+    for record in found:
+        assert record["outcome"] == "ok"
+        assert record["attempts"] == 1
+        assert record["upstream"] == upstream.address
+        assert 0 < record["duration_ms"] < 10_000
+        assert record["fallback"] is None
+        assert isinstance(record["seqid"], int)
+    assert secret not in sc.log()
+
+
+def test_no_access_log_by_default() -> None:
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config={"log": {"format": "json"}}) as sc,
+        thriftpy2_client(sc.address, "framed") as client,
+    ):
+        for i in range(20):
+            assert client.add(i, 1) == i + 1
+        assert not [r for r in json_log(sc) if r["logger"] == "sidecar.access"]

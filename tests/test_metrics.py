@@ -63,6 +63,9 @@ MORE_METRICS = {
     "upstream_ejected": "gauge",
     "upstream_connections": "gauge",
     "client_connections_rejected": "counter",
+    "fallback_store_up": "gauge",
+    "fallback_store_errors": "counter",
+    "control_actions": "counter",
     "client_idle_closes": "counter",
     "state_backend_errors": "counter",
     "state_backend_up": "gauge",
@@ -314,7 +317,8 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
         assert v("fallback_cache_bytes") == 2 * (key_bytes + 300) + len(item1) + len(item2)
 
         assert v("client_connections") == 1
-        assert v("client_connections_rejected", "_total") == 0
+        for reason in ("max_connections", "fd_limit", "draining"):
+            assert v("client_connections_rejected", "_total", reason=reason) == 0
         assert v("client_idle_closes", "_total") == 0
         assert v("protocol_errors", "_total", kind="garbage") == 1
         assert (
@@ -428,10 +432,15 @@ def test_invented_method_names_do_not_grow_any_metric_past_the_cap() -> None:
         "fallback_cache_entries": 1,
         "fallback_cache_bytes": 1,
         "client_connections": 1,
-        "client_connections_rejected": 1,
+        "client_connections_rejected": 3,
+        "fallback_store_up": 1,
+        "fallback_store_errors": 5,
+        "control_actions": 5,
         "client_idle_closes": 1,
         "state_backend_up": 1,
         "event_loop_lag_seconds": 1,
+        "breaker_failure_ratio": labels,
+        "breaker_slow_call_ratio": labels,
         "tls_handshake_errors": 2 * 7,
         # prometheus_client's process metrics: one series each.
         "process_virtual_memory_bytes": 1,

@@ -12,11 +12,11 @@ import random
 import time
 from dataclasses import dataclass
 
-from sidecar.admin import AdminServer
+from sidecar.admin import AdminServer, ControlServer
 from sidecar.config import SidecarConfig, split_address
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
-from sidecar.fallback.static import StaticReply
+from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore, MemoryStore
 from sidecar.fleet import Fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
@@ -35,6 +35,7 @@ from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.ejection import EjectionTracker
 from sidecar.resilience.outcome import Outcome
+from sidecar.resilience.window import RateSettings
 
 
 @dataclass(slots=True)
@@ -48,6 +49,7 @@ class Parts:
     server: Server
     oneway: OnewayMethods
     admin: AdminServer | None = None
+    control: ControlServer | None = None
     housekeeping: asyncio.Task[None] | None = None
     client_tls: ClientTls | None = None
     upstream_tls: UpstreamTls | None = None
@@ -96,6 +98,21 @@ def make_store(config: SidecarConfig, fleet: Fleet | None) -> FallbackStore:
     raise ConfigError(f"fallback.cache.backend: {cache.backend!r} is not available in this build")
 
 
+def rate_settings(config: SidecarConfig) -> RateSettings | None:
+    """The rate window's settings for ``breaker.mode: rate``; None for ``consecutive``."""
+    b = config.breaker
+    if b.mode != "rate":
+        return None
+    return RateSettings(
+        window_type=b.window_type,
+        window_size=b.window_size,
+        minimum_calls=b.minimum_calls,
+        failure_rate_threshold=b.failure_rate_threshold,
+        slow_call_duration=b.slow_call_duration,
+        slow_call_rate_threshold=b.slow_call_rate_threshold,
+    )
+
+
 def breakers(
     config: SidecarConfig,
     metrics: SidecarMetrics,
@@ -104,6 +121,7 @@ def breakers(
 ) -> BreakerSet:
     """The upstream's breakers (one, or one per method label), shared through the fleet."""
     b = config.breaker
+    rate = rate_settings(config)
 
     def make(name: str) -> Breaker:
         shared = fleet.breaker_storage(name, b.reset_timeout) if fleet else None
@@ -116,6 +134,7 @@ def breakers(
             storage=shared,
             on_transition=on_transition,
             clock=time.time,
+            rate=rate,
         )
         if shared is not None:  # a state adopted from the fleet fires the listener at once
             shared.observe(lambda: breaker.state)
@@ -191,6 +210,7 @@ def call_context(
     oneway_methods: frozenset[str],
     learned_oneway: OnewayMethods,
     rng: random.Random | None = None,
+    exception_ids: ExceptionIds | None = None,
 ) -> CallContext:
     """The context calls start with, for this config and these long-lived parts."""
     u = config.upstream
@@ -201,7 +221,13 @@ def call_context(
         upstream_protocol=None if u.protocol == "same" else Protocol(u.protocol),
         upstream_name=upstream_name(config),
         policies=PolicyTable(
-            config, labels, static_replies, metrics.calls, service_of, oneway_methods
+            config,
+            labels,
+            static_replies,
+            metrics.calls,
+            service_of,
+            oneway_methods,
+            exception_ids,
         ),
         breakers=breaker_set,
         budget=retry_budget,
@@ -213,6 +239,7 @@ def call_context(
         max_depth=config.max_depth,
         timeout_header=u.theader_timeout_header,
         oneway=learned_oneway,
+        access_sample_rate=config.log.access.sample_rate,
     )
 
 

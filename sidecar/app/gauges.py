@@ -2,7 +2,8 @@
 
 Counters are counted where things happen; what is a level (breaker state,
 open connections, budget tokens, cache size, ejected addresses) is read off
-the parts once a second and before each scrape (`Gauges.refresh`). Breaker
+the parts once a second and before each scrape (`Gauges.refresh`), a rate
+breaker's failure and slow-call ratios among them. Breaker
 transitions are counted, logged and reflected in the gauges as they happen
 (`transition_listener`, pybreaker's listener).
 """
@@ -59,6 +60,9 @@ class Gauges:
         self._labels = labels
         self._series_ready = False
         self._ejected_before: frozenset[str] = frozenset()
+        # The store whose error counts were last read, and those counts.
+        self._store: FallbackStore | None = None
+        self._store_errors: dict[str, int] = {}
 
     def config_changed(self) -> None:
         """New methods or fallback sources may exist: create their series on the next refresh."""
@@ -107,6 +111,10 @@ class Gauges:
             m.init_breaker(breaker.name)
             m.breaker_state.labels(breaker.name).set(STATE_VALUES.get(breaker.state, 0))
             m.breaker_failures.labels(breaker.name).set(breaker.fail_counter)
+            rates = breaker.rates()
+            if rates is not None:
+                m.breaker_failure_ratio.labels(breaker.name).set(rates[0] / 100)
+                m.breaker_slow_call_ratio.labels(breaker.name).set(rates[1] / 100)
         if fleet is not None:  # the fleet's view beside the local one
             for name, shared in fleet.breakers.shared_views():
                 m.breaker_shared_state.labels(name).set(STATE_VALUES.get(shared.state, 0))
@@ -133,3 +141,11 @@ class Gauges:
         stats = store.stats()
         m.fallback_cache_entries.set(stats.entries)
         m.fallback_cache_bytes.set(stats.bytes)
+        m.fallback_store_up.set(1 if stats.healthy else 0)
+        if store is not self._store:  # a new store (a reload) counts from 0
+            self._store, self._store_errors = store, {}
+        for operation, count in stats.errors:  # the store counts; the counter follows
+            seen = self._store_errors.get(operation, 0)
+            if count > seen:
+                m.fallback_store_errors.labels(operation).inc(count - seen)
+                self._store_errors[operation] = count

@@ -18,14 +18,14 @@ from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 from sidecar import __version__
-from sidecar.admin import AdminServer
+from sidecar.admin import AdminServer, ControlServer, Readiness
 from sidecar.app import build
 from sidecar.app.build import Parts
 from sidecar.app.gauges import Gauges, transition_listener
 from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
 from sidecar.config import SidecarConfig, require_upstream, split_address
-from sidecar.fallback.static import StaticReply
+from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore
 from sidecar.fleet import Fleet, make_fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
@@ -49,6 +49,7 @@ class Sidecar:
         static_replies: static fallback replies by method name (from the IDL).
         known_methods: method names that always get their own metrics label.
         oneway_methods: the IDL's oneway methods (bare and ``Service:method``).
+        exception_ids: the declared exceptions the config names, as field ids (from the IDL).
         metrics: the metrics to count into (a fresh registry by default).
 
     Raises:
@@ -62,10 +63,12 @@ class Sidecar:
         static_replies: dict[str, StaticReply] | None = None,
         known_methods: list[str] | None = None,
         oneway_methods: list[str] | None = None,
+        exception_ids: ExceptionIds | None = None,
         metrics: SidecarMetrics | None = None,
     ) -> None:
         require_upstream(config)
         self.oneway_methods = frozenset(oneway_methods or ())
+        self.exception_ids = exception_ids or ExceptionIds({}, {})
         self.config = config
         self.config_version = 1
         self.metrics = metrics or SidecarMetrics()
@@ -79,6 +82,8 @@ class Sidecar:
         self.started_at = time.time()
         self.listen_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
+        self.control_address: tuple[str, int] | None = None
+        self.readiness = Readiness()  # failed on purpose through the control listener
         self.pending_restart: tuple[str, ...] = ()
         self.last_reload_error: str | None = None
         self.parts: Parts | None = None
@@ -142,6 +147,7 @@ class Sidecar:
             static_replies=self.static_replies,
             service_of=self.service_of,
             oneway_methods=self.oneway_methods,
+            exception_ids=self.exception_ids,
             learned_oneway=oneway,
         )
         server = Server(context, build.server_settings(config), self.metrics, loop, tls=client_tls)
@@ -158,14 +164,22 @@ class Sidecar:
         try:
             if fleet is not None:  # the fleet's breaker state, read before the first call
                 await fleet.start()
-            listening = server.listen(*split_address(config.listen))
-            self.listen_address = await _bound("Thrift clients", "listen", config.listen, listening)
+            self.listen_address = await _bound(
+                "Thrift clients",
+                "listen",
+                config.listen,
+                server.listen(
+                    *split_address(config.listen),
+                    upstream_fds=config.upstream.pool_size * len(config.upstream.addresses),
+                ),
+            )
             if config.metrics.listen is not None:
                 admin = AdminServer(
                     self.metrics.registry,
-                    lambda: self.ready,
+                    lambda: self.why_not_ready() is None,
                     lambda: state_document(self),
                     self.refresh_gauges,
+                    why_not_ready=lambda: self.why_not_ready() or "",
                 )
                 self.admin_address = await _bound(
                     "the admin endpoint",
@@ -174,6 +188,15 @@ class Sidecar:
                     admin.listen(*split_address(config.metrics.listen)),
                 )
                 parts.admin = admin
+            if config.control.listen is not None:
+                control = ControlServer(self.metrics, lambda: self.breakers.all(), self.readiness)
+                parts.control = control
+                self.control_address = await _bound(
+                    "the control endpoint",
+                    "control.listen",
+                    config.control.listen,
+                    control.listen(*split_address(config.control.listen)),
+                )
         except BaseException:
             await self._close(parts)
             self.parts = None
@@ -182,7 +205,7 @@ class Sidecar:
         self.gauges.init_series(config, context)
         self.ready = True
         log.info(
-            "thrift-sidecar %s listening on %s:%d (transport %s), upstream %s (transport %s)%s",
+            "thrift-sidecar %s listening on %s:%d (transport %s), upstream %s (transport %s)%s%s",
             __version__,
             *self.listen_address,
             config.transport,
@@ -190,6 +213,9 @@ class Sidecar:
             config.upstream.transport,
             f", admin on http://{self.admin_address[0]}:{self.admin_address[1]}"
             if self.admin_address
+            else "",
+            f", control on http://{self.control_address[0]}:{self.control_address[1]}"
+            if self.control_address
             else "",
         )
 
@@ -223,6 +249,8 @@ class Sidecar:
         parts.timeouts.close()
         if parts.admin is not None:
             await parts.admin.close()
+        if parts.control is not None:
+            await parts.control.close()
         await parts.store.close()
         if parts.fleet is not None:
             await parts.fleet.stop()
@@ -242,6 +270,19 @@ class Sidecar:
             except Exception:
                 log.exception("housekeeping failed")
 
+    def why_not_ready(self) -> str | None:
+        """None when ``/readyz`` answers 200, else why not (`sidecar.admin.readiness`)."""
+        parts = self.parts
+        config = self.config
+        return self.readiness.problem(
+            serving=self.ready and parts is not None,
+            require_upstream=config.readiness.require_upstream,
+            breakers=parts.breakers.all() if parts is not None else (),
+            serve_on=config.fallback.serve_on,
+            static_methods=list(self.static_replies),
+            cached_replies=parts.store.stats().entries if parts is not None else 0,
+        )
+
     def use_context(self, context: CallContext) -> None:
         """Calls that start from now on use ``context`` (a reload)."""
         self._running().server.use_context(context)
@@ -253,14 +294,17 @@ class Sidecar:
             self.gauges.refresh(self.config, parts.server.context, parts.store, parts.fleet)
 
     def reload(
-        self, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+        self,
+        new: SidecarConfig,
+        static_replies: dict[str, StaticReply] | None = None,
+        exception_ids: ExceptionIds | None = None,
     ) -> list[str]:
         """Apply a new config without closing any connection; see `sidecar.app.reload`.
 
         Returns:
             The keys whose change needs a restart (not applied).
         """
-        return apply(self, new, static_replies)
+        return apply(self, new, static_replies, exception_ids)
 
 
 async def _bound(
@@ -271,8 +315,9 @@ async def _bound(
         return await listening
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        message = f"cannot listen for {what} on {address} ({key}): {reason}"
-        raise OSError(exc.errno, message) from exc
+        raise OSError(
+            exc.errno, f"cannot listen for {what} on {address} ({key}): {reason}"
+        ) from exc
 
 
 @contextlib.contextmanager

@@ -22,7 +22,7 @@ from sidecar.app import build
 from sidecar.app.gauges import Gauges
 from sidecar.config import SidecarConfig, redact
 from sidecar.errors import ConfigError
-from sidecar.fallback.static import StaticReply
+from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.logs import configure_logging
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.proxy.context import CallContext
@@ -38,6 +38,7 @@ class Reloadable(Protocol):
     config: SidecarConfig
     config_version: int
     static_replies: dict[str, StaticReply]
+    exception_ids: ExceptionIds
     labels: MethodLabels
     metrics: SidecarMetrics
     service_of: dict[str, str]
@@ -50,7 +51,10 @@ class Reloadable(Protocol):
     def use_context(self, context: CallContext) -> None: ...
 
     def reload(
-        self, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+        self,
+        new: SidecarConfig,
+        static_replies: dict[str, StaticReply] | None = None,
+        exception_ids: ExceptionIds | None = None,
     ) -> list[str]: ...
 
 
@@ -64,6 +68,7 @@ RESTART_KEYS = (
     "max_depth",
     "upstream",
     "metrics",
+    "control",
     "state",
     "idl",
 )
@@ -89,7 +94,10 @@ def kept_for_restart(old: SidecarConfig, new: SidecarConfig) -> tuple[SidecarCon
 
 
 def apply(
-    sidecar: Reloadable, new: SidecarConfig, static_replies: dict[str, StaticReply] | None = None
+    sidecar: Reloadable,
+    new: SidecarConfig,
+    static_replies: dict[str, StaticReply] | None = None,
+    exception_ids: ExceptionIds | None = None,
 ) -> list[str]:
     """Apply ``new`` to a running sidecar.
 
@@ -113,6 +121,7 @@ def apply(
             reset_timeout=b.reset_timeout,
             success_threshold=b.success_threshold,
             half_open_max_calls=b.half_open_max_calls,
+            rate=build.rate_settings(new),
         )
     current = parts.server.context
     budget = current.budget
@@ -120,6 +129,8 @@ def apply(
         budget = build.budget(new)
     if static_replies is not None:
         sidecar.static_replies = static_replies
+    if exception_ids is not None:
+        sidecar.exception_ids = exception_ids
     sidecar.labels.add_known(new.methods)
     context = build.call_context(
         new,
@@ -135,6 +146,7 @@ def apply(
         oneway_methods=sidecar.oneway_methods,
         learned_oneway=parts.oneway,
         rng=current.rng,
+        exception_ids=sidecar.exception_ids,
     )
     sidecar.config = new
     sidecar.use_context(context)
@@ -224,7 +236,11 @@ def apply_loaded(sidecar: Reloadable, new: SidecarConfig, parts: dict[str, Any])
     """Apply a config loaded for a SIGHUP; log and count the result either way."""
     running = sidecar.config
     try:
-        ignored = sidecar.reload(new, static_replies=parts.get("static_replies"))
+        ignored = sidecar.reload(
+            new,
+            static_replies=parts.get("static_replies"),
+            exception_ids=parts.get("exception_ids"),
+        )
     except Exception as exc:  # a bug while applying: the running config stays
         reload_failed(sidecar, exc)
         return

@@ -7,6 +7,7 @@ the keys involved and what will happen, so that the author can decide.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable
 
 from sidecar.config.keys import format_key
@@ -59,6 +60,11 @@ def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None =
                 f"methods.{name}.retry.max_attempts is {method.retry.max_attempts} but {name} "
                 "is not idempotent: it is retried only when the call was never sent "
                 "(connect errors), never after a timeout or a lost reply"
+            )
+        if not idempotent and method.retry_on_exceptions:
+            warnings.append(
+                f"methods.{name}.retry_on_exceptions is set but {name} is not idempotent: "
+                "a declared exception is a reply to a call that was sent, so it is never retried"
             )
         if not idempotent and method.fallback.cache:
             warnings.append(
@@ -137,6 +143,12 @@ def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None =
         warnings.append("fallback.cache.ttl is 0: cached replies are never served")
     if config.metrics.listen is None:
         warnings.append("metrics.listen is null: no /metrics, /healthz or /readyz endpoint")
+    control = config.control.listen
+    if control is not None and not _is_loopback(split_address(control)[0]):
+        warnings.append(
+            f"control.listen ({control}) is not a loopback address: whoever reaches it can "
+            "trip breakers, fail readiness and change the log level"
+        )
     return warnings
 
 
@@ -155,6 +167,15 @@ _WRITE_PREFIXES = (
     "update",
     "write",
 )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
 
 
 def _looks_like_write(method: str) -> bool:

@@ -17,9 +17,11 @@ from sidecar.config.names import flag_of, shortcut_variable
 from sidecar.config.overrides import MethodConfig
 from sidecar.config.sections import (
     BreakerConfig,
+    ControlConfig,
     FallbackConfig,
     LogConfig,
     MetricsConfig,
+    ReadinessConfig,
     RetryConfig,
     StateConfig,
     UpstreamConfig,
@@ -80,6 +82,8 @@ class SidecarConfig(Section):
     )
     state: StateConfig = Field(StateConfig(), description="Fleet mode.")
     metrics: MetricsConfig = Field(MetricsConfig(), description="The admin HTTP endpoint.")
+    control: ControlConfig = Field(ControlConfig(), description="The control listener.")
+    readiness: ReadinessConfig = Field(ReadinessConfig(), description="What /readyz answers.")
     log: LogConfig = Field(LogConfig(), description="Logging.")
 
     @field_validator("max_frame_size")
@@ -117,6 +121,15 @@ class SidecarConfig(Section):
                 "pick another port, or null to turn the endpoint off",
                 self.metrics.listen,
             )
+        control = self.control.listen
+        for key, other in (("listen", self.listen), ("metrics.listen", self.metrics.listen)):
+            if control is not None and other is not None and _same_port(control, other):
+                raise FieldProblem(
+                    "control.listen",
+                    f"the control endpoint cannot share the port of {key} ({other}); "
+                    "pick another port, or null to turn the endpoint off",
+                    control,
+                )
         if self.fallback.cache.backend == "redis" and self.state.redis_url is None:
             raise FieldProblem(
                 "fallback.cache.backend",

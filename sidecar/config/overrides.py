@@ -1,4 +1,4 @@
-"""The per-method sections: ``methods.<method>`` (retry, idempotency, fallback).
+"""The per-method sections: ``methods.<method>`` (retry, idempotency, fallback, exceptions).
 
 Unset keys inherit from the top-level sections; which entries apply to a wire
 method name, and in which order, is `sidecar.config.methods`.
@@ -70,6 +70,13 @@ class MethodConfig(Section):
         description="true: a oneway method, which clients may send as CALL (the Go library "
         "does): forwarded without waiting for a reply, none is sent back. Also read from the "
         "IDL's oneway, and learned from the wire when neither says.",
+    )
+    retry_on_exceptions: tuple[str, ...] | None = Field(
+        None,
+        description="Declared exceptions of this method, by their name in the IDL, that are "
+        "retried like failed attempts (e.g. [Overloaded, TemporarilyUnavailable]) when the "
+        "method is idempotent; needs `idl`. When retries run out, the client gets a fallback "
+        "(fallback.serve_on retries_exhausted) or else the exception.",
     )
     retry: RetryOverride = Field(
         RetryOverride(), description="Retry settings for this method; unset keys inherit."

@@ -162,6 +162,61 @@ class BreakerConfig(Section):
         ),
         description="Outcomes that count as breaker failures.",
     )
+    failure_exceptions: tuple[str, ...] = Field(
+        (),
+        description="Declared exceptions, by their name in the IDL, that count as breaker "
+        "failures (e.g. Overloaded) for every method that declares them; needs `idl`. "
+        "Other declared exceptions are answers.",
+    )
+    mode: Literal["consecutive", "rate"] = Field(
+        "consecutive",
+        description="consecutive: fail_max failures in a row open the breaker. rate: it "
+        "opens when the failure rate or the slow-call rate over a sliding window of calls "
+        "reaches its threshold (after minimum_calls); fail_max is then not used.",
+    )
+    window_type: Literal["count", "time"] = Field(
+        "count",
+        description="mode rate: the window holds the last window_size calls (count) or "
+        "the calls of the last window_size seconds (time).",
+    )
+    window_size: int = Field(
+        100, ge=1, le=100_000, description="mode rate: calls (count) or seconds (time)."
+    )
+    minimum_calls: int = Field(
+        100,
+        ge=1,
+        description="mode rate: calls the window must hold before a rate can open the "
+        "breaker; with window_type count, at most window_size.",
+    )
+    failure_rate_threshold: float = Field(
+        50.0,
+        gt=0,
+        le=100,
+        description="mode rate: percentage of failed calls in the window that opens it.",
+    )
+    slow_call_duration: PositiveDuration | None = Field(
+        None,
+        description="mode rate: a call that takes longer than this (retries included) is "
+        "slow; null: no call is slow.",
+    )
+    slow_call_rate_threshold: float = Field(
+        100.0,
+        gt=0,
+        le=100,
+        description="mode rate: percentage of slow calls in the window that opens it "
+        "(with slow_call_duration set).",
+    )
+
+    @model_validator(mode="after")
+    def _minimum_fits_window(self) -> BreakerConfig:
+        if self.window_type == "count" and self.minimum_calls > self.window_size:
+            raise FieldProblem(
+                "minimum_calls",
+                f"a count window holds at most window_size ({self.window_size}) calls, so "
+                f"minimum_calls ({self.minimum_calls}) would never be reached",
+                self.minimum_calls,
+            )
+        return self
 
 
 class CacheConfig(Section):
@@ -246,6 +301,41 @@ class MetricsConfig(Section):
     )
 
 
+class ControlConfig(Section):
+    """The control listener: runtime changes by hand (POST only)."""
+
+    listen: Address | None = Field(
+        "127.0.0.1:9465",
+        description="Address of the control endpoints (POST /log-level, /breakers/NAME/open "
+        "and /close, /readiness/fail and /restore); null turns them off. Anyone who can "
+        "reach it can trip breakers and fail readiness: keep it on loopback.",
+    )
+
+
+class ReadinessConfig(Section):
+    """What ``/readyz`` answers."""
+
+    require_upstream: bool = Field(
+        False,
+        description="true: /readyz answers 503 while a breaker is open and a call rejected by "
+        "it could get no fallback (no method with a static reply, and the fallback cache "
+        "empty or breaker_open not in fallback.serve_on).",
+    )
+
+
+class AccessLogConfig(Section):
+    """One log line per call, sampled."""
+
+    sample_rate: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Share of calls logged on the sidecar.access logger, one line each (method, "
+        "seqid, outcome, attempts, upstream, duration, fallback source; never payload bytes): "
+        "0 turns it off, 1 logs every call.",
+    )
+
+
 class LogConfig(Section):
     """Log level and format."""
 
@@ -255,3 +345,4 @@ class LogConfig(Section):
     format: Annotated[Literal["text", "json"], BeforeValidator(_lower)] = Field(
         "text", description="text: one readable line per event; json: one JSON object per line."
     )
+    access: AccessLogConfig = Field(AccessLogConfig(), description="The access log.")

@@ -51,6 +51,7 @@ def demo_config(
     config["idl"] = str(idl)
     config["upstream"] = {**dict(config.get("upstream") or {}), "addresses": [upstream]}
     config["metrics"] = {**dict(config.get("metrics") or {}), "listen": admin}
+    config["control"] = {"listen": None}  # the demo needs no runtime control
     return config
 
 

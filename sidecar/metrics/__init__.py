@@ -9,6 +9,7 @@ from sidecar.metrics.calls import LATENCY_BUCKETS, CallMetrics, MethodStats
 from sidecar.metrics.labels import (
     BREAKER_TRANSITIONS,
     CONNECTION_STATES,
+    CONTROL_ACTIONS,
     LABEL_DOCS,
     OTHER,
     PREFIX,
@@ -22,6 +23,7 @@ from sidecar.metrics.registry import SidecarMetrics, UnsetGauge
 __all__ = [
     "BREAKER_TRANSITIONS",
     "CONNECTION_STATES",
+    "CONTROL_ACTIONS",
     "LABEL_DOCS",
     "LATENCY_BUCKETS",
     "OTHER",

@@ -41,6 +41,10 @@ BREAKER_TRANSITIONS = (
     ("half-open", "closed"),
 )
 CONNECTION_STATES = ("busy", "idle")
+# Why a client connection was closed at once (sidecar/proxy/server.py `Server.admit`).
+CONNECTION_REJECT_REASONS = ("max_connections", "fd_limit", "draining")
+# The fallback store's operations that can fail (sidecar/fallback/sqlite_health.py).
+FALLBACK_STORE_OPERATIONS = ("read", "write", "purge", "file", "reopen")
 RELOAD_RESULTS = ("ok", "error")
 # TLS handshakes that failed: which side of the sidecar, and why (sidecar/proxy/tls.py).
 TLS_SIDES = ("client", "upstream")
@@ -52,6 +56,15 @@ TLS_HANDSHAKE_REASONS = (
     "expired",
     "version",
     "other",
+)
+
+# What an operator did through the control listener (sidecar/admin/control.py).
+CONTROL_ACTIONS = (
+    "log_level",
+    "breaker_open",
+    "breaker_close",
+    "readiness_fail",
+    "readiness_restore",
 )
 
 # What each label means, for docs/metrics-reference.md.
@@ -81,7 +94,10 @@ LABEL_DOCS: dict[str, str] = {
     "speak TLS), `no_client_certificate` (mutual TLS required and no certificate given), "
     "`bad_certificate` (a certificate that does not verify, or for another name), "
     "`unknown_ca` (signed by a CA that is not trusted), `expired` (a certificate not valid "
-    "now), `version` (no TLS version or cipher in common), `other`.",
+    "now), `version` (no TLS version or cipher in common), `other`. "
+    "`client_connections_rejected_total`: `max_connections` (the configured limit "
+    "reached), `fd_limit` (the limit lowered at start-up to fit the open-file limit, "
+    "`RLIMIT_NOFILE`, reached), `draining`.",
     "side": "`client` (a client's handshake with the listener) or `upstream` (the "
     "sidecar's handshake with an upstream address).",
     "breaker": "The breaker's name: the upstream (its addresses joined by commas), then "
@@ -92,8 +108,14 @@ LABEL_DOCS: dict[str, str] = {
     "method's static reply from the config).",
     "state": "`busy` (a call in flight) or `idle`.",
     "kind": "What was wrong: " + ", ".join(f"`{k}`" for k in PROTOCOL_ERROR_KINDS) + ".",
-    "operation": "The shared-state operation that failed.",
+    "operation": "`state_backend_errors_total`: the shared-state operation that failed. "
+    "`fallback_store_errors_total`: `read`, `write` (a batch of writes), `purge` (of "
+    "expired entries), `file` (the SQLite file was deleted or replaced while open), "
+    "`reopen` (a fresh file could not be opened at the path).",
     "version": "The sidecar's version.",
+    "action": "What the control listener did: "
+    + ", ".join(f"`{a}`" for a in CONTROL_ACTIONS)
+    + " (only actions that were carried out are counted).",
 }
 
 

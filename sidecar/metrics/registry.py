@@ -25,7 +25,10 @@ from sidecar import __version__
 from sidecar.metrics.calls import CallMetrics
 from sidecar.metrics.labels import (
     BREAKER_TRANSITIONS,
+    CONNECTION_REJECT_REASONS,
     CONNECTION_STATES,
+    CONTROL_ACTIONS,
+    FALLBACK_STORE_OPERATIONS,
     PREFIX,
     PROTOCOL_ERROR_KINDS,
     RELOAD_RESULTS,
@@ -98,6 +101,19 @@ class SidecarMetrics:
             "Consecutive failures counted by the breaker (it opens at breaker.fail_max).",
             ["breaker"],
         )
+        self.breaker_failure_ratio = self._gauge(
+            "breaker_failure_ratio",
+            "breaker.mode rate: failed calls among the calls in the breaker's sliding window, "
+            "0 to 1 (it opens at breaker.failure_rate_threshold percent, once the window holds "
+            "breaker.minimum_calls); absent in consecutive mode.",
+            ["breaker"],
+        )
+        self.breaker_slow_call_ratio = self._gauge(
+            "breaker_slow_call_ratio",
+            "breaker.mode rate: calls slower than breaker.slow_call_duration among the calls in "
+            "the breaker's sliding window, 0 to 1; absent in consecutive mode.",
+            ["breaker"],
+        )
         self.breaker_shared_state = self._gauge(
             "breaker_shared_state",
             "Fleet mode: the breaker's state as Redis last held it (0 closed, 1 half-open, "
@@ -135,6 +151,16 @@ class SidecarMetrics:
             "fallback_cache_bytes",
             "Bytes held by the fallback cache, as counted against fallback.cache.max_bytes.",
         )
+        self.fallback_store_up = self._gauge(
+            "fallback_store_up",
+            "1 while the fallback store works; 0 from a failed read or write, a cache file "
+            "deleted or replaced, or a fall-back to memory, until a read works again.",
+        )
+        self.fallback_store_errors = self._counter(
+            "fallback_store_errors_total",
+            "Failed operations of the fallback store, by operation.",
+            ["operation"],
+        )
         self.client_connections = self._gauge("client_connections", "Open client connections.")
         self.event_loop_lag = self._gauge(
             "event_loop_lag_seconds",
@@ -143,7 +169,9 @@ class SidecarMetrics:
         )
         self.client_connections_rejected = self._counter(
             "client_connections_rejected_total",
-            "Client connections closed at once: max_connections reached, or draining.",
+            "Client connections closed at once, by reason: max_connections reached (as "
+            "configured, or as lowered to fit the open-file limit), or draining.",
+            ["reason"],
         )
         self.client_idle_closes = self._counter(
             "client_idle_closes_total",
@@ -175,6 +203,11 @@ class SidecarMetrics:
         )
         self.registry.register(self.state_backend_up)
         self.label_names[PREFIX + "state_backend_up"] = ()
+        self.control_actions = self._counter(
+            "control_actions_total",
+            "Changes made by hand through the control listener (control.listen), by action.",
+            ["action"],
+        )
         self.build_info = self._gauge(
             "build_info", "Always 1; the label tells the version.", ["version"]
         )
@@ -183,6 +216,13 @@ class SidecarMetrics:
             self.config_reloads.labels(result)
         for kind in PROTOCOL_ERROR_KINDS:
             self.protocol_errors.labels(kind)
+        for reason in CONNECTION_REJECT_REASONS:
+            self.client_connections_rejected.labels(reason)
+        for operation in FALLBACK_STORE_OPERATIONS:
+            self.fallback_store_errors.labels(operation)
+        self.fallback_store_up.set(1)
+        for action in CONTROL_ACTIONS:
+            self.control_actions.labels(action)
         self._breakers_seen: set[str] = set()
 
     def _counter(self, name: str, doc: str, labels: Sequence[str] = ()) -> Counter:

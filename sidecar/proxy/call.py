@@ -47,6 +47,7 @@ from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
@@ -73,6 +74,7 @@ P = ParamSpec("P")
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
 
+_DECLARED = Outcome.DECLARED_EXCEPTION
 # Outcomes that are answers from the upstream: returned as they are, never retried.
 ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
 
@@ -392,13 +394,18 @@ class Call:
         if failed and sent and self._refuse_if_malformed():
             return
         policy = self._policy
+        exception_id = None
+        if outcome is _DECLARED and policy.classifies_exceptions and reply is not None:
+            # a declared exception the config names (by IDL name, resolved to field ids)
+            exception_id = first_field_id(reply.body(), reply.header.protocol)
+            failed = exception_id in policy.failure_exceptions
         address = self._pool.address
         ejected_for = ctx.upstreams.record(address, failed)
         if ejected_for is not None:
             _log_ejection(ctx, address, ejected_for, outcome)
         label = _LABELS[outcome]
         policy.stats.attempt(address, label)
-        if outcome in ANSWERS:
+        if outcome in ANSWERS and exception_id not in policy.retry.retry_exceptions:
             self._record(failed)
             if reply is None:
                 self._finish(label, None)
@@ -410,7 +417,7 @@ class Call:
             reply.set_seqid(self._message.header.seqid)
             self._finish(label, reply.to_wire(self._client_transport))
             return
-        decision = self._decide(outcome, sent)
+        decision = self._decide(outcome, sent, exception_id)
         if isinstance(decision, GiveUp):
             self._record(failed)
             self._give_up(outcome, reply, error)
@@ -457,7 +464,7 @@ class Call:
             return True
         return False
 
-    def _decide(self, outcome: Outcome, sent: bool) -> Retry | GiveUp:
+    def _decide(self, outcome: Outcome, sent: bool, exception_id: int | None) -> Retry | GiveUp:
         """Retry or give up after a failed attempt; a retry takes its budget token here."""
         ctx = self._ctx
         now = ctx.loop.time()
@@ -472,6 +479,7 @@ class Call:
             tokens=ctx.budget.balance(now),
             probe=self._admission is Admission.PROBE,
             circuit_open=self._breaker.state == STATE_OPEN,
+            exception_id=exception_id,
         )
         if isinstance(decision, Retry):
             ctx.budget.withdraw(now)

@@ -179,7 +179,7 @@ def test_a_reload_changes_no_key_that_needs_a_restart(tmp_path: Path) -> None:
         {"retry": {"max_attempts": 5}, "breaker": {"scope": "method"}},
     )
     new, ignored = kept_for_restart(old, _load(tmp_path, raw))
-    assert set(ignored) == {"listen", "upstream", "metrics", "breaker.scope"}
+    assert set(ignored) == {"listen", "upstream", "metrics", "control", "breaker.scope"}
     assert new.listen == old.listen
     assert new.upstream == old.upstream
     assert new.breaker.scope == old.breaker.scope
