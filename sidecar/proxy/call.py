@@ -47,6 +47,7 @@ from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
@@ -73,6 +74,7 @@ P = ParamSpec("P")
 
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
+_BINARY = WireProtocol.BINARY
 
 _DECLARED = Outcome.DECLARED_EXCEPTION
 # Outcomes that are answers from the upstream: returned as they are, never retried.
@@ -227,25 +229,27 @@ class Call:
         policy = self._policy
         self._oneway = mtype is _ONEWAY or policy.oneway or ctx.oneway.is_oneway(policy.name)
         deadline = policy.retry.deadline
-        given = client_timeout(self._message, ctx.timeout_header)
-        if given is not None and given < deadline:
-            deadline = given
+        message = self._message
+        if message.theader is not None:  # a THeader client may give its own timeout
+            given = client_timeout(message, ctx.timeout_header)
+            if given is not None and given < deadline:
+                deadline = given
         self._deadline_at = self._started + deadline
         self._transport = upstream_transport(self._client_transport, ctx.upstream_transport)
-        self._protocol = ctx.upstream_protocol or header.protocol
-        try:
-            self._outgoing = for_upstream(
-                self._message,
-                self._protocol,
-                max_size=ctx.max_message_size,
-                max_depth=ctx.max_depth,
-            )
-        except ProtocolError as exc:  # the client's call cannot be sent in the upstream's protocol
-            self._finish(
-                BAD_REQUEST,
-                self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
-            )
-            return
+        protocol = self._protocol = ctx.upstream_protocol or header.protocol
+        if protocol is header.protocol and (header.strict or protocol is not _BINARY):
+            self._outgoing = message  # the common case: sent as it came
+        else:
+            try:
+                self._outgoing = for_upstream(
+                    message, protocol, max_size=ctx.max_message_size, max_depth=ctx.max_depth
+                )
+            except ProtocolError as exc:  # it cannot be sent in the upstream's protocol
+                self._finish(
+                    BAD_REQUEST,
+                    self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
+                )
+                return
         self._breaker = breaker = ctx.breakers.for_label(policy.label)
         self._admission = breaker.admit()
         if self._admission is None:
@@ -261,7 +265,10 @@ class Call:
     def on_reply(self, reply: Message) -> None:
         """`ReplyHandler`: the upstream answered."""
         self._conn = None
-        self._ctx.oneway.answered(self._policy.name)
+        oneway = self._ctx.oneway
+        name = self._policy.name
+        if name not in oneway.two_way:
+            oneway.answered(name)
         outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
         self._after_attempt(outcome, reply, None, True)
 

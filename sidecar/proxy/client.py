@@ -316,7 +316,7 @@ class ClientConnection(asyncio.Protocol):
         call, self._call = self._call, None
         self.last_active = self._loop.time()
         self._write(reply)
-        if getattr(call, "malformed", False) and self._too_many_malformed():
+        if call is not None and call.malformed and self._too_many_malformed():
             return
         behind, self._behind = self._behind, None
         if behind is not None:  # the call sent behind it is first now

@@ -26,11 +26,11 @@ MAX_NAMES = 10_000
 class OnewayMethods:
     """What the sidecar learned about methods that clients send as CALL."""
 
-    __slots__ = ("_oneway", "_two_way")
+    __slots__ = ("_oneway", "two_way")
 
     def __init__(self) -> None:
         self._oneway: set[str] = set()
-        self._two_way: set[str] = set()
+        self.two_way: set[str] = set()  # answered at least once (read on every reply)
 
     def is_oneway(self, name: str) -> bool:
         """Learned to be oneway (a CALL of it is sent without waiting for a reply)."""
@@ -38,19 +38,19 @@ class OnewayMethods:
 
     def is_two_way(self, name: str) -> bool:
         """Answered at least once."""
-        return name in self._two_way
+        return name in self.two_way
 
     def answered(self, name: str) -> None:
         """A reply to a call of ``name`` arrived: it is two-way."""
-        if name not in self._two_way and len(self._two_way) < MAX_NAMES:
-            self._two_way.add(name)
+        if name not in self.two_way and len(self.two_way) < MAX_NAMES:
+            self.two_way.add(name)
             self._oneway.discard(name)
 
     def unanswered(self, name: str) -> None:
         """A later call's reply came first: this CALL of ``name`` was oneway."""
-        if name not in self._two_way and len(self._oneway) < MAX_NAMES:
+        if name not in self.two_way and len(self._oneway) < MAX_NAMES:
             self._oneway.add(name)
 
     def describe(self) -> dict[str, Any]:
         """The ``oneway`` part of ``/state``."""
-        return {"learned_oneway": sorted(self._oneway), "answered_methods": len(self._two_way)}
+        return {"learned_oneway": sorted(self._oneway), "answered_methods": len(self.two_way)}

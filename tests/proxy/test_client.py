@@ -94,6 +94,8 @@ class FakeTransport:
 class FakeCall:
     """One call made by the connection; the test finishes it with `answer`."""
 
+    malformed = False
+
     def __init__(
         self, ctx: CallContext, message: Message, client_transport: Transport, done: Done
     ) -> None:
