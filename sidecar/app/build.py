@@ -251,6 +251,7 @@ def server_settings(config: SidecarConfig) -> ServerSettings:
         max_depth=config.max_depth,
         max_connections=config.max_connections,
         idle_timeout=config.idle_timeout,
+        max_buffered_bytes=config.limits.max_buffered_bytes,
     )
 
 

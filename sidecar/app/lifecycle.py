@@ -22,6 +22,7 @@ from sidecar.admin import AdminServer, ControlServer, Readiness
 from sidecar.app import build
 from sidecar.app.build import Parts
 from sidecar.app.gauges import Gauges, transition_listener
+from sidecar.app.memory import return_large_blocks
 from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
 from sidecar.config import SidecarConfig, require_upstream, split_address
@@ -352,6 +353,7 @@ async def serve(sidecar: Sidecar, reload_config: Reloader | None = None) -> bool
         reload_config: loads and checks the config again, returning it and
             the IDL's parts (``static_replies``); raises ConfigError.
     """
+    return_large_blocks()  # the process's: large message buffers go back when freed
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     reloads = Reloads(sidecar, reload_config)

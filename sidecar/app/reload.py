@@ -152,7 +152,10 @@ def apply(
     sidecar.use_context(context)
     settings = parts.server.settings
     parts.server.settings = dataclasses.replace(
-        settings, max_connections=new.max_connections, idle_timeout=new.idle_timeout
+        settings,
+        max_connections=new.max_connections,
+        idle_timeout=new.idle_timeout,
+        max_buffered_bytes=new.limits.max_buffered_bytes,
     )
     sidecar.config_version += 1
     sidecar.pending_restart = tuple(ignored)

@@ -19,6 +19,7 @@ from sidecar.config.sections import (
     BreakerConfig,
     ControlConfig,
     FallbackConfig,
+    LimitsConfig,
     LogConfig,
     MetricsConfig,
     ReadinessConfig,
@@ -47,6 +48,9 @@ class SidecarConfig(Section):
     max_frame_size: Size = Field(
         16 << 20,
         description="Largest message accepted from a client or an upstream (64B to 2GiB).",
+    )
+    limits: LimitsConfig = Field(
+        LimitsConfig(), description="What one client may cost the process (memory)."
     )
     max_connections: int = Field(
         10_000, ge=1, description="Most client connections at once; more are refused."

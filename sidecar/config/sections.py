@@ -323,6 +323,20 @@ class ReadinessConfig(Section):
     )
 
 
+class LimitsConfig(Section):
+    """What one client may cost the process."""
+
+    max_buffered_bytes: Size = Field(
+        48 << 20,
+        ge=1 << 20,
+        description="Bytes held on behalf of all clients together: messages received but not "
+        "yet finished or run. Past it the connections holding the oldest unfinished messages "
+        "are closed (PROTOCOL_ERROR where a seqid is readable), and one whose finished calls "
+        "wait has its reading paused. 48 MiB: three messages of the default max_frame_size, "
+        "a fifth of a 256 MiB container.",
+    )
+
+
 class AccessLogConfig(Section):
     """One log line per call, sampled."""
 

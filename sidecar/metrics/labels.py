@@ -30,6 +30,7 @@ PROTOCOL_ERROR_KINDS = (
     "http",
     "json",
     "malformed",
+    "memory",
     "unsupported",
     "internal",
 )

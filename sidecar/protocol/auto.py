@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.decoders import DEFAULT_MAX_MESSAGE_SIZE, BufferedDecoder, FramedDecoder
 from sidecar.protocol.detect import MAX_PREFIX, Detected, binary_only, detect, may_be_json
-from sidecar.protocol.envelope import Protocol
+from sidecar.protocol.envelope import MessageHeader, Protocol
 from sidecar.protocol.message import Message, Transport
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH
 from sidecar.protocol.theader_decoder import THeaderDecoder
@@ -98,6 +98,18 @@ class AutoDecoder:
         self._error: RemoteProtocolError | None = None
         self.transport: Transport | None = None
         self.protocol: Protocol | None = None
+
+    def partial_header(self) -> MessageHeader | None:
+        """The envelope of the unfinished message being received, when readable."""
+        inner = self._inner
+        if inner is None or isinstance(inner, THeaderDecoder):
+            return None
+        return inner.partial_header()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes received but not yet returned in a message."""
+        return len(self._prefix) if self._inner is None else self._inner.buffered_bytes
 
     @property
     def error(self) -> RemoteProtocolError | None:

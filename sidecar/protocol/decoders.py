@@ -69,6 +69,14 @@ class DecoderBase:
         self._buf = bytearray()
         return error
 
+    def partial_header(self) -> MessageHeader | None:
+        """The envelope of the unfinished message being received, when readable."""
+        start = 4 if isinstance(self, FramedDecoder) else 0
+        try:
+            return self._parse(self._buf, start) if self._buf else None
+        except RemoteProtocolError:
+            return None
+
     def _take(self, start: int, end: int) -> bytearray:
         """Bytes ``[start:end]`` of the buffer as a new array; the whole buffer when it fits."""
         if start == 0 and end == len(self._buf):

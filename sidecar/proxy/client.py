@@ -36,12 +36,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
 
-from sidecar.errors import ProtocolError
+from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.auto import EVERYTHING, AutoDecoder, Decoder, make_decoder
 from sidecar.protocol.envelope import Protocol as WireProtocol
+from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
 from sidecar.proxy.call import Call, Done, Wire
@@ -87,6 +88,7 @@ class ServerSettings:
     max_depth: int
     max_connections: int
     idle_timeout: float
+    max_buffered_bytes: int = 48 << 20
 
 
 CallFactory = Callable[[CallContext, Message, Transport, Done], Call]
@@ -108,6 +110,8 @@ class Host(Protocol):
     def forget(self, conn: ClientConnection) -> None: ...
 
     def finished(self, conn: ClientConnection) -> None: ...
+
+    def hold(self, conn: ClientConnection, delta: int) -> None: ...
 
 
 def _boundary(
@@ -175,6 +179,8 @@ class ClientConnection(asyncio.Protocol):
         self.lost = False
         self._aborted = False
         self._malformed = 0
+        self._held = 0  # bytes reported to the server's memory budget
+        self.partial_since: float | None = None  # when the unfinished message began
         self.peer = "?"
         self.last_active = self._loop.time()
 
@@ -196,7 +202,9 @@ class ClientConnection(asyncio.Protocol):
         try:
             messages = self._decoder.receive_data(data)
         except ProtocolError as exc:
-            messages, error = [], exc
+            # Without its traceback: its frames hold the decoder's buffer (megabytes of
+            # an unfinished message) for as long as the error is kept.
+            messages, error = [], exc.with_traceback(None)
         else:
             # An error after whole messages in this read: those are answered first.
             error = self._decoder.error
@@ -205,7 +213,8 @@ class ClientConnection(asyncio.Protocol):
             # the PROTOCOL_ERROR answer is written in it.
             self._kind = self._decoder.transport  # type: ignore[union-attr]
         if not messages and error is None:
-            return  # bytes that complete no message are not activity (slowloris)
+            self._account()  # bytes that complete no message are not activity (slowloris)
+            return
         self.last_active = self._loop.time()
         self._queue.extend(messages)
         for message in messages:
@@ -218,6 +227,7 @@ class ClientConnection(asyncio.Protocol):
         ) and not self._reading_paused:
             self._pause_reading()
         self._pump()
+        self._account()
 
     @_boundary
     def eof_received(self) -> bool:
@@ -226,13 +236,14 @@ class ClientConnection(asyncio.Protocol):
             try:
                 self._decoder.receive_data(b"")
             except ProtocolError as exc:
-                self._queue.append(exc)
+                self._queue.append(exc.with_traceback(None))  # frees the buffer (above)
         self._pump()
         return True  # keep our side open to write the pending replies
 
     @_boundary
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._account(gone=True)
         self._writable = True
         self._server.forget(self)
         self._pump()  # what was accepted still runs (oneway calls included)
@@ -316,6 +327,8 @@ class ClientConnection(asyncio.Protocol):
         call, self._call = self._call, None
         self.last_active = self._loop.time()
         self._write(reply)
+        if self._held:  # queued messages may have gone to calls since it was counted
+            self._account()
         if call is not None and call.malformed and self._too_many_malformed():
             return
         behind, self._behind = self._behind, None
@@ -330,6 +343,48 @@ class ClientConnection(asyncio.Protocol):
     def _write(self, reply: Wire | None) -> None:
         if reply is not None and not self.lost and self._transport is not None:
             self._transport.write(reply)
+
+    def _account(self, gone: bool = False) -> None:
+        """Tell the server how many bytes this connection holds now (0 once it is gone)."""
+        held = 0 if gone else self._decoder.buffered_bytes + self._queued_bytes
+        if held != self._held:
+            if held and not self._decoder.buffered_bytes:
+                self.partial_since = None
+            elif self._decoder.buffered_bytes and self.partial_since is None:
+                self.partial_since = self._loop.time()
+            delta, self._held = held - self._held, held
+            self._server.hold(self, delta)
+
+    @property
+    def held(self) -> int:
+        """Bytes of unfinished and queued messages this connection holds."""
+        return self._held
+
+    @property
+    def waiting_bytes(self) -> int:
+        """Bytes of whole messages queued behind the call in flight."""
+        return self._queued_bytes
+
+    def shed(self) -> None:
+        """Over the memory budget with an unfinished message: answer, count, close."""
+        decoder = self._decoder
+        error = RemoteProtocolError(
+            f"the sidecar's memory budget for client messages (limits.max_buffered_bytes) is "
+            f"used up; this connection held {self._held} bytes of an unfinished message",
+            kind="memory",
+        )
+        header = decoder.partial_header() if isinstance(decoder, AutoDecoder) else None
+        if header is not None:
+            identify(error, header)
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._protocol_error(error)
+        self._decoder = make_decoder(Transport.FRAMED, 4)  # the unfinished message goes now
+        self._account(gone=True)
+
+    def hold_back(self) -> None:
+        """Over the memory budget with whole messages waiting: read no more for now."""
+        self._pause_reading()
 
     def _too_many_malformed(self) -> bool:
         """Count a malformed call; at `MAX_MALFORMED_CALLS` the connection is closed."""

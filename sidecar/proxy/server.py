@@ -104,6 +104,7 @@ class Server:
         self.call_factory = call_factory
         self.tls = tls
         self.connections: set[ClientConnection] = set()
+        self.held = 0  # bytes held on behalf of clients (limits.max_buffered_bytes)
         # Connections closed by their client whose calls still run.
         self.finishing: set[ClientConnection] = set()
         self.draining = False
@@ -193,6 +194,34 @@ class Server:
             if not conn.idle:
                 self.finishing.add(conn)
         self._notify()
+
+    def hold(self, conn: ClientConnection, delta: int) -> None:
+        """A connection holds ``delta`` more bytes (or fewer); past the budget, shed.
+
+        The budget is ``limits.max_buffered_bytes`` for all client connections
+        together: the connections with the oldest unfinished messages are closed
+        first (`ClientConnection.shed`), then those with whole messages waiting
+        stop reading until their calls catch up (`ClientConnection.hold_back`).
+        """
+        self.held += delta
+        if delta > 0 and self.held > self.settings.max_buffered_bytes:
+            self._over_budget()
+
+    def _over_budget(self) -> None:
+        limit = self.settings.max_buffered_bytes
+        unfinished = sorted(
+            (c for c in self.connections if c.partial_since is not None),
+            key=lambda c: c.partial_since or 0.0,
+        )
+        for conn in unfinished:
+            if self.held <= limit:
+                return
+            conn.shed()  # counted as protocol_errors_total{kind="memory"}
+        if self.held > limit:
+            for conn in sorted(self.connections, key=lambda c: c.waiting_bytes, reverse=True):
+                if not conn.waiting_bytes:
+                    break
+                conn.hold_back()
 
     def finished(self, conn: ClientConnection) -> None:
         """A connection whose client went away has no call left."""

@@ -153,6 +153,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             messages = self._decoder.receive_data(data)
         except RemoteProtocolError as exc:
+            exc.with_traceback(None)  # its frames would keep the decoder's buffer alive
             self._fail(self._protocol_error(self._what_was_sent(exc)))
             return
         if messages:

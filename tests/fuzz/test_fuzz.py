@@ -216,9 +216,6 @@ def test_oneway_marked_two_way_calls_cost_no_one_else(oneway_run: Report) -> Non
     assert sum(oneway_run.good.errors.values()) == 0
 
 
-@pytest.mark.xfail(
-    strict=True, reason="issue 13 finding 1: half-sent frames hold memory without bound"
-)
 def test_half_sent_large_frames_do_not_hold_memory(big_frames_run: Report) -> None:
     """About 190 MiB is announced; a sidecar with a budget for the bytes it holds on
     behalf of clients stays within 64 MiB of where it started, and gives it back."""
