@@ -68,6 +68,7 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
 
     class Started:
         malformed = False  # a bare forward never checks a call
+
         def __init__(self, message: Message, client_transport: Transport, done: Done) -> None:
             self.message, self.client_transport, self.done = message, client_transport, done
 
