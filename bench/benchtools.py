@@ -69,12 +69,11 @@ def build_tools(bin_dir: Path = BIN_DIR) -> dict[str, Path]:
     if gcc is None:
         raise RuntimeError("the benchmark tools need a C compiler (gcc or cc) on PATH")
     bin_dir.mkdir(parents=True, exist_ok=True)
-    header = SRC_DIR / "wire.h"
     built = {}
     for name in TOOLS:
         source = SRC_DIR / f"{name}.c"
         target = bin_dir / name
-        newest = max(source.stat().st_mtime, header.stat().st_mtime)
+        newest = max(p.stat().st_mtime for p in [source, *SRC_DIR.glob("*.h")])
         if not target.exists() or target.stat().st_mtime < newest:
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=bin_dir)
             os.close(fd)

@@ -10,14 +10,25 @@
   result field or payload is an error of that kind, and in open loop a call
   that waited behind a stalled server is timed from when it was due.
 
-Runs in a few seconds: load generator runs last a fraction of a second.
+- Compact protocol, THeader transport and TLS: the upstream answers Apache
+  Thrift's Python client in every protocol x transport, plaintext and TLS,
+  and closes connections its --protocol/--transport exclude; the load
+  generator runs clean against a server made of Apache's transports and
+  protocols, refuses a server its CA did not sign, and runs clean through a
+  real sidecar in each `protocols.py` configuration (compact upstream,
+  transcoding, THeader, TLS on both sides) to an upstream that accepts only
+  what that configuration must deliver.
+
+Runs in well under a minute: load generator runs last a fraction of a second.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -25,13 +36,19 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import protocols
 import pytest
 import thriftpy2
 import thriftpy2.protocol
 import thriftpy2.rpc
 import thriftpy2.thrift
 import thriftpy2.transport
-from benchtools import BENCH_DIR, build_tools, run_loadgen, upstream_server
+from benchtools import BENCH_DIR, build_tools, run_loadgen, sidecar_process, upstream_server
+from thrift.protocol import TBinaryProtocol, TCompactProtocol
+from thrift.protocol.THeaderProtocol import THeaderProtocol
+from thrift.Thrift import TApplicationException, TMessageType, TType
+from thrift.transport import TSocket, TSSLSocket, TTransport
+from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
 
 BENCH = thriftpy2.load(str(BENCH_DIR / "bench.thrift"), module_name="bench_thrift")
 OTHER = thriftpy2.load_fp(
@@ -349,3 +366,514 @@ def test_open_loop_times_calls_from_when_they_were_due(tools: dict[str, Path]) -
     # omission) would show one slow call and a median of microseconds.
     assert lat["max"] >= stall * 1e6 * 0.9
     assert lat["p50"] >= 20_000, lat
+
+
+# --- speed.py: issue 12's figures (cache-on sidecar, fixed rate, process trees) ---
+
+
+def test_speed_default_cases_are_the_issues_list() -> None:
+    from run import Case
+    from speed import DEFAULT_CASES, parse_cases
+
+    cases = parse_cases(DEFAULT_CASES)
+    closed = {(c.conns, c.payload, c.transport) for c in cases if not c.rate}
+    assert closed == {
+        (conns, payload, transport)
+        for payload in (64, 16384)
+        for conns, transport in ((16, "framed"), (64, "framed"), (16, "buffered"))
+    }
+    assert {c for c in cases if c.rate} == {
+        Case(16, 64, "framed", 3000.0),
+        Case(16, 16384, "framed", 3000.0),
+    }
+    with pytest.raises(ValueError, match="bad case"):
+        parse_cases("16:64:udp")
+
+
+def test_speed_cache_config_is_checked_by_the_sidecar(tmp_path: Path) -> None:
+    from benchtools import REPO_ROOT
+    from speed import CACHE_CONFIG, config_accepted
+
+    accepted, _ = config_accepted(CACHE_CONFIG, REPO_ROOT, tmp_path)
+    assert accepted
+    refused, why = config_accepted(CACHE_CONFIG + "no_such_key: 1\n", REPO_ROOT, tmp_path)
+    assert refused is False
+    assert "no_such_key" in why
+
+
+def _state(admin_url: str) -> dict[str, Any]:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(admin_url + "/state", timeout=IO_TIMEOUT) as response:
+        state: dict[str, Any] = json.loads(response.read())
+    return state
+
+
+@pytest.mark.parametrize(("variant", "entries"), [("sidecar", 0), ("cached", 1)])
+def test_speed_cached_variant_stores_every_reply(
+    tools: dict[str, Path], upstream_port: int, tmp_path: Path, variant: str, entries: int
+) -> None:
+    # The cache-on rows must really cache: after a run the memory store holds
+    # the one key all the load generator's calls share (same method, same
+    # arguments); the default variant caches nothing (echo is not idempotent).
+    from benchtools import REPO_ROOT, sidecar_process
+    from speed import VARIANTS
+
+    config = {v.name: v for v in VARIANTS}[variant].config
+    program = ["-m", "sidecar", "run", "--log-level", "warning"]
+    if config is not None:
+        (tmp_path / "c.yaml").write_text(config)
+        program += ["--config", str(tmp_path / "c.yaml")]
+    with sidecar_process(program, upstream_port, tmp_path / "s.log", source=REPO_ROOT) as sc:
+        assert _state(sc.admin_url)["fallback_store"]["entries"] == 0
+        report = run_loadgen(
+            tools["loadgen"],
+            sc.port,
+            conns=4,
+            payload=64,
+            transport="framed",
+            duration=0.3,
+            warmup=0.1,
+        )
+        assert report["errors"] == 0, report
+        assert report["calls"] > 0
+        assert _state(sc.admin_url)["fallback_store"]["entries"] == entries
+
+
+def test_tree_cpu_times_counts_children() -> None:
+    # A parent that starts a child burning CPU for 0.3 s, then both wait:
+    # the parent's own figure misses the child's seconds, the tree's has them.
+    import subprocess
+    import sys
+
+    from benchtools import cpu_times, process_tree, stop_process, tree_cpu_times
+
+    burn = (
+        "import time\n"
+        "end, give_up = time.process_time() + 0.3, time.monotonic() + 30\n"
+        "while time.process_time() < end and time.monotonic() < give_up: pass\n"
+        "print('burnt', flush=True)\n"
+        "import sys; sys.stdin.read()\n"
+    )
+    parent_code = (
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {burn!r}], stdout=sys.stdout)\n"
+        "sys.stdin.read()\n"
+        "child.kill()\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        from benchtools import read_line
+
+        assert read_line(parent, 30.0).strip() == "burnt"
+        tree = process_tree(parent.pid)
+        assert len(tree) == 2
+        assert tree[0] == parent.pid
+        own = sum(cpu_times(parent.pid))
+        total = sum(tree_cpu_times(parent.pid))
+        assert total - own >= 0.25  # the child's 0.3 s (clock ticks of 10 ms)
+    finally:
+        stop_process(parent)
+
+
+def test_speed_goals_from_medians() -> None:
+    # The verdicts follow the medians: throughput 0.8x (met, >= 0.75), CPU
+    # 2.0x (not met, <= 1.6), added p50 paired by round (20 vs 10 µs: 2x).
+    from run import Case, summarize
+    from speed import goal_lines, render
+
+    closed = Case(16, 64, "framed")
+    fixed = Case(16, 64, "framed", 3000.0)
+
+    def run(
+        target: str, case: Case, rnd: int, calls: float, cpu: float, p50: float
+    ) -> dict[str, Any]:
+        metrics = dict.fromkeys(
+            (
+                "proxy_user_per_call_us",
+                "proxy_sys_per_call_us",
+                "upstream_cpu_per_call_us",
+                "loadgen_cpu_per_call_us",
+                "proxy_core_share",
+                "upstream_core_share",
+                "loadgen_core_share",
+                "others_core_share",
+            ),
+            0.0,
+        )
+        return {
+            **metrics,
+            "target": target,
+            "conns": case.conns,
+            "payload": case.payload,
+            "transport": case.transport,
+            "rate": case.rate,
+            "round": rnd,
+            "calls_per_s": calls,
+            "p50_us": p50,
+            "p99_us": p50,
+            "errors": 0,
+            "proxy_cpu_per_call_us": None if target == "direct" else cpu,
+        }
+
+    runs = []
+    for rnd, drift in enumerate((0.0, 50.0, 100.0)):  # a drift the pairing removes
+        runs += [
+            run("direct", closed, rnd, 200_000, 0, 80),
+            run("haproxy", closed, rnd, 100_000, 10.0, 150),
+            run("cached", closed, rnd, 80_000, 20.0, 300),
+            run("direct", fixed, rnd, 3000, 0, 50 + drift),
+            run("haproxy", fixed, rnd, 3000, 20.0, 60 + drift),
+            run("cached", fixed, rnd, 3000, 25.0, 70 + drift),
+        ]
+    targets = ["direct", "haproxy", "cached"]
+    summary = summarize(runs, [closed, fixed], targets)
+    lines = "\n".join(goal_lines(summary, [closed, fixed], targets))
+    assert "| throughput ≥ 0.75x, 16 conns 64 B framed | cached | 0.80x | met |" in lines
+    assert "| CPU per call ≤ 1.6x, 16 conns 64 B framed | cached | 2.00x | NOT met |" in lines
+    assert "| added p50 ≤ 1.2x, 3000/s 16 conns 64 B framed | cached | 2.00x | NOT met |" in lines
+    assert "| CPU per call ≤ 1.5x, 3000/s 16 conns 64 B framed | cached | 1.25x | met |" in lines
+    meta = {
+        "started": "t",
+        "rounds": 3,
+        "duration_s": 1.0,
+        "warmup_s": 0.1,
+        "cpus": 2,
+        "python": "3",
+        "haproxy": "h",
+        "kernel": "k",
+        "source": "s",
+        "loadavg_before": "1 1 1",
+        "loadavg_after": "1 1 1",
+        "loadavg_rounds": ["1 1 1"],
+        "not_measured": ["`cached-w2`: refused"],
+    }
+    text = render(summary, [closed, fixed], targets, meta)
+    assert "Not measured: `cached-w2`: refused" in text
+    tables = [block.splitlines() for block in text.split("\n\n") if block.startswith("|")]
+    assert len(tables) == 3  # closed loop, fixed rate, goals
+    for table in tables:
+        # Every row has as many cells as its header.
+        assert {row.count("|") for row in table} == {table[0].count("|")}, table
+
+
+def test_compare_cases_take_an_optional_rate() -> None:
+    from compare import parse_cases as compare_cases
+
+    assert compare_cases("framed:64,buffered:16384:3000") == [
+        ("framed", 64, 0.0),
+        ("buffered", 16384, 3000.0),
+    ]
+    for bad in ("framed", "udp:64", "framed:x", "framed:64:fast"):
+        with pytest.raises(ValueError, match="bad case"):
+            compare_cases(bad)
+
+
+# --- compact, THeader and TLS: the C tools against Apache Thrift and the sidecar ---
+
+APACHE_PROTOCOLS = ("binary", "compact")
+APACHE_TRANSPORTS = ("framed", "buffered", "theader")
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return protocols.make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def apache_protocol(sock: Any, protocol: str, transport: str) -> Any:
+    """Apache Thrift's protocol object for one side of a connection over ``sock``."""
+    if transport == "theader":
+        sub = THeaderSubprotocolID.COMPACT if protocol == "compact" else THeaderSubprotocolID.BINARY
+        return THeaderProtocol(sock, [THeaderClientType.HEADERS], sub)
+    wrap = TTransport.TFramedTransport if transport == "framed" else TTransport.TBufferedTransport
+    trans = wrap(sock)
+    if protocol == "compact":
+        return TCompactProtocol.TCompactProtocol(trans)
+    return TBinaryProtocol.TBinaryProtocol(trans)
+
+
+def apache_call(proto: Any, name: str, seqid: int, data: bytes) -> bytes:
+    """One call of ``name(1: binary data)`` with Apache's protocol; returns field 0 of the reply.
+
+    Raises:
+        TApplicationException: the server answered with one.
+    """
+    proto.writeMessageBegin(name, TMessageType.CALL, seqid)
+    proto.writeStructBegin("args")
+    proto.writeFieldBegin("data", TType.STRING, 1)
+    proto.writeBinary(data)
+    proto.writeFieldEnd()
+    proto.writeFieldStop()
+    proto.writeStructEnd()
+    proto.writeMessageEnd()
+    proto.trans.flush()
+    rname, mtype, rseqid = proto.readMessageBegin()
+    assert (rname, rseqid) == (name, seqid)
+    if mtype == TMessageType.EXCEPTION:
+        exc = TApplicationException()
+        exc.read(proto)
+        proto.readMessageEnd()
+        raise exc
+    assert mtype == TMessageType.REPLY
+    fields = read_fields(proto)
+    proto.readMessageEnd()
+    assert list(fields) == [0], fields
+    return fields[0]
+
+
+def read_fields(proto: Any) -> dict[int, Any]:
+    """The binary fields of a struct by id (others skipped), read with Apache's protocol."""
+    fields: dict[int, Any] = {}
+    proto.readStructBegin()
+    for _ in range(1000):  # bounded: the structs here have one field
+        _, ftype, fid = proto.readFieldBegin()
+        if ftype == TType.STOP:
+            break
+        if ftype == TType.STRING:
+            fields[fid] = proto.readBinary()
+        else:
+            proto.skip(ftype)
+        proto.readFieldEnd()
+    proto.readStructEnd()
+    return fields
+
+
+@contextlib.contextmanager
+def apache_client(
+    port: int, protocol: str, transport: str, ca: Path | None = None
+) -> Iterator[Any]:
+    """An Apache Thrift client protocol connected to 127.0.0.1:``port`` (TLS when ``ca``)."""
+    if ca is None:
+        sock = TSocket.TSocket("127.0.0.1", port)
+    else:
+        context = ssl.create_default_context(cafile=str(ca))
+        sock = TSSLSocket.TSSLSocket("127.0.0.1", port, ssl_context=context)
+    sock.setTimeout(IO_TIMEOUT * 1000)
+    sock.open()
+    try:
+        yield apache_protocol(sock, protocol, transport)
+    finally:
+        sock.close()
+
+
+@contextlib.contextmanager
+def apache_echo_server(
+    protocol: str, transport: str, tls: ssl.SSLContext | None = None
+) -> Iterator[int]:
+    """An echo server made of Apache Thrift's transports and protocols; yields its port.
+
+    One thread accepts (polling a stop flag), one thread per connection
+    answers ``echo`` until the peer closes; all are joined on exit.
+    """
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.1)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+
+    def serve(conn: socket.socket) -> None:
+        sock = TSocket.TSocket()
+        sock.setHandle(conn)
+        proto = apache_protocol(sock, protocol, transport)
+        try:
+            for _ in range(10**7):  # bounded; ends when the client closes
+                name, _, seqid = proto.readMessageBegin()
+                data = read_fields(proto)[1]
+                proto.readMessageEnd()
+                proto.writeMessageBegin(name, TMessageType.REPLY, seqid)
+                proto.writeStructBegin("result")
+                proto.writeFieldBegin("success", TType.STRING, 0)
+                proto.writeBinary(data)
+                proto.writeFieldEnd()
+                proto.writeFieldStop()
+                proto.writeStructEnd()
+                proto.writeMessageEnd()
+                proto.trans.flush()
+        except (TTransport.TTransportException, OSError, EOFError):
+            pass
+        finally:
+            conn.close()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            conn.settimeout(IO_TIMEOUT)
+            if tls is not None:
+                try:
+                    conn = tls.wrap_socket(conn, server_side=True)
+                except (ssl.SSLError, OSError):
+                    conn.close()
+                    continue
+            worker = threading.Thread(target=serve, args=(conn,), daemon=True)
+            worker.start()
+            threads.append(worker)
+
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        acceptor.join(IO_TIMEOUT)
+        listener.close()
+        for worker in threads:
+            worker.join(IO_TIMEOUT + 1)
+
+
+def server_context(certs: dict[str, Path]) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(str(certs["cert"]), str(certs["key"]))
+    return context
+
+
+@pytest.mark.parametrize("transport", APACHE_TRANSPORTS)
+@pytest.mark.parametrize("protocol", APACHE_PROTOCOLS)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_upstream_serves_apache_clients(
+    tools: dict[str, Path], certs: dict[str, Path], protocol: str, transport: str, tls: bool
+) -> None:
+    flags = ["--protocol", protocol, "--transport", transport] + (["--tls"] if tls else [])
+    payloads = [b"", b"x", bytes(range(256)), b"\x82\x21" * 40000]
+    ca = certs["ca"] if tls else None
+    with (
+        protocols.upstream(tools["upstream"], flags, certs) as (_, port),
+        apache_client(port, protocol, transport, ca) as proto,
+    ):
+        for seqid, payload in enumerate(payloads * 2, start=1000):
+            assert apache_call(proto, "echo", seqid, payload) == payload
+        with pytest.raises(TApplicationException) as info:
+            apache_call(proto, "nope", 7, b"")
+        assert info.value.type == TApplicationException.UNKNOWN_METHOD
+        assert "nope" in str(info.value.message)
+        assert apache_call(proto, "echo", 8, b"after") == b"after"
+
+
+@pytest.mark.parametrize(
+    ("flags", "protocol", "transport"),
+    [
+        (["--protocol", "binary"], "compact", "framed"),
+        (["--protocol", "compact"], "binary", "buffered"),
+        (["--protocol", "binary"], "compact", "theader"),
+        (["--transport", "theader"], "binary", "framed"),
+        (["--transport", "framed"], "binary", "theader"),
+    ],
+)
+def test_upstream_closes_connections_it_was_told_to_refuse(
+    tools: dict[str, Path], certs: dict[str, Path], flags: list[str], protocol: str, transport: str
+) -> None:
+    with (
+        protocols.upstream(tools["upstream"], flags, certs) as (_, port),
+        apache_client(port, protocol, transport) as proto,
+        pytest.raises((TTransport.TTransportException, EOFError, OSError)),
+    ):
+        apache_call(proto, "echo", 1, b"refused")
+
+
+@pytest.mark.parametrize("transport", APACHE_TRANSPORTS)
+@pytest.mark.parametrize("protocol", APACHE_PROTOCOLS)
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_loadgen_runs_clean_against_apache_server(
+    tools: dict[str, Path], certs: dict[str, Path], protocol: str, transport: str, tls: bool
+) -> None:
+    row = protocols.Row("check", "apache", "-", None, protocol, transport, tls)
+    timing = argparse.Namespace(duration=0.3, warmup=0.1)
+    with apache_echo_server(protocol, transport, server_context(certs) if tls else None) as port:
+        for payload in (64, 40000):
+            argv = protocols.loadgen_args(row, port, timing, certs, conns=2)
+            argv[argv.index("--payload") + 1] = str(payload)
+            report = protocols.run_loadgen_argv(tools["loadgen"], argv)
+            assert report["errors"] == 0, report
+            assert report["calls"] > 0
+            assert (report["protocol"], report["transport"], report["tls"]) == (
+                protocol,
+                transport,
+                tls,
+            )
+
+
+def test_loadgen_refuses_a_server_its_ca_did_not_sign(
+    tools: dict[str, Path], certs: dict[str, Path], tmp_path: Path
+) -> None:
+    other = protocols.make_certs(tmp_path)  # another CA
+    row = protocols.Row("check", "apache", "-", None, tls=True)
+    timing = argparse.Namespace(duration=0.2, warmup=0.0)
+    with protocols.upstream(tools["upstream"], ["--tls"], certs) as (_, port):
+        good = protocols.run_loadgen_argv(
+            tools["loadgen"], protocols.loadgen_args(row, port, timing, certs, conns=1)
+        )
+        assert good["errors"] == 0
+        assert good["calls"] > 0
+        with pytest.raises(RuntimeError, match="cannot connect"):
+            protocols.run_loadgen_argv(
+                tools["loadgen"], protocols.loadgen_args(row, port, timing, other, conns=1)
+            )
+
+
+@pytest.mark.parametrize(
+    "row",
+    [r for r in protocols.ROWS if r.proxy and r.proxy.startswith("sidecar-")],
+    ids=lambda r: r.proxy,
+)
+def test_tools_through_the_sidecar(
+    tools: dict[str, Path], certs: dict[str, Path], tmp_path: Path, row: protocols.Row
+) -> None:
+    # The upstream accepts only what the row must deliver: a sidecar that
+    # sent another protocol or transport, or plaintext, would fail the calls.
+    assert row.proxy is not None
+    up_name, text = protocols.SIDECARS[row.proxy]
+    for name in ("ca", "cert", "key"):
+        (tmp_path / certs[name].name).write_bytes(certs[name].read_bytes())
+    config = tmp_path / "sidecar.yaml"
+    config.write_text(text or "{}\n")
+    timing = argparse.Namespace(duration=0.5, warmup=0.1)
+    with protocols.upstream(tools["upstream"], protocols.UPSTREAMS[up_name], certs) as up:
+        program = ["-m", "sidecar", "run", "--config", str(config)]
+        with sidecar_process(program, up[1], tmp_path / "sidecar.log") as sidecar:
+            argv = protocols.loadgen_args(row, sidecar.port, timing, certs, conns=4)
+            report = protocols.run_loadgen_argv(tools["loadgen"], argv)
+    assert report["errors"] == 0, report
+    assert report["calls"] > 0
+
+
+def test_protocols_summary_pairs_rounds_and_renders_every_row() -> None:
+    def run(rnd: int, row: protocols.Row, cpu: float | None) -> dict[str, Any]:
+        return {
+            "round": rnd,
+            "group": row.group,
+            "target": row.target,
+            "calls_per_s": 1000.0 + rnd,
+            "p50_us": 100.0,
+            "p99_us": 200.0,
+            "errors": rnd,
+            "proxy_cpu_per_call_us": None if row.proxy is None else cpu,
+            "others_core_share": 0.1 * rnd,
+        }
+
+    # Round r costs 10 * (r + 1) everywhere, plus 5 on transcoding and 7 on TLS
+    # sidecar: the per-round differences are exactly 5 and 7 however rounds drift.
+    runs = []
+    for rnd in range(3):
+        for row in protocols.ROWS:
+            extra = {"sidecar-transcode": 5.0, "sidecar-tls": 7.0}.get(row.proxy or "", 0.0)
+            runs.append(run(rnd, row, 10.0 * (rnd + 1) + extra))
+    summary = protocols.summarize(runs)
+    deltas = summary["cpu_deltas_us"]
+    assert deltas["transcoding (transcoding - compact same)"] == pytest.approx(5.0)
+    assert deltas["TLS - plaintext (sidecar)"] == pytest.approx(7.0)
+    assert deltas["TLS - plaintext (haproxy)"] == pytest.approx(0.0)
+    assert summary["rows"]["binary framed / sidecar"]["proxy_cpu_per_call_us"] == 20.0
+    assert summary["rows"]["TLS / direct"]["proxy_cpu_per_call_us"] is None
+    assert summary["rows"]["THeader / sidecar"]["errors"] == 3
+    meta = {"rounds": 3, "duration_s": 3.0, "loadavg_before": "1 1 1", "loadavg_after": "2 2 2"}
+    text = protocols.render(summary, meta)
+    table = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
+    assert len(table) == len(protocols.ROWS)
+    assert "| compact framed | sidecar transcoding | 1,001 | 25.0 |" in text

@@ -3,8 +3,13 @@
  *
  * N client connections on one epoll loop (non-blocking sockets, TCP_NODELAY)
  * make `echo(1: binary data)` calls (bench/bench.thrift) with a fixed
- * payload, binary protocol, strict envelope, framed or buffered transport.
- * One call is in flight per connection, as with an ordinary Thrift client.
+ * payload: binary (strict envelope) or compact protocol (--protocol), framed,
+ * buffered or THeader transport (--transport; THeader frames carry the
+ * protocol's id, no transforms, no info headers), plaintext or TLS (--tls:
+ * the server's certificate must chain to --ca and name the IP address
+ * dialled; --cert/--key present a client certificate). One call is in
+ * flight per connection, as with an ordinary Thrift client. TLS handshakes
+ * happen at connect time, before the clock starts.
  *
  * Two modes:
  * - closed loop (--rate 0, the default): each connection sends its next
@@ -19,7 +24,8 @@
  *   end is issued; calls still unanswered --drain seconds after the end
  *   count as errors ("unfinished").
  *
- * Every reply is checked: framing, message type REPLY, method name, the
+ * Every reply is checked: framing (for THeader: the protocol id and no
+ * transforms), the protocol, message type REPLY, method name, the
  * seqid of the call (each connection numbers its calls from a distinct
  * base), result field 0 of type binary, and its bytes equal to the payload.
  * Failures are counted by kind; a connection whose bytes cannot be parsed,
@@ -50,17 +56,24 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "tls.h"
 #include "wire.h"
 
 #define MAX_EVENTS 256
 #define MAX_RECONNECTS 100
 #define NS 1000000000ull
+/* Room before a request's body for its transport header and envelope. */
+#define PREFIX_MAX 64
+
+enum { TR_FRAMED, TR_BUFFERED, TR_THEADER };
+static const char *TR_NAMES[] = {"framed", "buffered", "theader"};
+enum { P_BINARY, P_COMPACT };
 
 enum { ERR_CLOSED, ERR_MALFORMED, ERR_TYPE, ERR_NAME, ERR_SEQID, ERR_RESULT, ERR_PAYLOAD,
-       ERR_EXTRA, ERR_CONNECT, ERR_UNFINISHED, ERR_KINDS };
+       ERR_EXTRA, ERR_CONNECT, ERR_UNFINISHED, ERR_TLS, ERR_KINDS };
 static const char *ERR_NAMES[ERR_KINDS] = {"closed", "malformed", "type", "name", "seqid",
                                            "result", "payload", "extra_bytes", "connect",
-                                           "unfinished"};
+                                           "unfinished", "tls_handshake"};
 
 struct lconn {
     int fd;
@@ -70,8 +83,9 @@ struct lconn {
     int writing;
     int done; /* closed loop: no more calls */
     uint32_t seqid;
-    uint8_t *req;
-    size_t req_len, seqid_off, wpos;
+    SSL *ssl;
+    uint8_t *req; /* PREFIX_MAX bytes of room, then the body (field 1 and stop) */
+    size_t req_start, req_len, body_len, wpos; /* bytes req[req_start..req_len) go out */
     uint64_t t_due, t_sent;
     uint8_t *rbuf;
     size_t rlen, rcap;
@@ -80,7 +94,9 @@ struct lconn {
 
 static struct {
     const char *host;
-    int port, conns, framed;
+    int port, conns, transport, protocol, tls;
+    const char *ca, *cert, *key;
+    SSL_CTX *ctx;
     size_t payload;
     double duration, warmup, drain, rate;
     struct sockaddr_in addr;
@@ -116,27 +132,73 @@ static uint64_t due_time(uint64_t index) {
     return G.t0 + (uint64_t)((double)index * 1e9 / G.rate);
 }
 
-/* Build this connection's request: envelope CALL "echo", field 1 binary, stop. */
+/* Build this connection's request body: echo's field 1 (binary) and stop. */
 static void build_request(struct lconn *c) {
-    size_t msg_len = 12 + 4 + 3 + 4 + G.payload + 1;
-    size_t pre = G.framed ? 4 : 0;
-    c->req_len = pre + msg_len;
-    c->req = malloc(c->req_len);
+    c->req = malloc(PREFIX_MAX + G.payload + 16);
     if (!c->req) die("malloc");
-    uint8_t *p = c->req;
-    if (G.framed) wr32(p, (uint32_t)msg_len);
-    p += pre;
-    size_t head = wire_put_envelope(p, M_CALL, (const uint8_t *)"echo", 4, 0);
-    c->seqid_off = pre + head - 4;
-    p += head;
-    p[0] = T_STRING;
-    wr16(p + 1, 1);
-    wr32(p + 3, (uint32_t)G.payload);
-    memcpy(p + 7, G.payload_bytes, G.payload);
-    p[7 + G.payload] = T_STOP;
-    c->rcap = 2 * c->req_len + 4096;
+    uint8_t *p = c->req + PREFIX_MAX;
+    if (G.protocol == P_COMPACT) {
+        p[0] = (CT_BINARY | (1 << 4)); /* field id delta 1, type binary */
+        size_t at = 1 + wr_varint(p + 1, G.payload);
+        memcpy(p + at, G.payload_bytes, G.payload);
+        p[at + G.payload] = CT_STOP;
+        c->body_len = at + G.payload + 1;
+    } else {
+        p[0] = T_STRING;
+        wr16(p + 1, 1);
+        wr32(p + 3, (uint32_t)G.payload);
+        memcpy(p + 7, G.payload_bytes, G.payload);
+        p[7 + G.payload] = T_STOP;
+        c->body_len = 7 + G.payload + 1;
+    }
+    c->req_len = PREFIX_MAX + c->body_len;
+    c->rcap = 2 * c->req_len + 32768;
     c->rbuf = malloc(c->rcap);
     if (!c->rbuf) die("malloc");
+}
+
+/* Write the transport header and envelope of the call numbered c->seqid
+ * just before the body; sets req_start. */
+static void frame_request(struct lconn *c) {
+    uint8_t head[PREFIX_MAX];
+    size_t env_len = G.protocol == P_COMPACT
+                         ? compact_put_envelope(head, M_CALL, (const uint8_t *)"echo", 4, c->seqid)
+                         : wire_put_envelope(head, M_CALL, (const uint8_t *)"echo", 4, c->seqid);
+    size_t msg_len = env_len + c->body_len;
+    uint8_t pre[32];
+    size_t pre_len = 0;
+    if (G.transport == TR_FRAMED) {
+        wr32(pre, (uint32_t)msg_len);
+        pre_len = 4;
+    } else if (G.transport == TR_THEADER) {
+        int proto = G.protocol == P_COMPACT ? THEADER_PROTO_COMPACT : THEADER_PROTO_BINARY;
+        pre_len = theader_put(pre, proto, 0, c->seqid, msg_len);
+    }
+    c->req_start = PREFIX_MAX - env_len - pre_len;
+    memcpy(c->req + c->req_start, pre, pre_len);
+    memcpy(c->req + c->req_start + pre_len, head, env_len);
+}
+
+/* read()/write() or their TLS forms: > 0 bytes, 0 closed, -1 with errno set
+ * (EAGAIN: try again when the socket is ready). */
+static ssize_t conn_read(struct lconn *c, void *buf, size_t n) {
+    if (!c->ssl) return read(c->fd, buf, n);
+    int k = p_SSL_read(c->ssl, buf, (int)n);
+    if (k > 0) return k;
+    int e = p_SSL_get_error(c->ssl, k);
+    if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) errno = EAGAIN;
+    else if (e == SSL_ERROR_ZERO_RETURN) return 0;
+    else errno = EIO;
+    return -1;
+}
+
+static ssize_t conn_write(struct lconn *c, const void *buf, size_t n) {
+    if (!c->ssl) return write(c->fd, buf, n);
+    int k = p_SSL_write(c->ssl, buf, (int)n);
+    if (k > 0) return k;
+    int e = p_SSL_get_error(c->ssl, k);
+    errno = (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) ? EAGAIN : EIO;
+    return -1;
 }
 
 static void count_error(int kind) { G.errors[kind]++; }
@@ -158,6 +220,18 @@ static int connect_one(struct lconn *c) {
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    c->ssl = NULL;
+    if (G.tls) { /* handshake while the socket still blocks */
+        c->ssl = tls_conn_new(G.ctx, fd, 0, G.host);
+        if (p_SSL_do_handshake(c->ssl) != 1) {
+            p_ERR_clear_error();
+            p_SSL_free(c->ssl);
+            c->ssl = NULL;
+            close(fd);
+            count_error(ERR_TLS);
+            return -1;
+        }
+    }
     if (fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK) < 0) die("fcntl");
     c->fd = fd;
     c->alive = 1;
@@ -172,6 +246,11 @@ static int connect_one(struct lconn *c) {
  * (already counted by the caller). Reconnect while the budget lasts. */
 static void reset_conn(struct lconn *c) {
     epoll_ctl(G.epfd, EPOLL_CTL_DEL, c->fd, NULL);
+    if (c->ssl) {
+        p_ERR_clear_error();
+        p_SSL_free(c->ssl);
+        c->ssl = NULL;
+    }
     close(c->fd);
     c->alive = 0;
     c->in_flight = 0;
@@ -182,7 +261,7 @@ static void reset_conn(struct lconn *c) {
 
 static void try_write(struct lconn *c) {
     while (c->wpos < c->req_len) {
-        ssize_t k = write(c->fd, c->req + c->wpos, c->req_len - c->wpos);
+        ssize_t k = conn_write(c, c->req + c->wpos, c->req_len - c->wpos);
         if (k > 0) {
             c->wpos += (size_t)k;
             continue;
@@ -201,8 +280,8 @@ static void try_write(struct lconn *c) {
 
 static void send_call(struct lconn *c, uint64_t due, uint64_t now) {
     c->seqid++;
-    wr32(c->req + c->seqid_off, c->seqid);
-    c->wpos = 0;
+    frame_request(c);
+    c->wpos = c->req_start;
     c->in_flight = 1;
     c->t_due = due;
     c->t_sent = now;
@@ -210,21 +289,45 @@ static void send_call(struct lconn *c, uint64_t due, uint64_t now) {
     try_write(c);
 }
 
-/* Check a complete reply message msg[0..len); returns -1 if good, else an error kind. */
+/* Check a complete reply msg[0..len) (framing removed, THeader's header
+ * not); returns -1 if good, else an error kind. */
 static int check_reply(const struct lconn *c, const uint8_t *msg, size_t len) {
+    if (G.transport == TR_THEADER) {
+        struct theader th;
+        long off = theader_parse(msg, len, &th);
+        int proto = G.protocol == P_COMPACT ? THEADER_PROTO_COMPACT : THEADER_PROTO_BINARY;
+        if (off <= 0 || th.protocol != proto || th.transforms) return ERR_MALFORMED;
+        msg += off;
+        len -= (size_t)off;
+    }
     struct envelope env;
-    long head = wire_envelope(msg, len, &env);
+    long head = G.protocol == P_COMPACT ? compact_envelope(msg, len, &env)
+                                        : wire_envelope(msg, len, &env);
     if (head <= 0) return ERR_MALFORMED;
     if (env.type != M_REPLY) return ERR_TYPE;
     if (env.name_len != 4 || memcmp(env.name, "echo", 4) != 0) return ERR_NAME;
     if (env.seqid != c->seqid) return ERR_SEQID;
     const uint8_t *p = msg + head;
     size_t n = len - (size_t)head;
-    /* result struct: field 0 binary, then stop */
-    if (n < 8 || p[0] != T_STRING || p[1] != 0 || p[2] != 0) return ERR_RESULT;
-    uint32_t dlen = rd32(p + 3);
-    if (dlen != G.payload || n != 7 + (size_t)dlen + 1 || p[7 + dlen] != T_STOP) return ERR_RESULT;
-    if (memcmp(p + 7, G.payload_bytes, dlen) != 0) return ERR_PAYLOAD;
+    const uint8_t *data;
+    uint64_t dlen;
+    if (G.protocol == P_COMPACT) {
+        /* result struct: field 0 binary (long form: type, then zigzag id 0), then stop */
+        if (n < 4 || p[0] != CT_BINARY || p[1] != 0) return ERR_RESULT;
+        long used = rd_varint(p + 2, n - 2, &dlen);
+        if (used <= 0) return ERR_RESULT;
+        data = p + 2 + used;
+        if (dlen != G.payload || n != 2 + (size_t)used + dlen + 1 || data[dlen] != CT_STOP)
+            return ERR_RESULT;
+    } else {
+        /* result struct: field 0 binary, then stop */
+        if (n < 8 || p[0] != T_STRING || p[1] != 0 || p[2] != 0) return ERR_RESULT;
+        dlen = rd32(p + 3);
+        data = p + 7;
+        if (dlen != G.payload || n != 7 + (size_t)dlen + 1 || p[7 + dlen] != T_STOP)
+            return ERR_RESULT;
+    }
+    if (memcmp(data, G.payload_bytes, dlen) != 0) return ERR_PAYLOAD;
     return -1;
 }
 
@@ -250,12 +353,12 @@ static void on_reply(struct lconn *c, int err, uint64_t now) {
 }
 
 static void on_readable(struct lconn *c) {
-    if (c->rcap - c->rlen < 4096) {
+    if (c->rcap - c->rlen < 32768) { /* a whole TLS record fits */
         c->rcap *= 2;
         c->rbuf = realloc(c->rbuf, c->rcap);
         if (!c->rbuf) die("realloc");
     }
-    ssize_t k = read(c->fd, c->rbuf + c->rlen, c->rcap - c->rlen);
+    ssize_t k = conn_read(c, c->rbuf + c->rlen, c->rcap - c->rlen);
     if (k < 0 && (errno == EAGAIN || errno == EINTR || errno == EWOULDBLOCK)) return;
     if (k <= 0) {
         count_error(ERR_CLOSED);
@@ -267,13 +370,14 @@ static void on_readable(struct lconn *c) {
     long total;
     const uint8_t *msg;
     size_t mlen;
-    if (G.framed) {
+    if (G.transport != TR_BUFFERED) {
         total = wire_framed_len(c->rbuf, c->rlen);
         msg = c->rbuf + 4;
         mlen = total > 4 ? (size_t)total - 4 : 0;
     } else {
         struct envelope env;
-        total = wire_buffered_len(c->rbuf, c->rlen, &env);
+        total = G.protocol == P_COMPACT ? compact_buffered_len(c->rbuf, c->rlen, &env)
+                                        : wire_buffered_len(c->rbuf, c->rlen, &env);
         msg = c->rbuf;
         mlen = total > 0 ? (size_t)total : 0;
     }
@@ -316,7 +420,9 @@ static double pct_us(double q) {
 static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --port P [--host 127.0.0.1] [--conns 16] [--payload 64]\n"
-            "               [--transport framed|buffered] [--duration 3] [--warmup 0.5]\n"
+            "               [--transport framed|buffered|theader] [--protocol binary|compact]\n"
+            "               [--tls --ca CA.pem [--cert C.pem --key K.pem]]\n"
+            "               [--duration 3] [--warmup 0.5]\n"
             "               [--rate 0 (closed loop) | CALLS_PER_S (open loop)] [--drain 5]\n");
     exit(2);
 }
@@ -325,12 +431,17 @@ int main(int argc, char **argv) {
     G.host = "127.0.0.1";
     G.conns = 16;
     G.payload = 64;
-    G.framed = 1;
+    G.transport = TR_FRAMED;
+    G.protocol = P_BINARY;
     G.duration = 3.0;
     G.warmup = 0.5;
     G.drain = 5.0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
+        if (!strcmp(a, "--tls")) {
+            G.tls = 1;
+            continue;
+        }
         if (i + 1 >= argc) usage();
         const char *v = argv[++i];
         if (!strcmp(a, "--host")) G.host = v;
@@ -338,10 +449,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--conns")) G.conns = atoi(v);
         else if (!strcmp(a, "--payload")) G.payload = (size_t)atol(v);
         else if (!strcmp(a, "--transport")) {
-            if (!strcmp(v, "framed")) G.framed = 1;
-            else if (!strcmp(v, "buffered")) G.framed = 0;
+            if (!strcmp(v, "framed")) G.transport = TR_FRAMED;
+            else if (!strcmp(v, "buffered")) G.transport = TR_BUFFERED;
+            else if (!strcmp(v, "theader")) G.transport = TR_THEADER;
             else usage();
-        } else if (!strcmp(a, "--duration")) G.duration = atof(v);
+        } else if (!strcmp(a, "--protocol")) {
+            if (!strcmp(v, "binary")) G.protocol = P_BINARY;
+            else if (!strcmp(v, "compact")) G.protocol = P_COMPACT;
+            else usage();
+        } else if (!strcmp(a, "--ca")) G.ca = v;
+        else if (!strcmp(a, "--cert")) G.cert = v;
+        else if (!strcmp(a, "--key")) G.key = v; else if (!strcmp(a, "--duration")) G.duration = atof(v);
         else if (!strcmp(a, "--warmup")) G.warmup = atof(v);
         else if (!strcmp(a, "--rate")) G.rate = atof(v);
         else if (!strcmp(a, "--drain")) G.drain = atof(v);
@@ -349,6 +467,9 @@ int main(int argc, char **argv) {
     }
     if (G.port <= 0 || G.conns < 1 || G.conns > 10000 || G.duration <= 0 || G.warmup < 0 ||
         G.rate < 0 || G.payload > (16u << 20))
+        usage();
+    /* TLS always verifies the server; a client certificate needs its key. */
+    if ((G.tls && !G.ca) || (!G.tls && (G.ca || G.cert || G.key)) || (!G.cert != !G.key))
         usage();
     signal(SIGPIPE, SIG_IGN);
     G.addr.sin_family = AF_INET;
@@ -358,6 +479,8 @@ int main(int argc, char **argv) {
     G.payload_bytes = malloc(G.payload + 1);
     if (!G.payload_bytes) die("malloc");
     for (size_t i = 0; i < G.payload; i++) G.payload_bytes[i] = (uint8_t)(i * 31 + 7);
+
+    if (G.tls) G.ctx = tls_ctx_new(0, G.cert, G.key, G.ca);
 
     G.epfd = epoll_create1(EPOLL_CLOEXEC);
     G.tfd = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
@@ -474,11 +597,13 @@ int main(int argc, char **argv) {
     for (size_t i = 0; i < G.nlat; i++) sum += (double)G.lat[i];
     double wall = (double)(t_stop - G.t0) / 1e9;
 
-    printf("{\"mode\": \"%s\", \"transport\": \"%s\", \"conns\": %d, \"payload\": %zu, "
+    printf("{\"mode\": \"%s\", \"transport\": \"%s\", \"protocol\": \"%s\", \"tls\": %s, "
+           "\"conns\": %d, \"payload\": %zu, "
            "\"rate\": %.1f, \"duration_s\": %.3f, \"warmup_s\": %.3f, \"wall_s\": %.3f, "
            "\"calls\": %zu, \"calls_all\": %llu, \"sent_all\": %llu, \"errors\": %llu, "
            "\"reconnects\": %llu, \"calls_per_s\": %.1f, ",
-           G.rate > 0 ? "open" : "closed", G.framed ? "framed" : "buffered", G.conns, G.payload,
+           G.rate > 0 ? "open" : "closed", TR_NAMES[G.transport],
+           G.protocol == P_COMPACT ? "compact" : "binary", G.tls ? "true" : "false", G.conns, G.payload,
            G.rate, G.duration, G.warmup, wall, G.nlat, (unsigned long long)G.calls_all,
            (unsigned long long)G.sent_all, (unsigned long long)errors,
            (unsigned long long)G.reconnects, (double)G.nlat / G.duration);

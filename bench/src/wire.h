@@ -4,6 +4,10 @@
  * non-strict), and finding where a message ends in a byte buffer, framed or
  * buffered (unframed), without building any values.
  *
+ * The compact protocol (envelope, varints, struct skipping) and the THeader
+ * transport's frame header have the same kind of helpers below the binary
+ * ones.
+ *
  * Every parser here works on a prefix of a stream: it returns the number of
  * bytes a complete item takes, WIRE_MORE (0) when the prefix is too short to
  * tell, or WIRE_BAD (-1) when the bytes cannot be Thrift binary protocol.
@@ -211,6 +215,223 @@ static inline size_t wire_put_envelope_old(uint8_t *out, int type, const uint8_t
     out[4 + name_len] = (uint8_t)type;
     wr32(out + 5 + name_len, seqid);
     return 9 + name_len;
+}
+
+/* --- compact protocol ------------------------------------------------------ */
+
+#define COMPACT_ID 0x82
+#define COMPACT_VERSION 1
+
+/* Compact type ids. */
+enum {
+    CT_STOP = 0, CT_TRUE = 1, CT_FALSE = 2, CT_BYTE = 3, CT_I16 = 4, CT_I32 = 5, CT_I64 = 6,
+    CT_DOUBLE = 7, CT_BINARY = 8, CT_LIST = 9, CT_SET = 10, CT_MAP = 11, CT_STRUCT = 12,
+    CT_UUID = 13
+};
+
+/* Read an unsigned varint (at most 10 bytes); returns its length, WIRE_MORE or WIRE_BAD. */
+static inline long rd_varint(const uint8_t *p, size_t n, uint64_t *out) {
+    uint64_t v = 0;
+    for (size_t i = 0; i < 10; i++) {
+        if (i >= n) return WIRE_MORE;
+        v |= (uint64_t)(p[i] & 0x7f) << (7 * i);
+        if (!(p[i] & 0x80)) {
+            *out = v;
+            return (long)i + 1;
+        }
+    }
+    return WIRE_BAD;
+}
+
+/* Write an unsigned varint; returns its length (1 to 10). */
+static inline size_t wr_varint(uint8_t *p, uint64_t v) {
+    size_t i = 0;
+    while (v >= 0x80) {
+        p[i++] = (uint8_t)(v | 0x80);
+        v >>= 7;
+    }
+    p[i++] = (uint8_t)v;
+    return i;
+}
+
+/* Bytes taken by one compact value of type `ctype` at p[0..n). `in_field`:
+ * a struct field's bool carries its value in the type, no byte follows. */
+static inline long compact_skip(const uint8_t *p, size_t n, int ctype, int depth, int in_field) {
+    uint64_t v;
+    long used;
+    if (depth > WIRE_MAX_DEPTH) return WIRE_BAD;
+    switch (ctype) {
+    case CT_TRUE: case CT_FALSE:
+        if (in_field) return 0;
+        return n >= 1 ? 1 : WIRE_MORE;
+    case CT_BYTE: return n >= 1 ? 1 : WIRE_MORE;
+    case CT_DOUBLE: return n >= 8 ? 8 : WIRE_MORE;
+    case CT_UUID: return n >= 16 ? 16 : WIRE_MORE;
+    case CT_I16: case CT_I32: case CT_I64: return rd_varint(p, n, &v);
+    case CT_BINARY:
+        used = rd_varint(p, n, &v);
+        if (used <= 0) return used;
+        if (v > WIRE_MAX_MESSAGE) return WIRE_BAD;
+        return (size_t)used + v <= n ? used + (long)v : WIRE_MORE;
+    case CT_STRUCT: {
+        size_t at = 0;
+        for (;;) {
+            if (at >= n) return WIRE_MORE;
+            int head = p[at++];
+            if (head == CT_STOP) return (long)at;
+            int ftype = head & 0x0f;
+            if (!(head & 0xf0)) { /* long form: the field id follows as a zigzag varint */
+                used = rd_varint(p + at, n - at, &v);
+                if (used <= 0) return used;
+                at += (size_t)used;
+            }
+            used = compact_skip(p + at, n - at, ftype, depth + 1, 1);
+            if (used < 0 || (used == 0 && ftype != CT_TRUE && ftype != CT_FALSE))
+                return used;
+            at += (size_t)used;
+        }
+    }
+    case CT_LIST: case CT_SET: case CT_MAP: {
+        size_t at = 0;
+        uint64_t count;
+        int kt, vt = -1;
+        if (ctype == CT_MAP) {
+            used = rd_varint(p, n, &count);
+            if (used <= 0) return used;
+            at = (size_t)used;
+            if (count == 0) return (long)at;
+            if (at >= n) return WIRE_MORE;
+            kt = p[at] >> 4;
+            vt = p[at] & 0x0f;
+            at++;
+        } else {
+            if (n < 1) return WIRE_MORE;
+            kt = p[0] & 0x0f;
+            count = p[0] >> 4;
+            at = 1;
+            if (count == 15) {
+                used = rd_varint(p + 1, n - 1, &count);
+                if (used <= 0) return used;
+                at += (size_t)used;
+            }
+        }
+        if (count > WIRE_MAX_MESSAGE) return WIRE_BAD;
+        for (uint64_t i = 0; i < count; i++) {
+            used = compact_skip(p + at, n - at, kt, depth + 1, 0);
+            if (used <= 0) return used;
+            at += (size_t)used;
+            if (vt >= 0) {
+                used = compact_skip(p + at, n - at, vt, depth + 1, 0);
+                if (used <= 0) return used;
+                at += (size_t)used;
+            }
+        }
+        return (long)at;
+    }
+    default:
+        return WIRE_BAD;
+    }
+}
+
+/* Parse a compact envelope at p[0..n): 0x82, type<<5 | version, varint
+ * seqid, varint name length, name. Returns the header length, WIRE_MORE or
+ * WIRE_BAD. seqid_off is not meaningful (the varint's length varies). */
+static inline long compact_envelope(const uint8_t *p, size_t n, struct envelope *env) {
+    if (n < 2) return WIRE_MORE;
+    if (p[0] != COMPACT_ID || (p[1] & 0x1f) != COMPACT_VERSION) return WIRE_BAD;
+    env->strict = 1;
+    env->type = p[1] >> 5;
+    if (env->type < M_CALL || env->type > M_ONEWAY) return WIRE_BAD;
+    uint64_t seqid, name_len;
+    long used = rd_varint(p + 2, n - 2, &seqid);
+    if (used <= 0) return used;
+    if (seqid > 0xffffffffu) return WIRE_BAD;
+    size_t at = 2 + (size_t)used;
+    used = rd_varint(p + at, n - at, &name_len);
+    if (used <= 0) return used;
+    if (name_len > 65536) return WIRE_BAD;
+    at += (size_t)used;
+    if (at + name_len > n) return WIRE_MORE;
+    env->seqid = (uint32_t)seqid;
+    env->seqid_off = 2;
+    env->name = p + at;
+    env->name_len = (uint32_t)name_len;
+    env->body_off = at + name_len;
+    return (long)env->body_off;
+}
+
+/* Length of a whole compact message at p[0..n) in buffered transport. */
+static inline long compact_buffered_len(const uint8_t *p, size_t n, struct envelope *env) {
+    long head = compact_envelope(p, n, env);
+    if (head <= 0) return head;
+    long body = compact_skip(p + head, n - (size_t)head, CT_STRUCT, 0, 0);
+    if (body <= 0) return body;
+    if ((size_t)(head + body) > WIRE_MAX_MESSAGE) return WIRE_BAD;
+    return head + body;
+}
+
+/* Write a compact envelope; returns bytes written (at most 12 + name_len). */
+static inline size_t compact_put_envelope(uint8_t *out, int type, const uint8_t *name,
+                                          uint32_t name_len, uint32_t seqid) {
+    out[0] = COMPACT_ID;
+    out[1] = (uint8_t)((type << 5) | COMPACT_VERSION);
+    size_t at = 2 + wr_varint(out + 2, seqid);
+    at += wr_varint(out + at, name_len);
+    memcpy(out + at, name, name_len);
+    return at + name_len;
+}
+
+/* --- THeader transport --------------------------------------------------------
+ * A frame: length (4, of what follows), magic 0x0FFF (2), flags (2), seqid
+ * (4), header length in 4-byte words (2), then the header: varint protocol
+ * id, varint transform count and transforms, info headers, zero padding;
+ * then the message. */
+
+#define THEADER_MAGIC 0x0fff
+#define THEADER_PROTO_BINARY 0
+#define THEADER_PROTO_COMPACT 2
+
+struct theader {
+    uint16_t flags;
+    uint32_t seqid;
+    int protocol;       /* THEADER_PROTO_* */
+    uint64_t transforms; /* how many; the tools accept none */
+    size_t payload_off; /* where the message starts, from the frame content's start */
+};
+
+/* Parse a THeader frame's content p[0..n) (after the 4-byte length). Returns
+ * the payload offset, or WIRE_BAD. Info headers are jumped over unread. */
+static inline long theader_parse(const uint8_t *p, size_t n, struct theader *th) {
+    if (n < 10 || p[0] != 0x0f || p[1] != 0xff) return WIRE_BAD;
+    th->flags = (uint16_t)((p[2] << 8) | p[3]);
+    th->seqid = rd32(p + 4);
+    size_t words = (size_t)((p[8] << 8) | p[9]);
+    size_t end = 10 + 4 * words;
+    if (end > n) return WIRE_BAD;
+    uint64_t v;
+    long used = rd_varint(p + 10, end - 10, &v);
+    if (used <= 0) return WIRE_BAD;
+    th->protocol = (int)v;
+    long more = rd_varint(p + 10 + used, end - 10 - (size_t)used, &th->transforms);
+    if (more <= 0) return WIRE_BAD;
+    th->payload_off = end;
+    return (long)end;
+}
+
+/* Write a THeader frame prefix (length included) for a message of msg_len
+ * bytes, no transforms, no info headers; returns bytes written (18). */
+static inline size_t theader_put(uint8_t *out, int protocol, uint16_t flags, uint32_t seqid,
+                                 size_t msg_len) {
+    wr32(out, (uint32_t)(14 + msg_len));
+    wr16(out + 4, THEADER_MAGIC);
+    wr16(out + 6, flags);
+    wr32(out + 8, seqid);
+    wr16(out + 12, 1);
+    out[14] = (uint8_t)protocol;
+    out[15] = 0; /* no transforms */
+    out[16] = 0;
+    out[17] = 0;
+    return 18;
 }
 
 #endif
