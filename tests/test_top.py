@@ -31,6 +31,7 @@ from sidecar.top.snapshot import Snapshot
 from sidecar.top.table import quantile, table
 from tests.support.rig import Rig, rig
 from tests.support.sidecar import REPO_ROOT, free_port
+from tests.support.wait import wait_until
 
 TOP = [sys.executable, "-m", "sidecar", "top"]
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
@@ -78,10 +79,7 @@ class Traffic:
 def live_sidecar() -> Iterator[tuple[Rig, Traffic]]:
     # The control listener on a free port too: the default one may be in use on this machine.
     with rig({"control": {"listen": f"127.0.0.1:{free_port()}"}}) as r, Traffic(r) as traffic:
-        deadline = time.monotonic() + 10
-        while not traffic.done and time.monotonic() < deadline:  # the first call went through
-            time.sleep(0.01)
-        assert traffic.done, "no call answered"
+        wait_until(lambda: traffic.done, timeout=10.0, message="the first call answered")
         yield r, traffic
 
 
