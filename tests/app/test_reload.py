@@ -22,7 +22,8 @@ import yaml
 from sidecar.app.reload import apply, kept_for_restart
 from sidecar.config import SidecarConfig, load_config
 from tests.support.clients import thriftpy2_client
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
+from tests.support.gate import gate_of, gated_upstream
+from tests.support.servers import Thriftpy2Server
 from tests.support.sidecar import SidecarThread, base_config, merged
 from tests.support.wait import wait_until
 
@@ -37,36 +38,10 @@ BASE: dict[str, Any] = {
 }
 
 
-class Gate:
-    """Holds ``getItem`` at the upstream while closed (10 s at most)."""
-
-    def __init__(self) -> None:
-        self._open = threading.Event()
-        self._open.set()
-
-    def close(self) -> None:
-        self._open.clear()
-
-    def open(self) -> None:
-        self._open.set()
-
-    def __call__(self, name: str) -> None:
-        if name == "getItem":
-            self._open.wait(10)
-
-
 @pytest.fixture
 def upstream() -> Iterator[Thriftpy2Server]:
-    gate = Gate()
-    with thriftpy2_server("framed") as server:
-        server.hook = gate
+    with gated_upstream() as server:
         yield server
-        gate.open()
-
-
-def _gate(upstream: Thriftpy2Server) -> Gate:
-    assert isinstance(upstream.hook, Gate)
-    return upstream.hook
 
 
 def _load(tmp_path: Path, raw: dict[str, Any]) -> SidecarConfig:
@@ -104,7 +79,7 @@ def test_a_call_in_flight_keeps_its_retry_settings_and_new_calls_get_the_new_one
         **merged(BASE, {"retry": {"max_attempts": 3, "per_try_timeout": "1s"}}),
     )
     after = merged(before, {"retry": {"max_attempts": 1, "per_try_timeout": "1.5s"}})
-    gate = _gate(upstream)
+    gate = gate_of(upstream)
     with (
         SidecarThread(before) as sc,
         thriftpy2_client(sc.address, "framed", timeout=30) as held_client,
@@ -147,7 +122,7 @@ def test_a_call_in_flight_keeps_its_fallback_settings_and_new_calls_get_the_new_
         ),
     )
     after = merged(before, {"fallback": {"serve_on": []}})
-    gate = _gate(upstream)
+    gate = gate_of(upstream)
     with (
         SidecarThread(before) as sc,
         thriftpy2_client(sc.address, "framed", timeout=30) as client,

@@ -14,7 +14,6 @@ client connection's callback closes that connection only and is counted as
 from __future__ import annotations
 
 import logging
-import threading
 import traceback
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +30,8 @@ from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.budget import RetryBudget
 from tests.support.clients import thriftpy2_client
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
+from tests.support.gate import gate_of, gated_upstream
+from tests.support.servers import Thriftpy2Server
 from tests.support.sidecar import SidecarThread, base_config, merged
 from tests.support.wait import wait_until
 
@@ -89,36 +89,10 @@ def plant(monkeypatch: pytest.MonkeyPatch, owner: Any, name: str) -> Switch:
     return switch
 
 
-class Gate:
-    """Holds ``getItem`` calls at the upstream until opened (10 s at most)."""
-
-    def __init__(self) -> None:
-        self._open = threading.Event()
-        self._open.set()
-
-    def close(self) -> None:
-        self._open.clear()
-
-    def open(self) -> None:
-        self._open.set()
-
-    def __call__(self, name: str) -> None:
-        if name == "getItem":
-            self._open.wait(10)
-
-
 @pytest.fixture
 def upstream() -> Iterator[Thriftpy2Server]:
-    gate = Gate()
-    with thriftpy2_server("framed") as server:
-        server.hook = gate
+    with gated_upstream() as server:
         yield server
-        gate.open()
-
-
-def gate_of(upstream: Thriftpy2Server) -> Gate:
-    assert isinstance(upstream.hook, Gate)
-    return upstream.hook
 
 
 def entry_point_of(caplog: pytest.LogCaptureFixture) -> str:
