@@ -37,8 +37,8 @@ from tests.interop.matrix import Wire
 from tests.interop.upstream import WireUpstream
 from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address
-from tests.support.idl import canonical, sample_all_types
-from tests.support.sidecar import SidecarThread, base_config
+from tests.support.idl import INTEROP_IDL, canonical, sample_all_types
+from tests.support.sidecar import SidecarThread, base_config, run_sidecar
 from tests.support.wait import wait_until
 
 
@@ -232,3 +232,29 @@ def test_a_json_client_is_told_the_protocol_is_not_supported(transport: str) -> 
         assert "admin port" in raised.value.message
         assert sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="json") == 1
         assert up.calls["add"] == 0
+
+
+def test_a_static_reply_is_served_to_a_compact_client_in_compact() -> None:
+    """Static replies are encoded once (binary, from the IDL) and sent in the client's protocol."""
+    with upstream("compact", "framed") as up:
+        config = base_config(
+            [up.address],
+            idl=str(INTEROP_IDL),
+            breaker={"fail_max": 1, "reset_timeout": "1h"},
+            retry={"max_attempts": 1},
+            methods={"listItems": {"fallback": {"static": []}}},
+        )
+        address = up.address
+        up.stop()
+        with run_sidecar([address], config=config) as sc:
+            with apache(sc.address, "compact", "framed") as (client, _):
+                for _ in range(2):  # retries exhausted, then the breaker open: static both times
+                    assert client.listItems(3) == []
+            assert (
+                sc.metrics().value(
+                    "thrift_sidecar_fallback_replies_total",
+                    method="Interop:listItems",
+                    source="static",
+                )
+                == 2
+            )
