@@ -9,6 +9,7 @@ traceback in the log.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import logging
@@ -82,7 +83,7 @@ def text(status: int, line: str, headers: Sequence[tuple[str, str]] = ()) -> Ans
     return Answer(status, TEXT, line.encode() + b"\n", headers)
 
 
-class HttpServer:
+class HttpServer(abc.ABC):
     """An HTTP/1.1 listener on the event loop; subclasses answer with `route`.
 
     A request must arrive whole within ``request_timeout`` seconds of
@@ -117,9 +118,9 @@ class HttpServer:
         self.refusal_log = RateLimitedLog(log, what=f"refused {self.name} connection lines")
         self._server: asyncio.Server | None = None
 
+    @abc.abstractmethod
     def route(self, request: Request) -> Answer:
         """The answer to a whole request (subclasses)."""
-        raise NotImplementedError
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Start serving; returns the bound address (port 0 picks a free one)."""

@@ -12,6 +12,7 @@ thriftpy2's ``TThreadedServer`` too).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import socket
@@ -28,7 +29,7 @@ _ACCEPT_POLL_SECONDS = 0.1
 _MAX_ERRORS = 100
 
 
-class ThreadedServer:
+class ThreadedServer(abc.ABC):
     """Accepts TCP connections and serves each on a thread of its own.
 
     Use as a context manager, or call `start()` and `stop()`.
@@ -71,11 +72,11 @@ class ThreadedServer:
 
     # -- what a subclass provides ------------------------------------------------
 
+    @abc.abstractmethod
     def _serve_connection(self, sock: socket.socket) -> None:
         """Process calls on ``sock`` until the peer closes or ``self._closing`` is set."""
-        raise NotImplementedError
 
-    def _connections_closed(self) -> None:
+    def _connections_closed(self) -> None:  # noqa: B027 - a hook, empty by default
         """Called by `stop` once every connection is shut down, before the joins."""
 
     # -- public ------------------------------------------------------------------

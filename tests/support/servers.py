@@ -28,6 +28,7 @@ Limits: the Apache framed transport refuses frames over 16,384,000 bytes
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import socket
@@ -56,7 +57,7 @@ logger = logging.getLogger(__name__)
 HOST = "127.0.0.1"
 
 
-class UpstreamServer(ThreadedServer):
+class UpstreamServer(ThreadedServer, abc.ABC):
     """A threaded Thrift server serving Interop (and Echo when multiplexed).
 
     Use as a context manager, or call `start()` and `stop()`.
@@ -101,8 +102,9 @@ class UpstreamServer(ThreadedServer):
         self.state = ServerState()
         self._processor: Any = None
 
+    @abc.abstractmethod
     def _make_processor(self) -> Any:
-        raise NotImplementedError
+        """The Thrift processor of this library's server."""
 
     @property
     def calls(self) -> CallCounter:
