@@ -62,7 +62,7 @@ class _L1(MemoryStore):
 
     @staticmethod
     def _cost(key: str, reply: CachedReply) -> int:
-        return len(key) + len(reply.message) + max(L1_ENTRY_OVERHEAD, ENTRY_OVERHEAD)
+        return len(key) + reply.size + max(L1_ENTRY_OVERHEAD, ENTRY_OVERHEAD)
 
 
 class RedisStore:
@@ -74,7 +74,7 @@ class RedisStore:
         namespace: the upstream's name; part of every key.
         ttl: seconds an entry may be served after it was stored.
         max_entries: most entries kept, in L1 and in Redis (per upstream).
-        max_bytes: most bytes kept, counted as key + message + overhead.
+        max_bytes: most bytes kept, counted as key + message + arguments + overhead.
         clock: Unix time, for the TTL (entries outlive the process).
         queue_size: writes queued before puts of new keys are dropped.
         owns_state: close ``state`` on `close` (a store used on its own).

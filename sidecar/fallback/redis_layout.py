@@ -1,7 +1,8 @@
 """What the Redis fallback store keeps in Redis: the value layout and the batch script.
 
-A value is a header (`HEADER`: layout, stored_at, seqid offset) and the reply
-message (`encode_value`, `decode_value`). `SCRIPT` applies one batch of queued
+A value is a header (`HEADER`: layout, stored_at, seqid offset, argument
+length), the call's argument bytes and the reply message (`encode_value`,
+`decode_value`). `SCRIPT` applies one batch of queued
 puts, touches and deletes (`PUT`, `TOUCH`, `DELETE`) and keeps the upstream's
 entries within ``max_entries`` and ``max_bytes`` (LRU). The keys, the layout and
 the constants: docs/fallback-stores.md ("Redis").
@@ -14,19 +15,23 @@ import struct
 from sidecar.fallback.store import CachedReply
 
 # The value: layout byte (1), stored_at (float64, big-endian), seqid offset
-# (uint32), then the message: 13 bytes on top of it.
-LAYOUT = 1
-HEADER = struct.Struct(">BdI")
-# Bytes counted per entry beyond key and message: the value's header, the key
-# prefix and the upstream name in the key, the index and size-hash entries
-# that repeat the cache key, and Redis's object headers and allocator slack.
-# Measured with INFO used_memory over 10,000 entries on Redis 7.0 with the
-# default key prefix: 460-530 bytes for messages of 64 B to 4 KiB
-# (tests/fallback/test_redis_store.py measures it again for 300 B messages, prints
-# it, and fails when it exceeds this by more than 10 %). L1 counts at least as
-# much per entry (`_L1` in `sidecar.fallback.redis`), so that it evicts no
-# later than Redis does.
-ENTRY_OVERHEAD = 512
+# (uint32), argument length (uint32), then the arguments and the message:
+# 17 bytes on top of them. A value of another layout is not served (and is
+# deleted when read).
+LAYOUT = 2
+HEADER = struct.Struct(">BdII")
+# Bytes counted per entry beyond key, message and arguments: the value's
+# header, the key prefix and the upstream name in the key, the index and
+# size-hash entries that repeat the cache key, and Redis's object headers and
+# allocator slack. Measured with INFO used_memory over 10,000 entries on Redis
+# 7.0 with the default key prefix: 460-530 bytes for messages of 64 B to 4 KiB
+# with layout 1; layout 2's four more header bytes take a 300 B value past an
+# allocator size class (587 bytes there, on a Redis of its own), hence 600
+# (tests/fallback/test_redis_store.py measures it again
+# for 300 B messages, prints it, and fails when it exceeds this by more than
+# 10 %). L1 counts at least as much per entry (`_L1` in
+# `sidecar.fallback.redis`), so that it evicts no later than Redis does.
+ENTRY_OVERHEAD = 600
 
 # Queued operations by cache key.
 PUT = "P"  # (PUT, CachedReply)
@@ -103,13 +108,14 @@ return {count, total}
 
 def encode_value(reply: CachedReply) -> bytes:
     """The Redis value of a reply (layout: `HEADER`)."""
-    return HEADER.pack(LAYOUT, reply.stored_at, reply.seqid_offset) + reply.message
+    head = HEADER.pack(LAYOUT, reply.stored_at, reply.seqid_offset, len(reply.args))
+    return b"".join((head, reply.args, reply.message))
 
 
 def same_reply(a: CachedReply, b: CachedReply) -> bool:
-    """Same message bytes apart from the seqid (which the upstream pool chose)."""
+    """Same arguments, and the same message apart from the seqid (the upstream pool chose it)."""
     offset = a.seqid_offset
-    if offset != b.seqid_offset or len(a.message) != len(b.message):
+    if offset != b.seqid_offset or len(a.message) != len(b.message) or a.args != b.args:
         return False
     x, y = memoryview(a.message), memoryview(b.message)
     return x[:offset] == y[:offset] and x[offset + 4 :] == y[offset + 4 :]
@@ -119,8 +125,11 @@ def decode_value(raw: bytes) -> CachedReply | None:
     """A reply from its Redis value; None if it is not one of ours."""
     if len(raw) < HEADER.size:
         return None
-    layout, stored_at, offset = HEADER.unpack_from(raw)
-    message = raw[HEADER.size :]
-    if layout != LAYOUT or offset + 4 > len(message):
+    layout, stored_at, offset, nargs = HEADER.unpack_from(raw)
+    if layout != LAYOUT:
         return None
-    return CachedReply(message, offset, stored_at)
+    start = HEADER.size + nargs
+    message = raw[start:]
+    if start > len(raw) or offset + 4 > len(message):
+        return None
+    return CachedReply(message, offset, stored_at, raw[HEADER.size : start])

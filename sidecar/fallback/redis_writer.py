@@ -195,7 +195,7 @@ class RedisWriter:
                 reply: CachedReply = op[1]
                 remaining_ms = int((self.ttl - (now - reply.stored_at)) * 1000)
                 if remaining_ms > 0:
-                    cost = len(key) + len(reply.message) + ENTRY_OVERHEAD
+                    cost = len(key) + reply.size + ENTRY_OVERHEAD
                     args += [PUT, key, encode_value(reply), remaining_ms, cost]
                 else:
                     args += [DELETE, key, b"", 0, 0]

@@ -1,7 +1,10 @@
 """Deciding what to remember and what to serve when the upstream cannot answer.
 
 Remembered: the reply of every ``ok`` call (and, when configured, every
-declared-exception reply) of a cacheable method, under `cache_key`.
+declared-exception reply) of a cacheable method, under `cache_key`, with the
+call's argument bytes; a key stored less than `FRESH_FOR` seconds ago is not
+stored again (`RecentKeys`), so a hot call costs a hash, not a copy and a
+write, per call.
 
 Served, when the reason is listed in ``serve_on`` (``breaker_open``,
 ``retries_exhausted``): the cached reply for the same method and arguments if
@@ -32,6 +35,14 @@ from sidecar.resilience.outcome import Outcome
 log = logging.getLogger("sidecar.fallback")
 
 _COMPACT_ID = bytes((PROTOCOL_ID,))
+
+# Seconds during which a key just stored is not stored again (at most a tenth
+# of the store's TTL): the stored reply is then at most this much older than
+# the upstream's latest, and expires that much sooner.
+FRESH_FOR = 1.0
+# Keys `RecentKeys` remembers; the oldest is forgotten first (and is then
+# merely stored again).
+RECENT_KEYS = 4096
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
@@ -69,6 +80,39 @@ class Served:
     source: str
 
 
+class RecentKeys:
+    """The keys stored in the last ``fresh_for`` seconds, at most ``limit`` of them.
+
+    Args:
+        fresh_for: seconds after a store during which the key counts as fresh.
+        limit: most keys held; the one stored longest ago goes first.
+    """
+
+    def __init__(self, fresh_for: float, limit: int = RECENT_KEYS) -> None:
+        self.fresh_for = fresh_for
+        self.limit = limit
+        self._stored_at: dict[str, float] = {}  # in the order of their last store
+
+    def __len__(self) -> int:
+        return len(self._stored_at)
+
+    def claim(self, key: str, now: float) -> bool:
+        """Whether to store ``key`` at ``now``: False when it was stored within ``fresh_for``.
+
+        On True, ``key`` counts as stored at ``now``.
+        """
+        stored = self._stored_at
+        last = stored.get(key)
+        if last is not None:
+            if 0 <= now - last < self.fresh_for:
+                return False
+            del stored[key]  # re-inserted last: the dict stays in store order
+        stored[key] = now
+        if len(stored) > self.limit:
+            del stored[next(iter(stored))]
+        return True
+
+
 class Fallbacks:
     """The fallback policy over one store.
 
@@ -92,6 +136,7 @@ class Fallbacks:
     ) -> None:
         self.store = store
         self._clock = clock
+        self.recent = RecentKeys(min(FRESH_FOR, store.ttl / 10) if store is not None else 0.0)
         self.serve_on = serve_on
         self._cached_outcomes = (
             frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION})
@@ -102,12 +147,22 @@ class Fallbacks:
     def remember(
         self, policy: MethodFallback, call: Message, reply: Message, outcome: Outcome
     ) -> None:
-        """Keep a good reply of a cacheable method for later."""
-        if self.store is None or not policy.cacheable or outcome not in self._cached_outcomes:
+        """Keep a good reply of a cacheable method for later, unless its key is fresh.
+
+        Copies the reply and the arguments only when it stores them (an
+        entry needs bytes of its own: a message's buffer is patched in place).
+        """
+        store = self.store
+        if store is None or not policy.cacheable or outcome not in self._cached_outcomes:
             return
-        self.store.put(
-            cache_key(policy.name, call.body()),
-            CachedReply(bytes(reply.payload()), reply.header.seqid_offset, self._clock()),
+        args = call.body()
+        key = cache_key(policy.name, args)
+        now = self._clock()
+        if not self.recent.claim(key, now):
+            return
+        store.put(
+            key,
+            CachedReply(bytes(reply.payload()), reply.header.seqid_offset, now, bytes(args)),
         )
 
     async def find(self, policy: MethodFallback, call: Message, reason: str) -> Served | None:
@@ -116,8 +171,9 @@ class Fallbacks:
             return None
         seqid = call.header.seqid
         if self.store is not None and policy.cacheable:
-            cached = await self.store.get(cache_key(policy.name, call.body()))
-            if cached is not None:
+            args = call.body()
+            cached = await self.store.get(cache_key(policy.name, args))
+            if cached is not None and cached.answers(args):
                 log.debug("serving cached reply for %s (%s)", policy.display_name, reason)
                 return Served(_with_seqid(cached, seqid), "cache")
         static = policy.static_reply

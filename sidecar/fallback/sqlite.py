@@ -82,7 +82,7 @@ class SqliteStore:
         path: the database file; created when missing (its directory must exist).
         ttl: seconds an entry may be served after it was stored.
         max_entries: most rows kept.
-        max_bytes: most bytes kept, counted as key + message + `ROW_OVERHEAD`.
+        max_bytes: most bytes kept, counted as key + message + arguments + `ROW_OVERHEAD`.
         clock: Unix time, for the TTL (entries outlive the process).
         queue_size: writes queued before more are dropped.
         get_timeout: seconds a get waits for the reader thread.
@@ -322,11 +322,14 @@ class SqliteStore:
                 if conn is not None:
                     try:
                         row = conn.execute(
-                            "SELECT message, seqid_offset, stored_at FROM entries WHERE key = ?",
+                            "SELECT message, seqid_offset, stored_at, args FROM entries "
+                            "WHERE key = ?",
                             (key,),
                         ).fetchone()
                         if row is not None:
-                            result = CachedReply(bytes(row[0]), int(row[1]), float(row[2]))
+                            result = CachedReply(
+                                bytes(row[0]), int(row[1]), float(row[2]), bytes(row[3])
+                            )
                         if conn is writer.reader_conn and not health.file_lost:
                             health.read_failed = False
                     except sqlite3.Error as exc:

@@ -25,7 +25,7 @@ KEY_PATH = "fallback.cache.path"
 # tells our files from other SQLite databases.
 APPLICATION_ID = 0x54534643
 # The table layout below; a file with another user_version is rebuilt.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS entries (
     stored_at REAL NOT NULL,
     used_seq INTEGER NOT NULL,
     size INTEGER NOT NULL,
-    message BLOB NOT NULL
+    message BLOB NOT NULL,
+    args BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS entries_lru ON entries (used_seq, size);
 CREATE INDEX IF NOT EXISTS entries_age ON entries (stored_at, size);

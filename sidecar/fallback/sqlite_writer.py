@@ -38,7 +38,7 @@ log = logging.getLogger("sidecar.fallback")
 # Most operations applied in one transaction: large enough that a burst costs
 # few commits, small enough that a flush waits for little.
 BATCH_SIZE = 1_000
-# Bytes counted per row beyond key and message: the row's header and integer
+# Bytes counted per row beyond key, message and arguments: the row's header and integer
 # columns, and its entries in the three indexes, each of which repeats the
 # key or the rowid (estimated from the file size per row, rounded up;
 # tests/fallback/test_stores.py fails when a row costs over 25 % more).
@@ -48,10 +48,11 @@ ROW_OVERHEAD = 128
 CHECK_INTERVAL = 1.0
 
 _UPSERT = (
-    "INSERT INTO entries (key, seqid_offset, stored_at, used_seq, size, message) "
-    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
+    "INSERT INTO entries (key, seqid_offset, stored_at, used_seq, size, message, args) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
     "seqid_offset = excluded.seqid_offset, stored_at = excluded.stored_at, "
-    "used_seq = excluded.used_seq, size = excluded.size, message = excluded.message"
+    "used_seq = excluded.used_seq, size = excluded.size, message = excluded.message, "
+    "args = excluded.args"
 )
 
 # Writer operations: (kind, ...) tuples.
@@ -301,7 +302,7 @@ class SqliteWriter:
             if row is not None:
                 entries -= 1
                 nbytes -= row[0]
-            cost = len(key) + len(reply.message) + ROW_OVERHEAD
+            cost = len(key) + reply.size + ROW_OVERHEAD
             if cost > self.max_bytes:  # can never fit; and the older reply is not the last one
                 if row is not None:
                     conn.execute("DELETE FROM entries WHERE key = ?", (key,))
@@ -309,7 +310,15 @@ class SqliteWriter:
             self._seq += 1
             conn.execute(
                 _UPSERT,
-                (key, reply.seqid_offset, reply.stored_at, self._seq, cost, reply.message),
+                (
+                    key,
+                    reply.seqid_offset,
+                    reply.stored_at,
+                    self._seq,
+                    cost,
+                    reply.message,
+                    reply.args,
+                ),
             )
             entries += 1
             nbytes += cost

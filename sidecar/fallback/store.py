@@ -1,7 +1,9 @@
 """The fallback store interface, the cache key, and the in-memory LRU store.
 
-A store maps a cache key (service, method and a hash of the raw argument
-bytes) to the last good reply of that call, as the upstream wrote it. Every
+A store maps a cache key (service, method and an xxh3-128 hash of the raw
+argument bytes) to the last good reply of that call, as the upstream wrote
+it, with the argument bytes it answered: the hash is fast, not collision
+resistant, so a reply is served only to a call with the same arguments. Every
 backend implements `FallbackStore`: `MemoryStore` here,
 `sidecar.fallback.sqlite.SqliteStore` (a file that survives restarts) and
 `sidecar.fallback.redis.RedisStore` (shared by a fleet). Why each is built as
@@ -10,12 +12,13 @@ it is: docs/fallback-stores.md.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+import xxhash
 
 
 class CachedReply(NamedTuple):
@@ -29,11 +32,23 @@ class CachedReply(NamedTuple):
         seqid_offset: where its seqid is, to patch in the client's.
         stored_at: Unix time it was stored (wall clock: entries outlive the
             process in the SQLite and Redis stores).
+        args: the argument bytes of the call it answered; served only to a
+            call whose argument bytes are equal (`answers`).
     """
 
     message: bytes
     seqid_offset: int
     stored_at: float
+    args: bytes = b""
+
+    def answers(self, args: bytes | bytearray | memoryview) -> bool:
+        """Whether this is the reply to a call with these argument bytes."""
+        return self.args == args
+
+    @property
+    def size(self) -> int:
+        """Bytes of message and arguments, as the stores count them against ``max_bytes``."""
+        return len(self.message) + len(self.args)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +94,7 @@ class FallbackStore(Protocol):
     """
 
     backend: str
+    ttl: float
 
     def put(self, key: str, reply: CachedReply) -> None:
         """Remember a reply; never blocks."""
@@ -97,8 +113,13 @@ class FallbackStore(Protocol):
 
 
 def cache_key(name: str, args: bytes | bytearray | memoryview) -> str:
-    """The key of a call: its full method name and a 128-bit BLAKE2b of its argument bytes."""
-    return f"{name}|{hashlib.blake2b(args, digest_size=16).hexdigest()}"
+    """The key of a call: its full method name and the xxh3-128 of its argument bytes.
+
+    Unseeded, so a key is the same in every process and after a restart (the
+    SQLite file and a fleet's Redis hold keys made elsewhere). Not collision
+    resistant: a stored reply is served only when `CachedReply.answers` the call.
+    """
+    return f"{name}|{xxhash.xxh3_128_hexdigest(args)}"
 
 
 # Bytes counted per entry on top of key and message: the dict slot, the
@@ -130,7 +151,7 @@ class MemoryStore:
 
     @staticmethod
     def _cost(key: str, reply: CachedReply) -> int:
-        return len(key) + len(reply.message) + ENTRY_OVERHEAD
+        return len(key) + reply.size + ENTRY_OVERHEAD
 
     def put(self, key: str, reply: CachedReply) -> None:
         if self._closed:

@@ -19,6 +19,8 @@ import gc
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
@@ -61,7 +63,7 @@ class Backend:
     """How to build one backend for the conformance tests."""
 
     make: Callable[..., FallbackStore]
-    overhead: int  # bytes counted per entry on top of key and message
+    overhead: int  # bytes counted per entry on top of key, message and arguments
 
 
 BACKENDS: dict[str, Backend] = {
@@ -84,9 +86,11 @@ class Harness:
     overhead: int
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
 
-    def put(self, key: str, message: bytes, stored_at: float | None = None) -> None:
+    def put(
+        self, key: str, message: bytes, stored_at: float | None = None, args: bytes = b""
+    ) -> None:
         at = self.clock.now if stored_at is None else stored_at
-        self.store.put(key, CachedReply(message, 4, at))
+        self.store.put(key, CachedReply(message, 4, at, args))
 
     def get(self, key: str) -> CachedReply | None:
         return self.loop.run_until_complete(self.store.get(key))
@@ -97,8 +101,8 @@ class Harness:
     def stats(self) -> StoreStats:
         return self.store.stats()
 
-    def cost(self, key: str, message: bytes) -> int:
-        return len(key) + len(message) + self.overhead
+    def cost(self, key: str, message: bytes, args: bytes = b"") -> int:
+        return len(key) + len(message) + len(args) + self.overhead
 
     def close(self) -> None:
         try:
@@ -155,6 +159,20 @@ def test_cache_key_tells_services_methods_and_arguments_apart() -> None:
     assert cache_key("Interop:getItem", memoryview(args)) == cache_key("Interop:getItem", args)
 
 
+def test_cache_key_is_the_same_in_every_process() -> None:
+    """Unseeded xxh3-128: SQLite files and a fleet's Redis hold keys made by other processes."""
+    args = b"\x0a\x00\x01" + (7).to_bytes(8, "big") + b"\x00"
+    script = (
+        "from sidecar.fallback.store import cache_key; "
+        f"print(cache_key('Interop:getItem', {args!r}))"
+    )
+    other = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert other.stdout.strip() == cache_key("Interop:getItem", args)
+    assert cache_key("getItem", b"") == "getItem|99aa06d3014798d86001c324468d497f"
+
+
 # -- conformance: every backend -------------------------------------------------------
 
 
@@ -165,6 +183,34 @@ def test_round_trip(make_harness: MakeHarness) -> None:
     got = h.get(key(1))
     assert got == CachedReply(message(1), 4, T0)
     assert h.get(key(2)) is None
+
+
+def test_arguments_are_kept_and_counted_against_max_bytes(make_harness: MakeHarness) -> None:
+    args = bytes(range(256)) * 8  # 2 KiB of arguments beside a 100-byte reply
+    probe = make_harness()
+    each = probe.cost(key(1), message(1, 100), args)
+    assert each == probe.cost(key(1), message(1, 100)) + len(args)
+    h = make_harness(max_bytes=2 * each + each // 2)
+    h.put(key(1), message(1, 100), args=args)
+    h.put(key(2), message(2, 100), args=args)
+    h.settle()
+    got = h.get(key(1))
+    assert got == CachedReply(message(1, 100), 4, T0, args)
+    assert got is not None
+    assert got.answers(memoryview(args))
+    assert not got.answers(args[1:])
+    assert (h.stats().entries, h.stats().bytes) == (2, 2 * each)
+    h.put(key(3), message(3, 100), args=args)  # the arguments push the least used one out
+    h.settle()
+    assert h.get(key(2)) is None
+    assert (h.stats().entries, h.stats().bytes) == (2, 2 * each)
+    # A reply that fits on its own but not with its arguments is not kept.
+    size = 2 * each + each // 2 - len(key(4)) - h.overhead - len(args) // 2
+    bound = 2 * each + each // 2
+    assert h.cost(key(4), message(4, size)) < bound < h.cost(key(4), message(4, size), args)
+    h.put(key(4), message(4, size), args=args)
+    h.settle()
+    assert h.get(key(4)) is None
 
 
 def test_overwrite_keeps_only_the_last_reply(make_harness: MakeHarness) -> None:
