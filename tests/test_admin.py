@@ -646,7 +646,8 @@ def test_state_document_after_traffic_and_reloads() -> None:
         assert state["fallback_store"] == {
             "backend": "memory",
             "entries": 1,
-            "bytes": len("getItem|") + 32 + 300 + len(item),
+            # key, the memory store's overhead, the reply and getItem(1)'s 12 argument bytes
+            "bytes": len("getItem|") + 32 + 300 + len(item) + 12,
             "healthy": True,
         }
         assert state["fallback_store_losses"] == {
