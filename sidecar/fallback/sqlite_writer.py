@@ -227,38 +227,37 @@ class SqliteWriter:
 
     def _apply(self, batch: list[Op]) -> bool:
         """Apply one batch in one transaction; True when it holds the stop request."""
-        puts: dict[str, CachedReply] = {}
-        touches: dict[str, None] = {}
+        # Each key stored or read in the batch, in the order of its last use: a
+        # reply to store, or None for a read. The LRU order is taken from it.
+        uses: dict[str, CachedReply | None] = {}
         deletes: list[tuple[str, float]] = []
         waiters: list[concurrent.futures.Future[None]] = []
         stopping = False
         for op in batch:
             kind = op[0]
             if kind == PUT:
-                touches.pop(op[1], None)
-                puts.pop(op[1], None)
-                puts[op[1]] = op[2]
+                uses.pop(op[1], None)
+                uses[op[1]] = op[2]
             elif kind == TOUCH:
-                if op[1] not in puts:
-                    touches.pop(op[1], None)
-                    touches[op[1]] = None
+                uses[op[1]] = uses.pop(op[1], None)  # a reply stored earlier in the batch stays
             elif kind == DELETE:
                 deletes.append((op[1], op[2]))
             else:
                 waiters.append(op[1])
                 stopping = stopping or kind == STOP
+        puts = sum(reply is not None for reply in uses.values())
         try:
             if self.health.file_lost:  # nowhere to write until a fresh file is open
-                self.failed_writes += len(puts)
-            elif puts or touches or deletes:
-                self._in_transaction(lambda: self._write(puts, touches, deletes))
+                self.failed_writes += puts
+            elif uses or deletes:
+                self._in_transaction(lambda: self._write(uses, deletes))
                 self.health.write_failed = False
         except sqlite3.Error as exc:
-            self.failed_writes += len(puts)
+            self.failed_writes += puts
             self.trouble("write", exc)
             self.check_file()  # the file may be gone: SQLite says no more than "I/O error"
         except Exception:  # a bug: keep the thread, and the cache, alive
-            self.failed_writes += len(puts)
+            self.failed_writes += puts
             self.health.failed("write")
             log.exception("fallback cache %s: unexpected error in the writer", self.path)
         finally:
@@ -281,12 +280,8 @@ class SqliteWriter:
                 self.entries, self.bytes, _ = figures(conn)
             raise
 
-    def _write(
-        self,
-        puts: dict[str, CachedReply],
-        touches: dict[str, None],
-        deletes: list[tuple[str, float]],
-    ) -> None:
+    def _write(self, uses: dict[str, CachedReply | None], deletes: list[tuple[str, float]]) -> None:
+        """Apply a batch: deletes, then stores and reads, numbered in the order of their use."""
         conn = self.conn
         entries, nbytes = self.entries, self.bytes
         for key, stored_at in deletes:
@@ -297,7 +292,11 @@ class SqliteWriter:
                 conn.execute("DELETE FROM entries WHERE key = ?", (key,))
                 entries -= 1
                 nbytes -= row[0]
-        for key, reply in puts.items():
+        for key, reply in uses.items():
+            if reply is None:  # read: now the most recently used
+                self._seq += 1
+                conn.execute("UPDATE entries SET used_seq = ? WHERE key = ?", (self._seq, key))
+                continue
             row = conn.execute("SELECT size FROM entries WHERE key = ?", (key,)).fetchone()
             if row is not None:
                 entries -= 1
@@ -322,9 +321,6 @@ class SqliteWriter:
             )
             entries += 1
             nbytes += cost
-        for key in touches:
-            self._seq += 1
-            conn.execute("UPDATE entries SET used_seq = ? WHERE key = ?", (self._seq, key))
         self.entries, self.bytes = entries, nbytes
         self._trim_now()
 

@@ -14,10 +14,12 @@ shows them.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import logging
 import os
+import queue
 import sqlite3
 import subprocess
 import sys
@@ -34,6 +36,8 @@ import pytest
 from sidecar.errors import ConfigError
 from sidecar.fallback import sqlite as sqlite_module
 from sidecar.fallback.sqlite import SqliteStore
+from sidecar.fallback.sqlite_file import open_file
+from sidecar.fallback.sqlite_writer import PUT, STOP, TOUCH, Op, SqliteWriter
 from sidecar.fallback.store import (
     ENTRY_OVERHEAD,
     CachedReply,
@@ -410,6 +414,44 @@ async def fill(store: SqliteStore, count: int, size: int = 64, start: int = 0) -
     for n in range(start, start + count):
         store.put(key(n), CachedReply(message(n, size), 4, time.time()))
     await store.flush()
+
+
+def write_batch(path: Path, ops: list[Op], max_entries: int) -> list[str]:
+    """Run a writer over ``ops``, all taken as one batch; the keys left, least recent first."""
+    pending: queue.Queue[Op] = queue.Queue()
+    for op in [*ops, (STOP, concurrent.futures.Future())]:
+        pending.put(op)
+    writer = SqliteWriter(
+        open_file(path, 5.0),
+        path,
+        pending,
+        ttl=600.0,
+        max_entries=max_entries,
+        max_bytes=64 * MiB,
+        clock=time.time,
+        purge_interval=600.0,
+        warn=lambda what, text: None,
+    )
+    writer.run()  # in this thread: returns after the STOP
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        return [row[0] for row in conn.execute("SELECT key FROM entries ORDER BY used_seq")]
+
+
+def test_sqlite_reads_before_a_store_in_one_batch_leave_the_store_most_recent(
+    tmp_path: Path,
+) -> None:
+    """Reads of a and b, then c stored, all in one batch of the writer: c is the most
+    recently used, so the bound of two evicts a (the batch was once applied stores
+    first, which made c the oldest and evicted the reply just stored)."""
+    path = tmp_path / "fallback.db"
+    a, b, c = key(1), key(2), key(3)
+
+    def put(k: str, n: int) -> Op:
+        return (PUT, k, CachedReply(message(n), 4, time.time(), b"args"))
+
+    assert write_batch(path, [put(a, 1), put(b, 2)], max_entries=2) == [a, b]
+    left = write_batch(path, [(TOUCH, a), (TOUCH, b), put(c, 3)], max_entries=2)
+    assert left == [b, c]
 
 
 def test_sqlite_survives_reopening_with_lru_order(tmp_path: Path) -> None:
