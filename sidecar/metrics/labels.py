@@ -109,10 +109,12 @@ LABEL_DOCS: dict[str, str] = {
     "method's static reply from the config).",
     "state": "`busy` (a call in flight) or `idle`.",
     "kind": "What was wrong: " + ", ".join(f"`{k}`" for k in PROTOCOL_ERROR_KINDS) + ".",
-    "operation": "`state_backend_errors_total`: the shared-state operation that failed. "
-    "`fallback_store_errors_total`: `read`, `write` (a batch of writes), `purge` (of "
-    "expired entries), `file` (the SQLite file was deleted or replaced while open), "
-    "`reopen` (a fresh file could not be opened at the path).",
+    "operation": "`state_backend_errors_total`: the Redis operation that failed: "
+    "`breaker_read`, `breaker_write`, and `cache_read`, `cache_write` when the fallback "
+    "store is Redis (its failures count here only). `fallback_store_errors_total` (the "
+    "SQLite store): `read`, `write` (a batch of writes), `purge` (of expired entries), "
+    "`file` (the SQLite file was deleted or replaced while open), `reopen` (a fresh file "
+    "could not be opened at the path).",
     "version": "The sidecar's version.",
     "action": "What the control listener did: "
     + ", ".join(f"`{a}`" for a in CONTROL_ACTIONS)

@@ -158,7 +158,7 @@ class SidecarMetrics:
         )
         self.fallback_store_errors = self._counter(
             "fallback_store_errors_total",
-            "Failed operations of the fallback store, by operation.",
+            "Failed operations of the SQLite fallback store, by operation.",
             ["operation"],
         )
         self.client_connections = self._gauge("client_connections", "Open client connections.")
