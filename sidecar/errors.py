@@ -61,6 +61,21 @@ class UpstreamError(SidecarError):
         self.address = address
         self.sent = sent
 
+    def told_as(self, upstream: str | None) -> str:
+        """The message with the upstream called ``upstream`` instead of by its address.
+
+        For error replies to clients, which should not learn the upstream's
+        host and port; None keeps the address. Every message here names the
+        upstream as ``upstream <address>``; any other mention of the address
+        or its host (an OS error's text) is replaced too.
+        """
+        text = str(self)
+        if upstream is None:
+            return text
+        host = self.address.rpartition(":")[0]
+        text = text.replace(f"upstream {self.address}", upstream).replace(self.address, upstream)
+        return text.replace(host, upstream) if host else text
+
 
 class UpstreamUnavailable(UpstreamError):
     """No connection to the upstream could be had; nothing was sent."""

@@ -23,3 +23,12 @@ def test_thread_sidecar_forwards() -> None:
         with thriftpy2_client(sidecar.address, "buffered") as client:
             assert client.add(20, 22) == 42
         assert upstream.calls["add"] == 1
+
+
+def test_run_sidecar_removes_its_directory_and_keeps_the_log() -> None:
+    with thriftpy2_server("framed") as upstream:
+        with run_sidecar([upstream.address]) as sc:
+            workdir = sc.config_path.parent
+            assert workdir.is_dir()
+        assert not workdir.exists()
+    assert "listening" in sc.log().lower()

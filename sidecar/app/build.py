@@ -60,6 +60,14 @@ def upstream_name(config: SidecarConfig) -> str:
     return ",".join(config.upstream.addresses)
 
 
+def upstream_shown(config: SidecarConfig) -> str | None:
+    """What error replies to clients call the upstream; None: its address."""
+    u = config.upstream
+    if u.addresses_in_replies:
+        return None
+    return "the upstream" if u.name is None else f"upstream {u.name}"
+
+
 def services_by_method(names: list[str]) -> dict[str, str]:
     """Bare method name -> its service, for methods that exactly one ``Service:method`` names."""
     found: dict[str, set[str]] = {}
@@ -220,6 +228,7 @@ def call_context(
         upstream_transport=None if u.transport == "same" else Transport(u.transport),
         upstream_protocol=None if u.protocol == "same" else Protocol(u.protocol),
         upstream_name=upstream_name(config),
+        upstream_shown=upstream_shown(config),
         policies=PolicyTable(
             config,
             labels,

@@ -82,6 +82,19 @@ class UpstreamConfig(Section):
     tls: UpstreamTlsConfig | None = Field(
         None, description="TLS to the upstream; null means plaintext."
     )
+    name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=100,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
+        description="What error replies to clients call the upstream (`upstream NAME`); null: "
+        "`the upstream`. Logs and metrics always name its addresses.",
+    )
+    addresses_in_replies: bool = Field(
+        False,
+        description="Name the upstream's host and port in error replies to clients (an "
+        "internal detail they do not need); false uses `name`.",
+    )
 
 
 class BudgetConfig(Section):

@@ -254,8 +254,11 @@ class Call:
         self._admission = breaker.admit()
         if self._admission is None:
             ctx.metrics.breaker_rejections.labels(breaker.name).inc()
+            shown = ctx.upstream_shown
             self._unanswered(
-                BREAKER_OPEN, CIRCUIT_OPEN, f"circuit open for upstream {breaker.name}"
+                BREAKER_OPEN,
+                CIRCUIT_OPEN,
+                f"circuit open for {shown or 'upstream ' + breaker.name}",
             )
             return
         ctx.budget.deposit(self._started)
@@ -519,7 +522,7 @@ class Call:
             if reply is not None:  # it could not be put in the client's protocol: answered
                 return
             tries = f" ({self._attempt} attempts)" if self._attempt > 1 else ""
-            reason = str(error) if error is not None else label
+            reason = label if error is None else error.told_as(self._ctx.upstream_shown)
             if RETRIES_EXHAUSTED in self._ctx.fallbacks.serve_on:
                 tries += f", no fallback for {self._policy.display_name}"
             self._finish(

@@ -35,7 +35,8 @@ class CallContext:
         upstream_transport: the transport the upstream speaks; None = the client's
             (a THeader client's calls stay THeader).
         upstream_protocol: the protocol the upstream speaks; None = the client's.
-        upstream_name: the upstream's name in metrics and messages.
+        upstream_name: the upstream's name in metrics and logs (its addresses).
+        upstream_shown: what error replies to clients call the upstream; None: its address.
         policies: per-method settings, resolved from the config.
         breakers: the upstream's circuit breakers.
         budget: the upstream's retry budget.
@@ -55,6 +56,7 @@ class CallContext:
     upstream_transport: Transport | None
     upstream_protocol: Protocol | None
     upstream_name: str
+    upstream_shown: str | None
     policies: PolicyTable
     breakers: BreakerSet
     budget: RetryBudget

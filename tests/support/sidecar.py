@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -131,6 +132,7 @@ class SidecarProcess:
     config_path: Path
     log_path: Path
     _log_file: Any = field(repr=False, default=None)
+    _kept_log: str | None = field(repr=False, default=None)
 
     @property
     def address(self) -> str:
@@ -151,7 +153,14 @@ class SidecarProcess:
         return dict(json.loads(body))
 
     def log(self) -> str:
+        """The sidecar's output so far (kept when `run_sidecar` removes its directory)."""
+        if self._kept_log is not None:
+            return self._kept_log
         return self.log_path.read_text(errors="replace")
+
+    def keep_log(self) -> None:
+        """Read the log into memory, so that it outlives the process's directory."""
+        self._kept_log = self.log_path.read_text(errors="replace")
 
     def write_config(self, config: dict[str, Any] | str) -> None:
         """Replace the config file (then send SIGHUP to reload it)."""
@@ -237,6 +246,8 @@ def run_sidecar(
         yield sidecar
     finally:
         sidecar.stop()
+        sidecar.keep_log()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class SidecarThread:
