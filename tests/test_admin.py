@@ -36,11 +36,13 @@ from prometheus_client import (
     enable_created_metrics,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
 from prometheus_client.parser import text_string_to_metric_families as text_families
+from prometheus_client.registry import Collector
 
 from sidecar import __version__
 from sidecar.admin import AdminServer
@@ -512,6 +514,88 @@ def test_close_drops_open_connections(new_loop: NewLoop) -> None:
         assert read_all(sock) == b""
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(admin.address, timeout=5).close()
+
+
+# /metrics off the loop
+
+
+class BlockingCollector(Collector):
+    """A collector that waits for `release` in `collect`, noting the thread it runs on."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[str] = []
+
+    def collect(self) -> Iterable[Metric]:
+        self.threads.append(threading.current_thread().name)
+        self.entered.set()
+        assert self.release.wait(10), "never released"
+        yield GaugeMetricFamily("blocking_probe", "A gauge behind a slow collect.", value=7)
+
+
+def _scrape_in_thread(
+    address: tuple[str, int], path: str = "/metrics"
+) -> tuple[threading.Thread, list[Reply]]:
+    replies: list[Reply] = []
+    thread = threading.Thread(target=lambda: replies.append(get(address, path)))
+    thread.start()
+    return thread, replies
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/"])
+def test_a_slow_render_does_not_hold_the_loop(new_loop: NewLoop, path: str) -> None:
+    """While a page is being rendered, the loop answers other requests (it was blocked)."""
+    registry = CollectorRegistry()
+    slow = BlockingCollector()
+    registry.register(slow)
+    with AdminThread(new_loop, registry=registry) as admin:
+        thread, replies = _scrape_in_thread(admin.address, path)
+        assert slow.entered.wait(10), "the render never started"
+        assert get(admin.address, "/healthz").status == 200  # the loop is free meanwhile
+        slow.release.set()
+        thread.join(10)
+    [reply] = replies
+    assert reply.status == 200
+    if path == "/metrics":
+        assert samples(text_families(reply.body.decode())) == {("blocking_probe", ()): 7.0}
+    else:
+        assert b"<table" in reply.body
+    assert slow.threads[0].startswith("metrics-render"), slow.threads
+
+
+def test_concurrent_scrapes_share_one_render(new_loop: NewLoop) -> None:
+    registry = CollectorRegistry()
+    slow = BlockingCollector()
+    registry.register(slow)
+    with AdminThread(new_loop, registry=registry) as admin:
+        scrapes = [_scrape_in_thread(admin.address) for _ in range(8)]
+        assert slow.entered.wait(10), "the render never started"
+        wait_until(lambda: admin.server.renderer.asked == 8, message="eight scrapes asked")
+        slow.release.set()
+        for thread, _ in scrapes:
+            thread.join(10)
+        assert admin.server.renderer.renders == 1
+    bodies = {reply.body for _, replies in scrapes for reply in replies}
+    assert [reply.status for _, replies in scrapes for reply in replies] == [200] * 8
+    assert len(bodies) == 1
+    assert slow.threads == [slow.threads[0]]  # collected once
+
+
+def test_a_failing_render_answers_500(new_loop: NewLoop, logs: pytest.LogCaptureFixture) -> None:
+    class Broken(Collector):
+        def collect(self) -> Iterable[Metric]:
+            raise RuntimeError("collector is broken")
+
+    registry = CollectorRegistry()
+    registry.register(Broken())
+    with AdminThread(new_loop, registry=registry) as admin:
+        reply = get(admin.address, "/metrics")
+        assert (reply.status, reply.body) == (500, b"internal error\n")
+        assert get(admin.address, "/healthz").status == 200
+    assert "admin request GET /metrics failed: RuntimeError: collector is broken" in [
+        r.getMessage() for r in logs.records
+    ]
 
 
 # The whole sidecar

@@ -5,11 +5,14 @@ cannot change the sidecar (writes are on the control listener,
 `sidecar.admin.control`). ``/metrics`` is OpenMetrics or the Prometheus
 text format, as the scraper's ``Accept`` asks (chosen and encoded by
 prometheus_client), without ``_created`` series. ``/`` is the table of
-``sidecar top`` as a page (`sidecar.top.html`).
+``sidecar top`` as a page (`sidecar.top.html`). Both are rendered off the
+loop (`sidecar.admin.render`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -19,9 +22,10 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.exposition import choose_encoder
 
 from sidecar.admin.listener import Answer, HttpServer, Request, text
+from sidecar.admin.render import Renderer
 from sidecar.top.html import render_index
 from sidecar.top.snapshot import Snapshot
-from sidecar.top.table import Table, table
+from sidecar.top.table import table
 
 HTML = "text/html; charset=utf-8"
 # The index compares with a reading at least this old (seconds) for its rates.
@@ -62,6 +66,7 @@ class AdminServer(HttpServer):
         self._ready = ready
         self._state = state
         self._before_scrape = before_scrape
+        self.renderer = Renderer()
         self._why_not_ready = why_not_ready
         # Earlier readings, for the index's rates.
         self._readings: list[Snapshot] = []
@@ -76,7 +81,11 @@ class AdminServer(HttpServer):
         disable_created_metrics()  # type: ignore[no-untyped-call]
         return await super().listen(host, port)
 
-    def route(self, request: Request) -> Answer:
+    async def close(self) -> None:
+        await super().close()
+        self.renderer.close()
+
+    def route(self, request: Request) -> Answer | asyncio.Future[Answer]:
         if request.method not in ("GET", "HEAD"):
             return text(405, "only GET and HEAD", [("Allow", "GET, HEAD")])
         path = request.path
@@ -84,7 +93,8 @@ class AdminServer(HttpServer):
             if self._before_scrape is not None:
                 self._before_scrape()
             encode, content_type = choose_encoder(request.header(b"accept"))
-            return Answer(200, content_type, encode(self._registry))
+            rendered = self.renderer.render(encode, functools.partial(encode, self._registry))
+            return _answer_when_rendered(rendered, content_type)
         if path == "/healthz":
             return text(200, "ok")
         if path == "/readyz":
@@ -96,18 +106,40 @@ class AdminServer(HttpServer):
             body = json.dumps(self._state(), indent=2, sort_keys=True, default=str)
             return Answer(200, "application/json", body.encode() + b"\n")
         if path in ("/", "/index.html"):
-            return Answer(200, HTML, render_index(self._frame()).encode())
+            if self._before_scrape is not None:
+                self._before_scrape()
+            state = self._state()  # read on the loop, where the parts live
+            rendered = self.renderer.render("index", lambda: self._index(state))
+            return _answer_when_rendered(rendered, HTML)
         return text(404, "not found: try /, /metrics, /healthz, /readyz or /state")
 
-    def _frame(self) -> Table:
-        """The index's table: rates since a reading at least `INDEX_INTERVAL` old, if any."""
-        if self._before_scrape is not None:
-            self._before_scrape()
+    def _index(self, state: dict[str, Any]) -> bytes:
+        """The index page (on the render thread): rates since a reading `INDEX_INTERVAL` old."""
         now = time.monotonic()
-        current = Snapshot.from_families(self._registry.collect(), self._state(), now)
+        current = Snapshot.from_families(self._registry.collect(), state, now)
         older = [r for r in self._readings if now - r.at >= INDEX_INTERVAL]
         before = older[-1] if older else None
         # Keep the newest reading old enough to compare with, and the younger ones.
         self._readings = [*older[-1:], *(r for r in self._readings if now - r.at < INDEX_INTERVAL)]
         self._readings.append(current)
-        return table(before, current)
+        return render_index(table(before, current)).encode()
+
+
+def _answer_when_rendered(
+    rendered: asyncio.Future[bytes], content_type: str
+) -> asyncio.Future[Answer]:
+    """The 200 answer with the exposition, once it is rendered (its failure, if it fails)."""
+    answer: asyncio.Future[Answer] = rendered.get_loop().create_future()
+
+    def made(done: asyncio.Future[bytes]) -> None:
+        if answer.done():
+            return
+        if done.cancelled():
+            answer.cancel()
+        elif (exc := done.exception()) is not None:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(Answer(200, content_type, done.result()))
+
+    rendered.add_done_callback(made)
+    return answer

@@ -119,8 +119,8 @@ class HttpServer(abc.ABC):
         self._server: asyncio.Server | None = None
 
     @abc.abstractmethod
-    def route(self, request: Request) -> Answer:
-        """The answer to a whole request (subclasses)."""
+    def route(self, request: Request) -> Answer | asyncio.Future[Answer]:
+        """The answer to a whole request (subclasses); a future when it is made off the loop."""
 
     async def listen(self, host: str, port: int) -> tuple[str, int]:
         """Start serving; returns the bound address (port 0 picks a free one)."""
@@ -154,23 +154,34 @@ class HttpServer(abc.ABC):
             return False
         return True
 
-    def answer(self, request: h11.Request, peer: str = "?") -> Answer:
+    def answer(self, request: h11.Request, peer: str = "?") -> Answer | asyncio.Future[Answer]:
         """The answer to a whole request; a failing route gives a 500."""
         try:
             return self.route(Request.from_h11(request, peer))
         except Exception as exc:
-            target = request.target.decode("ascii", "replace")
-            if self.error_log.warning(
-                "%s request %s %s failed: %s: %s",
-                self.name,
-                request.method.decode("ascii", "replace"),
-                target,
-                type(exc).__name__,
-                exc,
-                extra={"path": target},
-            ):
-                log.debug("%s request %s failed", self.name, target, exc_info=True)
-            return text(500, "internal error")
+            return self.failed(request, exc)
+
+    def answer_made(self, request: h11.Request, made: asyncio.Future[Answer]) -> Answer:
+        """The answer a route made off the loop; one that failed gives a 500."""
+        exc = made.exception()
+        if exc is None:
+            return made.result()
+        return self.failed(request, exc)
+
+    def failed(self, request: h11.Request, exc: BaseException) -> Answer:
+        """A route failed: a rate-limited warning, and a 500."""
+        target = request.target.decode("ascii", "replace")
+        if self.error_log.warning(
+            "%s request %s %s failed: %s: %s",
+            self.name,
+            request.method.decode("ascii", "replace"),
+            target,
+            type(exc).__name__,
+            exc,
+            extra={"path": target},
+        ):
+            log.debug("%s request %s failed", self.name, target, exc_info=exc)
+        return text(500, "internal error")
 
 
 class HttpConnection(asyncio.Protocol):
@@ -268,12 +279,28 @@ class HttpConnection(asyncio.Protocol):
                 if self._received - len(self._http.trailing_data[0]) > limit:
                     self._refuse(413)
                 else:
-                    self._send(self._server.answer(self._request, self.peer))
+                    self._answer(self._server.answer(self._request, self.peer))
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 self._answered = True  # closed before sending anything: nothing to answer
                 self._close()
                 return
+
+    def _answer(self, answer: Answer | asyncio.Future[Answer]) -> None:
+        """Send ``answer`` now, or when it is made."""
+        if isinstance(answer, Answer):
+            self._send(answer)
+            return
+        self._answered = True  # bytes that come meanwhile are not another request
+        self._arm(self.abort)  # made and sent within request_timeout, or dropped
+        request = self._request
+        assert request is not None
+        answer.add_done_callback(lambda made: self._guard(self._send_made, request, made))
+
+    def _send_made(self, request: h11.Request, made: asyncio.Future[Answer]) -> None:
+        if made.cancelled() or self._transport is None or self._transport.is_closing():
+            return
+        self._send(self._server.answer_made(request, made))
 
     def _refuse(self, status: int) -> None:
         if status in (413, 431):

@@ -71,9 +71,9 @@ class CallMetrics(Collector):
     ``upstream_attempts_total`` are updated two or three times per call.
     prometheus_client's Counter and Histogram take a lock and several method
     calls per update, about 1 µs per call in all (measured); here an update is
-    a dict increment and a bisect. Updates and scrapes both run on the event
-    loop's thread, so nothing is shared across threads. The exposition is the
-    same as prometheus_client's own types would give.
+    a dict increment and a bisect, on the event loop's thread, without a
+    lock; a scrape on the render thread reads copies (`_copies`). The
+    exposition is the same as prometheus_client's own types would give.
     """
 
     # Exported names and their labels.
@@ -99,20 +99,39 @@ class CallMetrics(Collector):
     def collect(self) -> Iterator[Metric]:
         requests, durations, attempts = self._families()
         bounds = [repr(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
-        for stats in list(self._methods.values()):
-            for outcome, count in list(stats.requests.items()):
+        for stats, counts, buckets, duration_sum, tries in self._copies():
+            for outcome, count in counts.items():
                 requests.add_metric([stats.service, stats.method, outcome], count)
             cumulative = []
             total = 0
-            for bound, count in zip(bounds, stats.buckets, strict=True):
+            for bound, count in zip(bounds, buckets, strict=True):
                 total += count
                 cumulative.append((bound, total))
-            durations.add_metric([stats.service, stats.method], cumulative, stats.duration_sum)
-            for (address, result), count in list(stats.attempts.items()):
+            durations.add_metric([stats.service, stats.method], cumulative, duration_sum)
+            for (address, result), count in tries.items():
                 attempts.add_metric([address, stats.label, result], count)
         yield requests
         yield durations
         yield attempts
+
+    def _copies(
+        self,
+    ) -> list[
+        tuple[MethodStats, dict[str, int], tuple[int, ...], float, dict[tuple[str, str], int]]
+    ]:
+        """Each method's figures, copied so that the loop may go on counting meanwhile.
+
+        Scrapes run on a render thread (`sidecar.admin.render`) while the loop
+        updates these dicts. Each copy is one call into C (``list``, ``dict``,
+        ``tuple`` of a builtin container with str keys), which CPython runs
+        without letting another thread in, so no copy sees a dict change size.
+        Figures of different methods may be a few calls apart, as with any
+        scrape; the figures of one container are consistent.
+        """
+        return [
+            (s, dict(s.requests), tuple(s.buckets), s.duration_sum, dict(s.attempts))
+            for s in list(self._methods.values())
+        ]
 
     @classmethod
     def _families(cls) -> tuple[CounterMetricFamily, HistogramMetricFamily, CounterMetricFamily]:
