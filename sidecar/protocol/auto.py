@@ -14,7 +14,7 @@ from sidecar.protocol.decoders import DEFAULT_MAX_MESSAGE_SIZE, BufferedDecoder,
 from sidecar.protocol.detect import MAX_PREFIX, Detected, binary_only, detect, may_be_json
 from sidecar.protocol.envelope import MessageHeader, Protocol
 from sidecar.protocol.message import Message, Transport
-from sidecar.protocol.skip import DEFAULT_MAX_DEPTH
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED
 from sidecar.protocol.theader_decoder import THeaderDecoder
 
 Decoder = FramedDecoder | BufferedDecoder | THeaderDecoder
@@ -25,12 +25,16 @@ def make_decoder(
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
     protocol: Protocol = Protocol.BINARY,
+    walk_steps: int = UNBOUNDED,
 ) -> FramedDecoder | BufferedDecoder:
-    """A decoder for framed or buffered messages of ``protocol`` (THeader: `decoder_for`)."""
+    """A decoder for framed or buffered messages of ``protocol`` (THeader: `decoder_for`).
+
+    ``walk_steps``: see `BufferedDecoder`.
+    """
     if transport is Transport.FRAMED:
         return FramedDecoder(max_size, protocol)
     if transport is Transport.BUFFERED:
-        return BufferedDecoder(max_size, max_depth, protocol)
+        return BufferedDecoder(max_size, max_depth, protocol, walk_steps)
     raise ValueError(f"make_decoder builds framed and buffered decoders, not {transport}")
 
 
@@ -39,11 +43,12 @@ def decoder_for(
     protocol: Protocol = Protocol.BINARY,
     max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     max_depth: int = DEFAULT_MAX_DEPTH,
+    walk_steps: int = UNBOUNDED,
 ) -> Decoder:
     """A decoder for any transport (THeader carries either protocol, per frame)."""
     if transport is Transport.THEADER:
         return THeaderDecoder(max_size)
-    return make_decoder(transport, max_size, max_depth, protocol)
+    return make_decoder(transport, max_size, max_depth, protocol, walk_steps)
 
 
 BINARY_ONLY: frozenset[tuple[Transport, Protocol]] = frozenset(
@@ -67,6 +72,7 @@ class AutoDecoder:
         max_depth: nesting limit of the decoders built here.
         accept: the (transport, protocol) pairs to decode; the others are
             refused as `detect_transport` refuses them. Default: binary only.
+        walk_steps: the step budget of a buffered walk (`BufferedDecoder`).
     """
 
     __slots__ = (
@@ -77,6 +83,7 @@ class AutoDecoder:
         "_max_depth",
         "_max_size",
         "_prefix",
+        "_walk_steps",
         "protocol",
         "transport",
     )
@@ -88,8 +95,10 @@ class AutoDecoder:
         max_size: int = DEFAULT_MAX_MESSAGE_SIZE,
         max_depth: int = DEFAULT_MAX_DEPTH,
         accept: Collection[tuple[Transport, Protocol]] = BINARY_ONLY,
+        walk_steps: int = UNBOUNDED,
     ) -> None:
         self._make = make
+        self._walk_steps = walk_steps
         self._max_size = max_size
         self._max_depth = max_depth
         self._accept = frozenset(accept)
@@ -110,6 +119,15 @@ class AutoDecoder:
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned in a message."""
         return len(self._prefix) if self._inner is None else self._inner.buffered_bytes
+
+    @property
+    def walk_pending(self) -> bool:
+        """A buffered walk stopped for its step budget: `resume` goes on."""
+        return self._inner is not None and self._inner.walk_pending
+
+    def resume(self) -> list[Message]:
+        """Go on with a walk stopped for its step budget."""
+        return [] if self._inner is None else self._inner.resume()
 
     @property
     def error(self) -> RemoteProtocolError | None:
@@ -139,7 +157,7 @@ class AutoDecoder:
             self._inner = self._make(found.transport)
         else:
             self._inner = decoder_for(
-                found.transport, found.protocol, self._max_size, self._max_depth
+                found.transport, found.protocol, self._max_size, self._max_depth, self._walk_steps
             )
         prefix, self._prefix = self._prefix, bytearray()
         return self._inner.receive_data(prefix)

@@ -23,7 +23,7 @@ from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import MAX_VARINT32, read_varint
-from sidecar.protocol.skip import DEFAULT_MAX_DEPTH
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, SkipperState
 
 
 class CType:
@@ -64,37 +64,31 @@ _STRUCT, _SEQ, _MAP, _VALUE, _RAW = range(5)
 _NO_LIMIT: Final = 1 << 62
 
 
-class CompactSkipper:
+class CompactSkipper(SkipperState):
     """Walks one compact struct, fed incrementally (the interface of `StructSkipper`)."""
 
-    __slots__ = ("_depth", "_max_depth", "_stack", "done")
+    __slots__ = ()
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-        self._max_depth = max_depth
-        self._stack: list[list[int]] = [[_STRUCT]]
-        self._depth = 1
-        self.done = False
-
-    def reset(self) -> None:
-        """Prepare to walk the next struct."""
-        self._stack = [[_STRUCT]]
-        self._depth = 1
-        self.done = False
-
-    def reset_value(self, vtype: int) -> None:
-        """Prepare to walk one value of compact type ``vtype`` instead of a struct."""
-        self._stack = [[_VALUE, vtype]]
-        self._depth = 0
-        self.done = False
-
-    def advance(self, data: bytes | bytearray | memoryview, pos: int, end: int, limit: int) -> int:
-        """Walk as far as ``data[pos:end]`` allows (see `StructSkipper.advance`).
+    def advance(
+        self,
+        data: bytes | bytearray | memoryview,
+        pos: int,
+        end: int,
+        limit: int,
+        steps: int = UNBOUNDED,
+    ) -> int:
+        """Walk as far as ``data[pos:end]`` allows, in ``steps`` (see `StructSkipper.advance`).
 
         Raises:
             RemoteProtocolError: the bytes cannot be a compact struct within the limits.
         """
         stack = self._stack
+        self.out_of_steps = False
         while stack:
+            steps -= 1
+            if steps < 0:
+                self.out_of_steps = True
+                return pos
             frame = stack[-1]
             kind = frame[0]
             if kind == _RAW:

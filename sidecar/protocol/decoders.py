@@ -27,7 +27,7 @@ from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.compact_skip import CompactSkipper
 from sidecar.protocol.envelope import MessageHeader, Protocol, identify, parse_header
 from sidecar.protocol.message import Message
-from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, StructSkipper
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper
 
 HeaderParser = Callable[[bytes | bytearray | memoryview, int], MessageHeader | None]
 PARSERS: dict[Protocol, HeaderParser] = {
@@ -46,6 +46,13 @@ class DecoderBase:
     """What every decoder shares: the buffer, the size limit, the error that broke it."""
 
     __slots__ = ("_buf", "_error", "_parse", "max_size", "protocol")
+
+    # Only a buffered walk stops before the bytes run out (`BufferedDecoder`).
+    walk_pending = False
+
+    def resume(self) -> list[Message]:
+        """Go on with a walk stopped for its step budget (`BufferedDecoder.resume`)."""
+        return []
 
     def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
         self.max_size = max_size
@@ -168,15 +175,23 @@ class FramedDecoder(DecoderBase):
 
 
 class BufferedDecoder(DecoderBase):
-    """Splits an unframed byte stream into messages by skipping each struct."""
+    """Splits an unframed byte stream into messages by skipping each struct.
 
-    __slots__ = ("_header", "_pos", "_skipper")
+    With ``walk_steps`` the walk of one call stops after that many steps
+    (`StructSkipper.advance`) even when the bytes for more are there:
+    ``walk_pending`` then says so, and `resume` goes on. The caller lets
+    other connections run in between, so one client's hard-to-walk message
+    cannot hold the loop.
+    """
+
+    __slots__ = ("_header", "_pos", "_skipper", "walk_pending", "walk_steps")
 
     def __init__(
         self,
         max_size: int,
         max_depth: int = DEFAULT_MAX_DEPTH,
         protocol: Protocol = Protocol.BINARY,
+        walk_steps: int = UNBOUNDED,
     ) -> None:
         super().__init__(max_size, protocol)
         self._skipper: StructSkipper | CompactSkipper = (
@@ -184,6 +199,8 @@ class BufferedDecoder(DecoderBase):
         )
         self._header: MessageHeader | None = None
         self._pos = 0
+        self.walk_steps = walk_steps
+        self.walk_pending = False
 
     def receive_data(self, data: bytes | bytearray) -> list[Message]:
         """Feed bytes; return the messages they complete.
@@ -199,10 +216,23 @@ class BufferedDecoder(DecoderBase):
                 raise self._fail(_truncated(self._buf, 0, self._parse, self._header))
             return []
         self._buf += data
+        if self.walk_pending:  # `resume` walks on; these bytes wait their turn
+            return []
+        return self._walk()
+
+    def resume(self) -> list[Message]:
+        """Walk on after ``walk_pending``: the messages completed in the next ``walk_steps``."""
+        if self._error is not None:
+            raise self._error
+        return self._walk()
+
+    def _walk(self) -> list[Message]:
         out: list[Message] = []
         start = 0
         skipper = self._skipper
         header = self._header
+        steps = self.walk_steps
+        self.walk_pending = False
         try:
             while True:
                 if header is None:
@@ -212,8 +242,9 @@ class BufferedDecoder(DecoderBase):
                     skipper.reset()
                     self._pos = start + header.body_offset
                 buf = self._buf
-                self._pos = skipper.advance(buf, self._pos, len(buf), start + self.max_size)
+                self._pos = skipper.advance(buf, self._pos, len(buf), start + self.max_size, steps)
                 if not skipper.done:
+                    self.walk_pending = skipper.out_of_steps
                     break
                 out.append(Message(header, self._take(start, self._pos), 0))
                 start = self._pos

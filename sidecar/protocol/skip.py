@@ -73,12 +73,43 @@ DEFAULT_MAX_DEPTH: Final = 64
 
 _STRUCT, _SEQ, _MAP, _VALUE, _RAW = range(5)
 _NO_LIMIT: Final = 1 << 62
+# `StructSkipper.advance` without a step budget.
+UNBOUNDED: Final = 1 << 62
 _I32 = struct.Struct(">i")
 _SEQ_HEADER = struct.Struct(">bi")
 _MAP_HEADER = struct.Struct(">bbi")
 
 
-class StructSkipper:
+class SkipperState:
+    """What both skippers keep between feeds (`StructSkipper`, `CompactSkipper`).
+
+    ``done``: the walk reached the end of its struct or value.
+    ``out_of_steps``: the last ``advance`` stopped because its ``steps`` ran
+    out, not for want of bytes; calling it again goes on.
+    """
+
+    __slots__ = ("_depth", "_max_depth", "_stack", "done", "out_of_steps")
+
+    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+        self._max_depth = max_depth
+        self.reset()
+
+    def reset(self) -> None:
+        """Prepare to walk the next struct."""
+        self._stack: list[list[int]] = [[_STRUCT]]
+        self._depth = 1
+        self.done = False
+        self.out_of_steps = False
+
+    def reset_value(self, vtype: int) -> None:
+        """Prepare to walk one value of type ``vtype`` instead of a struct."""
+        self._stack = [[_VALUE, vtype]]
+        self._depth = 0
+        self.done = False
+        self.out_of_steps = False
+
+
+class StructSkipper(SkipperState):
     """Walks one struct, fed incrementally.
 
     Usage::
@@ -92,34 +123,25 @@ class StructSkipper:
     grow or replace its buffer, as long as positions stay the same.
     """
 
-    __slots__ = ("_depth", "_max_depth", "_stack", "done")
+    __slots__ = ()
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-        self._max_depth = max_depth
-        self._stack: list[list[int]] = [[_STRUCT]]
-        self._depth = 1
-        self.done = False
-
-    def reset(self) -> None:
-        """Prepare to walk the next struct."""
-        self._stack = [[_STRUCT]]
-        self._depth = 1
-        self.done = False
-
-    def reset_value(self, vtype: int) -> None:
-        """Prepare to walk one value of type ``vtype`` instead of a struct."""
-        self._stack = [[_VALUE, vtype]]
-        self._depth = 0
-        self.done = False
-
-    def advance(self, data: bytes | bytearray | memoryview, pos: int, end: int, limit: int) -> int:
-        """Walk as far as ``data[pos:end]`` allows.
+    def advance(
+        self,
+        data: bytes | bytearray | memoryview,
+        pos: int,
+        end: int,
+        limit: int,
+        steps: int = UNBOUNDED,
+    ) -> int:
+        """Walk as far as ``data[pos:end]`` allows, in at most ``steps`` steps.
 
         Args:
             data: the buffer.
             pos: where the walk stopped last time (the struct's start at first).
             end: how many bytes of ``data`` are valid.
             limit: the struct may not extend past this offset.
+            steps: most frames visited (a field, an element, a run of raw
+                bytes: about 100 ns each); past it ``out_of_steps`` is set.
 
         Returns:
             The position reached; when ``done`` is set, the first byte after the struct.
@@ -128,7 +150,12 @@ class StructSkipper:
             RemoteProtocolError: the bytes cannot be a struct within the limits.
         """
         stack = self._stack
+        self.out_of_steps = False
         while stack:
+            steps -= 1
+            if steps < 0:
+                self.out_of_steps = True
+                return pos
             frame = stack[-1]
             kind = frame[0]
             if kind == _RAW:

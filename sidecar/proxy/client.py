@@ -54,6 +54,11 @@ R = TypeVar("R")
 
 MAX_QUEUED_MESSAGES = 64
 MAX_QUEUED_BYTES = 8 << 20
+# Steps of a buffered message's walk per turn of the loop (`BufferedDecoder`).
+# A step is about 0.1 µs, and a message can cost one per byte (a list of
+# empty structs): a connection holds the loop about half a millisecond at a
+# time, and every other connection runs in between.
+WALK_STEPS = 4096
 # Malformed calls (found so after they failed upstream) a connection may send
 # before it is closed: one is a bug, three in a row are a client to stop.
 MAX_MALFORMED_CALLS = 3
@@ -161,12 +166,21 @@ class ClientConnection(asyncio.Protocol):
         self._decoder: AutoDecoder | Decoder
         if settings.transport == "auto":
             self._decoder = AutoDecoder(
-                max_size=settings.max_frame_size, max_depth=settings.max_depth, accept=EVERYTHING
+                max_size=settings.max_frame_size,
+                max_depth=settings.max_depth,
+                accept=EVERYTHING,
+                walk_steps=WALK_STEPS,
             )
             self._kind: Transport | None = None
         else:
             self._kind = Transport(settings.transport)
-            self._decoder = make_decoder(self._kind, settings.max_frame_size, settings.max_depth)
+            self._decoder = make_decoder(
+                self._kind,
+                settings.max_frame_size,
+                settings.max_depth,
+                walk_steps=WALK_STEPS,
+            )
+        self._walk_due = False  # `_walk_on` is scheduled
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
@@ -198,9 +212,34 @@ class ClientConnection(asyncio.Protocol):
 
     @_boundary
     def data_received(self, data: bytes) -> None:
+        self._decode(self._decoder.receive_data, data)
+
+    @_boundary
+    def _walk_on(self) -> None:
+        """The next turn of a buffered walk stopped for its step budget."""
+        self._walk_due = False
+        decoder = self._decoder
+        if self._aborted or decoder.error is not None:
+            return
+        self._decode(lambda _: decoder.resume(), b"")
+        if decoder.walk_pending or decoder.error is not None:
+            return
+        if self._eof:  # the end came while the walk was behind
+            self._end_of_input()
+            return
+        if (
+            self._reading_paused
+            and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
+            and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+        ):
+            self._resume_reading()
+        self._pump()  # a connection lost meanwhile may be through now
+
+    def _decode(self, decode: Callable[[bytes], list[Message]], data: bytes) -> None:
+        """Queue the messages ``decode(data)`` completes (and an error), and run them."""
         error: ProtocolError | None
         try:
-            messages = self._decoder.receive_data(data)
+            messages = decode(data)
         except ProtocolError as exc:
             # Without its traceback: its frames hold the decoder's buffer (megabytes of
             # an unfinished message) for as long as the error is kept.
@@ -208,6 +247,12 @@ class ClientConnection(asyncio.Protocol):
         else:
             # An error after whole messages in this read: those are answered first.
             error = self._decoder.error
+        if error is None and self._decoder.walk_pending and not self._walk_due:
+            # Its step budget ran out with bytes to walk: the next turn comes after
+            # every other connection's, and this one's bytes wait meanwhile.
+            self._walk_due = True
+            self._pause_reading()
+            self._loop.call_soon(self._walk_on)
         if self._kind is None:
             # Known once detected, even when the first message then breaks the protocol:
             # the PROTOCOL_ERROR answer is written in it.
@@ -232,13 +277,18 @@ class ClientConnection(asyncio.Protocol):
     @_boundary
     def eof_received(self) -> bool:
         self._eof = True
+        if not self._decoder.walk_pending:  # else once the walk is through (`_walk_on`)
+            self._end_of_input()
+        return True  # keep our side open to write the pending replies
+
+    def _end_of_input(self) -> None:
+        """The client sent its last byte: an unfinished message is an error."""
         if self._decoder.error is None:  # else it is queued already
             try:
                 self._decoder.receive_data(b"")
             except ProtocolError as exc:
                 self._queue.append(exc.with_traceback(None))  # frees the buffer (above)
         self._pump()
-        return True  # keep our side open to write the pending replies
 
     @_boundary
     def connection_lost(self, exc: Exception | None) -> None:
@@ -294,6 +344,7 @@ class ClientConnection(asyncio.Protocol):
                 if (
                     self._reading_paused
                     and self._decoder.error is None  # after a protocol error: never again
+                    and not self._decoder.walk_pending  # `_walk_on` resumes then
                     and len(queue) <= MAX_QUEUED_MESSAGES // 2
                     and self._queued_bytes <= MAX_QUEUED_BYTES // 2
                 ):
@@ -310,7 +361,7 @@ class ClientConnection(asyncio.Protocol):
                 call.start()
         finally:
             self._pumping = False
-        if self._call is None and not queue:
+        if self._call is None and not queue and not self._walk_due:
             if self._eof or self.lost or server.draining:
                 self.close()
             if self.lost:
@@ -476,8 +527,10 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        """Nothing in flight and nothing queued (a partly received message is not work)."""
-        return self._call is None and self._behind is None and not self._queue
+        """Nothing in flight, queued or being walked (a partly received message is not work)."""
+        return (
+            self._call is None and self._behind is None and not self._queue and not self._walk_due
+        )
 
     def close(self) -> None:
         """Close after the pending writes are flushed."""
