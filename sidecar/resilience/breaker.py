@@ -40,6 +40,17 @@ Half-open probes are replayed through pybreaker in both modes
 is emptied whenever the circuit opens or is seen open; in fleet mode each
 sidecar keeps its own window while the state is shared.
 
+Health checks (``health_check``, `sidecar.proxy.health`): while they are on
+(`Breaker.health_checked`), no client call is a probe. `Breaker.admit` treats
+half-open like open, and the way back is `Breaker.probe_result`: once the
+reset timeout has passed, a passing health check moves pybreaker to half-open
+and is replayed as a success through its ``call``, so ``success_threshold``
+passes close the circuit (one, by default: the first pass after the reset
+timeout). While half-open, a failed health check is replayed as a failure
+(pybreaker opens it again, for a new reset timeout) only when no address's
+latest probe passed: with several addresses, one dead address is the health
+checker's business, not a reason to keep the circuit open for all.
+
 Time: the reset timeout is measured on the clock passed in (Unix seconds),
 against pybreaker's ``opened_at``; tests pass a fake clock. The fleet's
 shared storage (`sidecar.fleet`) is a pybreaker storage too; this module is
@@ -145,6 +156,7 @@ class Breaker:
         self.rejected = 0
         self._window = RateWindow(rate) if rate is not None else None
         self._window_stale = False
+        self.health_checked = False  # health checks close it; no client call is a probe
 
     @property
     def rate(self) -> RateSettings | None:
@@ -224,6 +236,9 @@ class Breaker:
         if state == STATE_CLOSED:
             return Admission.CLOSED
         self._window_stale = True  # a window from before this opening must not reopen it
+        if self.health_checked:  # only health checks may close it: no client call probes
+            self.rejected += 1
+            return None
         if state == STATE_OPEN:
             opened_at = self.opened_at
             if (
@@ -276,6 +291,32 @@ class Breaker:
             self._storage.opened_at = datetime.fromtimestamp(self._clock(), UTC)
             if self._window is not None:
                 self._window.reset()
+
+    def probe_result(self, passed: bool, upstream_down: bool) -> None:
+        """A health check's result, with health checks on (see the module docstring).
+
+        Args:
+            passed: the probe passed.
+            upstream_down: no address's latest probe passed.
+        """
+        state = self._storage.state
+        if state == STATE_CLOSED:
+            return
+        self._window_stale = True
+        if state == STATE_OPEN:
+            opened_at = self.opened_at
+            if not passed or (
+                opened_at is not None
+                and self._clock() < opened_at.timestamp() + self._cb.reset_timeout
+            ):
+                return
+            self._cb.half_open()
+        elif not passed and not upstream_down:
+            return
+        before = self._storage.state
+        with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
+            self._cb.call(_succeed if passed else _fail)
+        self._opened_now(before)
 
     def cancel(self, admission: Admission) -> None:
         """The admitted call was cancelled: it counts as nothing."""

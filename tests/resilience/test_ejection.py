@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -195,3 +197,35 @@ def test_share_limit_holds_for_any_history(
         assert len(out) < n  # never all of them
         assert [a for a in addresses if not t.available(a, now)] == out
     assert t.ejections_total == ejections
+
+
+# held ejections: health checks on
+
+
+def test_held_ejection_lasts_until_readmitted() -> None:
+    t = tracker([A, B], consecutive_failures=2, base_time=1.0)
+    t.hold(True, 0.0)
+    assert fail(t, A, 10.0, 2)[-1] == math.inf
+    assert not t.available(A, 10.0 + 1e6)
+    assert t.readmit(A, 20.0)
+    assert t.available(A, 20.0)
+    assert not t.readmit(A, 21.0)  # already in
+
+
+def test_take_out_ignores_the_share_limit() -> None:
+    t = tracker([A, B], max_percent=0)
+    t.hold(True, 0.0)
+    assert t.take_out(A, 1.0)
+    assert t.take_out(B, 1.0)
+    assert t.ejected(2.0) == [A, B]
+    assert not t.take_out(A, 3.0)  # already out
+
+
+def test_turning_holds_on_and_off_keeps_who_is_out() -> None:
+    t = tracker([A, B], consecutive_failures=1, base_time=1.0, max_time=30.0)
+    assert fail(t, A, 10.0, 1) == [1.0]  # timed: out until 11
+    t.hold(True, 10.5)
+    assert not t.available(A, 100.0)  # held now
+    t.hold(False, 100.0)
+    assert not t.available(A, 100.5)
+    assert t.available(A, 101.0)  # its timed length (1 s) from when holding stopped
