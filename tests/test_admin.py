@@ -689,7 +689,9 @@ def test_state_document_after_traffic_and_reloads() -> None:
             "method_labels",
             "client_connections",
             "oneway",
+            "health_check",
         }
+        assert state["health_check"] == {"enabled": False}
         assert state["version"] == __version__
         assert state["ready"] is True
         assert state["uptime_seconds"] > 0

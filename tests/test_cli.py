@@ -181,6 +181,13 @@ BAD_CONFIGS: dict[str, Bad] = {
         "      static_exception: {name: ItemNotFound}\n",
         ["methods.getItem.fallback.static_exception: set static or static_exception, not both"],
     ),
+    "health check without a method": Bad(
+        UP + "health_check: {interval: 2s}\n", ["health_check.method: required key is missing"]
+    ),
+    "health check arguments of the wrong type": Bad(
+        UP + "idl: {idl}\nhealth_check: {method: getItem, arguments: {id: one}}\n",
+        ["health_check.arguments.id: expected an integer that fits i64, got 'one'"],
+    ),
     "method key that is a pattern": Bad(
         UP + "methods:\n  'get*': {idempotent: true}\n", ["methods.get*: not a method name"]
     ),

@@ -23,7 +23,7 @@ import pytest
 import thriftpy2.thrift
 
 from sidecar import __version__
-from sidecar.metrics import BREAKER_TRANSITIONS, OTHER, PROTOCOL_ERROR_KINDS
+from sidecar.metrics import BREAKER_TRANSITIONS, HEALTH_CHECK_RESULTS, OTHER, PROTOCOL_ERROR_KINDS
 from sidecar.resilience.outcome import Outcome
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
@@ -426,6 +426,8 @@ def test_invented_method_names_do_not_grow_any_metric_past_the_cap() -> None:
         "retry_budget_tokens": 1,
         "upstream_ejections": addresses,
         "upstream_ejected": addresses,
+        "health_check_probes": addresses * len(HEALTH_CHECK_RESULTS),
+        "upstream_healthy": addresses,
         "upstream_connections": addresses * 2,
         "protocol_errors": len(PROTOCOL_ERROR_KINDS),
         "config_reloads": 2,

@@ -24,6 +24,7 @@ from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.health import HealthChecker, HealthSettings
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.proxy.server import Server, ServerSettings
@@ -53,6 +54,7 @@ class Parts:
     housekeeping: asyncio.Task[None] | None = None
     client_tls: ClientTls | None = None
     upstream_tls: UpstreamTls | None = None
+    health: HealthChecker | None = None
 
 
 def upstream_name(config: SidecarConfig) -> str:
@@ -186,6 +188,65 @@ def upstreams(
         max_percent=u.ejection.max_percent,
     )
     return UpstreamSet(u.addresses, pool, tracker, loop.time)
+
+
+def health_settings(config: SidecarConfig, arguments: bytes) -> HealthSettings | None:
+    """``health_check`` resolved (``arguments``: the probe's encoded argument struct);
+    None while health checks are off."""
+    check = config.health_check
+    if check is None:
+        return None
+    u = config.upstream
+    return HealthSettings(
+        method=check.method,
+        arguments=arguments,
+        interval=check.interval,
+        timeout=check.timeout,
+        healthy_threshold=check.healthy_threshold,
+        unhealthy_threshold=check.unhealthy_threshold,
+        transport=None if u.transport == "same" else Transport(u.transport),
+        protocol=None if u.protocol == "same" else Protocol(u.protocol),
+    )
+
+
+def health_checker(
+    settings: HealthSettings,
+    config: SidecarConfig,
+    *,
+    upstream_set: UpstreamSet,
+    breaker_set: BreakerSet,
+    timeouts: Timeouts,
+    loop: asyncio.AbstractEventLoop,
+    metrics: SidecarMetrics,
+    tls: UpstreamTls | None = None,
+) -> HealthChecker:
+    """The health checker of the upstream, with a pool of one connection per address."""
+    u = config.upstream
+
+    def probe_pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
+        host, port = split_address(address)
+        return UpstreamPool(
+            address,
+            host,
+            port,
+            transport,
+            size=1,
+            connect_timeout=u.connect_timeout,
+            max_message_size=config.max_frame_size,
+            timeouts=timeouts,
+            loop=loop,
+            protocol=protocol,
+            tls=tls,
+        )
+
+    return HealthChecker(
+        settings,
+        upstreams=upstream_set,
+        breakers=breaker_set,
+        make_pool=probe_pool,
+        metrics=metrics,
+        loop=loop,
+    )
 
 
 def budget(config: SidecarConfig) -> RetryBudget:

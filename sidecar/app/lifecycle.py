@@ -26,7 +26,7 @@ from sidecar.app.memory import return_large_blocks
 from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
 from sidecar.config import SidecarConfig, require_upstream, split_address
-from sidecar.fallback.static import ExceptionIds, StaticReply
+from sidecar.fallback.static import EMPTY_ARGUMENTS, ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore
 from sidecar.fleet import Fleet, make_fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
@@ -51,6 +51,8 @@ class Sidecar:
         known_methods: method names that always get their own metrics label.
         oneway_methods: the IDL's oneway methods (bare and ``Service:method``).
         exception_ids: the declared exceptions the config names, as field ids (from the IDL).
+        health_arguments: the health check probe's argument struct, encoded (from the
+            IDL); None: no arguments.
         metrics: the metrics to count into (a fresh registry by default).
 
     Raises:
@@ -65,9 +67,11 @@ class Sidecar:
         known_methods: list[str] | None = None,
         oneway_methods: list[str] | None = None,
         exception_ids: ExceptionIds | None = None,
+        health_arguments: bytes | None = None,
         metrics: SidecarMetrics | None = None,
     ) -> None:
         require_upstream(config)
+        self.health_arguments = health_arguments or EMPTY_ARGUMENTS
         self.oneway_methods = frozenset(oneway_methods or ())
         self.exception_ids = exception_ids or ExceptionIds({}, {})
         self.config = config
@@ -203,6 +207,19 @@ class Sidecar:
             self.parts = None
             raise
         parts.housekeeping = loop.create_task(self._housekeep())
+        health = build.health_settings(config, self.health_arguments)
+        if health is not None:
+            parts.health = build.health_checker(
+                health,
+                config,
+                upstream_set=context.upstreams,
+                breaker_set=breakers,
+                timeouts=timeouts,
+                loop=loop,
+                metrics=self.metrics,
+                tls=upstream_tls,
+            )
+            parts.health.start()
         self.gauges.init_series(config, context)
         self.ready = True
         log.info(
@@ -245,6 +262,9 @@ class Sidecar:
             parts.housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await parts.housekeeping
+        if parts.health is not None:
+            await asyncio.gather(*parts.health.close(), return_exceptions=True)
+            parts.health = None
         await parts.server.close_listener()
         parts.server.context.upstreams.close()
         parts.timeouts.close()
@@ -299,13 +319,14 @@ class Sidecar:
         new: SidecarConfig,
         static_replies: dict[str, StaticReply] | None = None,
         exception_ids: ExceptionIds | None = None,
+        health_arguments: bytes | None = None,
     ) -> list[str]:
         """Apply a new config without closing any connection; see `sidecar.app.reload`.
 
         Returns:
             The keys whose change needs a restart (not applied).
         """
-        return apply(self, new, static_replies, exception_ids)
+        return apply(self, new, static_replies, exception_ids, health_arguments)
 
 
 async def _bound(

@@ -1,6 +1,6 @@
 """Applying a new config to a running sidecar (SIGHUP), without closing a connection.
 
-Retry, breaker, fallback and per-method settings, ``max_connections``,
+Retry, breaker, fallback, health check and per-method settings, ``max_connections``,
 ``idle_timeout``, ``drain_timeout`` and ``log`` take effect for the calls that
 start after the reload, on connections already open too: a new `CallContext`
 is built and handed to the server, and calls in flight finish on the one they
@@ -39,6 +39,7 @@ class Reloadable(Protocol):
     config_version: int
     static_replies: dict[str, StaticReply]
     exception_ids: ExceptionIds
+    health_arguments: bytes
     labels: MethodLabels
     metrics: SidecarMetrics
     service_of: dict[str, str]
@@ -55,6 +56,7 @@ class Reloadable(Protocol):
         new: SidecarConfig,
         static_replies: dict[str, StaticReply] | None = None,
         exception_ids: ExceptionIds | None = None,
+        health_arguments: bytes | None = None,
     ) -> list[str]: ...
 
 
@@ -98,6 +100,7 @@ def apply(
     new: SidecarConfig,
     static_replies: dict[str, StaticReply] | None = None,
     exception_ids: ExceptionIds | None = None,
+    health_arguments: bytes | None = None,
 ) -> list[str]:
     """Apply ``new`` to a running sidecar.
 
@@ -131,6 +134,8 @@ def apply(
         sidecar.static_replies = static_replies
     if exception_ids is not None:
         sidecar.exception_ids = exception_ids
+    if health_arguments is not None:
+        sidecar.health_arguments = health_arguments
     sidecar.labels.add_known(new.methods)
     context = build.call_context(
         new,
@@ -150,6 +155,7 @@ def apply(
     )
     sidecar.config = new
     sidecar.use_context(context)
+    apply_health_check(sidecar, parts, new)
     settings = parts.server.settings
     parts.server.settings = dataclasses.replace(
         settings,
@@ -162,6 +168,32 @@ def apply(
     sidecar.gauges.config_changed()  # new methods, new fallback sources
     sidecar.gauges.init_series(new, context)
     return ignored
+
+
+def apply_health_check(sidecar: Reloadable, parts: build.Parts, new: SidecarConfig) -> None:
+    """Turn health checks on or off, or give them new settings."""
+    settings = build.health_settings(new, sidecar.health_arguments)
+    checker = parts.health
+    if settings is None:
+        if checker is not None:
+            checker.close()  # its tasks end on their own, at their next await
+            parts.health = None
+        return
+    if checker is not None:
+        checker.configure(settings)
+        return
+    context = parts.server.context
+    parts.health = build.health_checker(
+        settings,
+        new,
+        upstream_set=context.upstreams,
+        breaker_set=parts.breakers,
+        timeouts=parts.timeouts,
+        loop=context.loop,
+        metrics=sidecar.metrics,
+        tls=parts.upstream_tls,
+    )
+    parts.health.start()
 
 
 class Reloads:
@@ -243,6 +275,7 @@ def apply_loaded(sidecar: Reloadable, new: SidecarConfig, parts: dict[str, Any])
             new,
             static_replies=parts.get("static_replies"),
             exception_ids=parts.get("exception_ids"),
+            health_arguments=parts.get("health_arguments"),
         )
     except Exception as exc:  # a bug while applying: the running config stays
         reload_failed(sidecar, exc)

@@ -44,8 +44,9 @@ def state_document(sidecar: Described) -> dict[str, Any]:
     ``shared_state`` (fleet mode: the Redis URL without password, whether it
     answers, the last error, each breaker's state as Redis holds it),
     ``config`` (reloads, the last error, changes waiting for a restart),
-    ``method_labels``, ``client_connections`` and ``oneway`` (methods learned
-    to be oneway from the wire).
+    ``method_labels``, ``client_connections``, ``oneway`` (methods learned
+    to be oneway from the wire) and ``health_check`` (settings and each
+    address's probe record, or ``enabled: false``).
     """
     parts = sidecar.parts
     if parts is None:
@@ -112,6 +113,7 @@ def state_document(sidecar: Described) -> dict[str, Any]:
         "method_labels": {"in_use": sidecar.labels.in_use(), "max": sidecar.labels.limit},
         "client_connections": len(parts.server.connections),
         "oneway": parts.oneway.describe(),
+        "health_check": parts.health.describe() if parts.health else {"enabled": False},
     }
 
 

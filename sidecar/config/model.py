@@ -19,6 +19,7 @@ from sidecar.config.sections import (
     BreakerConfig,
     ControlConfig,
     FallbackConfig,
+    HealthCheckConfig,
     LimitsConfig,
     LogConfig,
     MetricsConfig,
@@ -80,6 +81,12 @@ class SidecarConfig(Section):
     retry: RetryConfig = Field(RetryConfig(), description="Retries.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="The circuit breaker.")
     fallback: FallbackConfig = Field(FallbackConfig(), description="Fallback replies.")
+    health_check: HealthCheckConfig | None = Field(
+        None,
+        description="Active health checks of every upstream address; null turns them off "
+        "(addresses then come back on the ejection timer, and a half-open breaker lets "
+        "client calls through as probes).",
+    )
     methods: dict[str, MethodConfig] = Field(
         default_factory=dict,
         description="Per-method overrides, keyed by exact method name or Service:method.",

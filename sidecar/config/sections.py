@@ -7,6 +7,7 @@ contract (design §8): add freely, rename never.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
@@ -16,6 +17,10 @@ from sidecar.config.tls import UpstreamTlsConfig
 from sidecar.config.units import Address, Duration, PositiveDuration, Size
 
 _REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+# A method name as sent on the wire: ``ping`` or ``Service:ping`` (Thrift
+# identifiers may contain dots; multiplexed service names often do).
+_WIRE_METHOD = re.compile(r"^(?:[A-Za-z_][\w.]*:)?[A-Za-z_][\w.]*$")
 
 
 def _lower(value: Any) -> Any:
@@ -373,3 +378,52 @@ class LogConfig(Section):
         "text", description="text: one readable line per event; json: one JSON object per line."
     )
     access: AccessLogConfig = Field(AccessLogConfig(), description="The access log.")
+
+
+class HealthCheckConfig(Section):
+    """Active health checks: the sidecar calls each upstream address itself (null: off)."""
+
+    method: str = Field(
+        description="The method each probe calls, as sent on the wire (`ping`, or "
+        "`Service:ping` for a multiplexed upstream). A probe passes on a REPLY that is a "
+        "success (a value or void); a declared exception, a TApplicationException, a "
+        "timeout or a connection failure fails it."
+    )
+    arguments: dict[str, Any] | None = Field(
+        None,
+        description="The probe's arguments by name, in YAML, checked and encoded with the "
+        "IDL's types like a static reply; needs `idl`. null: no arguments.",
+    )
+    interval: PositiveDuration = Field(
+        5.0, description="Time from the start of one probe of an address to the next."
+    )
+    timeout: PositiveDuration = Field(
+        1.0, description="Time allowed for a probe's reply, connecting included; at most interval."
+    )
+    unhealthy_threshold: int = Field(
+        3, ge=1, description="Failed probes in a row that take an address out of rotation."
+    )
+    healthy_threshold: int = Field(
+        2,
+        ge=1,
+        description="Passing probes in a row that bring an address back into rotation, "
+        "whether probes or passive ejection took it out.",
+    )
+
+    @field_validator("method")
+    @classmethod
+    def _method_name(cls, value: str) -> str:
+        if not _WIRE_METHOD.match(value):
+            raise ValueError("expected a method name such as ping or Service:ping")
+        return value
+
+    @model_validator(mode="after")
+    def _timeout_fits_interval(self) -> HealthCheckConfig:
+        if self.timeout > self.interval:
+            raise FieldProblem(
+                "timeout",
+                f"a probe must end before the next one starts: at most interval "
+                f"({self.interval:g}s)",
+                self.timeout,
+            )
+        return self

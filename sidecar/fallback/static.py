@@ -14,6 +14,10 @@ Declared exceptions named in the config (``methods.<name>.retry_on_exceptions``,
 ``breaker.failure_exceptions``) are resolved here too, once, to the field ids
 of each method's result struct (`ExceptionIds`): a reply is then classified
 by its first field id alone.
+
+The health check's probe arguments (``health_check.arguments``) are typed the
+same way, with the method's argument struct, and encoded once
+(`health_arguments`); without an IDL only an empty argument list can be sent.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ _INT_RANGES = {
 }
 _module_ids = itertools.count()
 
+
+# The arguments of a call without any: an empty struct (its STOP byte, in the
+# binary and the compact protocol alike).
+EMPTY_ARGUMENTS = b"\x00"
 
 # A namespace with annotations, as Apache's ThriftTest.thrift has:
 # ``namespace xsd test (uri = 'http://thrift.apache.org/ns/ThriftTest')``.
@@ -121,12 +129,13 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
 
     Returns:
         Keyword arguments for `sidecar.app.Sidecar`: ``static_replies``,
-        ``known_methods``, ``oneway_methods`` (bare and ``Service:method``) and
-        ``exception_ids`` (`ExceptionIds`).
+        ``known_methods``, ``oneway_methods`` (bare and ``Service:method``),
+        ``exception_ids`` (`ExceptionIds`) and ``health_arguments`` (the
+        probe's argument struct, binary protocol).
 
     Raises:
-        ConfigError: a static reply without an IDL, a method not in the IDL, or
-            a value that does not fit the method's types.
+        ConfigError: a static reply or probe arguments without an IDL, a method
+            not in the IDL, or a value that does not fit the method's types.
     """
     wanted = {
         name: method.fallback
@@ -145,6 +154,7 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
             "known_methods": [],
             "oneway_methods": [],
             "exception_ids": exception_ids(config, {}, ""),  # refuses names without an IDL
+            "health_arguments": health_arguments(config, {}, "", set()),
         }
     module = load_idl(config.idl)
     found = services(module)
@@ -174,10 +184,75 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
         "known_methods": sorted(set(known)),
         "oneway_methods": sorted(set(oneway)),
         "exception_ids": declared_ids,
+        "health_arguments": health_arguments(config, found, config.idl, unions),
     }
 
 
-def _find_method(found: dict[str, Any], name: str, idl: str) -> tuple[Any, str]:
+def health_arguments(
+    config: SidecarConfig, found: dict[str, Any], idl: str, unions: set[Any]
+) -> bytes:
+    """The argument struct of the health check's probe call (binary protocol).
+
+    Args:
+        config: the configuration.
+        found: the IDL's services (`services`); empty without an IDL.
+        idl: the IDL's path, for messages.
+        unions: the IDL's union types.
+
+    Raises:
+        ConfigError: arguments without an IDL; a method the IDL does not have
+            or declares oneway (no reply would come); arguments that do not
+            fit the method's argument types (required ones missing included).
+    """
+    check = config.health_check
+    if check is None:
+        return EMPTY_ARGUMENTS
+    if not found:
+        if check.arguments:
+            raise ConfigError(
+                "health_check.arguments: the probe's arguments are typed with the service's "
+                "IDL; set idl: (or --idl) to the .thrift file, or call a method without "
+                "arguments"
+            )
+        return EMPTY_ARGUMENTS
+    service_name, sep, method = check.method.rpartition(":")
+    services_with_it = [
+        svc
+        for name, svc in found.items()
+        if method in svc.thrift_services and (not sep or name == service_name)
+    ]
+    if not services_with_it:
+        _find_method(found, check.method, idl, key="health_check.method")  # raises
+    encoded = set()
+    for service in services_with_it:  # a bare name may be in several services: same args?
+        if getattr(getattr(service, f"{method}_result", None), "oneway", False):
+            raise ConfigError(
+                f"health_check.method: {check.method} is oneway in {idl}: it sends no reply, "
+                "so a probe could never pass; name a method that answers (such as ping)"
+            )
+        args_cls = getattr(service, f"{method}_args")
+        value = _convert(
+            TType.STRUCT, args_cls, check.arguments or {}, "health_check.arguments", unions
+        )
+        encoded.add(_encode(value))
+    if len(encoded) > 1:
+        raise ConfigError(
+            f"health_check.method: several services of {idl} define {method} with different "
+            "arguments; name one as Service:method"
+        )
+    return encoded.pop()
+
+
+def _find_method(
+    found: dict[str, Any], name: str, idl: str, key: str | None = None
+) -> tuple[Any, str]:
+    """The service and method a config name (``method`` or ``Service:method``) means.
+
+    Raises:
+        ConfigError: no or several such methods; the message names ``key``
+            (``methods.<name>`` unless given).
+    """
+    key = key or f"methods.{name}"
     service_name, sep, method = name.rpartition(":")
     candidates = [
         (svc_name, svc)
@@ -188,14 +263,10 @@ def _find_method(found: dict[str, Any], name: str, idl: str) -> tuple[Any, str]:
         listed = ", ".join(
             f"{s}.{m}" for s, svc in sorted(found.items()) for m in svc.thrift_services
         )
-        raise ConfigError(
-            f"methods.{name}: no such method in {idl} (methods there: {listed or 'none'})"
-        )
+        raise ConfigError(f"{key}: no such method in {idl} (methods there: {listed or 'none'})")
     if len(candidates) > 1:
         names = ", ".join(f"{s}:{method}" for s, _ in candidates)
-        raise ConfigError(
-            f"methods.{name}: several services define {method}; use one of {names} as the key"
-        )
+        raise ConfigError(f"{key}: several services define {method}; use one of {names} instead")
     return candidates[0][1], method
 
 

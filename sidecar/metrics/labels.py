@@ -42,6 +42,18 @@ BREAKER_TRANSITIONS = (
     ("half-open", "closed"),
 )
 CONNECTION_STATES = ("busy", "idle")
+# The `result` of a health check probe: pass, or the outcome that failed it
+# (sidecar/proxy/health.py; `sidecar.resilience.outcome.Outcome` values but ok).
+HEALTH_CHECK_RESULTS = (
+    "pass",
+    "declared_exception",
+    "app_exception",
+    "internal_error",
+    "connect_error",
+    "connection_closed",
+    "timeout",
+    "protocol_error",
+)
 # Why a client connection was closed at once (sidecar/proxy/server.py `Server.admit`).
 CONNECTION_REJECT_REASONS = ("max_connections", "fd_limit", "draining")
 # The fallback store's operations that can fail (sidecar/fallback/sqlite_health.py).
@@ -81,10 +93,13 @@ LABEL_DOCS: dict[str, str] = {
     "`protocol_error`), or `fallback` (a cached or static reply), `circuit_open` (rejected "
     "by the breaker, no fallback), `bad_request` (not a CALL or ONEWAY message), "
     "`sidecar_error` (a bug in the sidecar, answered with INTERNAL_ERROR and logged).",
-    "upstream": "One upstream address `host:port` (attempts, connections, ejections), or "
+    "upstream": "One upstream address `host:port` (attempts, connections, ejections, "
+    "health checks), or "
     "all the upstream's addresses joined by commas (the retry budget, which they share).",
     "result": "`upstream_attempts_total`: the attempt's outcome (`ok` ... `protocol_error`, "
-    "as for `outcome`); `config_reloads_total`: `ok` or `error`.",
+    "as for `outcome`); `config_reloads_total`: `ok` or `error`; "
+    "`health_check_probes_total`: `pass`, or the outcome that failed the probe "
+    "(`declared_exception` ... `protocol_error`).",
     "reason": "`retries_total`: the outcome of the attempt that was retried "
     "(`connect_error`, `connection_closed`, `timeout`, `internal_error`, `protocol_error`). "
     "`retries_given_up_total`: why not retried: `not_retryable` (outcome not in "

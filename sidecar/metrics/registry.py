@@ -15,6 +15,7 @@ Each metric's help text is what ``docs/metrics-reference.md`` is generated from
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
@@ -29,6 +30,7 @@ from sidecar.metrics.labels import (
     CONNECTION_STATES,
     CONTROL_ACTIONS,
     FALLBACK_STORE_OPERATIONS,
+    HEALTH_CHECK_RESULTS,
     PREFIX,
     PROTOCOL_ERROR_KINDS,
     RELOAD_RESULTS,
@@ -133,6 +135,20 @@ class SidecarMetrics:
         )
         self.upstream_ejected = self._gauge(
             "upstream_ejected", "1 while the upstream address is out of rotation.", ["upstream"]
+        )
+        self.health_check_probes = self._counter(
+            "health_check_probes_total",
+            "Health check probes of an upstream address (health_check), by result: pass, or "
+            "the outcome that failed it. Probes are not client calls: requests_total and "
+            "upstream_attempts_total never count them.",
+            ["upstream", "result"],
+        )
+        self.upstream_healthy = self._gauge(
+            "upstream_healthy",
+            "Health checks' verdict on an upstream address: 1 healthy, 0 after "
+            "health_check.unhealthy_threshold failed probes in a row (until "
+            "healthy_threshold pass); absent while health checks are off.",
+            ["upstream"],
         )
         self.upstream_connections = self._gauge(
             "upstream_connections",
@@ -244,6 +260,19 @@ class SidecarMetrics:
             self.upstream_ejected.labels(address)
             for state in CONNECTION_STATES:
                 self.upstream_connections.labels(address, state)
+
+    def init_health_checks(self, addresses: Iterable[str]) -> None:
+        """The series of health checks of these addresses (when they are turned on)."""
+        for address in addresses:
+            self.upstream_healthy.labels(address).set(1)
+            for result in HEALTH_CHECK_RESULTS:
+                self.health_check_probes.labels(address, result)
+
+    def drop_health_checks(self, addresses: Iterable[str]) -> None:
+        """Health checks turned off: their verdicts are gone (the probe counts stay)."""
+        for address in addresses:
+            with contextlib.suppress(KeyError):
+                self.upstream_healthy.remove(address)
 
     def init_tls(self, side: str) -> None:
         """The handshake error series of one side that speaks TLS (``client``, ``upstream``)."""

@@ -2,7 +2,8 @@
 
 Round robin over the addresses in rotation; a retry goes to an address the
 call has not tried yet where there is one. Which addresses are in rotation is
-decided by `EjectionTracker` (passive ejection).
+decided by `EjectionTracker` (passive ejection) and, when they are on, by
+health checks (`sidecar.proxy.health`, through `take_out` and `readmit`).
 
 Each address has one pool per upstream transport and protocol in use: with
 ``upstream.transport: same`` a framed client's calls go over framed
@@ -88,6 +89,22 @@ class UpstreamSet:
         if len(self.addresses) == 1:
             return None
         return self.tracker.record(address, failed, self._clock())
+
+    def out_of_rotation(self, address: str) -> bool:
+        """Is ``address`` out of rotation now (ejected, or taken out by health checks)?"""
+        return not self.tracker.available(address, self._clock())
+
+    def take_out(self, address: str) -> bool:
+        """Take ``address`` out until `readmit` (failed health checks); True if it was in."""
+        return self.tracker.take_out(address, self._clock())
+
+    def readmit(self, address: str) -> bool:
+        """Bring ``address`` back now (passing health checks); True if it was out."""
+        return self.tracker.readmit(address, self._clock())
+
+    def hold_ejections(self, on: bool) -> None:
+        """Health checks on: ejections last until `readmit`; off: they are timed again."""
+        self.tracker.hold(on, self._clock())
 
     def ejected(self) -> list[str]:
         """Addresses out of rotation now."""

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Concatenate, ParamSpec
@@ -673,10 +674,11 @@ class Call:
 def _log_ejection(ctx: CallContext, address: str, seconds: float, outcome: Outcome) -> None:
     """Count and log an address taken out of rotation."""
     ctx.metrics.upstream_ejections.labels(address).inc()
+    held = math.isinf(seconds)  # health checks are on: out until they pass
     log.warning(
-        "upstream address %s ejected for %gs after repeated failures (last: %s)",
+        "upstream address %s ejected %s after repeated failures (last: %s)",
         address,
-        seconds,
+        "until its health checks pass" if held else f"for {seconds:g}s",
         outcome.value,
-        extra={"upstream": address, "ejected_seconds": seconds},
+        extra={"upstream": address, "ejected_seconds": None if held else seconds},
     )

@@ -68,21 +68,27 @@ def _yaml_key_paths(data: Any, prefix: str = "") -> set[str]:
 
 
 def _commented_keys(text: str) -> set[str]:
-    """Keys of the commented ``# tls:`` example blocks (TLS is off in the shipped file)."""
+    """Keys of the commented ``# tls:`` and ``# health_check:`` example blocks (both are
+    off in the shipped file)."""
     found: set[str] = set()
     section = ""
-    block = False
+    block: str | None = None
     for line in text.splitlines():
         if re.match(r"^(\w+):", line):
             section = line.split(":", 1)[0]
-        if re.match(r"^\s*#\s*tls:", line):
-            block = True
+        opening = re.match(r"^\s*#\s*(tls|health_check):", line)
+        if opening:
+            block = opening.group(1)
             continue
         match = re.match(r"^\s*#\s+(\w+):", line)
-        if not block or match is None:
-            block = False
+        if block is None or match is None:
+            if not re.match(r"^\s*#\s{3,}", line):  # a comment's continuation keeps the block
+                block = None
             continue
-        prefix = "upstream.tls." if section == "upstream" else "tls."
+        if block == "tls":
+            prefix = "upstream.tls." if section == "upstream" else "tls."
+        else:
+            prefix = "health_check."
         found.add(prefix + match.group(1))
     return found
 
