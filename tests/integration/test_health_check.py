@@ -14,16 +14,21 @@ import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import thriftpy2.thrift
 
 from sidecar.testing.faults import FaultProxyThread
+from tests.config.test_tls import Certs
+from tests.proxy.test_tls import TlsUpstream, server_side
 from tests.support.clients import thriftpy2_client
 from tests.support.rig import Rig, rig, wait_probe_due
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, merged, run_sidecar
 from tests.support.wait import wait_until
+
+INTEROP_IDL = Path(__file__).resolve().parents[2] / "idl" / "interop.thrift"
 
 TAE = thriftpy2.thrift.TApplicationException
 INTERVAL = 0.4
@@ -319,3 +324,79 @@ def test_a_reload_turns_health_checks_on_changes_them_and_turns_them_off() -> No
         assert up.calls["ping"] == pings
         m = sidecar.metrics()
         assert not m.matching("thrift_sidecar_upstream_healthy")  # verdicts gone with them
+
+
+def _probes(sidecar: SidecarProcess, result: str) -> float:
+    return sidecar.metrics().value("thrift_sidecar_health_check_probes_total", result=result)
+
+
+def test_arguments_typed_by_the_idl_and_a_declared_exception_fails_the_probe() -> None:
+    """getItem(id) as the probe: id 5 answers an Item (pass); id -1 throws the declared
+    NotFound, which fails the probe (a success REPLY is needed, as in Envoy)."""
+    probe = {**HEALTH, "method": "getItem", "unhealthy_threshold": 2}
+    config = {"idl": str(INTEROP_IDL), "health_check": {**probe, "arguments": {"id": 5}}}
+    with thriftpy2_server("framed") as up, run_sidecar([up.address], config=config) as sidecar:
+        wait_until(lambda: _probes(sidecar, "pass") >= 2, timeout=5, message="passing probes")
+        assert up.calls["getItem"] >= 2
+        assert _probes(sidecar, "declared_exception") == 0
+
+        sidecar.write_config(
+            merged(sidecar.config, {"health_check": {**probe, "arguments": {"id": -1}}})
+        )
+        sidecar.signal(signal.SIGHUP)
+        wait_until(
+            lambda: sidecar.state()["health_check"]["addresses"][0]["healthy"] is False,
+            timeout=5,
+            message="unhealthy after declared exceptions",
+        )
+        assert _probes(sidecar, "declared_exception") >= 2
+        assert sidecar.metrics().value("thrift_sidecar_upstream_healthy") == 0
+
+
+def test_probes_speak_the_upstream_transport() -> None:
+    """A buffered-only upstream: probes in buffered transport pass, whether the config
+    says so (upstream.transport) or the clients' calls showed it (transport same)."""
+    with thriftpy2_server("buffered") as up:
+        config = {"health_check": HEALTH, "upstream": {"transport": "buffered"}}
+        with run_sidecar([up.address], config=config) as sidecar:
+            wait_until(lambda: _probes(sidecar, "pass") >= 2, timeout=5, message="probes")
+        with run_sidecar([up.address], config={"health_check": HEALTH}) as sidecar:
+            # Before any client call: framed binary, which this upstream does not speak.
+            wait_until(
+                lambda: (
+                    sidecar.metrics().value("thrift_sidecar_health_check_probes_total")
+                    > _probes(sidecar, "pass")
+                ),
+                timeout=5,
+                message="a failed probe",
+            )
+            assert _probes(sidecar, "pass") == 0
+            with thriftpy2_client(sidecar.address, "buffered") as client:
+                assert client.getItem(3).id == 3
+            passed = _probes(sidecar, "pass")
+            wait_until(lambda: _probes(sidecar, "pass") >= passed + 2, timeout=5)
+
+
+def test_probes_reach_an_mtls_upstream(tmp_path: Path) -> None:
+    """upstream.tls applies to the probes' own connections: CA and client certificate."""
+    pki = Certs(tmp_path)
+    pki.ca_file()
+    pki.issue("sidecar-client", "the-sidecar")
+    root = pki.root
+    config = {
+        "health_check": HEALTH,
+        "upstream": {
+            "tls": {
+                "ca": str(root / "ca.crt"),
+                "cert": str(root / "sidecar-client.crt"),
+                "key": str(root / "sidecar-client.key"),
+            }
+        },
+    }
+    with (
+        TlsUpstream(server_side(pki, client_ca=True)) as upstream,
+        run_sidecar([upstream.address], config=config) as sidecar,
+    ):
+        wait_until(lambda: _probes(sidecar, "pass") >= 2, timeout=5, message="probes over TLS")
+        assert upstream.calls["ping"] >= 2
+        assert upstream.handshake_errors == []
