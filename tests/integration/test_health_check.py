@@ -13,6 +13,7 @@ import contextlib
 import signal
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,15 @@ from sidecar.testing.faults import FaultProxyThread
 from tests.config.test_tls import Certs
 from tests.proxy.test_tls import TlsUpstream, server_side
 from tests.support.clients import thriftpy2_client
-from tests.support.rig import Rig, rig, wait_probe_due
+from tests.support.redis import redis_server
+from tests.support.rig import (
+    Rig,
+    breaker_state,
+    breaker_transitions,
+    faulty_upstream,
+    rig,
+    wait_probe_due,
+)
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, merged, run_sidecar
 from tests.support.wait import wait_until
@@ -400,3 +409,56 @@ def test_probes_reach_an_mtls_upstream(tmp_path: Path) -> None:
         wait_until(lambda: _probes(sidecar, "pass") >= 2, timeout=5, message="probes over TLS")
         assert upstream.calls["ping"] >= 2
         assert upstream.handshake_errors == []
+
+
+def test_in_fleet_mode_a_probe_closes_the_shared_breaker_for_every_sidecar() -> None:
+    """Two sidecars share the breaker through Redis; the outage opens it through A; after
+    the upstream's return a passing probe closes it, through pybreaker's shared storage,
+    for both, and no getItem reaches the upstream before that probe."""
+    prefix = f"health-{uuid.uuid4().hex[:10]}"
+    with redis_server() as redis, faulty_upstream() as (upstream, proxy):
+        config = {
+            "health_check": HEALTH,
+            "state": {
+                "redis_url": redis.url,
+                "key_prefix": prefix,
+                "refresh_interval": "100ms",
+                "timeout": "500ms",
+            },
+            "breaker": {"fail_max": 3, "reset_timeout": f"{RESET_TIMEOUT}s"},
+            "retry": {"max_attempts": 2, "initial_backoff": "1ms", "max_backoff": "2ms"},
+            "fallback": {"serve_on": ["breaker_open"]},
+        }
+        with (
+            run_sidecar([proxy.address], config=config) as a,
+            run_sidecar([proxy.address], config=config) as b,
+            thriftpy2_client(a.address, "framed") as ca,
+            thriftpy2_client(b.address, "framed") as cb,
+        ):
+            executions = Executions(upstream)
+            breaker = proxy.address
+            proxy.set_down(True)
+            for _ in range(3):
+                with contextlib.suppress(TAE):
+                    ca.getItem(1)
+            for sidecar in (a, b):
+                wait_until(lambda s=sidecar: breaker_state(s, breaker) == 2, timeout=5)
+            wait_probe_due(b, breaker, timeout=RESET_TIMEOUT + 5)
+            with contextlib.suppress(TAE):
+                cb.getItem(2)  # past the reset timeout: rejected, not a probe
+            back_at = time.monotonic()
+            proxy.set_down(False)
+            for sidecar in (a, b):
+                wait_until(
+                    lambda s=sidecar: breaker_state(s, breaker) == 0,
+                    timeout=INTERVAL + TIMEOUT + 5,
+                    message="shared breaker closed",
+                )
+            assert cb.getItem(3).id == 3
+            assert ca.getItem(4).id == 4
+            after = executions.since(back_at)
+            first_client_call = after.index("getItem")
+            assert after[:first_client_call]
+            assert set(after[:first_client_call]) == {"ping"}
+            for sidecar in (a, b):
+                assert breaker_transitions(sidecar, breaker, "half-open", "closed") == 1
