@@ -7,30 +7,48 @@ fails at the upstream (a timeout, a closed connection, garbage back), the
 sidecar asks here whether the request itself was the cause: a call cut short
 inside a correct frame length makes an upstream wait for bytes that never
 come, and that must count against the client, not against the upstream.
+
+The walk is bounded (``steps``): a body that would take longer to check
+(a list of a million empty structs costs a step per byte) is not checked,
+and the call is treated as one the sidecar could not show well formed.
 """
 
 from __future__ import annotations
 
 from sidecar.errors import RemoteProtocolError
-from sidecar.protocol.compact_skip import compact_struct_end
+from sidecar.protocol.compact_skip import CompactSkipper
 from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.message import Message
-from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, struct_end
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper
+
+_NO_LIMIT = 1 << 62
 
 
-def check_body(message: Message, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+def check_body(
+    message: Message, max_depth: int = DEFAULT_MAX_DEPTH, steps: int = UNBOUNDED
+) -> bool:
     """Raise unless the message's body is exactly one well-formed struct.
+
+    Returns:
+        True when it is; False when ``steps`` ran out before the walk was through.
 
     Raises:
         RemoteProtocolError: the struct is malformed, too deep, cut short
             (kind ``truncated``) or followed by more bytes (kind ``garbage``).
     """
     body = message.body()
-    if message.header.protocol is Protocol.COMPACT:
-        end = compact_struct_end(body, 0, max_depth)
-    else:
-        end = struct_end(body, 0, max_depth)
+    skipper = (
+        CompactSkipper(max_depth)
+        if message.header.protocol is Protocol.COMPACT
+        else StructSkipper(max_depth)
+    )
+    end = skipper.advance(body, 0, len(body), _NO_LIMIT, steps)
+    if skipper.out_of_steps:
+        return False
+    if not skipper.done:
+        raise RemoteProtocolError("struct ends past the end of the data", kind="truncated")
     if end != len(body):
         raise RemoteProtocolError(
             f"{len(body) - end} bytes follow the arguments inside the frame", kind="garbage"
         )
+    return True

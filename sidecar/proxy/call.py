@@ -84,6 +84,10 @@ ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTI
 # Metric label of each outcome (a dict lookup is cheaper than Enum.value).
 _LABELS = {outcome: outcome.value for outcome in Outcome}
 
+# Most steps spent checking a failed framed call's body (`check_body`): about
+# 5 ms at worst (a step per byte); a body that needs more is not checked.
+CHECK_STEPS = 50_000
+
 # Values of requests_total{outcome} besides the attempt outcomes (`Outcome`).
 CIRCUIT_OPEN = "circuit_open"
 FALLBACK = "fallback"
@@ -154,7 +158,7 @@ class Call:
         self._client_transport = client_transport
         self._done = done
         self._finished = False
-        self.malformed = False  # the client's call was found malformed (see `_refuse_if_malformed`)
+        self.malformed = False  # found malformed (`_request_shown_well_formed`)
         self._oneway = False
         self._admission: Admission | None = None
         self._conn: UpstreamConnection | None = None
@@ -402,8 +406,13 @@ class Call:
             return
         ctx = self._ctx
         failed = outcome in ctx.trip_on
-        if failed and sent and self._refuse_if_malformed():
-            return
+        if failed and sent:
+            shown = self._request_shown_well_formed()
+            if shown is None:  # malformed: answered
+                return
+            if not shown:
+                self._unshown(outcome, reply, error)
+                return
         policy = self._policy
         exception_id = None
         if outcome is _DECLARED and policy.classifies_exceptions and reply is not None:
@@ -446,19 +455,21 @@ class Call:
         else:
             self._next_attempt()
 
-    def _refuse_if_malformed(self) -> bool:
-        """After a failed attempt: was the client's framed call itself malformed?
+    def _request_shown_well_formed(self) -> bool | None:
+        """After a failed attempt: was the client's framed call itself to blame?
 
-        Then the failure is the client's: not the upstream's (no breaker or
-        ejection count), never retried, answered with PROTOCOL_ERROR. Buffered
-        calls were walked whole on the way in; framed ones are checked only
-        now (`sidecar.protocol.validate`), so a good call pays nothing.
+        True: the call is well formed (buffered ones were walked on the way
+        in; a framed one is checked now, `sidecar.protocol.validate`, so a
+        good call pays nothing): the failure is the upstream's. None: it is
+        malformed, and answered here with PROTOCOL_ERROR: not the upstream's
+        failure (no breaker or ejection count), never retried. False: too
+        costly to check (`CHECK_STEPS`): treated as `_unshown`.
         """
         message = self._message
         if message.start == 0 and message.theader is None:
-            return False
+            return True
         try:
-            check_body(message, self._ctx.max_depth)
+            return check_body(message, self._ctx.max_depth, CHECK_STEPS)
         except ProtocolError as exc:
             self.malformed = True
             if self._admission is not None:
@@ -472,8 +483,22 @@ class Call:
                     "count against the upstream",
                 ),
             )
-            return True
-        return False
+            return None
+
+    def _unshown(
+        self, outcome: Outcome, reply: Message | None, error: UpstreamError | None
+    ) -> None:
+        """A failed call the sidecar could not show well formed: not retried, not counted.
+
+        The isolation rule (README, Robustness): only a request shown well
+        formed may count against the upstream. The client gets what a last
+        failed attempt gets (a fallback, or the error).
+        """
+        if self._admission is not None:
+            self._breaker.cancel(self._admission)
+            self._admission = None
+        self._policy.stats.attempt(self._pool.address, _LABELS[outcome])
+        self._give_up(outcome, reply, error)
 
     def _decide(self, outcome: Outcome, sent: bool, exception_id: int | None) -> Retry | GiveUp:
         """Retry or give up after a failed attempt; a retry takes its budget token here."""

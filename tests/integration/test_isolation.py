@@ -19,9 +19,12 @@ import thriftpy2.transport
 
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.protocol.framing import BufferedDecoder, FramedDecoder
+from sidecar.proxy.call import CHECK_STEPS
 from tests.integration import reply_parts
+from tests.protocol.test_walk_budget import empty_structs_call
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.raw import encode_call
+from tests.support.redis import SilentServer
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import run_sidecar
 from tests.support.wait import wait_until
@@ -124,3 +127,44 @@ def test_a_non_strict_client_whose_first_message_is_a_reply_is_answered() -> Non
     assert parts.header.seqid == 42
     assert not parts.header.strict  # answered in the client's own form
     assert parts.exc_type == ApplicationExceptionType.INVALID_MESSAGE_TYPE
+
+
+def test_a_failed_call_too_costly_to_check_is_neither_retried_nor_counted() -> None:
+    """A framed call whose check would take over `CHECK_STEPS` steps is not shown well formed.
+
+    Its failure (here: an upstream that never answers) then counts against
+    neither the breaker nor the address, and it is not retried; a small call
+    that fails the same way still opens the breaker.
+    """
+    config = {
+        "breaker": {"fail_max": 1, "reset_timeout": "1h"},
+        "retry": {
+            "max_attempts": 3,
+            "per_try_timeout": "300ms",
+            "deadline": "5s",
+            "idempotent": ["ping"],
+        },
+    }
+    big = empty_structs_call(CHECK_STEPS * 2, seqid=5)  # a step an element, and one for its STOP
+    with (
+        SilentServer() as silent,
+        run_sidecar([f"127.0.0.1:{silent.port}"], config=config) as sc,
+        socket.create_connection(split_address(sc.address)) as sock,
+    ):
+        breaker = f"127.0.0.1:{silent.port}"
+        sock.sendall(struct.pack(">i", len(big)) + big)
+        [reply] = answers(sock, 1)
+        parts = reply_parts(reply)
+        assert parts.header.seqid == 5
+        assert parts.exc_type == ApplicationExceptionType.INTERNAL_ERROR
+        assert "did not reply within 0.3s" in (parts.exc_message or "")
+        m = sc.metrics()
+        assert m.value("thrift_sidecar_breaker_state", breaker=breaker) == 0
+        assert m.value("thrift_sidecar_retries_total", method="ping", reason="timeout") == 0
+        assert len(silent.accepted) == 1  # one attempt, no retry on another connection
+
+        small = empty_structs_call(0, seqid=6)
+        sock.sendall(struct.pack(">i", len(small)) + small)
+        [reply] = answers(sock, 1)
+        assert reply_parts(reply).header.seqid == 6
+        assert sc.metrics().value("thrift_sidecar_breaker_state", breaker=breaker) == 2
