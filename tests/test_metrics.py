@@ -372,7 +372,7 @@ def _cacheable_idl_names() -> list[str]:
 LIMIT = 50
 CALLS = 10_000
 KNOWN = ("getItem", "placeOrder")
-REQUEST_OUTCOMES = len(Outcome) + 3  # + fallback, circuit_open, bad_request
+REQUEST_OUTCOMES = len(Outcome) + 4  # + fallback, circuit_open, shed, bad_request
 GIVE_UP_REASONS = 7
 TRANSITION_PAIRS = 6  # every ordered pair of three states
 

@@ -35,6 +35,7 @@ from sidecar.resilience.breaker import Breaker, TransitionCallback
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.ejection import EjectionTracker
+from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.window import RateSettings
 
@@ -255,6 +256,11 @@ def budget(config: SidecarConfig) -> RetryBudget:
     return RetryBudget(b.ratio, b.min_retries_per_second, b.window)
 
 
+def limiter(config: SidecarConfig) -> ConcurrencyLimit:
+    """The upstream's limit of calls in flight (``upstream.max_in_flight``)."""
+    return ConcurrencyLimit(config.upstream.max_in_flight)
+
+
 def fallbacks(config: SidecarConfig, store: FallbackStore) -> Fallbacks:
     """What to remember and serve, over ``store``."""
     return Fallbacks(
@@ -280,6 +286,7 @@ def call_context(
     learned_oneway: OnewayMethods,
     rng: random.Random | None = None,
     exception_ids: ExceptionIds | None = None,
+    concurrency: ConcurrencyLimit | None = None,
 ) -> CallContext:
     """The context calls start with, for this config and these long-lived parts."""
     u = config.upstream
@@ -310,6 +317,7 @@ def call_context(
         timeout_header=u.theader_timeout_header,
         oneway=learned_oneway,
         access_sample_rate=config.log.access.sample_rate,
+        limiter=concurrency or limiter(config),
     )
 
 

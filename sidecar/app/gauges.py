@@ -107,6 +107,12 @@ class Gauges:
         m.retry_budget_tokens.labels(context.upstream_name).set(
             context.budget.balance(context.loop.time())
         )
+        limiter = context.limiter
+        m.calls_in_flight.labels(context.upstream_name).set(limiter.in_flight)
+        if limiter.limit is None:
+            m.concurrency_limit.clear()
+        else:
+            m.concurrency_limit.labels(context.upstream_name).set(limiter.limit)
         for breaker in context.breakers.all():
             m.init_breaker(breaker.name)
             m.breaker_state.labels(breaker.name).set(STATE_VALUES.get(breaker.state, 0))

@@ -4,9 +4,11 @@ Retry, breaker, fallback, health check and per-method settings, ``max_connection
 ``idle_timeout``, ``drain_timeout`` and ``log`` take effect for the calls that
 start after the reload, on connections already open too: a new `CallContext`
 is built and handed to the server, and calls in flight finish on the one they
-started with. The keys in `RESTART_KEYS`, ``breaker.scope`` and
-``fallback.cache`` keep their old values until a restart, and the reload
-says so. A config that fails to load or to apply is rejected, logged and
+started with. ``upstream.max_in_flight`` changes the one limit that lives as
+long as the process, so the calls in flight keep counting against the new
+value. The keys in `RESTART_KEYS` (but ``upstream.max_in_flight``),
+``breaker.scope`` and ``fallback.cache`` keep their old values until a
+restart, and the reload says so. A config that fails to load or to apply is rejected, logged and
 counted; the running one stays.
 """
 
@@ -74,13 +76,19 @@ RESTART_KEYS = (
     "state",
     "idl",
 )
+# Keys under ``upstream`` that a reload applies (the rest of ``upstream`` waits for a restart).
+UPSTREAM_RELOADED = ("max_in_flight",)
 
 
 def kept_for_restart(old: SidecarConfig, new: SidecarConfig) -> tuple[SidecarConfig, list[str]]:
     """``new`` with the keys that need a restart set back to ``old``'s, and those keys."""
-    ignored = [k for k in RESTART_KEYS if getattr(old, k) != getattr(new, k)]
+    restart = {k: getattr(old, k) for k in RESTART_KEYS}
+    # Of the upstream's keys, UPSTREAM_RELOADED apply on reload; the others need a restart.
+    applied = {key: getattr(new.upstream, key) for key in UPSTREAM_RELOADED}
+    restart["upstream"] = old.upstream.model_copy(update=applied)
+    ignored = [k for k in RESTART_KEYS if restart[k] != getattr(new, k)]
     if ignored:
-        new = new.model_copy(update={k: getattr(old, k) for k in ignored})
+        new = new.model_copy(update={k: restart[k] for k in ignored})
     if new.breaker.scope != old.breaker.scope:  # the breakers are made once per scope
         ignored.append("breaker.scope")
         kept = new.breaker.model_copy(update={"scope": old.breaker.scope})
@@ -130,6 +138,7 @@ def apply(
     budget = current.budget
     if new.retry.budget != old.retry.budget:
         budget = build.budget(new)
+    current.limiter.set_limit(new.upstream.max_in_flight)  # calls in flight keep counting
     if static_replies is not None:
         sidecar.static_replies = static_replies
     if exception_ids is not None:
@@ -152,6 +161,7 @@ def apply(
         learned_oneway=parts.oneway,
         rng=current.rng,
         exception_ids=sidecar.exception_ids,
+        concurrency=current.limiter,
     )
     sidecar.config = new
     sidecar.use_context(context)

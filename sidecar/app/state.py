@@ -39,7 +39,8 @@ def state_document(sidecar: Described) -> dict[str, Any]:
     Keys: ``version``, ``config_version``, ``ready``, ``uptime_seconds``,
     ``listen``, ``upstream`` (addresses, ejected ones), ``breakers`` (state,
     counters, settings, seconds until a probe), ``pools`` (per address and
-    transport), ``retry_budget``, ``fallback_store`` and
+    transport), ``retry_budget``, ``concurrency`` (calls in flight, their limit,
+    calls shed since start-up), ``fallback_store`` and
     ``fallback_store_losses`` (writes dropped or failed, reads missed),
     ``shared_state`` (fleet mode: the Redis URL without password, whether it
     answers, the last error, each breaker's state as Redis holds it),
@@ -90,6 +91,11 @@ def state_document(sidecar: Described) -> dict[str, Any]:
             "ratio": budget.ratio,
             "min_retries_per_second": budget.min_retries_per_second,
             "window_seconds": budget.window,
+        },
+        "concurrency": {
+            "in_flight": context.limiter.in_flight,
+            "max_in_flight": context.limiter.limit,
+            "shed_total": context.limiter.shed,
         },
         "fallback_store": {
             "backend": stats.backend,

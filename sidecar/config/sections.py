@@ -84,6 +84,16 @@ class UpstreamConfig(Section):
     ejection: EjectionConfig = Field(
         EjectionConfig(), description="Passive ejection of failing addresses."
     )
+    max_in_flight: int | None = Field(
+        None,
+        ge=1,
+        description="Most calls in flight to the upstream at once (all its addresses "
+        "together), each counted from its admission to its answer, retries and backoff "
+        "included; a call over the limit is shed at once: it gets a fallback (with shed in "
+        "fallback.serve_on) or a TApplicationException saying it was shed, and counts "
+        "against neither the breaker nor the retry budget. null: no limit. A reload applies "
+        "a new value.",
+    )
     tls: UpstreamTlsConfig | None = Field(
         None, description="TLS to the upstream; null means plaintext."
     )
@@ -264,10 +274,11 @@ class CacheConfig(Section):
 class FallbackConfig(Section):
     """When and from where replies are served while the upstream cannot answer."""
 
-    serve_on: tuple[Literal["breaker_open", "retries_exhausted"], ...] = Field(
-        ("breaker_open", "retries_exhausted"),
-        description="When a fallback reply is served: while the breaker rejects calls, "
-        "and/or when every attempt failed.",
+    serve_on: tuple[Literal["breaker_open", "retries_exhausted", "shed"], ...] = Field(
+        ("breaker_open", "retries_exhausted", "shed"),
+        description="When a fallback reply is served: while the breaker rejects calls "
+        "(breaker_open), when every attempt failed (retries_exhausted), when a call is shed "
+        "over upstream.max_in_flight (shed).",
     )
     methods: tuple[str, ...] | None = Field(
         None,

@@ -7,7 +7,7 @@ stored again (`RecentKeys`), so a hot call costs a hash, not a copy and a
 write, per call.
 
 Served, when the reason is listed in ``serve_on`` (``breaker_open``,
-``retries_exhausted``): the cached reply for the same method and arguments if
+``retries_exhausted``, ``shed``): the cached reply for the same method and arguments if
 one younger than the TTL exists, else the method's static reply, else
 nothing. A cached reply is the upstream's own message with the client's seqid
 patched in; a static reply gets a fresh REPLY envelope with the bare method
@@ -46,6 +46,8 @@ RECENT_KEYS = 4096
 
 BREAKER_OPEN = "breaker_open"
 RETRIES_EXHAUSTED = "retries_exhausted"
+# The call was shed over upstream.max_in_flight (`sidecar.resilience.limits`).
+SHED = "shed"
 
 
 class MethodFallback(Protocol):
@@ -120,7 +122,7 @@ class Fallbacks:
         store: where replies are remembered; None turns the cache off
             (static replies are still served).
         serve_on: the reasons a fallback is served for (`BREAKER_OPEN`,
-            `RETRIES_EXHAUSTED`).
+            `RETRIES_EXHAUSTED`, `SHED`).
         cache_declared_exceptions: remember replies carrying a declared
             exception too, not only ``ok`` ones.
         clock: Unix time for ``stored_at`` (the store's TTL is measured on it).

@@ -91,11 +91,13 @@ LABEL_DOCS: dict[str, str] = {
     "outcome": "What the client got: the last attempt's outcome (`ok`, `declared_exception`, "
     "`app_exception`, `internal_error`, `connect_error`, `connection_closed`, `timeout`, "
     "`protocol_error`), or `fallback` (a cached or static reply), `circuit_open` (rejected "
-    "by the breaker, no fallback), `bad_request` (not a CALL or ONEWAY message), "
+    "by the breaker, no fallback), `shed` (over `upstream.max_in_flight`, no fallback; "
+    "oneway: dropped), `bad_request` (not a CALL or ONEWAY message), "
     "`sidecar_error` (a bug in the sidecar, answered with INTERNAL_ERROR and logged).",
     "upstream": "One upstream address `host:port` (attempts, connections, ejections, "
     "health checks), or "
-    "all the upstream's addresses joined by commas (the retry budget, which they share).",
+    "all the upstream's addresses joined by commas (the retry budget and the concurrency "
+    "limit, which they share).",
     "result": "`upstream_attempts_total`: the attempt's outcome (`ok` ... `protocol_error`, "
     "as for `outcome`); `config_reloads_total`: `ok` or `error`; "
     "`health_check_probes_total`: `pass`, or the outcome that failed the probe "

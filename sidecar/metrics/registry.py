@@ -80,6 +80,24 @@ class SidecarMetrics:
             "Retry tokens available now (a retry takes one; below 1, retries are refused).",
             ["upstream"],
         )
+        self.calls_shed = self._counter(
+            "calls_shed_total",
+            "Calls shed at once because upstream.max_in_flight calls were in flight to the "
+            "upstream; each got a fallback or an error, or, oneway, was dropped.",
+            ["upstream"],
+        )
+        self.calls_in_flight = self._gauge(
+            "calls_in_flight",
+            "Calls in flight to the upstream now, from admission to answer (retries and "
+            "backoff included): what upstream.max_in_flight limits.",
+            ["upstream"],
+        )
+        self.concurrency_limit = self._gauge(
+            "concurrency_limit",
+            "The upstream's limit of calls in flight (upstream.max_in_flight); absent with no "
+            "limit.",
+            ["upstream"],
+        )
         self.breaker_state = self._gauge(
             "breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["breaker"]
         )
@@ -255,6 +273,8 @@ class SidecarMetrics:
         """The series of one upstream and its addresses."""
         self.retry_budget_exhausted.labels(name)
         self.retry_budget_tokens.labels(name)
+        self.calls_shed.labels(name)
+        self.calls_in_flight.labels(name)
         for address in addresses:
             self.upstream_ejections.labels(address)
             self.upstream_ejected.labels(address)

@@ -1,6 +1,8 @@
 """One client call through the sidecar, as a small state machine driven by callbacks.
 
-    start: policy for the method name; breaker admits the call?
+    start: policy for the method name; a concurrency slot free?
+        no  -> shed: fallback or TApplicationException (no breaker, budget, attempt)
+        breaker admits the call?
         no  -> fallback or TApplicationException
     attempt: an address (not tried yet where possible), an idle connection
         (or a task that opens or waits for one), send with a per-try timeout
@@ -13,7 +15,7 @@
             give up -> record the failure in the breaker; a fallback, the
                        upstream's own error reply, or TApplicationException
                        (INTERNAL_ERROR) saying what happened
-    finish: count, hand the bytes (None for oneway) to the connection
+    finish: give back the slot, count, hand the bytes (None for oneway) to the connection
 
 The common path, an idle upstream connection and an answer, runs entirely in
 the event loop's I/O callbacks, with no task, future or extra loop iteration
@@ -45,7 +47,7 @@ from time import perf_counter
 from typing import Any, Concatenate, ParamSpec
 
 from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
-from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, Served
+from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.envelope import Protocol as WireProtocol
@@ -63,6 +65,7 @@ from sidecar.proxy.translate import (
 )
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
+from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
 from sidecar.resilience.retry import BUDGET, GiveUp, Retry
 
@@ -93,7 +96,7 @@ CIRCUIT_OPEN = "circuit_open"
 FALLBACK = "fallback"
 BAD_REQUEST = "bad_request"
 SIDECAR_ERROR = "sidecar_error"
-REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
+REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, SHED, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
 
 
 def _entry_point(
@@ -126,6 +129,7 @@ class Call:
         "_done",
         "_expires",
         "_finished",
+        "_limiter",
         "_message",
         "_on_sent",
         "_oneway",
@@ -161,6 +165,7 @@ class Call:
         self.malformed = False  # found malformed (`_request_shown_well_formed`)
         self._oneway = False
         self._admission: Admission | None = None
+        self._limiter: ConcurrencyLimit | None = None  # set while the call holds a slot
         self._conn: UpstreamConnection | None = None
         self._chain: UpstreamConnection | None = None
         self._served_by: str | None = None  # the fallback's source, when one answered
@@ -255,6 +260,11 @@ class Call:
                     self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
                 )
                 return
+        limiter = ctx.limiter
+        if not limiter.try_acquire():
+            self._shed(limiter)
+            return
+        self._limiter = limiter
         self._breaker = breaker = ctx.breakers.for_label(policy.label)
         self._admission = breaker.admit()
         if self._admission is None:
@@ -575,6 +585,17 @@ class Call:
 
         self._fallback(reason, without_fallback)
 
+    def _shed(self, limiter: ConcurrencyLimit) -> None:
+        """Over the upstream's concurrency limit: a fallback or an error, at once."""
+        ctx = self._ctx
+        ctx.metrics.calls_shed.labels(ctx.upstream_name).inc()
+        self._unanswered(
+            SHED,
+            SHED,
+            f"call shed: {limiter.in_flight} calls were in flight at upstream "
+            f"{ctx.upstream_name} (upstream.max_in_flight {limiter.limit})",
+        )
+
     def _fallback(self, reason: str, otherwise: Callable[[], None]) -> None:
         """Serve a fallback for ``reason`` if one exists, else run ``otherwise``."""
         fallbacks = self._ctx.fallbacks
@@ -635,6 +656,8 @@ class Call:
         if self._finished:
             return
         self._finished = True
+        if self._limiter is not None:
+            self._free_slot()
         seconds = perf_counter() - self._t0
         self._policy.stats.request(label, seconds)
         rate = self._ctx.access_sample_rate
@@ -666,8 +689,15 @@ class Call:
             },
         )
 
+    def _free_slot(self) -> None:
+        """Give back the concurrency slot (at most once: the call forgets its limiter)."""
+        limiter, self._limiter = self._limiter, None
+        if limiter is not None:
+            limiter.release()
+
     def _release(self) -> None:
-        """Let go of what the call holds: connection, task, timer, probe slot."""
+        """Let go of what the call holds: connection, task, timer, probe slot, concurrency slot."""
+        self._free_slot()
         if self._conn is not None:
             self._conn.abandon(self)
             self._conn = None

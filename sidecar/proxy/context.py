@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sidecar.fallback.service import Fallbacks
 from sidecar.metrics import SidecarMetrics
@@ -21,6 +21,7 @@ from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
+from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 
 
@@ -49,6 +50,8 @@ class CallContext:
         timeout_header: the THeader info header with a client's timeout (ms), or None.
         oneway: the methods learned to be oneway (kept across reloads).
         access_sample_rate: share of calls logged on ``sidecar.access`` (0: none).
+        limiter: the upstream's calls in flight and their limit (kept across
+            reloads, so calls in flight keep counting).
     """
 
     loop: asyncio.AbstractEventLoop
@@ -69,3 +72,4 @@ class CallContext:
     timeout_header: str | None
     oneway: OnewayMethods
     access_sample_rate: float = 0.0
+    limiter: ConcurrencyLimit = field(default_factory=ConcurrencyLimit)

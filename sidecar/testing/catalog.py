@@ -11,6 +11,10 @@ thread per connection (`sidecar.testing.thrift_server`). It counts what it
 executed (`CatalogServer.calls`), so a demo or a test can show that an order
 lost to a reset was not placed twice.
 
+With ``service_time``, one worker serves every call in turn
+(`sidecar.testing.capacity.OneWorker`): an upstream with a fixed capacity,
+whose latency grows with the calls it is given at once.
+
 Limits: the IDL is the packaged copy (``sidecar/testing/example.thrift``); one
 call at a time per connection; not built for throughput.
 """
@@ -36,6 +40,7 @@ from thriftpy2.thrift import TProcessor
 from thriftpy2.transport import TCyBufferedTransportFactory, TCyFramedTransportFactory, TSocket
 
 from sidecar.testing.call_counter import CallCounter
+from sidecar.testing.capacity import OneWorker, WorkerHandler
 from sidecar.testing.thrift_server import ThreadedServer
 
 # Items with ids 1..CATALOG_SIZE exist; any other id is ItemNotFound.
@@ -158,6 +163,11 @@ class CatalogServer(ThreadedServer):
         host: where to listen.
         port: 0 for any free port.
         transport: ``"framed"`` or ``"buffered"``.
+        service_time: None (each call on its own thread, at once), or the
+            seconds one worker spends on each call, serving them in turn.
+
+    Attributes:
+        worker: the `OneWorker`, with ``service_time``.
     """
 
     name = "catalog"
@@ -167,13 +177,18 @@ class CatalogServer(ThreadedServer):
         host: str = "127.0.0.1",
         port: int = 0,
         transport: Literal["framed", "buffered"] | str = "framed",
+        service_time: float | None = None,
     ) -> None:
         if transport not in ("framed", "buffered"):
             raise ValueError(f"transport must be framed or buffered, not {transport!r}")
         super().__init__(host=host, port=port, idle_timeout=IDLE_TIMEOUT)
         self.transport = transport
         self.handler = CatalogHandler()
-        self._processor = TProcessor(self.handler.idl.Catalog, self.handler)
+        self.worker = OneWorker(service_time) if service_time is not None else None
+        handler: Any = self.handler
+        if self.worker is not None:
+            handler = WorkerHandler(handler, self.worker)
+        self._processor = TProcessor(self.handler.idl.Catalog, handler)
         self._transports = (
             TCyFramedTransportFactory() if transport == "framed" else TCyBufferedTransportFactory()
         )

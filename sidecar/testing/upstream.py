@@ -85,7 +85,14 @@ def stop_event_on_signals() -> threading.Event:
     show_default=True,
     help="cycle: misbehave on a schedule (healthy 60s, flaky 30s, healthy 30s, down 20s).",
 )
-def main(host: str, port: int, transport: str, faults: str) -> None:
+@click.option(
+    "--service-time",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Milliseconds one worker spends on each call, serving calls in turn: an upstream "
+    "whose latency grows with load (default: every call at once, no wait).",
+)
+def main(host: str, port: int, transport: str, faults: str, service_time: float | None) -> None:
     """Serve the Catalog until SIGTERM or SIGINT."""
     if faults == "cycle" and transport != "framed":
         raise click.UsageError("--faults cycle needs --transport framed")
@@ -93,12 +100,13 @@ def main(host: str, port: int, transport: str, faults: str) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     stop = stop_event_on_signals()
+    seconds = service_time / 1000 if service_time is not None else None
     if faults == "none":
-        with CatalogServer(host, port, transport) as server:
+        with CatalogServer(host, port, transport, service_time=seconds) as server:
             log.info("Catalog service on %s:%d (%s)", host, server.port, transport)
             stop.wait()
         return
-    with CatalogServer("127.0.0.1", 0, transport) as server:
+    with CatalogServer("127.0.0.1", 0, transport, service_time=seconds) as server:
         log.info(
             "Catalog service on %s:%d behind a fault injector (real service on %s)",
             host,

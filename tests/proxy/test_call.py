@@ -6,7 +6,9 @@ fallback lookup) is broken in turn, by patching a function that runs below
 it, while a real sidecar (`SidecarThread`) serves a real upstream. The
 victim gets ``TApplicationException(INTERNAL_ERROR)``; the log's traceback
 shows which entry point caught it; the same connection, another client's
-connection, the breaker and the upstream pool keep working. A bug in a
+connection, the breaker and the upstream pool keep working, and the call's
+concurrency slot was given back (``upstream.max_in_flight: 1``: one slot
+kept by a broken call would shed every call after it). A bug in a
 client connection's callback closes that connection only and is counted as
 ``protocol_errors_total{kind="internal"}``.
 """
@@ -40,6 +42,7 @@ INTERNAL_ERROR = int(ApplicationExceptionType.INTERNAL_ERROR)
 # Attempts short enough to wait for, long enough for a busy machine; never the breaker:
 # the failures here are the tests' own.
 CONFIG: dict[str, Any] = {
+    "upstream": {"max_in_flight": 1},
     "breaker": {"fail_max": 1000},
     "retry": {
         "max_attempts": 1,
@@ -121,6 +124,8 @@ def assert_nothing_else_touched(
         assert newcomer.add(1, 1) == 2
     metrics = sc.metrics()
     assert metrics.value("thrift_sidecar_requests_total", outcome="sidecar_error") == 1
+    assert metrics.value("thrift_sidecar_requests_total", outcome="shed") == 0
+    assert metrics.value("thrift_sidecar_calls_in_flight") == 0
     assert metrics.value("thrift_sidecar_breaker_state") == 0
     assert metrics.value("thrift_sidecar_protocol_errors_total", kind="internal") == 0
 
