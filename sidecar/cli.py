@@ -355,6 +355,12 @@ def check_config(path: str) -> None:
     show_default=True,
     help="Calls per second from all the demo's clients together.",
 )
+@click.option(
+    "--overload",
+    is_flag=True,
+    help="The upstream serves one call at a time, and a fifth phase (8s) overloads it with "
+    "more clients: the sidecar sheds the calls over upstream.max_in_flight.",
+)
 def demo(
     duration: float,
     keep_running: bool,
@@ -362,6 +368,7 @@ def demo(
     port: int | None,
     metrics_port: int | None,
     rate: float,
+    overload: bool,
 ) -> None:
     """Run the example Catalog service behind the sidecar, with injected faults.
 
@@ -384,6 +391,7 @@ def demo(
         port=port,
         metrics_port=metrics_port,
         rate=rate,
+        overload=overload,
     )
     sys.exit(run_demo(options))
 

@@ -5,6 +5,12 @@ the reads) → outage (the fault injector is down: the breaker opens and the
 sidecar serves cached or static replies, or a clear
 ``TApplicationException``) → recovery (back up: a half-open probe succeeds
 and the breaker closes). The phases' lengths scale with ``--duration``.
+
+With ``--overload`` the upstream serves one call at a time
+(`OVERLOAD_SERVICE_TIME` each) and a fifth phase follows: a crowd of extra
+clients (`OVERLOAD_CLIENTS`) offers `OVERLOAD_FACTOR` times what it can
+serve; the sidecar lets ``upstream.max_in_flight`` calls through at once
+and sheds the rest.
 """
 
 from __future__ import annotations
@@ -19,6 +25,14 @@ from sidecar.testing.upstream import FLAKY_RATES
 MIN_DURATION = 12.0
 # Shares of the run per phase; the recovery gets the rest.
 PHASE_SHARES = {"healthy": 0.2, "flaky": 0.25, "outage": 0.3}
+# --overload: seconds the upstream's one worker spends on a call (capacity 500
+# calls/s, four times the demo's usual traffic), the overload phase's length
+# (added to --duration), its extra clients, and how many times the upstream's
+# capacity they offer together.
+OVERLOAD_SERVICE_TIME = 0.002
+OVERLOAD_SECONDS = 8
+OVERLOAD_CLIENTS = 32
+OVERLOAD_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
@@ -33,6 +47,7 @@ class DemoOptions:
     clients: int = 4
     rate: float = 120.0
     seed: int | None = None
+    overload: bool = False
 
 
 @dataclass(frozen=True)
@@ -44,14 +59,36 @@ class Phase:
     headline: str
     rates: dict[str, float] = field(default_factory=dict)
     down: bool = False
+    crowd: bool = False  # extra clients overload the upstream (--overload)
 
 
-def plan_phases(duration: float, faults: bool, reset_timeout: float) -> list[Phase]:
+def plan_phases(
+    duration: float, faults: bool, reset_timeout: float, overload: bool = False
+) -> list[Phase]:
     """The four phases, their lengths in whole seconds adding up to ``duration``.
 
     The recovery lasts at least ``reset_timeout`` + 2 s, so that the breaker's
-    half-open probe happens after the upstream is back.
+    half-open probe happens after the upstream is back. With ``overload``, the
+    overload phase follows (`OVERLOAD_SECONDS` more).
     """
+    phases = _four_phases(duration, faults, reset_timeout)
+    if overload:
+        capacity = 1 / OVERLOAD_SERVICE_TIME
+        phases.append(
+            Phase(
+                "overload",
+                OVERLOAD_SECONDS,
+                f"{OVERLOAD_CLIENTS} more clients offer {OVERLOAD_FACTOR:g} times the "
+                f"{capacity:,.0f} calls/s the upstream can serve; the sidecar lets "
+                "upstream.max_in_flight calls through at once and sheds the rest at once: "
+                "reads get the cached reply, the others an error saying they were shed",
+                crowd=True,
+            )
+        )
+    return phases
+
+
+def _four_phases(duration: float, faults: bool, reset_timeout: float) -> list[Phase]:
     total = round(max(MIN_DURATION, duration))
     recovery = max(math.ceil(reset_timeout) + 2, round(total * (1 - sum(PHASE_SHARES.values()))))
     rest = max(6, total - recovery)

@@ -29,6 +29,7 @@ class Printer:
         ("retries", 7),
         ("cache", 6),
         ("static", 6),
+        ("shed", 5),
         ("breaker", 9),
         ("p50 ms", 6),
     )
@@ -80,11 +81,12 @@ class Printer:
             f"{interval.retries:,.0f}",
             f"{interval.cache:,.0f}",
             f"{interval.static:,.0f}",
+            f"{interval.shed:,.0f}",
             interval.breaker,
             f"{interval.p50 * 1000:.2f}" if interval.p50 is not None else "-",
         ]
         colours: dict[int, tuple[str, ...]] = {
-            9: (_BREAKER_COLOURS.get(interval.breaker, ""),),
+            10: (_BREAKER_COLOURS.get(interval.breaker, ""),),
         }
         if t.errors:
             colours[3] = ("31",)

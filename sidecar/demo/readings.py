@@ -99,6 +99,7 @@ class Interval:
     p50: float | None
     breaker: str
     transitions: list[tuple[str, str, int]]
+    shed: float = 0.0
 
     @classmethod
     def between(cls, a: Snapshot, b: Snapshot) -> Interval:
@@ -126,6 +127,7 @@ class Interval:
             p50=histogram_quantile(0.5, buckets),
             breaker=mb.breaker_state(),
             transitions=transitions,
+            shed=mb.total(PREFIX + "calls_shed_total") - ma.total(PREFIX + "calls_shed_total"),
         )
 
 

@@ -3,7 +3,9 @@
 The summary states each phase's story in numbers (the clients' own counts and
 the sidecar's ``/metrics``) and checks it: retries in the flaky phase, the
 breaker opening and fallbacks served in the outage, the breaker closed at the
-end, no dropped client connection, no order placed twice.
+end, no dropped client connection, no order placed twice; with
+``--overload``, calls shed, the upstream never given more than
+``upstream.max_in_flight`` calls at once, the breaker left closed.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from sidecar.demo.phases import DemoOptions, Phase
+from sidecar.demo.phases import OVERLOAD_SERVICE_TIME, DemoOptions, Phase
 from sidecar.demo.printer import Printer
 from sidecar.demo.readings import Interval
 from sidecar.demo.traffic_counts import TrafficCounts
@@ -46,6 +48,7 @@ class Setup:
     sidecar_pid: int
     fail_max: int
     reset_timeout: float
+    max_in_flight: int | None = None
 
 
 def print_banner(p: Printer, o: DemoOptions, setup: Setup, phases: list[Phase]) -> None:
@@ -56,6 +59,11 @@ def print_banner(p: Printer, o: DemoOptions, setup: Setup, phases: list[Phase]) 
     )
     p.line()
     p.line(f"  upstream  the Catalog service (idl/example.thrift) on {setup.upstream}")
+    if o.overload:
+        p.line(
+            f"            one call at a time, {OVERLOAD_SERVICE_TIME * 1000:g} ms each "
+            f"(--overload); the sidecar lets {setup.max_in_flight} through at once"
+        )
     p.line(f"  faults    a fault injector in front of it, on {setup.faults}")
     p.line(
         f"  sidecar   {setup.listen} (pid {setup.sidecar_pid}), config/demo.yaml's settings: "
@@ -77,7 +85,8 @@ def print_banner(p: Printer, o: DemoOptions, setup: Setup, phases: list[Phase]) 
     p.line("  Per second: calls the clients made and what they got back (answered; errors =")
     p.line("  TApplicationException, reads/writes; dropped = connection lost), faults the")
     p.line("  injector caused, and from the sidecar's /metrics: retries, fallback replies")
-    p.line("  from the cache and static, breaker state, median latency.")
+    p.line("  from the cache and static, calls shed over the concurrency limit, breaker state,")
+    p.line("  median latency.")
 
 
 def print_summary(
@@ -88,12 +97,16 @@ def print_summary(
     reached: int,
     placed: int,
     fail_max: int,
+    max_in_flight: int | None = None,
+    upstream_peak: int | None = None,
 ) -> list[str]:
     """Print the summary; returns what did not go as the story says.
 
     Args:
         reached: ``placeOrder`` calls the upstream executed.
         placed: distinct orders it placed.
+        max_in_flight: the sidecar's ``upstream.max_in_flight``.
+        upstream_peak: the most calls the upstream had at once (``--overload``).
     """
     by_name = {r.phase.name: r for r in results}
     failures: list[str] = []
@@ -102,7 +115,17 @@ def print_summary(
     for r in results:
         i, t = r.interval, r.interval.traffic
         latency = f", p50 {i.p50 * 1000:.2f} ms" if i.p50 is not None else ""
-        if r.phase.name == "healthy" or not o.faults:
+        if r.phase.crowd:
+            text = (
+                f"{t.calls:,} calls; the sidecar shed {i.shed:,.0f} at once ({i.cache:,.0f} "
+                f"reads answered from the cache, {i.static:,.0f} with the static reply; "
+                f"{t.read_errors} reads and {t.write_errors} writes got an error saying they "
+                f"were shed); the upstream had at most "
+                f"{upstream_peak} calls at once (upstream.max_in_flight {max_in_flight}); the "
+                f"breaker was {'seen open' if r.opened else 'closed throughout'}; "
+                f"{t.dropped} dropped connections{latency}."
+            )
+        elif r.phase.name == "healthy" or not o.faults:
             text = (
                 f"{t.calls:,} calls, {t.answered:,} answered, {t.errors} errors, "
                 f"{t.dropped} dropped connections{latency}."
@@ -161,6 +184,18 @@ def print_summary(
             failures.append("no fallback replies in the outage")
         if recovery.closed_after is None:
             failures.append("the breaker did not close in the recovery")
-    elif any(r.interval.traffic.errors for r in results):
+    elif any(r.interval.traffic.errors for r in results if not r.phase.crowd):
         failures.append("client-visible errors without injected faults")
+    for r in results:
+        if not r.phase.crowd:
+            continue
+        if r.interval.shed <= 0:
+            failures.append("no call was shed in the overload phase")
+        if r.opened:
+            failures.append("the breaker opened in the overload phase (shed calls are no failures)")
+        if max_in_flight is not None and (upstream_peak or 0) > max_in_flight:
+            failures.append(
+                f"the upstream had {upstream_peak} calls at once, over max_in_flight "
+                f"{max_in_flight}"
+            )
     return failures

@@ -25,7 +25,14 @@ from typing import Any, TextIO
 
 import yaml
 
-from sidecar.demo.phases import DemoOptions, Phase, plan_phases
+from sidecar.demo.phases import (
+    OVERLOAD_CLIENTS,
+    OVERLOAD_FACTOR,
+    OVERLOAD_SERVICE_TIME,
+    DemoOptions,
+    Phase,
+    plan_phases,
+)
 from sidecar.demo.printer import Printer
 from sidecar.demo.readings import Interval, Snapshot
 from sidecar.demo.report import PhaseResult, Setup, print_banner, print_summary
@@ -87,7 +94,8 @@ class Demo:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sidecar-demo-")))
         idl = stack.enter_context(example_idl_path())
         settings = stack.enter_context(packaged_demo_settings())
-        upstream = CatalogServer().start()
+        service_time = OVERLOAD_SERVICE_TIME if o.overload else None
+        upstream = CatalogServer(service_time=service_time).start()
         stack.callback(upstream.stop)
         proxy = FaultProxyThread(upstream.address, "framed", FaultPlan(seed=o.seed)).start()
         stack.callback(proxy.stop)
@@ -98,27 +106,32 @@ class Demo:
             config.get("breaker", {}).get("reset_timeout", "30s")
         )
         fail_max = int(config.get("breaker", {}).get("fail_max", 5))
+        max_in_flight = (config.get("upstream") or {}).get("max_in_flight")
         config_path = workdir / "demo.yaml"
         config_path.write_text(
             "# sidecar demo: config/demo.yaml with the demo's ports and the packaged IDL\n"
             + yaml.safe_dump(config, sort_keys=False)
         )
         self._check_config(config_path)
-        phases = plan_phases(o.duration, o.faults, reset_timeout)
+        phases = plan_phases(o.duration, o.faults, reset_timeout, o.overload)
         admin_url = f"http://{admin}"
         sidecar = SidecarProcess(config_path, workdir / "sidecar.log", admin_url)
         stack.callback(sidecar.stop)
         setup = Setup(
             upstream.address, proxy.address, listen, admin_url, sidecar.proc.pid, fail_max,
-            reset_timeout,
+            reset_timeout, max_in_flight,
         )  # fmt: skip
         print_banner(self.p, o, setup, phases)
         sidecar.wait_ready(READY_TIMEOUT)
         traffic = Traffic([listen], clients=o.clients, rate=o.rate, seed=o.seed).start()
         stack.callback(traffic.stop)
+        crowds: list[Traffic] = []  # the overload phase's extra clients
 
         def snapshot() -> Snapshot:
-            return Snapshot(time.monotonic(), traffic.snapshot(), sidecar.scrape(), proxy.stats)
+            counts = traffic.snapshot()
+            for crowd in crowds:
+                counts = counts + crowd.snapshot()
+            return Snapshot(time.monotonic(), counts, sidecar.scrape(), proxy.stats)
 
         self.p.line()
         self.p.header()
@@ -128,7 +141,15 @@ class Demo:
             proxy.plan.set_rates(phase.rates)
             proxy.set_down(phase.down)
             self.p.phase(phase, number)
+            if phase.crowd:
+                seed = None if o.seed is None else o.seed + 1000
+                rate = OVERLOAD_FACTOR / OVERLOAD_SERVICE_TIME
+                crowd = Traffic([listen], clients=OVERLOAD_CLIENTS, rate=rate, seed=seed)
+                crowds.append(crowd.start())
+                stack.callback(crowd.stop)
             result, previous, clock = self._play(phase, previous, clock, snapshot, traffic)
+            for crowd in crowds:
+                crowd.stop()
             self.results.append(result)
             self.p.row("total", result.interval, down=phase.down, total=True)
         failures = self.failures = print_summary(
@@ -138,6 +159,8 @@ class Demo:
             reached=upstream.calls["placeOrder"],
             placed=upstream.calls["placeOrder:placed"],
             fail_max=fail_max,
+            max_in_flight=max_in_flight,
+            upstream_peak=upstream.worker.max_in_flight if upstream.worker else None,
         )
         self.summarised = True
         if o.keep_running:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from sidecar.demo.phases import plan_phases
+from sidecar.demo.phases import OVERLOAD_SECONDS, plan_phases
 from sidecar.demo.printer import Printer
 from sidecar.demo.readings import Interval, MetricsView, Snapshot, histogram_quantile, in_order
 from sidecar.demo.traffic import Traffic
@@ -53,17 +53,18 @@ class Row:
     retries: int
     cache: int
     static: int
+    shed: int
     breaker: str
 
     @classmethod
     def parse(cls, line: str) -> Row:
         cells = line.split()
-        assert len(cells) == 11, line
+        assert len(cells) == 12, line
         number = [_int(c) for c in cells]
         reads, writes = (int(x.replace(",", "")) for x in cells[3].split("/"))
         return cls(
             cells[0], number[1], number[2], reads, writes, number[4], cells[5],
-            number[6], number[7], number[8], cells[9],
+            number[6], number[7], number[8], number[9], cells[10],
         )  # fmt: skip
 
 
@@ -175,6 +176,7 @@ def test_demo_shows_every_phase(demo_runs: dict[str, DemoRun]) -> None:
         assert phase.total is not None, f"no total row for {phase.name}:\n{out}"
         assert len(phase.rows) >= phase.seconds, out
         assert all(r.dropped == 0 for r in phase.rows), f"dropped connections:\n{out}"
+        assert all(r.shed == 0 for r in phase.rows), f"shed calls without --overload:\n{out}"
     healthy, flaky, outage, recovery = (phases[n] for n in PHASES)
     h = healthy.total
     assert h is not None, out
@@ -279,6 +281,41 @@ def test_demo_keep_running_serves_metrics_until_interrupted(
         os.kill(sidecar_pid, 0)
 
 
+@pytest.mark.slow
+def test_demo_overload_sheds_calls_and_keeps_the_upstream_within_the_limit(
+    tmp_path: Path,
+) -> None:
+    run = start_demo(tmp_path, "overload", "--duration", "12", "--no-faults", "--overload")
+    try:
+        code, out = run.wait()
+    finally:
+        run.kill()
+    assert code == 0, out
+    assert "one call at a time, 2 ms each (--overload)" in out
+    phases = parse_output(out)
+    assert list(phases) == [*PHASES, "overload"], out
+    assert phases["overload"].seconds == OVERLOAD_SECONDS
+    for name in PHASES:  # the usual traffic never reaches the limit
+        total = phases[name].total
+        assert total is not None, out
+        assert total.shed == 0, out
+        assert total.read_errors + total.write_errors == 0, out
+    overload = phases["overload"]
+    t = overload.total
+    assert t is not None, out
+    assert t.shed > 0, out
+    assert t.cache > 0, out  # shed reads of hot items: their cached reply
+    assert t.calls == t.answered + t.read_errors + t.write_errors, out
+    assert t.dropped == 0, out
+    assert all(r.breaker == "closed" for r in overload.rows), out
+    assert not overload.events, out  # no breaker transition
+    summary = out[out.index("Summary") :]
+    peak = re.search(r"the\s+upstream\s+had\s+at\s+most\s+(\d+)\s+calls\s+at\s+once", summary)
+    assert peak, out
+    assert int(peak.group(1)) <= 8, out  # config/demo.yaml's upstream.max_in_flight
+    assert "did not go as expected" not in out
+
+
 # -- the demo's own parts, without the whole run -------------------------------------
 
 
@@ -297,6 +334,11 @@ def test_phases_scale_with_the_duration_and_leave_time_to_recover() -> None:
     assert longer[3].seconds >= 12
     quiet = plan_phases(20, faults=False, reset_timeout=3.0)
     assert all(not p.rates and not p.down for p in quiet)
+    assert not any(p.crowd for p in quiet)
+    overloaded = plan_phases(20, faults=True, reset_timeout=3.0, overload=True)
+    assert [p.name for p in overloaded] == [*PHASES, "overload"]
+    assert sum(p.seconds for p in overloaded) == 20 + OVERLOAD_SECONDS
+    assert [p.crowd for p in overloaded] == [False] * 4 + [True]
 
 
 def test_histogram_quantile_interpolates_like_promql() -> None:
