@@ -14,7 +14,9 @@ in front of it (``python -m sidecar run``), one at a time:
   tenth of the upstream's capacity: the latency to stay near;
 - ``no limit``: the same offered ``--rate``;
 - ``max_in_flight N``: with a limit, offered ``--rate``, for each N of
-  ``--limits`` (default 2 and 8).
+  ``--limits`` (default 2 and 8);
+- ``adaptive``: ``upstream.adaptive_concurrency`` with its defaults (Envoy's
+  gradient controller), offered ``--rate``.
 
 Both have per-try timeouts and deadlines of a minute, so that nothing times
 out or is retried: what grows is visible. The load is open loop, at a fixed
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import statistics
 import struct
@@ -220,6 +223,12 @@ def summarise(calls: list[Call], start: float, seconds: float) -> dict[str, Any]
     }
 
 
+def state(admin_url: str) -> dict[str, Any]:
+    """The sidecar's ``/state`` document."""
+    with urllib.request.urlopen(admin_url + "/state", timeout=5) as response:
+        return dict(json.loads(response.read()))
+
+
 def scrape(admin_url: str) -> dict[str, float]:
     """Sums of the sidecar's counters this benchmark reports, by metric name."""
     with urllib.request.urlopen(admin_url + "/metrics", timeout=5) as response:
@@ -262,10 +271,10 @@ def slow_upstream(service_ms: float, log: Path) -> Iterator[int]:
 
 
 @contextlib.contextmanager
-def sidecar_with(tmp: Path, name: str, limit: int | None, port: int) -> Iterator[SidecarProcess]:
+def sidecar_with(tmp: Path, name: str, upstream: str, port: int) -> Iterator[SidecarProcess]:
+    """A sidecar with `CONFIG` and ``upstream`` (YAML flow mapping of upstream keys, or "")."""
     config = tmp / f"{name}.yaml"
-    text = CONFIG + (f"upstream: {{max_in_flight: {limit}}}\n" if limit is not None else "")
-    config.write_text(text)
+    config.write_text(CONFIG + (f"upstream: {upstream}\n" if upstream else ""))
     program = ["-m", "sidecar", "run", "--config", str(config)]
     with sidecar_process(program, port, tmp / f"{name}.log") as sidecar:
         yield sidecar
@@ -297,6 +306,14 @@ def render(runs: list[dict[str, Any]], meta: dict[str, Any]) -> str:
             f"| {cell(r['shed_p50_ms'], '.2f')} | {cell(r['shed_p99_ms'], '.2f')} "
             f"| {r['unanswered']:,} | {transitions:g} |"
         )
+    for r in runs:
+        adaptive = r["concurrency"]["adaptive"]
+        if adaptive is not None and adaptive["min_rtt_seconds"] is not None:
+            lines.append(
+                f"\n{r['target']}: limit {adaptive['limit']} at the end, minRTT "
+                f"{adaptive['min_rtt_seconds'] * 1000:.1f} ms, last window's latency "
+                f"{(adaptive['sample_rtt_seconds'] or 0) * 1000:.1f} ms."
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -327,20 +344,22 @@ def main(argv: list[str] | None = None) -> int:
     }
     runs: list[dict[str, Any]] = []
     capacity = 1000 / args.service_ms
-    targets: list[tuple[str, int | None, float]] = [
-        ("unloaded", None, capacity / 10),
-        ("no limit", None, args.rate),
+    targets: list[tuple[str, str, float]] = [
+        ("unloaded", "", capacity / 10),
+        ("no limit", "", args.rate),
     ]
     for limit in (int(v) for v in args.limits.split(",") if v.strip()):
-        targets.append((f"max_in_flight {limit}", limit, args.rate))
+        targets.append((f"max_in_flight {limit}", f"{{max_in_flight: {limit}}}", args.rate))
+    targets.append(("adaptive", "{adaptive_concurrency: {}}", args.rate))
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-shedding-")))
         port = stack.enter_context(slow_upstream(args.service_ms, tmp / "upstream.log"))
-        for name, limit, rate in targets:
-            with sidecar_with(tmp, f"sidecar-{limit}", limit, port) as sidecar:
+        for number, (name, upstream, rate) in enumerate(targets):
+            with sidecar_with(tmp, f"sidecar-{number}", upstream, port) as sidecar:
                 calls, start = asyncio.run(offer(sidecar.port, rate, args.seconds, args.drain))
                 run = {"target": name, **summarise(calls, start, args.seconds)}
                 run["sidecar"] = scrape(sidecar.admin_url)
+                run["concurrency"] = state(sidecar.admin_url)["concurrency"]
             runs.append(run)
             print(
                 f"{name}: {run['served_per_s']:,.0f} served/s, p50 {run['served_p50_ms']} ms, "

@@ -694,7 +694,12 @@ def test_state_document_after_traffic_and_reloads() -> None:
         }
         assert state["health_check"] == {"enabled": False}
         assert state["version"] == __version__
-        assert state["concurrency"] == {"in_flight": 0, "max_in_flight": None, "shed_total": 0}
+        assert state["concurrency"] == {
+            "in_flight": 0,
+            "max_in_flight": None,
+            "shed_total": 0,
+            "adaptive": None,
+        }
         assert state["ready"] is True
         assert state["uptime_seconds"] > 0
         assert state["listen"] == r.sidecar.address

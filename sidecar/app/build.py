@@ -35,6 +35,7 @@ from sidecar.resilience.breaker import Breaker, TransitionCallback
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.ejection import EjectionTracker
+from sidecar.resilience.gradient import GradientLimit, GradientSettings
 from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.window import RateSettings
@@ -256,9 +257,39 @@ def budget(config: SidecarConfig) -> RetryBudget:
     return RetryBudget(b.ratio, b.min_retries_per_second, b.window)
 
 
+def gradient_settings(config: SidecarConfig) -> GradientSettings | None:
+    """The adaptive limit's settings (``upstream.adaptive_concurrency``), or None."""
+    a = config.upstream.adaptive_concurrency
+    if a is None:
+        return None
+    return GradientSettings(
+        min_concurrency=a.min_concurrency,
+        max_concurrency=a.max_concurrency,
+        update_interval=a.update_interval,
+        sample_percentile=a.sample_percentile,
+        min_rtt_interval=a.min_rtt_interval,
+        min_rtt_requests=a.min_rtt_requests,
+        min_rtt_buffer=a.min_rtt_buffer,
+        jitter=a.jitter,
+    )
+
+
 def limiter(config: SidecarConfig) -> ConcurrencyLimit:
-    """The upstream's limit of calls in flight (``upstream.max_in_flight``)."""
-    return ConcurrencyLimit(config.upstream.max_in_flight)
+    """The upstream's limit of calls in flight (``max_in_flight``, ``adaptive_concurrency``)."""
+    limit = ConcurrencyLimit()
+    reconfigure_limiter(limit, config)
+    return limit
+
+
+def reconfigure_limiter(limit: ConcurrencyLimit, config: SidecarConfig) -> None:
+    """Apply ``config``'s limits; an adaptive limit with unchanged settings keeps its state."""
+    settings = gradient_settings(config)
+    adaptive = limit.adaptive
+    if settings is None:
+        adaptive = None
+    elif adaptive is None or adaptive.settings != settings:
+        adaptive = GradientLimit(settings, random.Random())
+    limit.configure(config.upstream.max_in_flight, adaptive)
 
 
 def fallbacks(config: SidecarConfig, store: FallbackStore) -> Fallbacks:

@@ -4,9 +4,10 @@ Retry, breaker, fallback, health check and per-method settings, ``max_connection
 ``idle_timeout``, ``drain_timeout`` and ``log`` take effect for the calls that
 start after the reload, on connections already open too: a new `CallContext`
 is built and handed to the server, and calls in flight finish on the one they
-started with. ``upstream.max_in_flight`` changes the one limit that lives as
-long as the process, so the calls in flight keep counting against the new
-value. The keys in `RESTART_KEYS` (but ``upstream.max_in_flight``),
+started with. ``upstream.max_in_flight`` and ``upstream.adaptive_concurrency``
+change the one limit that lives as long as the process, so the calls in
+flight keep counting against the new value. The keys in `RESTART_KEYS` (but
+those two),
 ``breaker.scope`` and ``fallback.cache`` keep their old values until a
 restart, and the reload says so. A config that fails to load or to apply is rejected, logged and
 counted; the running one stays.
@@ -77,7 +78,7 @@ RESTART_KEYS = (
     "idl",
 )
 # Keys under ``upstream`` that a reload applies (the rest of ``upstream`` waits for a restart).
-UPSTREAM_RELOADED = ("max_in_flight",)
+UPSTREAM_RELOADED = ("max_in_flight", "adaptive_concurrency")
 
 
 def kept_for_restart(old: SidecarConfig, new: SidecarConfig) -> tuple[SidecarConfig, list[str]]:
@@ -138,7 +139,7 @@ def apply(
     budget = current.budget
     if new.retry.budget != old.retry.budget:
         budget = build.budget(new)
-    current.limiter.set_limit(new.upstream.max_in_flight)  # calls in flight keep counting
+    build.reconfigure_limiter(current.limiter, new)  # calls in flight keep counting
     if static_replies is not None:
         sidecar.static_replies = static_replies
     if exception_ids is not None:

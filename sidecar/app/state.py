@@ -13,6 +13,7 @@ from sidecar.app.build import Parts
 from sidecar.config import SidecarConfig
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.resilience.breaker import Breaker
+from sidecar.resilience.limits import ConcurrencyLimit
 
 if TYPE_CHECKING:
     from prometheus_client.metrics import MetricWrapperBase
@@ -92,11 +93,7 @@ def state_document(sidecar: Described) -> dict[str, Any]:
             "min_retries_per_second": budget.min_retries_per_second,
             "window_seconds": budget.window,
         },
-        "concurrency": {
-            "in_flight": context.limiter.in_flight,
-            "max_in_flight": context.limiter.limit,
-            "shed_total": context.limiter.shed,
-        },
+        "concurrency": _concurrency(context.limiter),
         "fallback_store": {
             "backend": stats.backend,
             "entries": stats.entries,
@@ -121,6 +118,24 @@ def state_document(sidecar: Described) -> dict[str, Any]:
         "oneway": parts.oneway.describe(),
         "health_check": parts.health.describe() if parts.health else {"enabled": False},
     }
+
+
+def _concurrency(limiter: ConcurrencyLimit) -> dict[str, Any]:
+    adaptive = limiter.adaptive
+    described: dict[str, Any] = {
+        "in_flight": limiter.in_flight,
+        "max_in_flight": limiter.limit,
+        "shed_total": limiter.shed,
+        "adaptive": None,
+    }
+    if adaptive is not None:
+        described["adaptive"] = {
+            "limit": adaptive.limit,
+            "measuring_min_rtt": adaptive.measuring,
+            "min_rtt_seconds": adaptive.min_rtt,
+            "sample_rtt_seconds": adaptive.sample_rtt,
+        }
+    return described
 
 
 def _breaker(breaker: Breaker, transitions: dict[tuple[str, ...], float]) -> dict[str, Any]:

@@ -48,6 +48,60 @@ class EjectionConfig(Section):
     )
 
 
+class AdaptiveConcurrencyConfig(Section):
+    """A concurrency limit that follows the upstream's latency (Envoy's gradient controller)."""
+
+    min_concurrency: int = Field(
+        3,
+        ge=1,
+        description="The limit while the unloaded latency (minRTT) is measured, and the lowest "
+        "limit ever set.",
+    )
+    max_concurrency: int = Field(1000, ge=1, description="The highest limit ever set.")
+    update_interval: PositiveDuration = Field(
+        0.1,
+        description="The limit is recalculated after each such window, from the latency of the "
+        "calls that finished in it.",
+    )
+    sample_percentile: float = Field(
+        50.0,
+        gt=0,
+        le=100,
+        description="Percentile of a window's latencies (and of a minRTT measurement's) used.",
+    )
+    min_rtt_interval: PositiveDuration = Field(
+        60.0,
+        description="Time between measurements of the unloaded latency (the limit is held at "
+        "min_concurrency while min_rtt_requests calls run).",
+    )
+    min_rtt_requests: int = Field(
+        50, ge=1, description="Calls whose latency makes one minRTT measurement."
+    )
+    min_rtt_buffer: float = Field(
+        25.0,
+        ge=0,
+        description="Percent added to minRTT before comparing a window's latency with it: "
+        "latency within it lets the limit grow.",
+    )
+    jitter: float = Field(
+        15.0,
+        ge=0,
+        le=100,
+        description="Up to this percent of min_rtt_interval is added at random, so that "
+        "sidecars do not measure at the same moment.",
+    )
+
+    @model_validator(mode="after")
+    def _min_below_max(self) -> AdaptiveConcurrencyConfig:
+        if self.min_concurrency > self.max_concurrency:
+            raise FieldProblem(
+                "min_concurrency",
+                f"must not be above max_concurrency ({self.max_concurrency})",
+                self.min_concurrency,
+            )
+        return self
+
+
 class UpstreamConfig(Section):
     """Where calls go and how the connections to there are kept."""
 
@@ -91,8 +145,14 @@ class UpstreamConfig(Section):
         "together), each counted from its admission to its answer, retries and backoff "
         "included; a call over the limit is shed at once: it gets a fallback (with shed in "
         "fallback.serve_on) or a TApplicationException saying it was shed, and counts "
-        "against neither the breaker nor the retry budget. null: no limit. A reload applies "
-        "a new value.",
+        "against neither the breaker nor the retry budget. null: no limit. With "
+        "adaptive_concurrency, a ceiling over the adaptive limit. A reload applies a new value.",
+    )
+    adaptive_concurrency: AdaptiveConcurrencyConfig | None = Field(
+        None,
+        description="A limit of calls in flight that follows the upstream's latency (the "
+        "gradient controller of Envoy's adaptive concurrency filter); calls over it are shed "
+        "as over max_in_flight. null: off. A reload applies new settings (and measures afresh).",
     )
     tls: UpstreamTlsConfig | None = Field(
         None, description="TLS to the upstream; null means plaintext."

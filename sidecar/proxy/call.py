@@ -97,6 +97,8 @@ FALLBACK = "fallback"
 BAD_REQUEST = "bad_request"
 SIDECAR_ERROR = "sidecar_error"
 REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, SHED, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
+# Final outcomes whose latency, after one attempt, is a sample for an adaptive limit.
+_SAMPLED = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
 
 
 def _entry_point(
@@ -261,7 +263,7 @@ class Call:
                 )
                 return
         limiter = ctx.limiter
-        if not limiter.try_acquire():
+        if not limiter.try_acquire(self._t0):
             self._shed(limiter)
             return
         self._limiter = limiter
@@ -656,9 +658,10 @@ class Call:
         if self._finished:
             return
         self._finished = True
+        now = perf_counter()
+        seconds = now - self._t0
         if self._limiter is not None:
-            self._free_slot()
-        seconds = perf_counter() - self._t0
+            self._free_slot(label, now)
         self._policy.stats.request(label, seconds)
         rate = self._ctx.access_sample_rate
         if rate and (rate >= 1.0 or self._ctx.rng.random() < rate):
@@ -689,10 +692,18 @@ class Call:
             },
         )
 
-    def _free_slot(self) -> None:
-        """Give back the concurrency slot (at most once: the call forgets its limiter)."""
+    def _free_slot(self, label: str | None = None, now: float = 0.0) -> None:
+        """Give back the concurrency slot (at most once: the call forgets its limiter).
+
+        An answer or a timeout after a single attempt is a latency sample for
+        an adaptive limit; a retried call's latency includes backoff waits.
+        """
         limiter, self._limiter = self._limiter, None
-        if limiter is not None:
+        if limiter is None:
+            return
+        if label in _SAMPLED and self._attempt == 1:
+            limiter.release(self._t0, now)
+        else:
             limiter.release()
 
     def _release(self) -> None:

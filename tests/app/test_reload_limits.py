@@ -7,6 +7,7 @@ from typing import Any
 
 import yaml
 
+from sidecar.app import build
 from sidecar.app.reload import kept_for_restart
 from sidecar.config import SidecarConfig, load_config
 from tests.support.sidecar import base_config, merged
@@ -40,3 +41,27 @@ def test_a_new_limit_applies_beside_upstream_keys_that_wait_for_a_restart(
     assert ignored == ["upstream"]
     assert new.upstream.pool_size == old.upstream.pool_size
     assert new.upstream.max_in_flight == 5
+
+
+def test_adaptive_settings_apply_on_reload_and_unchanged_ones_keep_their_state(
+    tmp_path: Path,
+) -> None:
+    raw = base_config(["127.0.0.1:9"])
+    old = _load(tmp_path, raw, "old.yaml")
+    adaptive = {"upstream": {"adaptive_concurrency": {"min_concurrency": 2}}}
+    new, ignored = kept_for_restart(old, _load(tmp_path, merged(raw, adaptive), "new.yaml"))
+    assert ignored == []
+    limit = build.limiter(old)
+    assert limit.adaptive is None
+    build.reconfigure_limiter(limit, new)
+    gradient = limit.adaptive
+    assert gradient is not None
+    assert gradient.settings.min_concurrency == 2
+    gradient.advance(0.0)  # measuring: some state to keep
+    build.reconfigure_limiter(limit, new)  # the same settings: the same controller
+    assert limit.adaptive is gradient
+    other = _load(tmp_path, merged(raw, {"upstream": {"adaptive_concurrency": {}}}), "3.yaml")
+    build.reconfigure_limiter(limit, other)  # other settings: measured afresh
+    assert limit.adaptive is not gradient
+    build.reconfigure_limiter(limit, old)
+    assert limit.adaptive is None

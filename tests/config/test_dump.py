@@ -68,15 +68,15 @@ def _yaml_key_paths(data: Any, prefix: str = "") -> set[str]:
 
 
 def _commented_keys(text: str) -> set[str]:
-    """Keys of the commented ``# tls:`` and ``# health_check:`` example blocks (both are
-    off in the shipped file)."""
+    """Keys of the commented ``# tls:``, ``# health_check:`` and
+    ``# adaptive_concurrency:`` example blocks (all off in the shipped file)."""
     found: set[str] = set()
     section = ""
     block: str | None = None
     for line in text.splitlines():
         if re.match(r"^(\w+):", line):
             section = line.split(":", 1)[0]
-        opening = re.match(r"^\s*#\s*(tls|health_check):", line)
+        opening = re.match(r"^\s*#\s*(tls|health_check|adaptive_concurrency):", line)
         if opening:
             block = opening.group(1)
             continue
@@ -87,8 +87,10 @@ def _commented_keys(text: str) -> set[str]:
             continue
         if block == "tls":
             prefix = "upstream.tls." if section == "upstream" else "tls."
-        else:
+        elif block == "health_check":
             prefix = "health_check."
+        else:
+            prefix = f"upstream.{block}." if section == "upstream" else f"{block}."
         found.add(prefix + match.group(1))
     return found
 

@@ -45,3 +45,38 @@ def test_an_unknown_fallback_reason_names_shed_among_the_choices(tmp_path: Path)
     assert "fallback.serve_on[1]" in message
     assert "breaker_open, retries_exhausted, shed" in message
     assert "'overload'" in message
+
+
+def test_adaptive_concurrency_is_off_by_default_and_takes_envoys_defaults() -> None:
+    assert load_config(None, environ={}).upstream.adaptive_concurrency is None
+
+
+def test_adaptive_concurrency_with_defaults_and_durations(tmp_path: Path) -> None:
+    raw = {"upstream": {"adaptive_concurrency": {"update_interval": "250ms"}}}
+    adaptive = load_config(write(tmp_path, raw), environ={}).upstream.adaptive_concurrency
+    assert adaptive is not None
+    assert adaptive.update_interval == 0.25
+    assert (adaptive.min_concurrency, adaptive.max_concurrency) == (3, 1000)
+    assert (adaptive.min_rtt_interval, adaptive.min_rtt_requests) == (60.0, 50)
+    assert (adaptive.sample_percentile, adaptive.min_rtt_buffer, adaptive.jitter) == (50, 25, 15)
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"min_concurrency": 20, "max_concurrency": 10},
+            "upstream.adaptive_concurrency.min_concurrency: must not be above max_concurrency "
+            "(10) (got 20)",
+        ),
+        ({"min_concurrency": 0}, "upstream.adaptive_concurrency.min_concurrency: must be at"),
+        ({"sample_percentile": 0}, "upstream.adaptive_concurrency.sample_percentile: "),
+        ({"jitter": 150}, "upstream.adaptive_concurrency.jitter: "),
+        ({"update_interval": "0s"}, "upstream.adaptive_concurrency.update_interval: "),
+        ({"min_rtt_request": 5}, "upstream.adaptive_concurrency.min_rtt_request"),
+    ],
+)
+def test_adaptive_concurrency_errors_name_the_key(
+    tmp_path: Path, settings: dict[str, object], expected: str
+) -> None:
+    assert expected in error_of(tmp_path, {"upstream": {"adaptive_concurrency": settings}})

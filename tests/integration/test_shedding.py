@@ -160,6 +160,45 @@ def test_shed_reads_get_the_cached_reply(slow_upstream: CatalogServer) -> None:
     assert metrics.value("thrift_sidecar_requests_total", outcome="shed") == 0
 
 
+ADAPTIVE: dict[str, Any] = {
+    "min_concurrency": 2,
+    "update_interval": "50ms",
+    "min_rtt_requests": 10,
+}
+
+
+def test_an_adaptive_limit_keeps_the_upstream_near_its_unloaded_latency(
+    slow_upstream: CatalogServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = merged(CONFIG, NO_SHED_FALLBACK, {"upstream": {"adaptive_concurrency": ADAPTIVE}})
+    with run_sidecar([slow_upstream.address], config=config) as sc:
+        answers = crowd(
+            sc.address, clients=CLIENTS, calls=100_000, seconds=2.0, call=get_item, timeout=60
+        )
+        metrics = sc.metrics()
+        state = sc.state()["concurrency"]
+        assert_untouched_breaker(sc)
+    worker = slow_upstream.worker
+    assert worker is not None
+    refused = shed(answers)
+    with capsys.disabled():
+        print()
+        print(figures("adaptive", answers), f"; upstream at most {worker.max_in_flight} at once")
+        print("state:", state)
+    # The upstream is kept far below the crowd (24 at once without a limit).
+    assert worker.max_in_flight <= CLIENTS // 2
+    assert refused
+    for answer in refused:
+        assert answer.message.startswith("call shed: ")
+    assert metrics.value("thrift_sidecar_calls_shed_total") == len(refused)
+    adaptive = state["adaptive"]
+    assert adaptive["min_rtt_seconds"] >= SERVICE_TIME
+    assert 2 <= adaptive["limit"] <= CLIENTS // 2
+    assert metrics.value("thrift_sidecar_concurrency_limit") == state["max_in_flight"]
+    # Served calls wait for a few calls at the worker, not for the crowd.
+    assert statistics.median(served(answers)) < CLIENTS * SERVICE_TIME / 2
+
+
 def thriftpy2_client_catalog(address: str) -> closing[Any]:
     return closing(catalog_client(address))
 
@@ -279,4 +318,9 @@ def test_a_reload_changes_the_limit_and_calls_in_flight_keep_counting(
         state = sc.state()
     assert gated.calls["getItem"] == 7, "no call in flight was cut"
     assert metrics.value("thrift_sidecar_calls_shed_total") == 3
-    assert state["concurrency"] == {"in_flight": 0, "max_in_flight": None, "shed_total": 3}
+    assert state["concurrency"] == {
+        "in_flight": 0,
+        "max_in_flight": None,
+        "shed_total": 3,
+        "adaptive": None,
+    }

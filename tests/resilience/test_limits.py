@@ -32,7 +32,7 @@ def test_a_lower_limit_keeps_the_calls_in_flight_and_sheds_new_ones() -> None:
     limit = ConcurrencyLimit(4)
     for _ in range(4):
         assert limit.try_acquire()
-    limit.set_limit(2)
+    limit.configure(2)
     assert not limit.try_acquire()
     limit.release()
     limit.release()
@@ -40,7 +40,7 @@ def test_a_lower_limit_keeps_the_calls_in_flight_and_sheds_new_ones() -> None:
     assert not limit.try_acquire()  # still 2 in flight: at the new limit
     limit.release()
     assert limit.try_acquire()
-    limit.set_limit(None)
+    limit.configure(None)
     assert limit.try_acquire()
     assert limit.in_flight == 3
 
@@ -49,7 +49,7 @@ def test_a_higher_limit_admits_more_at_once() -> None:
     limit = ConcurrencyLimit(1)
     assert limit.try_acquire()
     assert not limit.try_acquire()
-    limit.set_limit(3)
+    limit.configure(3)
     assert limit.try_acquire()
     assert limit.try_acquire()
     assert not limit.try_acquire()
@@ -61,7 +61,7 @@ def test_a_limit_below_one_is_refused(bad: int) -> None:
         ConcurrencyLimit(bad)
     limit = ConcurrencyLimit(3)
     with pytest.raises(ValueError, match="at least 1"):
-        limit.set_limit(bad)
+        limit.configure(bad)
     assert limit.limit == 3
 
 

@@ -2,13 +2,14 @@
 
 `crowd` starts ``clients`` threads, each with its own framed binary
 connection, lets them go together (a barrier), and has each make ``calls``
-calls in a row, recording what came back and how long it took
-(`Answer`). Bounded: ``calls`` per thread, a client timeout per call, one
-join deadline for all.
+calls in a row (or as many as it can in ``seconds``), recording what came
+back and how long it took (`Answer`). Bounded: ``calls`` per thread, a
+client timeout per call, one join deadline for all.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -57,6 +58,7 @@ def crowd(
     clients: int,
     calls: int,
     call: Callable[[Any, int], Any],
+    seconds: float | None = None,
     timeout: float = 120.0,
 ) -> list[Answer]:
     """``clients`` threads make ``calls`` calls each, all starting together.
@@ -65,6 +67,8 @@ def crowd(
         address: where the clients connect (a sidecar).
         call: makes one call on a client; gets the client and the call's
             number (unique across threads).
+        seconds: if given, each thread stops calling once this many seconds
+            have passed since the start (or after ``calls`` calls).
         timeout: seconds for the whole crowd.
 
     Returns:
@@ -85,13 +89,16 @@ def crowd(
             client = catalog_client(address)
             try:
                 ready.wait()
+                until = time.monotonic() + seconds if seconds is not None else math.inf
                 for n in range(calls):
+                    if time.monotonic() >= until:
+                        break
                     started = time.perf_counter()
                     try:
                         call(client, index * calls + n)
                     except TApplicationException as exc:
-                        seconds = time.perf_counter() - started
-                        mine.append(Answer("error", seconds, exc.message or "", exc.type))
+                        took = time.perf_counter() - started
+                        mine.append(Answer("error", took, exc.message or "", exc.type))
                     else:
                         mine.append(Answer("ok", time.perf_counter() - started))
             finally:
