@@ -378,8 +378,10 @@ def demo(
     healthy, flaky (retries absorb resets), outage (the breaker opens, cached
     and static fallbacks are served) and recovery (a half-open probe closes
     the breaker). Prints a table per second from the clients' counts and the
-    sidecar's /metrics, then a summary. Exit status 0 when every phase went
-    as described, 1 when not, 2 when the demo could not start.
+    sidecar's /metrics, then a summary. With --overload, a fifth phase
+    overloads an upstream of fixed capacity and the sidecar sheds the calls
+    over upstream.max_in_flight. Exit status 0 when every phase went as
+    described, 1 when not, 2 when the demo could not start.
     """
     from sidecar.demo.phases import DemoOptions
     from sidecar.demo.runner import run_demo

@@ -7,9 +7,11 @@ What runs (all on 127.0.0.1, free ports unless given):
 the Catalog service and the `FaultProxy` (`sidecar.testing`, threads), the
 sidecar with the demo settings (`sidecar.demo.sidecar_process`), and
 `Traffic` (`sidecar.demo.traffic`). The phases (`sidecar.demo.phases`) tell
-the fault injector what to do. Every second a table row shows what the
-clients saw next to what the sidecar did (read from its ``/metrics``); a
-summary per phase follows (`sidecar.demo.report`). Exit status 0 when the
+the fault injector what to do; with ``--overload`` the Catalog serves one
+call at a time and the last phase adds a crowd of clients (a second
+`Traffic`). Every second a table row shows what the clients saw next to
+what the sidecar did (read from its ``/metrics``); a summary per phase
+follows (`sidecar.demo.report`). Exit status 0 when the
 story held, 1 when not, 2 when the demo could not start.
 """
 
