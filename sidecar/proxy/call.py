@@ -591,11 +591,13 @@ class Call:
         """Over the upstream's concurrency limit: a fallback or an error, at once."""
         ctx = self._ctx
         ctx.metrics.calls_shed.labels(ctx.upstream_name).inc()
+        shown = ctx.upstream_shown or "upstream " + ctx.upstream_name
+        kind = "upstream.max_in_flight" if limiter.adaptive is None else "adaptive limit"
         self._unanswered(
             SHED,
             SHED,
-            f"call shed: {limiter.in_flight} calls were in flight at upstream "
-            f"{ctx.upstream_name} (upstream.max_in_flight {limiter.limit})",
+            f"call shed: {limiter.in_flight} calls were in flight at {shown} "
+            f"({kind} {limiter.limit})",
         )
 
     def _fallback(self, reason: str, otherwise: Callable[[], None]) -> None:

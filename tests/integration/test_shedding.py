@@ -116,7 +116,7 @@ def test_a_limit_keeps_an_overloaded_upstream_at_its_unloaded_latency(
     for answer in refused:
         assert answer.exc_type == INTERNAL_ERROR
         assert answer.message.startswith("call shed: ")
-        assert f"calls were in flight at upstream {slow_upstream.address}" in answer.message
+        assert "calls were in flight at the upstream " in answer.message
         assert f"(upstream.max_in_flight {LIMIT}), no fallback for getItem" in (answer.message)
     # Shed calls never reached the upstream, were never attempted, and are counted.
     assert executed == len(served(limited)) + len(alone)
