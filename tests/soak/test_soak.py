@@ -52,6 +52,10 @@ def test_short_soak() -> None:
     # The faults were seen as such.
     assert report.state_backend_errors, text
     assert report.fallback_store_errors.get("file", 0) >= 1, text
+    # The breaker recovers: each opening closes within a few probes, never a long
+    # run of failed probes while the upstream is up (one 10-minute run got stuck so).
+    moves = report.breaker_transitions
+    assert moves.get("half-open->open", 0) <= 2 * moves.get("closed->open", 0) + 5, text
     # Resources: fds back to the baseline, RSS bounded.
     assert report.fds.after <= report.fds.before, text
     assert report.fds_left == {}, text
