@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sidecar.admin import AdminServer, ControlServer
@@ -157,13 +158,14 @@ def breakers(
     return BreakerSet(make, upstream_name(config), b.scope == "method")
 
 
-def upstreams(
+def pool_maker(
     config: SidecarConfig,
     timeouts: Timeouts,
     loop: asyncio.AbstractEventLoop,
-    tls: UpstreamTls | None = None,
-) -> UpstreamSet:
-    """The upstream's addresses, with passive ejection; pools are opened on first use."""
+    tls: UpstreamTls | None,
+    size: int,
+) -> Callable[[str, Transport, Protocol], UpstreamPool]:
+    """What opens a pool of ``size`` connections to one address, transport and protocol."""
     u = config.upstream
 
     def pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
@@ -173,7 +175,7 @@ def upstreams(
             host,
             port,
             transport,
-            size=u.pool_size,
+            size=size,
             connect_timeout=u.connect_timeout,
             max_message_size=config.max_frame_size,
             timeouts=timeouts,
@@ -182,6 +184,18 @@ def upstreams(
             tls=tls,
         )
 
+    return pool
+
+
+def upstreams(
+    config: SidecarConfig,
+    timeouts: Timeouts,
+    loop: asyncio.AbstractEventLoop,
+    tls: UpstreamTls | None = None,
+) -> UpstreamSet:
+    """The upstream's addresses, with passive ejection; pools are opened on first use."""
+    u = config.upstream
+    pool = pool_maker(config, timeouts, loop, tls, u.pool_size)
     tracker = EjectionTracker(
         list(u.addresses),
         consecutive_failures=u.ejection.consecutive_failures,
@@ -223,24 +237,7 @@ def health_checker(
     tls: UpstreamTls | None = None,
 ) -> HealthChecker:
     """The health checker of the upstream, with a pool of one connection per address."""
-    u = config.upstream
-
-    def probe_pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
-        host, port = split_address(address)
-        return UpstreamPool(
-            address,
-            host,
-            port,
-            transport,
-            size=1,
-            connect_timeout=u.connect_timeout,
-            max_message_size=config.max_frame_size,
-            timeouts=timeouts,
-            loop=loop,
-            protocol=protocol,
-            tls=tls,
-        )
-
+    probe_pool = pool_maker(config, timeouts, loop, tls, 1)
     return HealthChecker(
         settings,
         upstreams=upstream_set,
