@@ -26,6 +26,7 @@ from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.health import HealthChecker, HealthSettings
+from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.proxy.server import Server, ServerSettings
@@ -289,6 +290,28 @@ def reconfigure_limiter(limit: ConcurrencyLimit, config: SidecarConfig) -> None:
     limit.configure(config.upstream.max_in_flight, adaptive)
 
 
+def hedging(config: SidecarConfig, current: Hedging | None = None) -> Hedging:
+    """The hedge budget and answer-time windows: ``current``'s windows kept on a reload,
+    its budget too unless hedge.budget changed."""
+    h = config.hedge
+    b = h.budget
+    if current is None:
+        return Hedging(
+            RetryBudget(b.ratio, b.min_hedges_per_second, b.window),
+            h.latency_samples,
+            h.min_samples,
+            h.initial_delay,
+        )
+    budget = current.budget
+    if (budget.ratio, budget.floor, budget.window) != (
+        b.ratio,
+        b.min_hedges_per_second * b.window,
+        b.window,
+    ):
+        budget = RetryBudget(b.ratio, b.min_hedges_per_second, b.window)
+    return current.reconfigured(budget, h.latency_samples, h.min_samples, h.initial_delay)
+
+
 def fallbacks(config: SidecarConfig, store: FallbackStore) -> Fallbacks:
     """What to remember and serve, over ``store``."""
     return Fallbacks(
@@ -315,8 +338,10 @@ def call_context(
     rng: random.Random | None = None,
     exception_ids: ExceptionIds | None = None,
     concurrency: ConcurrencyLimit | None = None,
+    hedge_state: Hedging | None = None,
 ) -> CallContext:
-    """The context calls start with, for this config and these long-lived parts."""
+    """The context calls start with, for this config and these long-lived parts
+    (``hedge_state``: the running one on a reload; a new one at start-up)."""
     u = config.upstream
     return CallContext(
         loop=loop,
@@ -344,6 +369,7 @@ def call_context(
         max_depth=config.max_depth,
         timeout_header=u.theader_timeout_header,
         oneway=learned_oneway,
+        hedging=hedging(config, hedge_state),
         access_sample_rate=config.log.access.sample_rate,
         limiter=concurrency or limiter(config),
     )

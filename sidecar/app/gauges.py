@@ -74,7 +74,8 @@ class Gauges:
         The upstream and its addresses, every breaker (with ``breaker.scope:
         method``, one per configured or IDL method), and per configured or
         IDL method: ``ok`` requests and attempts, the latency histogram, and
-        the fallback sources it can be served from. Idempotent.
+        the fallback sources it can be served from, and the hedge counters of a
+        hedged method. Idempotent.
         """
         m = self._metrics
         addresses = list(config.upstream.addresses)
@@ -87,7 +88,7 @@ class Gauges:
                 sources.append("cache")
             if serves_fallbacks and policy.static_reply is not None:
                 sources.append("static")
-            m.init_method(policy.label, addresses, sources)
+            m.init_method(policy.label, addresses, sources, hedged=policy.hedge is not None)
             context.breakers.for_label(policy.label)
         for breaker in context.breakers.all():
             m.init_breaker(breaker.name)

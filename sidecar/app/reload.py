@@ -163,6 +163,7 @@ def apply(
         rng=current.rng,
         exception_ids=sidecar.exception_ids,
         concurrency=current.limiter,
+        hedge_state=current.hedging,
     )
     sidecar.config = new
     sidecar.use_context(context)

@@ -10,10 +10,22 @@ matched against the bare method name, one with ``:`` against the full name.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Protocol
 
-from sidecar.config.model import SidecarConfig
 from sidecar.config.overrides import MethodConfig
+from sidecar.config.sections import RetryConfig
+
+
+class SidecarConfig(Protocol):
+    """What these rules read of a config (`sidecar.config.model.SidecarConfig`, whose own
+    checks use them: hence a shape here, not an import of the model)."""
+
+    @property
+    def methods(self) -> Mapping[str, MethodConfig]: ...
+
+    @property
+    def retry(self) -> RetryConfig: ...
 
 
 def matches_any(name: str, patterns: Iterable[str]) -> bool:

@@ -13,6 +13,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sidecar.config.base import FieldProblem, Section
+from sidecar.config.hedge import HedgeConfig
+from sidecar.config.methods import is_idempotent
 from sidecar.config.names import flag_of, shortcut_variable
 from sidecar.config.overrides import MethodConfig
 from sidecar.config.sections import (
@@ -87,6 +89,7 @@ class SidecarConfig(Section):
         "(addresses then come back on the ejection timer, and a half-open breaker lets "
         "client calls through as probes).",
     )
+    hedge: HedgeConfig = Field(HedgeConfig(), description="Hedged calls (idempotent methods only).")
     methods: dict[str, MethodConfig] = Field(
         default_factory=dict,
         description="Per-method overrides, keyed by exact method name or Service:method.",
@@ -148,6 +151,15 @@ class SidecarConfig(Section):
                 f"{shortcut_variable('redis-url')})",
                 "redis",
             )
+        for name, method in self.methods.items():
+            if method.hedge.turns_on and not is_idempotent(self, name):
+                raise FieldProblem(
+                    ("methods", name, "hedge"),
+                    f"only idempotent methods may be hedged: a hedge sends {name} twice, and "
+                    "both may run on the upstream (mark it methods."
+                    f"{name}.idempotent: true if it is safe to repeat)",
+                    method.hedge.model_dump(exclude_none=True),
+                )
         return self
 
 

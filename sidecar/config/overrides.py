@@ -1,4 +1,5 @@
-"""The per-method sections: ``methods.<method>`` (retry, idempotency, fallback, exceptions).
+"""The per-method sections: ``methods.<method>`` (retry, idempotency, fallback, exceptions,
+hedging).
 
 Unset keys inherit from the top-level sections; which entries apply to a wire
 method name, and in which order, is `sidecar.config.methods`.
@@ -11,6 +12,7 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from sidecar.config.base import FieldProblem, RetryableOutcome, Section
+from sidecar.config.hedge import HedgeOverride
 from sidecar.config.units import Duration, PositiveDuration
 
 
@@ -83,4 +85,9 @@ class MethodConfig(Section):
     )
     fallback: MethodFallback = Field(
         MethodFallback(), description="Fallback settings for this method."
+    )
+    hedge: HedgeOverride = Field(
+        HedgeOverride(),
+        description="Hedging for this method (idempotent methods only); unset keys inherit "
+        "from hedge.",
     )

@@ -26,6 +26,7 @@ from sidecar.config import (
     require_positive,
     split_optional,
 )
+from sidecar.config.hedge import normalise_hedge_delay
 from sidecar.docs.markdown import cell
 
 # How a mapping key is shown in a key path (``methods.<method>.idempotent``).
@@ -99,6 +100,8 @@ def _type_name(annotation: Any, field: FieldInfo | None = None) -> str:
         text = "size"
     elif kind == "address":
         text = "HOST:PORT"
+    elif any(getattr(m, "func", None) is normalise_hedge_delay for m in _meta(annotation, field)):
+        text = "duration or percentile (`p95`)"
     elif _model(inner) is not None:
         text = "section"
     elif origin is Literal or (origin is typing.Annotated and _literal(inner)):

@@ -98,6 +98,22 @@ class SidecarMetrics:
             "limit.",
             ["upstream"],
         )
+        self.hedges = self._counter(
+            "hedges_total",
+            "Hedges sent: the same call sent again on another connection because the "
+            "attempt had no answer after hedge.delay.",
+            ["method"],
+        )
+        self.hedges_won = self._counter(
+            "hedges_won_total",
+            "Hedges whose answer came first and was delivered (the other attempt's was dropped).",
+            ["method"],
+        )
+        self.hedge_budget_exhausted = self._counter(
+            "hedge_budget_exhausted_total",
+            "Hedges not sent because the hedge budget was empty.",
+            ["method"],
+        )
         self.breaker_state = self._gauge(
             "breaker_state", "Circuit breaker state: 0 closed, 1 half-open, 2 open.", ["breaker"]
         )
@@ -312,16 +328,24 @@ class SidecarMetrics:
             self.breaker_transitions.labels(name, old, new)
 
     def init_method(
-        self, label: str, addresses: Iterable[str], fallback_sources: Iterable[str] = ()
+        self,
+        label: str,
+        addresses: Iterable[str],
+        fallback_sources: Iterable[str] = (),
+        hedged: bool = False,
     ) -> None:
         """The series of one known method label: ``ok`` calls and attempts, the latency
-        histogram, and the fallback sources it can be served from."""
+        histogram, the fallback sources it can be served from, and its hedge counters."""
         stats = self.calls.method(label)
         stats.requests.setdefault("ok", 0)
         for address in addresses:
             stats.attempts.setdefault((address, "ok"), 0)
         for source in fallback_sources:
             self.fallback_replies.labels(label, source)
+        if hedged:
+            self.hedges.labels(label)
+            self.hedges_won.labels(label)
+            self.hedge_budget_exhausted.labels(label)
 
 
 class UnsetGauge(Collector):

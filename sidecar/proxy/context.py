@@ -17,6 +17,7 @@ from sidecar.metrics import SidecarMetrics
 from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.resilience.breakers import BreakerSet
@@ -49,6 +50,7 @@ class CallContext:
         max_depth: nesting limit of a transcoding.
         timeout_header: the THeader info header with a client's timeout (ms), or None.
         oneway: the methods learned to be oneway (kept across reloads).
+        hedging: the hedge budget and the methods' answer times (kept across reloads).
         access_sample_rate: share of calls logged on ``sidecar.access`` (0: none).
         limiter: the upstream's calls in flight and their limit (kept across
             reloads, so calls in flight keep counting).
@@ -71,5 +73,6 @@ class CallContext:
     max_depth: int
     timeout_header: str | None
     oneway: OnewayMethods
+    hedging: Hedging
     access_sample_rate: float = 0.0
     limiter: ConcurrencyLimit = field(default_factory=ConcurrencyLimit)

@@ -1,5 +1,5 @@
 """What applies to each method: retry, idempotency, caching, static fallback, metrics,
-and which of its declared exceptions are retried or count as breaker failures.
+hedging, and which of its declared exceptions are retried or count as breaker failures.
 
 Settings are resolved once per method name from the config and kept in a
 bounded table: names arrive on the wire, so a client sending endless new names
@@ -22,9 +22,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from sidecar.config import SidecarConfig, is_idempotent, matches_any, method_overrides
+from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_any, method_overrides
+from sidecar.config.hedge import parse_hedge_delay
 from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
+from sidecar.proxy.hedge import HedgePlan
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.retry import RetryPolicy
@@ -54,6 +56,8 @@ class MethodPolicy:
     # Result field ids of declared exceptions that count as breaker failures
     # (breaker.failure_exceptions); the retried ones are in retry.retry_exceptions.
     failure_exceptions: frozenset[int] = frozenset()
+    # Hedged calls (idempotent two-way methods only); None: this method never hedges.
+    hedge: HedgePlan | None = None
 
     @property
     def classifies_exceptions(self) -> bool:
@@ -123,6 +127,7 @@ class PolicyTable:
         cacheable = idempotent and _first((e.fallback.cache for e in entries), by_default)
         static = self._static.get(name) or self._static.get(method)
         label = self._labels.label(name)
+        oneway = _first((e.oneway for e in entries), name in self._oneway)
         return MethodPolicy(
             name=name,
             service=service,
@@ -134,8 +139,9 @@ class PolicyTable:
             static_reply=static,
             stats=self._calls.method(label),
             display_name=f"{service or self._service_of.get(method, '')}.{method}".lstrip("."),
-            oneway=_first((e.oneway for e in entries), name in self._oneway),
+            oneway=oneway,
             failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
+            hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
         )
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:
@@ -146,6 +152,16 @@ class PolicyTable:
             if by_service is not None:
                 return by_service.get(service, frozenset())
         return frozenset()
+
+
+def _hedge_plan(config: SidecarConfig, entries: list[MethodConfig]) -> HedgePlan | None:
+    """How an idempotent method hedges: its entries' keys, else the ``hedge`` section's."""
+    h = config.hedge
+    delay = _first((e.hedge.delay for e in entries), h.delay)
+    max_extra = _first((e.hedge.max_extra for e in entries), h.max_extra)
+    if delay is None or max_extra == 0:
+        return None
+    return HedgePlan(parse_hedge_delay(delay), max_extra)
 
 
 def _first(overrides: Iterable[T | None], default: T) -> T:

@@ -283,6 +283,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.timeouts.remove(waiting.bucket, waiting)
         self._fail(None)
 
+    def hand_over(self, handler: ReplyHandler, to: ReplyHandler) -> None:
+        """Give ``handler``'s waiting call to ``to``, keeping the connection.
+
+        For an attempt that lost to a hedge: its reply, when it comes, goes to
+        ``to`` (which drops it), and only then is the connection back in the
+        pool; the per-try timeout still closes it if no reply comes.
+        """
+        for waiting in self._waiting:
+            if waiting.handler is handler:
+                waiting.handler = to
+                return
+
     def close(self) -> None:
         """Close now (idle connections); a late reply is dropped with the connection."""
         self.abandon()

@@ -21,6 +21,10 @@ slots, the current one included, so 0.9 to 1 window), and a retry is
 remembered for at least ``window`` (one slot more). Calls are counted, not
 their ``ratio`` summed, so no rounding loses a token (ten deposits of 0.1 make
 a whole one).
+
+The hedge budget is the same token budget with its own settings
+(``hedge.budget``): each call of a hedged method deposits, each hedge
+withdraws (`sidecar.proxy.hedge`).
 """
 
 from __future__ import annotations
@@ -56,17 +60,23 @@ class _WindowedCounter:
 
 
 class RetryBudget:
-    """Token budget for retries to one upstream."""
+    """Token budget for retries to one upstream (and, with its own settings, for hedges)."""
 
-    __slots__ = ("_deposits", "_floor", "_withdrawals", "ratio")
+    __slots__ = ("_deposits", "_floor", "_withdrawals", "ratio", "window")
 
     def __init__(self, ratio: float, min_retries_per_second: float, window: float) -> None:
         if window <= 0:
             raise ValueError("window must be positive")
         self.ratio = ratio
+        self.window = window
         self._floor = min_retries_per_second * window
         self._deposits = _WindowedCounter(window)  # calls, for at most a window
         self._withdrawals = _WindowedCounter(window, SLOTS + 1)  # retries, for at least one
+
+    @property
+    def floor(self) -> float:
+        """Tokens always there: ``min_retries_per_second * window``."""
+        return self._floor
 
     def deposit(self, now: float) -> None:
         """Record one call (first attempts only)."""

@@ -1,0 +1,331 @@
+"""Hedged calls through a real sidecar process, to real upstreams.
+
+The upstream holds chosen calls (`Hold`: the next execution of a method waits
+until released, at most 10 s), so which attempt is slow is decided by the
+test, not by timing. What is checked: the hedge overtakes a held first
+attempt and the client gets exactly one reply, the fast one, under its own
+seqid; the loser's reply, released later, reaches nobody (other clients'
+pipelined calls on the same pool get their own replies, every one checked);
+a method that is not idempotent is never hedged; the hedge budget bounds
+hedges; with two addresses the hedge goes to the other one (a fault proxy
+delays every call on the first).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import pytest
+
+from sidecar.protocol.envelope import parse_header
+from sidecar.protocol.framing import Transport, frame, make_decoder
+from sidecar.testing.faults import FaultPlan, FaultProxyThread
+from tests.support.clients import split_address, thriftpy2_client
+from tests.support.raw import decode_reply, encode_call
+from tests.support.servers import Thriftpy2Server, thriftpy2_server
+from tests.support.sidecar import SidecarProcess, run_sidecar
+from tests.support.wait import wait_until
+
+# Hedge after 50 ms; per-try timeouts and the deadline far beyond any hold, so
+# that only a hedge can answer a held call in time; no retries to confuse counts.
+CONFIG: dict[str, Any] = {
+    "hedge": {"delay": "50ms", "budget": {"min_hedges_per_second": 100}},
+    "retry": {"max_attempts": 1, "per_try_timeout": "20s", "deadline": "30s"},
+    "breaker": {"fail_max": 1000},
+    "methods": {"placeOrder": {"idempotent": False}},
+}
+HOLD_LIMIT = 10.0  # seconds a held call waits at most
+
+
+class Hold:
+    """An upstream hook: the next ``arm``ed executions of a method wait until `release`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._armed: dict[str, int] = {}
+        self._released = threading.Event()
+        self.held = threading.Event()  # set when a call starts waiting
+
+    def arm(self, method: str, count: int = 1) -> None:
+        with self._lock:
+            self._armed[method] = self._armed.get(method, 0) + count
+        self._released.clear()
+        self.held.clear()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def __call__(self, name: str) -> None:
+        with self._lock:
+            left = self._armed.get(name, 0)
+            if left:
+                self._armed[name] = left - 1
+        if left:
+            self.held.set()
+            self._released.wait(HOLD_LIMIT)
+
+
+class RawClient:
+    """One client connection over a bare socket: exact seqids out, every reply byte back."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.create_connection(split_address(address), timeout=10)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._decoder = make_decoder(Transport.FRAMED, 1 << 20)
+        self._replies: list[bytes] = []
+
+    def send(self, *messages: bytes) -> None:
+        self.sock.sendall(b"".join(frame(m, Transport.FRAMED) for m in messages))
+
+    def read(self, count: int, timeout: float = 10.0) -> list[bytes]:
+        """The next ``count`` replies, within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while len(self._replies) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{len(self._replies)} of {count} replies in {timeout}s")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the sidecar closed the connection")
+            self._replies.extend(bytes(m.payload()) for m in self._decoder.receive_data(data))
+        out, self._replies = self._replies[:count], self._replies[count:]
+        return out
+
+    def nothing_pending(self) -> bool:
+        """No reply bytes wait to be read."""
+        try:
+            self.sock.recv(65536, socket.MSG_DONTWAIT)
+        except (BlockingIOError, TimeoutError):  # nothing to read (a socket with a timeout)
+            return not self._replies
+        return False  # bytes, or the connection closed
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def get_item(seqid: int, item_id: int) -> bytes:
+    return encode_call("getItem", {"id": item_id}, seqid=seqid)
+
+
+def check_item(reply: bytes, seqid: int, item_id: int) -> None:
+    """The reply answers getItem(item_id) under ``seqid``."""
+    header = parse_header(reply)
+    assert header is not None
+    assert header.seqid == seqid, (header.seqid, seqid)
+    assert decode_reply("getItem", reply).id == item_id
+
+
+@pytest.fixture
+def held_upstream() -> Iterator[tuple[Thriftpy2Server, Hold]]:
+    hold = Hold()
+    with thriftpy2_server("framed") as server:
+        server.hook = hold
+        try:
+            yield server, hold
+        finally:
+            hold.release()
+
+
+def hedges(sidecar: SidecarProcess, method: str) -> tuple[float, float, float]:
+    """(sent, won, refused by the budget) for ``method``."""
+    m = sidecar.metrics()
+    return (
+        m.value("thrift_sidecar_hedges_total", method=method),
+        m.value("thrift_sidecar_hedges_won_total", method=method),
+        m.value("thrift_sidecar_hedge_budget_exhausted_total", method=method),
+    )
+
+
+def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    with run_sidecar([upstream.address], config=CONFIG) as sidecar:
+        a = RawClient(sidecar.address)
+        others = [RawClient(sidecar.address) for _ in range(3)]
+        try:
+            a.send(get_item(1, 1))  # getItem answered once: known to be two-way
+            check_item(a.read(1)[0], 1, 1)
+
+            hold.arm("getItem")
+            a.send(get_item(4242, 7))
+            [reply] = a.read(1)  # without a hedge: only after the hold (10 s): TimeoutError
+            check_item(reply, 4242, 7)
+            assert hold.held.is_set()  # the first attempt is still held at the upstream
+            assert hedges(sidecar, "getItem")[:2] == (1, 1)
+
+            # Other clients pipeline calls on the same pool while the loser is held.
+            for n, client in enumerate(others):
+                client.send(*(get_item(100 * n + i, 100 * n + i) for i in range(1, 6)))
+            for n, client in enumerate(others):
+                for i, got in enumerate(client.read(5), start=1):
+                    check_item(got, 100 * n + i, 100 * n + i)
+
+            # The loser is answered now; its reply is read and dropped by the sidecar.
+            ok_attempts = sidecar.metrics().value(
+                "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
+            )
+            hold.release()
+            wait_until(
+                lambda: (
+                    sidecar.metrics().value(
+                        "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
+                    )
+                    == ok_attempts + 1
+                ),
+                timeout=10,
+                message="the loser's reply recorded",
+            )
+            assert a.nothing_pending()
+            # Every connection, and the pool with the loser's connection back in it,
+            # still pairs each call with its own reply.
+            for round_ in range(3):
+                for n, client in enumerate([a, *others]):
+                    seqid = 1000 * (round_ + 1) + n
+                    client.send(get_item(seqid, seqid % 997 + 1), get_item(seqid + 500, n + 1))
+                for n, client in enumerate([a, *others]):
+                    seqid = 1000 * (round_ + 1) + n
+                    first, second = client.read(2)
+                    check_item(first, seqid, seqid % 997 + 1)
+                    check_item(second, seqid + 500, n + 1)
+            assert a.nothing_pending()
+        finally:
+            for client in [a, *others]:
+                client.close()
+        calls = 1 + 1 + 15 + 3 * 8
+        m = sidecar.metrics()
+        assert m.value("thrift_sidecar_requests_total", method="getItem") == calls
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == calls
+        assert upstream.calls["getItem"] == calls + 1  # the hedge ran too
+        assert hedges(sidecar, "getItem") == (1, 1, 0)
+
+
+def test_a_method_that_is_not_idempotent_is_never_hedged(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    with (
+        run_sidecar([upstream.address], config=CONFIG) as sidecar,
+        thriftpy2_client(sidecar.address, "framed") as client,
+        thriftpy2_client(sidecar.address, "framed") as reader,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        order = {"customer": "c", "lines": [{"itemId": 1, "quantity": 2}]}
+        idl_order = _order(order)
+        client.placeOrder(idl_order)  # answered once: two-way, as getItem below
+        reader.getItem(1)
+        hold.arm("placeOrder")
+        placed = pool.submit(client.placeOrder, idl_order)
+        wait_until(hold.held.is_set, timeout=10, message="placeOrder held at the upstream")
+        # A getItem held after it is hedged 50 ms later: by then placeOrder has
+        # waited longer than the hedge delay too.
+        hold.arm("getItem")
+        assert reader.getItem(3).id == 3
+        assert hedges(sidecar, "getItem")[0] == 1
+        assert upstream.calls["placeOrder"] == 2  # the first call and the held one, once
+        hold.release()
+        assert placed.result(10).orderId == 2
+        assert upstream.calls["placeOrder"] == 2
+        assert hedges(sidecar, "placeOrder") == (0, 0, 0)
+
+
+def _order(order: dict[str, Any]) -> Any:
+    from tests.support.idl import load_thriftpy2_interop
+
+    idl = load_thriftpy2_interop()
+    return idl.Order(
+        customer=order["customer"], lines=[idl.OrderLine(**line) for line in order["lines"]]
+    )
+
+
+def test_the_hedge_budget_bounds_hedges_when_every_call_is_slow() -> None:
+    calls, threads = 200, 4
+    slow = 0.03  # every getItem takes 30 ms, the hedge 5 ms after the send never wins
+
+    def every_call_slow(name: str) -> None:
+        if name == "getItem":
+            time.sleep(slow)
+
+    config = {
+        "hedge": {
+            "delay": "5ms",
+            "budget": {"ratio": 0.1, "min_hedges_per_second": 1, "window": "10s"},
+        },
+        "retry": {"max_attempts": 1, "per_try_timeout": "5s", "deadline": "10s"},
+    }
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=config) as sidecar,
+    ):
+        upstream.hook = every_call_slow
+
+        def worker(t: int) -> int:
+            good = 0
+            with thriftpy2_client(sidecar.address, "framed") as client:
+                for i in range(calls // threads):
+                    good += client.getItem(t * 1000 + i).id == t * 1000 + i
+            return good
+
+        started = time.monotonic()
+        with ThreadPoolExecutor(threads) as pool:
+            assert sum(pool.map(worker, range(threads))) == calls
+        elapsed = time.monotonic() - started
+        sent, won, refused = hedges(sidecar, "getItem")
+        executed = upstream.calls["getItem"]
+    print(
+        f"\n{calls} calls, each {slow * 1000:g} ms at the upstream, hedge after 5 ms, budget "
+        f"10% + 1/s x 10s: hedges sent {sent:g}, won {won:g}, refused {refused:g}, "
+        f"upstream executions {executed} ({elapsed:.1f}s)"
+    )
+    assert elapsed < 10  # the bound below holds within one budget window
+    floor = 1 * 10
+    assert sent <= 0.1 * calls + floor
+    assert sent >= floor  # the budget was spent, not unused
+    # Every call wanted a hedge but those sent before getItem was first answered
+    # (one per client at most): it was sent or refused.
+    assert calls - threads <= sent + refused <= calls - 1
+    # Every hedge sent reached the upstream: the sidecar waited for its reply too.
+    wait_until(lambda: upstream.calls["getItem"] == calls + sent, timeout=10)
+
+
+def test_with_two_addresses_the_hedge_goes_to_the_other_one() -> None:
+    calls = 40
+    with (
+        thriftpy2_server("framed") as a,
+        thriftpy2_server("framed") as b,
+        FaultProxyThread(
+            a.address, "framed", FaultPlan({"delay": 1.0}, delay=0.5, seed=1)
+        ) as slow_a,
+    ):
+        config = {
+            "hedge": {"delay": "20ms", "budget": {"min_hedges_per_second": 100}},
+            "retry": {"max_attempts": 1, "per_try_timeout": "5s", "deadline": "10s"},
+            # Nothing ejects the slow address: every attempt on it succeeds, late.
+        }
+        with run_sidecar([slow_a.address, b.address], config=config) as sidecar:
+            with thriftpy2_client(sidecar.address, "framed") as client:
+                client.ping()
+                client.ping()  # getItem: known two-way after its first answer
+                for i in range(1, calls + 1):
+                    assert client.getItem(i).id == i
+            sent, won, refused = hedges(sidecar, "getItem")
+            via_a = slow_a.stats.by_method.get("getItem", 0)
+            m = sidecar.metrics()
+            print(
+                f"\n{calls} getItem calls over a slow address (every call +500 ms) and a fast "
+                f"one: {via_a} went to the slow one, hedges sent {sent:g}, won {won:g}; "
+                f"requests ok {m.value('thrift_sidecar_requests_total', outcome='ok'):g}"
+            )
+            # Every call that went to the slow address first (but the very first
+            # getItem, before the method was known) was hedged to the fast one.
+            assert via_a >= calls // 2 - 1
+            assert b.calls["getItem"] == calls - via_a + sent
+            assert won == sent
+            assert sent >= via_a - 1
+            assert refused == 0
