@@ -683,6 +683,7 @@ def test_state_document_after_traffic_and_reloads() -> None:
             "pools",
             "retry_budget",
             "concurrency",
+            "hedging",
             "fallback_store",
             "fallback_store_losses",
             "shared_state",
@@ -745,6 +746,17 @@ def test_state_document_after_traffic_and_reloads() -> None:
             "ratio": 0.2,
             "min_retries_per_second": 0.0,
             "window_seconds": 300.0,
+        }
+        assert state["hedging"] == {  # off: the default budget, untouched
+            "tokens": 10.0,
+            "delays_seconds": {},
+            "samples": {},
+            "ratio": 0.1,
+            "min_hedges_per_second": 1.0,
+            "window_seconds": 10.0,
+            "hedges_total": 0,
+            "won_total": 0,
+            "exhausted_total": 0,
         }
         assert state["fallback_store"] == {
             "backend": "memory",

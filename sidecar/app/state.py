@@ -12,6 +12,8 @@ from sidecar import __version__
 from sidecar.app.build import Parts
 from sidecar.config import SidecarConfig
 from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.proxy.context import CallContext
+from sidecar.proxy.hedge import HedgePlan
 from sidecar.resilience.breaker import Breaker
 from sidecar.resilience.limits import ConcurrencyLimit
 
@@ -41,7 +43,8 @@ def state_document(sidecar: Described) -> dict[str, Any]:
     ``listen``, ``upstream`` (addresses, ejected ones), ``breakers`` (state,
     counters, settings, seconds until a probe), ``pools`` (per address and
     transport), ``retry_budget``, ``concurrency`` (calls in flight, their limit,
-    calls shed since start-up), ``fallback_store`` and
+    calls shed since start-up), ``hedging`` (the hedge budget, each hedged
+    method's delay now and answer times held, the hedge counters), ``fallback_store`` and
     ``fallback_store_losses`` (writes dropped or failed, reads missed),
     ``shared_state`` (fleet mode: the Redis URL without password, whether it
     answers, the last error, each breaker's state as Redis holds it),
@@ -62,6 +65,10 @@ def state_document(sidecar: Described) -> dict[str, Any]:
     budget = sidecar.config.retry.budget
     exhausted = _samples(metrics.retry_budget_exhausted, "retry_budget_exhausted_total")
     reloads = _samples(metrics.config_reloads, "config_reloads_total")
+    hedge_budget = sidecar.config.hedge.budget
+    hedges = _samples(metrics.hedges, "hedges_total")
+    won = _samples(metrics.hedges_won, "hedges_won_total")
+    refused = _samples(metrics.hedge_budget_exhausted, "hedge_budget_exhausted_total")
     return {
         "version": __version__,
         "config_version": sidecar.config_version,
@@ -94,6 +101,15 @@ def state_document(sidecar: Described) -> dict[str, Any]:
             "window_seconds": budget.window,
         },
         "concurrency": _concurrency(context.limiter),
+        "hedging": {
+            **context.hedging.describe(now, _hedge_plans(sidecar, context)),
+            "ratio": hedge_budget.ratio,
+            "min_hedges_per_second": hedge_budget.min_hedges_per_second,
+            "window_seconds": hedge_budget.window,
+            "hedges_total": int(sum(hedges.values())),
+            "won_total": int(sum(won.values())),
+            "exhausted_total": int(sum(refused.values())),
+        },
         "fallback_store": {
             "backend": stats.backend,
             "entries": stats.entries,
@@ -158,6 +174,16 @@ def _breaker(breaker: Breaker, transitions: dict[tuple[str, ...], float]) -> dic
         "fail_max": breaker.fail_max,
         "reset_timeout_seconds": breaker.reset_timeout,
     }
+
+
+def _hedge_plans(sidecar: Described, context: CallContext) -> dict[str, HedgePlan]:
+    """The hedge plans of the configured and IDL methods that hedge, by method label."""
+    plans = {}
+    for name in sidecar.labels.configured:
+        policy = context.policies.for_name(name)
+        if policy.hedge is not None:
+            plans[policy.label] = policy.hedge
+    return plans
 
 
 def _samples(metric: MetricWrapperBase, sample_name: str) -> dict[tuple[str, ...], float]:

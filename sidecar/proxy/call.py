@@ -583,11 +583,11 @@ class Call:
             self._hedge_ended(hedge)
             self._after_attempt(Outcome.CONNECTION_CLOSED, None, error, False, hedge)
             return
+        hedge.conn = conn  # from here the hedge holds it (released by `_release` after a bug)
         outgoing = hedge_copy(self._outgoing)
         if outgoing.theader is not None:
             left = self._deadline_at - self._ctx.loop.time()
             set_theader_headers(outgoing, self._attempt, int(left * 1000))
-        hedge.conn = conn
         hedge.sent_at = perf_counter()
         conn.send(outgoing, hedge, hedge.expires, hedge.expires - hedge.started)
 

@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.config.hedge import HedgeDelay
 from sidecar.errors import UpstreamError, UpstreamProtocolError
@@ -110,6 +110,16 @@ class Hedging:
     def window(self, label: str) -> LatencyWindow | None:
         """The answer times of ``label``, if any were kept."""
         return self._windows.get(label)
+
+    def describe(self, now: float, plans: dict[str, HedgePlan]) -> dict[str, Any]:
+        """The ``hedging`` part of ``/state``: budget tokens, and each plan's delay now."""
+        return {
+            "tokens": round(self.budget.balance(now), 3),
+            "delays_seconds": {
+                label: round(self.delay(plan, label), 6) for label, plan in sorted(plans.items())
+            },
+            "samples": {label: len(w) for label, w in sorted(self._windows.items())},
+        }
 
 
 def hedge_copy(message: Message) -> Message:

@@ -14,7 +14,6 @@ delays every call on the first).
 from __future__ import annotations
 
 import socket
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +25,7 @@ from sidecar.protocol.envelope import parse_header
 from sidecar.protocol.framing import Transport, frame, make_decoder
 from sidecar.testing.faults import FaultPlan, FaultProxyThread
 from tests.support.clients import split_address, thriftpy2_client
+from tests.support.hold import Hold
 from tests.support.raw import decode_reply, encode_call
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, run_sidecar
@@ -39,35 +39,6 @@ CONFIG: dict[str, Any] = {
     "breaker": {"fail_max": 1000},
     "methods": {"placeOrder": {"idempotent": False}},
 }
-HOLD_LIMIT = 10.0  # seconds a held call waits at most
-
-
-class Hold:
-    """An upstream hook: the next ``arm``ed executions of a method wait until `release`."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._armed: dict[str, int] = {}
-        self._released = threading.Event()
-        self.held = threading.Event()  # set when a call starts waiting
-
-    def arm(self, method: str, count: int = 1) -> None:
-        with self._lock:
-            self._armed[method] = self._armed.get(method, 0) + count
-        self._released.clear()
-        self.held.clear()
-
-    def release(self) -> None:
-        self._released.set()
-
-    def __call__(self, name: str) -> None:
-        with self._lock:
-            left = self._armed.get(name, 0)
-            if left:
-                self._armed[name] = left - 1
-        if left:
-            self.held.set()
-            self._released.wait(HOLD_LIMIT)
 
 
 class RawClient:
@@ -157,7 +128,7 @@ def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
             a.send(get_item(4242, 7))
             [reply] = a.read(1)  # without a hedge: only after the hold (10 s): TimeoutError
             check_item(reply, 4242, 7)
-            assert hold.held.is_set()  # the first attempt is still held at the upstream
+            assert hold.held == 1  # the first attempt is still held at the upstream
             assert hedges(sidecar, "getItem")[:2] == (1, 1)
 
             # Other clients pipeline calls on the same pool while the loser is held.
@@ -222,7 +193,7 @@ def test_a_method_that_is_not_idempotent_is_never_hedged(
         reader.getItem(1)
         hold.arm("placeOrder")
         placed = pool.submit(client.placeOrder, idl_order)
-        wait_until(hold.held.is_set, timeout=10, message="placeOrder held at the upstream")
+        wait_until(lambda: hold.held == 1, timeout=10, message="placeOrder held at the upstream")
         # A getItem held after it is hedged 50 ms later: by then placeOrder has
         # waited longer than the hedge delay too.
         hold.arm("getItem")
