@@ -67,7 +67,7 @@ from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
-from sidecar.proxy.hedge import HedgeAttempt, LateAttempt, hedge_copy
+from sidecar.proxy.hedge import TIMER_STEP, HedgeAttempt, LateAttempt, hedge_copy
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import (
     client_timeout,
@@ -144,6 +144,7 @@ class Call:
         "_done",
         "_expires",
         "_finished",
+        "_hedge_at",
         "_hedge_timer",
         "_hedges",
         "_limiter",
@@ -191,6 +192,7 @@ class Call:
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._hedge_timer: asyncio.TimerHandle | None = None
+        self._hedge_at = 0.0  # perf_counter before which the armed hedge must not go
         self._hedges: list[HedgeAttempt] | None = None  # extra attempts of this call, if any
         self._sent_at = 0.0  # perf_counter when the attempt on _conn was written (hedged only)
         self._attempt = 0
@@ -524,6 +526,7 @@ class Call:
             return
         delay = ctx.hedging.delay(plan, self._policy.label)
         if ctx.loop.time() + delay < self._deadline_at:
+            self._hedge_at = perf_counter() + delay
             self._hedge_timer = ctx.loop.call_later(delay, self._hedge_due)
 
     def _stop_hedge_timer(self) -> None:
@@ -538,6 +541,10 @@ class Call:
         if self._finished or (self._conn is None and not self._hedges):
             return
         ctx = self._ctx
+        early = self._hedge_at - perf_counter()
+        if early > 0:  # the loop's timer ran early (see `TIMER_STEP`): not yet
+            self._hedge_timer = ctx.loop.call_later(max(early, TIMER_STEP), self._hedge_due)
+            return
         policy = self._policy
         now = ctx.loop.time()
         timeout = min(policy.retry.per_try_timeout, self._deadline_at - now)
