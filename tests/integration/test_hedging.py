@@ -8,7 +8,9 @@ seqid; the loser's reply, released later, reaches nobody (other clients'
 pipelined calls on the same pool get their own replies, every one checked);
 a method that is not idempotent is never hedged; the hedge budget bounds
 hedges; with two addresses the hedge goes to the other one (a fault proxy
-delays every call on the first).
+delays every call on the first); and, with a fault proxy's schedule, an
+attempt that fails while the other is in flight waits for it instead of
+failing the call (no retries are allowed here).
 """
 
 from __future__ import annotations
@@ -300,3 +302,68 @@ def test_with_two_addresses_the_hedge_goes_to_the_other_one() -> None:
             assert won == sent
             assert sent >= via_a - 1
             assert refused == 0
+
+
+@pytest.fixture
+def proxied(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> Iterator[tuple[Thriftpy2Server, Hold, FaultProxyThread, SidecarProcess]]:
+    """The held upstream behind a fault proxy (its plan empty), behind a sidecar."""
+    upstream, hold = held_upstream
+    with (
+        FaultProxyThread(upstream.address, "framed", FaultPlan(seed=3)) as proxy,
+        run_sidecar([proxy.address], config=CONFIG) as sidecar,
+    ):
+        yield upstream, hold, proxy, sidecar
+
+
+def test_a_hedge_that_fails_waits_for_the_first_attempt(
+    proxied: tuple[Thriftpy2Server, Hold, FaultProxyThread, SidecarProcess],
+) -> None:
+    upstream, _, proxy, sidecar = proxied
+    with thriftpy2_client(sidecar.address, "framed") as client:
+        assert client.getItem(1).id == 1
+        # The first attempt waits 300 ms at the proxy; its hedge is reset after the
+        # upstream ran it. With max_attempts 1, answering the hedge's failure at once
+        # would give the client an error.
+        proxy.plan.extend_schedule([("delay", 0.3), "reset_after"])
+        assert client.getItem(2).id == 2
+        assert client.getItem(3).id == 3
+    m = sidecar.metrics()
+    assert hedges(sidecar, "getItem")[:2] == (1, 0)
+    assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 3
+    assert m.value("thrift_sidecar_retries_total") == 0
+    assert (
+        m.value(
+            "thrift_sidecar_upstream_attempts_total", method="getItem", result="connection_closed"
+        )
+        == 1
+    )
+    assert upstream.calls["getItem"] == 4
+
+
+def test_a_first_attempt_that_fails_waits_for_its_hedge(
+    proxied: tuple[Thriftpy2Server, Hold, FaultProxyThread, SidecarProcess],
+) -> None:
+    upstream, hold, proxy, sidecar = proxied
+    with thriftpy2_client(sidecar.address, "framed") as client, ThreadPoolExecutor(1) as pool:
+        assert client.getItem(1).id == 1
+        # The first attempt is held at the upstream, then its reply is lost (reset);
+        # the hedge waits 300 ms at the proxy and answers.
+        proxy.plan.extend_schedule(["reset_after", ("delay", 0.3)])
+        hold.arm("getItem")
+        answer = pool.submit(client.getItem, 2)
+        wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge sent")
+        hold.release()  # the first attempt's reply comes, and the proxy resets instead
+        assert answer.result(10).id == 2
+    m = sidecar.metrics()
+    assert hedges(sidecar, "getItem")[:2] == (1, 1)
+    assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
+    assert m.value("thrift_sidecar_retries_total") == 0
+    assert (
+        m.value(
+            "thrift_sidecar_upstream_attempts_total", method="getItem", result="connection_closed"
+        )
+        == 1
+    )
+    assert upstream.calls["getItem"] == 3
