@@ -7,8 +7,11 @@ seqid never touches bytes a transport may still hold for the first attempt.
 from __future__ import annotations
 
 from sidecar.config.hedge import HedgeDelay, parse_hedge_delay
+from sidecar.protocol.auto import decoder_for
 from sidecar.protocol.framing import Transport, frame, make_decoder
+from sidecar.protocol.theader import THeaderFrame, encode_theader
 from sidecar.proxy.hedge import MAX_WINDOWS, HedgePlan, Hedging, hedge_copy
+from sidecar.proxy.translate import set_theader_headers
 from sidecar.resilience.budget import RetryBudget
 from tests.support.raw import encode_call
 
@@ -72,3 +75,20 @@ def test_a_hedge_copy_has_bytes_of_its_own() -> None:
     message.set_seqid(5)
     copy2 = hedge_copy(message)
     assert bytes(copy2.to_wire(Transport.FRAMED)) == wire
+
+
+def test_a_hedge_copy_of_a_theader_call_has_headers_of_its_own() -> None:
+    info = THeaderFrame(headers={b"client_timeout": b"500"})
+    info.seqid = 5
+    wire = encode_theader(info, encode_call("getItem", {"id": 7}, seqid=5))
+    [message] = decoder_for(Transport.THEADER).receive_data(wire)
+    assert message.theader is not None
+    copy = hedge_copy(message)
+    set_theader_headers(copy, 2, 100)
+    copy.set_seqid(99)
+    assert message.theader.seqid == 5
+    assert message.theader.get_header("client_timeout") == "500"
+    assert copy.theader is not None
+    assert copy.theader.get_header("client_timeout") == "500"
+    assert message.to_wire(Transport.THEADER) == wire
+    assert copy.to_wire(Transport.THEADER) != wire
