@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 
+from sidecar.config.hedge import parse_hedge_delay
 from sidecar.config.keys import format_key
 from sidecar.config.methods import is_idempotent, matches_any
 from sidecar.config.model import SidecarConfig
@@ -149,7 +150,33 @@ def config_warnings(config: SidecarConfig, known_methods: Iterable[str] | None =
             f"control.listen ({control}) is not a loopback address: whoever reaches it can "
             "trip breakers, fail readiness and change the log level"
         )
+    warnings += _hedge_warnings(config)
     return warnings
+
+
+def _hedge_warnings(config: SidecarConfig) -> list[str]:
+    """A fixed hedge delay that an attempt's per-try timeout always beats: no hedge ever goes."""
+    found = []
+    r = config.retry
+    delay = config.hedge.delay
+    seconds = None if delay is None else parse_hedge_delay(delay).seconds
+    if seconds is not None and seconds >= r.per_try_timeout:
+        found.append(
+            f"hedge.delay ({delay}) is not shorter than retry.per_try_timeout "
+            f"({format_duration(r.per_try_timeout)}): an attempt times out before its hedge "
+            "could be sent"
+        )
+    for name, method in config.methods.items():
+        delay = method.hedge.delay
+        seconds = None if delay is None else parse_hedge_delay(delay).seconds
+        per_try = method.retry.per_try_timeout or r.per_try_timeout
+        if seconds is not None and seconds >= per_try:
+            found.append(
+                f"methods.{name}.hedge.delay ({delay}) is not shorter than its per-try timeout "
+                f"({format_duration(per_try)}): an attempt times out before its hedge could be "
+                "sent"
+            )
+    return found
 
 
 _WRITE_PREFIXES = (

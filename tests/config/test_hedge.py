@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.config import SidecarConfig, load_config
+from sidecar.config import SidecarConfig, config_warnings, load_config
 from sidecar.config.hedge import HedgeDelay, parse_hedge_delay
 from sidecar.metrics import MethodLabels
 from sidecar.proxy.hedge import HedgePlan
@@ -112,3 +112,23 @@ def test_per_method_keys_inherit_and_override() -> None:
     # A method entry alone turns hedging on for that method.
     only = {"methods": {"getItem": {"hedge": {"delay": "10ms"}}}}
     assert plans(only, "getItem", "listItems") == [HedgePlan(HedgeDelay(seconds=0.01), 1), None]
+
+
+def test_a_fixed_delay_the_per_try_timeout_always_beats_is_warned_about() -> None:
+    data = {
+        "upstream": {"addresses": ["127.0.0.1:9"]},
+        "retry": {"per_try_timeout": "1s"},
+        "hedge": {"delay": "1s"},
+        "methods": {
+            "getItem": {"hedge": {"delay": "300ms"}, "retry": {"per_try_timeout": "200ms"}},
+            "listItems": {"hedge": {"delay": "p99"}},
+            "ping": {"hedge": {"delay": "20ms"}},
+        },
+    }
+    warnings = [w for w in config_warnings(SidecarConfig.model_validate(data)) if "hedge" in w]
+    assert warnings == [
+        "hedge.delay (1s) is not shorter than retry.per_try_timeout (1s): an attempt times "
+        "out before its hedge could be sent",
+        "methods.getItem.hedge.delay (300ms) is not shorter than its per-try timeout (200ms): "
+        "an attempt times out before its hedge could be sent",
+    ]
