@@ -18,7 +18,8 @@
     finish: give back the slot, count, hand the bytes (None for oneway) to the connection
 
 Hedging (idempotent two-way methods with a `HedgePlan`; docs/hedging.md):
-when an attempt is sent, a loop timer is armed for the hedge delay. If it
+when an attempt is sent (not a half-open probe), a loop timer is armed for
+the hedge delay. If it
 fires with no answer yet and the hedge budget has a token, the same message
 (a copy, with its own seqid) goes out on another connection, another address
 where there is one, as a `HedgeAttempt`; up to ``max_extra`` at once, each a
@@ -520,6 +521,8 @@ class Call:
             or self._hedge_timer is not None
             or (hedges is not None and len(hedges) >= plan.max_extra)
         ):
+            return
+        if self._admission is Admission.PROBE:  # a half-open probe is a single attempt
             return
         ctx = self._ctx
         if not ctx.oneway.is_two_way(self._policy.name):  # never answered yet: maybe oneway

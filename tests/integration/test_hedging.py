@@ -7,10 +7,10 @@ attempt and the client gets exactly one reply, the fast one, under its own
 seqid; the loser's reply, released later, reaches nobody (other clients'
 pipelined calls on the same pool get their own replies, every one checked);
 a method that is not idempotent is never hedged; the hedge budget bounds
-hedges; with two addresses the hedge goes to the other one (a fault proxy
-delays every call on the first); and, with a fault proxy's schedule, an
-attempt that fails while the other is in flight waits for it instead of
-failing the call (no retries are allowed here).
+hedges; a half-open probe is not hedged; with two addresses the hedge goes
+to the other one (a fault proxy delays every call on the first); and, with a
+fault proxy's schedule, an attempt that fails while the other is in flight
+waits for it instead of failing the call (no retries are allowed here).
 """
 
 from __future__ import annotations
@@ -367,3 +367,67 @@ def test_a_first_attempt_that_fails_waits_for_its_hedge(
         == 1
     )
     assert upstream.calls["getItem"] == 3
+
+
+def test_a_half_open_probe_is_not_hedged(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    config = {
+        **CONFIG,
+        # One breaker per method: getItem's is half-open while listItems' stays closed.
+        "breaker": {"scope": "method", "fail_max": 1, "reset_timeout": "200ms"},
+        "methods": {"crash": {"idempotent": True}},
+    }
+    with (
+        run_sidecar([upstream.address], config=config) as sidecar,
+        thriftpy2_client(sidecar.address, "framed") as prober,
+        thriftpy2_client(sidecar.address, "framed") as clock,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        assert prober.getItem(1).id == 1
+        assert clock.listItems(1)[0].id == 1
+        # getItem's circuit opens on a failure (an undeclared error: INTERNAL_ERROR).
+        upstream.hook = _fail_next_get_item(hold)
+        with pytest.raises(Exception, match="Internal error"):
+            prober.getItem(2)
+        breaker = f"{upstream.address}/getItem"
+        assert sidecar.metrics().value("thrift_sidecar_breaker_state", breaker=breaker) == 2
+        # After reset_timeout the next getItem is the probe; it is held at the upstream.
+        hold.arm("getItem")
+        probe = pool.submit(_probe_when_half_open, prober)
+        wait_until(lambda: hold.held == 1, timeout=10, message="the probe held")
+        # listItems, held as well, is hedged 50 ms later: by then the probe has waited
+        # longer than the delay too, and was not hedged.
+        hold.arm("listItems")
+        assert len(clock.listItems(2)) == 2
+        assert hedges(sidecar, "listItems")[0] == 1
+        assert hedges(sidecar, "getItem")[0] == 0
+        hold.release()
+        assert probe.result(10).id == 3
+        assert upstream.calls["getItem"] == 3  # 1, the failure, and the probe once
+
+
+def _fail_next_get_item(hold: Hold) -> Any:
+    """A hook: the next getItem raises an undeclared error; then every call goes to ``hold``."""
+    failed: list[bool] = []
+
+    def hook(name: str) -> None:
+        if name == "getItem" and not failed:
+            failed.append(True)
+            raise RuntimeError("planted failure")
+        hold(name)
+
+    return hook
+
+
+def _probe_when_half_open(client: Any) -> Any:
+    """getItem(3), retried while the circuit is still open (its reset_timeout, 200 ms)."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return client.getItem(3)
+        except Exception as exc:
+            if "circuit open" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
