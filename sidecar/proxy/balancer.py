@@ -59,8 +59,13 @@ class UpstreamSet:
         transport: Transport,
         tried: Sequence[str] = (),
         protocol: Protocol = Protocol.BINARY,
+        rotate: bool = True,
     ) -> UpstreamPool:
-        """The pool for the next attempt: in rotation, and not tried yet where possible."""
+        """The pool for the next attempt: in rotation, and not tried yet where possible.
+
+        ``rotate=False`` (a hedge) leaves the rotation where it was: otherwise
+        each hedge away from a slow address would send the next call back to it.
+        """
         addresses = self.addresses
         n = len(addresses)
         if n == 1:
@@ -74,14 +79,18 @@ class UpstreamSet:
             if not self.tracker.available(address, now):
                 continue
             if address not in tried:
-                return self._picked(index, transport, protocol)
+                return self._picked(index, transport, protocol, rotate)
             if second_choice is None:
                 second_choice = index
-        return self._picked(start if second_choice is None else second_choice, transport, protocol)
+        chosen = start if second_choice is None else second_choice
+        return self._picked(chosen, transport, protocol, rotate)
 
-    def _picked(self, index: int, transport: Transport, protocol: Protocol) -> UpstreamPool:
-        """The pool of address ``index``; the rotation goes on after it."""
-        self._next = (index + 1) % len(self.addresses)
+    def _picked(
+        self, index: int, transport: Transport, protocol: Protocol, rotate: bool = True
+    ) -> UpstreamPool:
+        """The pool of address ``index``; the rotation goes on after it (if ``rotate``)."""
+        if rotate:
+            self._next = (index + 1) % len(self.addresses)
         return self.pool(self.addresses[index], transport, protocol)
 
     def record(self, address: str, failed: bool) -> float | None:

@@ -558,7 +558,7 @@ class Call:
             ctx.metrics.hedge_budget_exhausted.labels(policy.label).inc()
             return
         budget.withdraw(now)
-        pool = ctx.upstreams.pick(self._transport, self._tried, self._protocol)
+        pool = ctx.upstreams.pick(self._transport, self._tried, self._protocol, rotate=False)
         self._tried.append(pool.address)
         hedge = HedgeAttempt(self, pool, now, now + timeout)
         if self._hedges is None:

@@ -215,3 +215,11 @@ def test_close_closes_every_pool_once() -> None:
     upstreams.pool(B, FRAMED)
     upstreams.close()
     assert [p.closed for p in made] == [1, 1, 1]
+
+
+def test_a_hedge_avoids_the_address_tried_and_leaves_the_rotation_alone(rig: Build) -> None:
+    r = rig([A, B, C])
+    assert r.picks(1) == [A]
+    assert r.upstreams.pick(FRAMED, [A], rotate=False).address == B
+    assert r.upstreams.pick(FRAMED, [A, B], rotate=False).address == C
+    assert r.picks(3) == [B, C, A]  # as if no hedge had been picked
