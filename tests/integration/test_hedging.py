@@ -435,3 +435,35 @@ def _probe_when_half_open(client: Any) -> Any:
             if "circuit open" not in str(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.02)
+
+
+def test_max_extra_two_sends_a_second_hedge_a_delay_after_the_first(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    config = {**CONFIG, "hedge": {**CONFIG["hedge"], "max_extra": 2}}
+    with run_sidecar([upstream.address], config=config) as sidecar:
+        with thriftpy2_client(sidecar.address, "framed") as client:
+            assert client.getItem(1).id == 1
+            hold.arm("getItem", 2)  # the first attempt and the first hedge
+            assert client.getItem(2).id == 2  # with max_extra 1: held for 10 s
+            assert hold.held == 2
+            assert hedges(sidecar, "getItem")[:2] == (2, 1)
+            ok = sidecar.metrics().value(
+                "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
+            )
+            hold.release()  # both losers answer now; their replies are dropped
+            wait_until(
+                lambda: (
+                    sidecar.metrics().value(
+                        "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
+                    )
+                    == ok + 2
+                ),
+                timeout=10,
+                message="both losers' replies recorded",
+            )
+            assert client.getItem(3).id == 3
+        assert upstream.calls["getItem"] == 1 + 3 + 1
+        m = sidecar.metrics()
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 3
