@@ -431,6 +431,7 @@ def test_invented_method_names_do_not_grow_any_metric_past_the_cap() -> None:
         "hedges_won": labels,
         "hedge_budget_exhausted": labels,
         "upstream_ejections": addresses,
+        "upstream_stray_replies": addresses,
         "upstream_ejected": addresses,
         "health_check_probes": addresses * len(HEALTH_CHECK_RESULTS),
         "upstream_healthy": addresses,

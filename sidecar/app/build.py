@@ -165,6 +165,7 @@ def pool_maker(
     loop: asyncio.AbstractEventLoop,
     tls: UpstreamTls | None,
     size: int,
+    on_stray: Callable[[str], None] | None = None,
 ) -> Callable[[str, Transport, Protocol], UpstreamPool]:
     """What opens a pool of ``size`` connections to one address, transport and protocol."""
     u = config.upstream
@@ -183,6 +184,7 @@ def pool_maker(
             loop=loop,
             protocol=protocol,
             tls=tls,
+            on_stray=on_stray,
         )
 
     return pool
@@ -193,10 +195,18 @@ def upstreams(
     timeouts: Timeouts,
     loop: asyncio.AbstractEventLoop,
     tls: UpstreamTls | None = None,
+    metrics: SidecarMetrics | None = None,
 ) -> UpstreamSet:
     """The upstream's addresses, with passive ejection; pools are opened on first use."""
     u = config.upstream
-    pool = pool_maker(config, timeouts, loop, tls, u.pool_size)
+    on_stray = None
+    if metrics is not None:
+        strays = metrics.upstream_stray_replies
+
+        def on_stray(address: str) -> None:
+            strays.labels(address).inc()
+
+    pool = pool_maker(config, timeouts, loop, tls, u.pool_size, on_stray)
     tracker = EjectionTracker(
         list(u.addresses),
         consecutive_failures=u.ejection.consecutive_failures,

@@ -143,7 +143,7 @@ class Sidecar:
         context = build.call_context(
             config,
             loop=loop,
-            upstream_set=build.upstreams(config, timeouts, loop, upstream_tls),
+            upstream_set=build.upstreams(config, timeouts, loop, upstream_tls, self.metrics),
             breaker_set=breakers,
             retry_budget=build.budget(config),
             store=store,

@@ -167,6 +167,12 @@ class SidecarMetrics:
             "Upstream addresses taken out of rotation after repeated failures.",
             ["upstream"],
         )
+        self.upstream_stray_replies = self._counter(
+            "upstream_stray_replies_total",
+            "Replies from an upstream address to no call the sidecar sent (dropped; the "
+            "connection is closed once its calls are answered).",
+            ["upstream"],
+        )
         self.upstream_ejected = self._gauge(
             "upstream_ejected", "1 while the upstream address is out of rotation.", ["upstream"]
         )
@@ -293,6 +299,7 @@ class SidecarMetrics:
         self.calls_in_flight.labels(name)
         for address in addresses:
             self.upstream_ejections.labels(address)
+            self.upstream_stray_replies.labels(address)
             self.upstream_ejected.labels(address)
             for state in CONNECTION_STATES:
                 self.upstream_connections.labels(address, state)

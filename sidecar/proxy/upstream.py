@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol, cast
 
 from sidecar.errors import (
@@ -45,6 +46,7 @@ from sidecar.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
+from sidecar.logs import RateLimitedLog
 from sidecar.protocol.auto import Decoder, decoder_for
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.envelope import Protocol as WireProtocol
@@ -53,6 +55,11 @@ from sidecar.proxy.timeouts import Timeouts
 from sidecar.proxy.tls import UpstreamTls
 
 log = logging.getLogger("sidecar.upstream")
+# A client can make the upstream send strays at will: their lines are rate-limited.
+stray_log = RateLimitedLog(log, what="stray reply lines")
+# Replies to no call dropped on one connection before it is failed instead: past
+# this many, the upstream's replies on it are not to be trusted.
+MAX_STRAY_REPLIES = 16
 
 _SEQID_MASK = 0x7FFFFFFF
 _REPLY = MessageType.REPLY
@@ -113,6 +120,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._first_bytes = bytearray()  # what came first, to describe it if it is not Thrift
         self.closed = False
         self.idle_since = 0.0
+        self.strays = 0  # replies to no call of ours (see `_take`)
+        self.ending = False  # closed, not pooled, once its calls are answered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
@@ -182,13 +191,22 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.timeouts.remove(first.bucket, first)
             self._oneways.clear()  # earlier oneway calls will not be answered now
             if not waiting and not self.closed:
-                self.pool.release(self, True)
+                self.pool.release(self, True)  # closed instead if `ending`
             first.handler.on_reply(reply)
             return True
         if seqid in self._oneways:  # a reply to a call sent as oneway: dropped
             while self._oneways and self._oneways.popleft() != seqid:
                 pass
             log.debug("dropped the reply to a call sent as oneway (seqid %d)", seqid)
+            return True
+        if waiting and self.strays < MAX_STRAY_REPLIES:
+            # A reply to no call of ours: most often to a second message a client hid
+            # inside one frame (the upstream reads on past the first). It is not the
+            # waiting call's answer, nor its fault: dropped, and the connection ends
+            # once the calls on it are answered.
+            self.strays += 1
+            self.ending = True
+            self.pool.stray_reply()
             return True
         expected = f"expected {waiting[0].seqid}" if waiting else "none was awaited"
         self._fail(self._protocol_error(f"sent a reply with seqid {seqid}, {expected}"))
@@ -312,6 +330,7 @@ class UpstreamPool:
         timeouts: the loop's per-try timeouts.
         loop: the event loop the pool runs on.
         protocol: the protocol the upstream speaks (binary or compact).
+        on_stray: called with the address for each reply to no call (counted).
     """
 
     def __init__(
@@ -328,9 +347,11 @@ class UpstreamPool:
         loop: asyncio.AbstractEventLoop,
         protocol: WireProtocol = WireProtocol.BINARY,
         tls: UpstreamTls | None = None,
+        on_stray: Callable[[str], None] | None = None,
     ) -> None:
         self.address = address
         self.tls = tls
+        self._on_stray = on_stray
         self.protocol = protocol
         self.timeouts = timeouts
         # Kept, not looked up: asyncio.get_running_loop() costs a getpid() system call.
@@ -466,7 +487,7 @@ class UpstreamPool:
         A connection with a call still waiting on it (one sent behind another)
         comes back when that call's reply does.
         """
-        if not reusable or conn.closed or self._closed:
+        if not reusable or conn.closed or self._closed or conn.ending:
             conn.close()
             return
         if conn.waiting:
@@ -508,6 +529,18 @@ class UpstreamPool:
                 self._open += 1
                 waiter.set_result(None)
                 return
+
+    def stray_reply(self) -> None:
+        """A connection of this pool got a reply to no call of ours: count and log it."""
+        if self._on_stray is not None:
+            self._on_stray(self.address)
+        stray_log.warning(
+            "upstream %s sent a reply to no call the sidecar sent (a client may have put two "
+            "messages in one frame); dropped, and the connection is closed once its calls "
+            "are answered",
+            self.address,
+            extra={"upstream": self.address},
+        )
 
     def close_idle(self, older_than: float) -> int:
         """Close connections idle for more than ``older_than`` seconds; return how many."""

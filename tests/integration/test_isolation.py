@@ -168,3 +168,33 @@ def test_a_failed_call_too_costly_to_check_is_neither_retried_nor_counted() -> N
         [reply] = answers(sock, 1)
         assert reply_parts(reply).header.seqid == 6
         assert sc.metrics().value("thrift_sidecar_breaker_state", breaker=breaker) == 2
+
+
+def test_a_message_hidden_in_a_frame_never_fails_another_clients_call() -> None:
+    """A frame holding a ping and, behind it, a slow second call with a seqid of its own.
+
+    The upstream answers both; the second answer reaches the sidecar while the
+    bystander's call waits on the same (only) upstream connection. It is a
+    reply to no call of the sidecar's: dropped, counted, the bystander
+    answered, and the connection closed after.
+    """
+    hidden = encode_call("sleepMs", {"ms": 300}, seqid=-5)
+    first = encode_call("ping", seqid=41)
+    config = {**CONFIG, "upstream": {"pool_size": 1}}
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=config) as sc,
+        thriftpy2_client(sc.address, "framed") as bystander,
+        socket.create_connection(split_address(sc.address)) as sock,
+    ):
+        sock.sendall(struct.pack(">i", len(first) + len(hidden)) + first + hidden)
+        [reply] = answers(sock, 1)
+        assert reply_parts(reply).header.seqid == 41
+        wait_until(lambda: upstream.calls["sleepMs"] == 1, message="the hidden call runs")
+        assert bystander.add(2, 3) == 5  # sent on the connection the stray comes back on
+        m = sc.metrics()
+        assert (
+            m.value("thrift_sidecar_upstream_stray_replies_total", upstream=upstream.address) == 1
+        )
+        assert m.value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
+        assert bystander.add(3, 4) == 7  # on a new connection

@@ -24,7 +24,7 @@ from sidecar.errors import (
 from sidecar.protocol.envelope import MessageType, encode_header
 from sidecar.protocol.framing import FramedDecoder, Message, Transport, encode_frame
 from sidecar.proxy.timeouts import Timeouts
-from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
+from sidecar.proxy.upstream import MAX_STRAY_REPLIES, UpstreamConnection, UpstreamPool
 
 T = TypeVar("T")
 
@@ -614,7 +614,6 @@ def test_a_reply_hands_the_connection_to_a_waiter() -> None:
 @pytest.mark.parametrize(
     ("reply", "problem"),
     [
-        (lambda seqid: reply_bytes(seqid + 1), "a reply with seqid"),
         (lambda seqid: reply_bytes(seqid, MessageType.CALL), "a CALL message as a reply"),
         (lambda seqid: b"\x00\x00\x00\x05\xff\xff\xff\xff\xff", "invalid bytes"),
     ],
@@ -678,5 +677,57 @@ def test_abandon_forgets_the_call_and_closes() -> None:
         await steps()  # connection_lost arrives
         assert handler.errors == []
         assert handler.replies == []
+
+    run(scenario)
+
+
+def test_a_reply_to_no_call_is_dropped_and_the_waiting_call_gets_its_own() -> None:
+    """A stray reply (to a message a client hid in its frame) is not the waiting call's fault."""
+
+    async def scenario() -> None:
+        strays: list[str] = []
+        rig = Rig(size=1)
+        rig.pool._on_stray = strays.append
+        conn, handler, seqid = await exchange(rig)
+        conn.data_received(reply_bytes(seqid + 1000))  # answers nothing we sent
+        assert handler.replies == []
+        assert handler.errors == []
+        assert not conn.closed  # the call is still waiting on it
+        assert strays == [rig.pool.address]
+        conn.data_received(reply_bytes(seqid))
+        assert [r.header.seqid for r in handler.replies] == [seqid]
+        assert conn.closed  # ended once its call was answered, never pooled again
+        assert rig.pool.idle_connections == 0
+        assert rig.pool.open_connections == 0
+
+    run(scenario)
+
+
+def test_a_reply_to_no_call_on_an_idle_connection_closes_it() -> None:
+    async def scenario() -> None:
+        rig = Rig(size=1)
+        conn, handler, seqid = await exchange(rig)
+        conn.data_received(reply_bytes(seqid))
+        assert rig.pool.idle_connections == 1
+        conn.data_received(reply_bytes(seqid + 1000))
+        assert conn.closed
+        assert rig.pool.open_connections == 0
+        assert len(handler.replies) == 1
+
+    run(scenario)
+
+
+def test_too_many_replies_to_no_call_fail_the_connection() -> None:
+    async def scenario() -> None:
+        rig = Rig(size=1)
+        conn, handler, seqid = await exchange(rig)
+        for n in range(MAX_STRAY_REPLIES):
+            conn.data_received(reply_bytes(seqid + 1000 + n))
+        assert handler.errors == []
+        conn.data_received(reply_bytes(seqid + 5000))
+        [error] = handler.errors
+        assert isinstance(error, UpstreamProtocolError)
+        assert "a reply with seqid" in str(error)
+        assert conn.closed
 
     run(scenario)
