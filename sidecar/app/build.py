@@ -381,6 +381,7 @@ def call_context(
         oneway=learned_oneway,
         hedging=hedging(config, hedge_state),
         access_sample_rate=config.log.access.sample_rate,
+        validate_framed=config.limits.validate_framed_calls,
         limiter=concurrency or limiter(config),
     )
 

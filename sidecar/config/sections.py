@@ -424,6 +424,12 @@ class LimitsConfig(Section):
         "wait has its reading paused. 48 MiB: three messages of the default max_frame_size, "
         "a fifth of a 256 MiB container.",
     )
+    validate_framed_calls: bool = Field(
+        True,
+        description="Walk each framed or THeader call's arguments before sending it upstream "
+        "(about 1.5 µs a call): a malformed one is answered PROTOCOL_ERROR and never reaches "
+        "the upstream. false: checked only after it failed there.",
+    )
 
 
 class AccessLogConfig(Section):

@@ -1,12 +1,14 @@
-"""Is a framed message's body one well-formed struct? Asked only when a call failed.
+"""Is a framed message's body one well-formed struct?
 
 Buffered messages are walked field by field to find where they end, so they
-are well formed by construction; a framed (or THeader) message's body is
-taken on trust to keep the common path free of a walk. When such a call then
-fails at the upstream (a timeout, a closed connection, garbage back), the
-sidecar asks here whether the request itself was the cause: a call cut short
-inside a correct frame length makes an upstream wait for bytes that never
-come, and that must count against the client, not against the upstream.
+are well formed by construction; a framed (or THeader) message's length is
+in its frame, and its body is walked here: before the call is sent
+(``limits.validate_framed_calls``, the default), or, with that off, only
+when the call failed at the upstream. A call cut short inside a correct
+frame length makes an upstream wait for bytes that never come, a lying
+string length can make it allocate or read on into the next frame, and a
+second message hidden behind the first gets answered too: such calls must
+cost the client, not the upstream and everyone behind it.
 
 The walk is bounded (``steps``): a body that would take longer to check
 (a list of a million empty structs costs a step per byte) is not checked,

@@ -158,6 +158,7 @@ class Call:
         "_protocol",
         "_sent_at",
         "_served_by",
+        "_shown",
         "_started",
         "_started_try",
         "_t0",
@@ -183,6 +184,9 @@ class Call:
         self._done = done
         self._finished = False
         self.malformed = False  # found malformed (`_request_shown_well_formed`)
+        # Shown well formed? True for buffered calls (walked on the way in); for framed
+        # ones set by `start` (limits.validate_framed_calls) or after a failure.
+        self._shown: bool | None = True if message.start == 0 and message.theader is None else None
         self._oneway = False
         self._admission: Admission | None = None
         self._limiter: ConcurrencyLimit | None = None  # set while the call holds a slot
@@ -262,6 +266,12 @@ class Call:
             return
         policy = self._policy
         self._oneway = mtype is _ONEWAY or policy.oneway or ctx.oneway.is_oneway(policy.name)
+        if self._shown is None and ctx.validate_framed:
+            try:
+                self._shown = check_body(self._message, ctx.max_depth, CHECK_STEPS)
+            except ProtocolError as exc:
+                self._refuse_malformed(exc, "it was not sent upstream")
+                return
         deadline = policy.retry.deadline
         message = self._message
         if message.theader is not None:  # a THeader client may give its own timeout
@@ -672,31 +682,37 @@ class Call:
         """After a failed attempt: was the client's framed call itself to blame?
 
         True: the call is well formed (buffered ones were walked on the way
-        in; a framed one is checked now, `sidecar.protocol.validate`, so a
-        good call pays nothing): the failure is the upstream's. None: it is
-        malformed, and answered here with PROTOCOL_ERROR: not the upstream's
-        failure (no breaker or ejection count), never retried. False: too
-        costly to check (`CHECK_STEPS`): treated as `_unshown`.
+        in, framed ones by `start` unless limits.validate_framed_calls is
+        off, and then here, so that a good call pays nothing): the failure is
+        the upstream's. None: it is malformed, and answered here with
+        PROTOCOL_ERROR: not the upstream's failure (no breaker or ejection
+        count), never retried. False: too costly to check (`CHECK_STEPS`):
+        treated as `_unshown`.
         """
-        message = self._message
-        if message.start == 0 and message.theader is None:
-            return True
+        if self._shown is not None:
+            return self._shown
         try:
-            return check_body(message, self._ctx.max_depth, CHECK_STEPS)
+            self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
         except ProtocolError as exc:
-            self.malformed = True
-            if self._admission is not None:
-                self._breaker.cancel(self._admission)
-                self._admission = None
-            self._finish(
-                BAD_REQUEST,
-                self._error(
-                    ApplicationExceptionType.PROTOCOL_ERROR,
-                    f"sidecar: the call is malformed ({exc}); it was not retried and does not "
-                    "count against the upstream",
-                ),
+            self._refuse_malformed(
+                exc, "it was not retried and does not count against the upstream"
             )
             return None
+        return self._shown
+
+    def _refuse_malformed(self, exc: ProtocolError, what: str) -> None:
+        """The client's call is malformed: PROTOCOL_ERROR (nothing for oneway), counted on it."""
+        self.malformed = True
+        if self._admission is not None:
+            self._breaker.cancel(self._admission)
+            self._admission = None
+        wire = None
+        if not self._oneway:
+            wire = self._error(
+                ApplicationExceptionType.PROTOCOL_ERROR,
+                f"sidecar: the call is malformed ({exc}); {what}",
+            )
+        self._finish(BAD_REQUEST, wire)
 
     def _unshown(
         self,

@@ -52,6 +52,7 @@ class CallContext:
         oneway: the methods learned to be oneway (kept across reloads).
         hedging: the hedge budget and the methods' answer times (kept across reloads).
         access_sample_rate: share of calls logged on ``sidecar.access`` (0: none).
+        validate_framed: walk framed and THeader calls before sending them.
         limiter: the upstream's calls in flight and their limit (kept across
             reloads, so calls in flight keep counting).
     """
@@ -75,4 +76,5 @@ class CallContext:
     oneway: OnewayMethods
     hedging: Hedging
     access_sample_rate: float = 0.0
+    validate_framed: bool = True
     limiter: ConcurrencyLimit = field(default_factory=ConcurrencyLimit)

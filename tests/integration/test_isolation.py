@@ -13,6 +13,7 @@ from __future__ import annotations
 import socket
 import struct
 
+import pytest
 import thriftpy2.protocol
 import thriftpy2.thrift
 import thriftpy2.transport
@@ -53,10 +54,14 @@ def answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[byte
     return out
 
 
-def test_malformed_calls_never_open_the_breaker_nor_get_retried() -> None:
+@pytest.mark.parametrize("validate", [True, False], ids=["checked-before", "checked-after"])
+def test_malformed_calls_never_open_the_breaker_nor_get_retried(validate: bool) -> None:
+    """Checked before sending (the default) they never reach the upstream; checked only
+    after failing there (limits.validate_framed_calls: false) they still cost it nothing."""
+    config = {**CONFIG, "limits": {"validate_framed_calls": validate}}
     with (
         thriftpy2_server("framed") as upstream,
-        run_sidecar([upstream.address], config=CONFIG) as sc,
+        run_sidecar([upstream.address], config=config) as sc,
         thriftpy2_client(sc.address, "framed") as bystander,
     ):
         assert bystander.add(1, 1) == 2
@@ -68,6 +73,8 @@ def test_malformed_calls_never_open_the_breaker_nor_get_retried() -> None:
             assert parts.header.seqid == 100 + i
             assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
             assert "malformed" in (parts.exc_message or "")
+            said = "it was not sent upstream" if validate else "it was not retried"
+            assert said in (parts.exc_message or "")
             assert bystander.add(i, 1) == i + 1  # served all along
         m = sc.metrics()
         assert m.value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
@@ -180,7 +187,8 @@ def test_a_message_hidden_in_a_frame_never_fails_another_clients_call() -> None:
     """
     hidden = encode_call("sleepMs", {"ms": 300}, seqid=-5)
     first = encode_call("ping", seqid=41)
-    config = {**CONFIG, "upstream": {"pool_size": 1}}
+    # Checked before sending, such a frame is refused (the next test); here it is not.
+    config = {**CONFIG, "upstream": {"pool_size": 1}, "limits": {"validate_framed_calls": False}}
     with (
         thriftpy2_server("framed") as upstream,
         run_sidecar([upstream.address], config=config) as sc,
@@ -198,3 +206,22 @@ def test_a_message_hidden_in_a_frame_never_fails_another_clients_call() -> None:
         )
         assert m.value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
         assert bystander.add(3, 4) == 7  # on a new connection
+
+
+def test_a_frame_with_a_hidden_message_is_refused_before_it_reaches_the_upstream() -> None:
+    hidden = encode_call("sleepMs", {"ms": 300}, seqid=-5)
+    first = encode_call("ping", seqid=41)
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=CONFIG) as sc,
+        socket.create_connection(split_address(sc.address)) as sock,
+    ):
+        sock.sendall(struct.pack(">i", len(first) + len(hidden)) + first + hidden)
+        [reply] = answers(sock, 1)
+        parts = reply_parts(reply)
+        assert parts.header.seqid == 41
+        assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
+        assert "bytes follow the arguments inside the frame" in (parts.exc_message or "")
+        assert "not sent upstream" in (parts.exc_message or "")
+        assert upstream.calls["ping"] == 0
+        assert upstream.calls["sleepMs"] == 0
