@@ -188,7 +188,13 @@ def test_a_message_hidden_in_a_frame_never_fails_another_clients_call() -> None:
     hidden = encode_call("sleepMs", {"ms": 300}, seqid=-5)
     first = encode_call("ping", seqid=41)
     # Checked before sending, such a frame is refused (the next test); here it is not.
-    config = {**CONFIG, "upstream": {"pool_size": 1}, "limits": {"validate_framed_calls": False}}
+    config = {
+        **CONFIG,
+        "upstream": {"pool_size": 1},
+        "limits": {"validate_framed_calls": False},
+        # The bystander's call waits behind the hidden one's 300 ms at the upstream.
+        "retry": {**CONFIG["retry"], "per_try_timeout": "5s", "deadline": "10s"},
+    }
     with (
         thriftpy2_server("framed") as upstream,
         run_sidecar([upstream.address], config=config) as sc,
