@@ -24,7 +24,7 @@ FLOORS: list[set[str]] = [
     {"sidecar", "errors"},
     {"protocol", "config"},
     {"resilience", "logs", "metrics"},
-    {"fleet", "testing", "top"},
+    {"fleet", "workers", "testing", "top"},
     {"fallback"},
     {"proxy", "admin"},
     {"app", "demo"},

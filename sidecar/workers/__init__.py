@@ -1,3 +1,4 @@
-"""``workers: N``: N processes of one sidecar on one port, sharing breaker
-state and the fallback cache on this machine without Redis. Why and how:
+"""What the workers of one sidecar (``workers: N``) share on this machine
+without Redis: the breakers' state, in a memory-mapped file. The supervisor
+that starts the workers is `sidecar.app.supervisor`. Why and how:
 docs/workers.md."""
