@@ -256,6 +256,27 @@ def test_a_failed_probe_opens_it_again_for_both(mapping: Callable[[], BreakerTab
     assert second.admit() is None
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="pybreaker resets the shared counter when it adopts a state another worker "
+    "wrote (docs/workers.md, Shared breaker state: what races remain)",
+)
+def test_failures_after_a_closing_survive_another_worker_noticing_it(
+    mapping: Callable[[], BreakerTable],
+) -> None:
+    clock = FakeClock()
+    first, second, _ = two_breakers(mapping, clock)
+    fail(second, 5)
+    clock.advance(RESET)
+    probe = first.admit()
+    assert probe is Admission.PROBE
+    first.record(probe, failed=False)  # closed by the first; the second has not looked yet
+    fail(first, 2)
+    assert first.fail_counter == 2
+    assert second.admit() is Admission.CLOSED  # pybreaker adopts "closed": reset_counter()
+    assert first.fail_counter == 2
+
+
 # -- processes ----------------------------------------------------------------------------
 
 
