@@ -3,7 +3,8 @@
 The supervisor makes the file with `BreakerTable.create` before it starts the
 workers; each worker maps it with `BreakerTable.open`, and
 `BreakerTable.storage` gives each breaker a ``pybreaker.CircuitBreakerStorage``
-over one slot, found by the breaker's name.
+over one slot, found by the breaker's name (`SlotStorage`; observe it with
+the breaker's state getter, as the fleet's storage is observed).
 
 Layout (this machine's byte order; the file never leaves it): a 64-byte
 header (magic ``SCBRKTAB``, version, slot size, slot count), then ``slots``
@@ -19,8 +20,10 @@ incrementing a counter and resetting a counter that is not already 0 happen
 under the table's lock (a thread lock and an exclusive ``flock`` on the
 file). State, counters and opened_at are read without a lock, each one load
 of one aligned field; state and opened_at are written without it, one store
-each. A full table gives a breaker a process-local ``CircuitMemoryStorage``
-and logs a warning: the sidecar keeps serving, that breaker counts per worker.
+each. A state another worker wrote is adopted, when first read, with counter
+resets muted (`SlotStorage.observe`). A full table gives a breaker a
+process-local ``CircuitMemoryStorage`` and logs a warning: the sidecar keeps
+serving, that breaker counts per worker.
 Why mmap and flock, and the races this leaves: docs/workers.md.
 """
 
@@ -35,6 +38,7 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -140,7 +144,7 @@ class BreakerTable:
             os.close(fd)
             raise
 
-    def storage(self, name: str) -> pybreaker.CircuitBreakerStorage:
+    def storage(self, name: str) -> SlotStorage | pybreaker.CircuitMemoryStorage:
         """The storage of the breaker called ``name``.
 
         The same name gives the same slot in every process that maps this
@@ -243,7 +247,10 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
     """pybreaker storage over one slot of a `BreakerTable` (made by `BreakerTable.storage`).
 
     Reads and the state and opened_at writes take no lock; counter increments
-    and resets of a counter that is not 0 take the table's lock.
+    and resets of a counter that is not 0 take the table's lock. One storage
+    per ``Breaker``: call `observe` with the adapter's state getter (as with
+    the fleet's storage), so that a state another worker wrote is adopted at
+    once, without the counter resets pybreaker makes when it adopts one.
     """
 
     def __init__(self, table: BreakerTable, slot: int, name: str) -> None:
@@ -259,10 +266,33 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
         self._fail_at = (base + _FAIL) // 8
         self._success_at = (base + _SUCCESS) // 8
         self._opened_at_at = (base + _OPENED_AT) // 8
+        self._seen = STATES[self._bytes[self._state_at]]  # the state last read or written here
+        self._observer: Callable[[], object] | None = None
+        self._muted = False
+
+    def observe(self, observer: Callable[[], object]) -> None:
+        """Call ``observer`` (the adapter's ``state``) on reading a state another process wrote.
+
+        Counter resets are muted while it runs: pybreaker, adopting a state
+        it did not set, resets the failure counter (closed) or the success
+        counter (open, half-open), which would wipe what other workers
+        counted since; the worker that made the change has reset them already.
+        """
+        self._observer = observer
 
     @property
     def state(self) -> str:
-        return STATES[self._bytes[self._state_at]]
+        state = STATES[self._bytes[self._state_at]]
+        if state != self._seen:
+            self._seen = state
+            if self._observer is not None and not self._muted:
+                self._muted = True
+                try:
+                    self._observer()
+                finally:
+                    self._muted = False
+                state = self._seen  # what the observer adopted, if it changed again
+        return state
 
     @state.setter
     def state(self, state: str) -> None:
@@ -270,6 +300,7 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
         if code is None:
             raise ValueError(f"unknown breaker state {state!r}; valid states: {STATES}")
         self._bytes[self._state_at] = code
+        self._seen = state
 
     def increment_counter(self) -> None:
         self._add(self._fail_at)
@@ -309,8 +340,8 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
             table._release()
 
     def _zero(self, index: int) -> None:
-        if self._u64[index] == 0:
-            return  # as if the reset came before any increment running now
+        if self._muted or self._u64[index] == 0:
+            return  # muted: see observe; at 0: as if it came before any increment running now
         table = self._table
         table._acquire()
         try:

@@ -123,6 +123,36 @@ def test_a_change_through_one_mapping_is_seen_through_the_other(
     assert a.opened_at is None
 
 
+def test_an_observer_hears_of_states_others_wrote_with_resets_muted(
+    mapping: Callable[[], BreakerTable],
+) -> None:
+    one, two = mapping(), mapping()
+    mine, theirs = one.storage("up"), two.storage("up")
+    assert isinstance(mine, SlotStorage)
+    heard: list[str] = []
+
+    def observer() -> None:
+        heard.append(mine.state)  # the adapter reads the state again: no second call
+        mine.reset_counter()  # pybreaker's adoption reset: muted
+        if len(heard) == 1:
+            theirs.state = STATE_HALF_OPEN  # changed again meanwhile
+            heard.append(mine.state)
+
+    mine.observe(observer)
+    theirs.increment_counter()
+    mine.state = STATE_OPEN  # its own writes are not news
+    assert mine.state == STATE_OPEN
+    assert heard == []
+    theirs.state = STATE_CLOSED
+    assert mine.state == STATE_HALF_OPEN  # the latest, as the observer last read it
+    assert heard == [STATE_CLOSED, STATE_HALF_OPEN]
+    assert mine.counter == 1
+    assert mine.state == STATE_HALF_OPEN
+    assert len(heard) == 2
+    mine.reset_counter()
+    assert theirs.counter == 0
+
+
 def test_an_unknown_state_is_refused(table: BreakerTable) -> None:
     storage = table.storage("up")
     with pytest.raises(ValueError, match="unknown breaker state"):
@@ -157,21 +187,31 @@ def test_reads_and_resets_at_zero_take_no_lock(path: Path, table: BreakerTable) 
 
 
 def two_breakers(
-    mapping: Callable[[], BreakerTable], clock: FakeClock
+    mapping: Callable[[], BreakerTable],
+    clock: FakeClock,
+    *,
+    observed: bool = True,
+    success_threshold: int = 1,
 ) -> tuple[Breaker, Breaker, list[tuple[str, str, str]]]:
+    """Two workers' breakers of one name, wired as the app wires them (``observed``)."""
     seen_by_first: list[tuple[str, str, str]] = []
-    first = Breaker(
-        "up",
-        fail_max=5,
-        reset_timeout=RESET,
-        storage=mapping().storage("up"),
-        clock=clock,
-        on_transition=lambda *t: seen_by_first.append(t),
-    )
-    second = Breaker(
-        "up", fail_max=5, reset_timeout=RESET, storage=mapping().storage("up"), clock=clock
-    )
-    return first, second, seen_by_first
+    breakers = []
+    for listener in (lambda *t: seen_by_first.append(t), None):
+        storage = mapping().storage("up")
+        assert isinstance(storage, SlotStorage)
+        breaker = Breaker(
+            "up",
+            fail_max=5,
+            reset_timeout=RESET,
+            success_threshold=success_threshold,
+            storage=storage,
+            clock=clock,
+            on_transition=listener,
+        )
+        if observed:
+            storage.observe(lambda b=breaker: b.state)
+        breakers.append(breaker)
+    return breakers[0], breakers[1], seen_by_first
 
 
 def fail(breaker: Breaker, times: int) -> None:
@@ -256,25 +296,62 @@ def test_a_failed_probe_opens_it_again_for_both(mapping: Callable[[], BreakerTab
     assert second.admit() is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pybreaker resets the shared counter when it adopts a state another worker "
-    "wrote (docs/workers.md, Shared breaker state: what races remain)",
-)
+def close_then_fail_twice(first: Breaker, second: Breaker, clock: FakeClock) -> None:
+    """The second opens it, the first closes it and counts 2 failures; the second has not looked."""
+    fail(second, 5)
+    clock.advance(RESET)
+    probe = first.admit()
+    assert probe is Admission.PROBE
+    first.record(probe, failed=False)
+    fail(first, 2)
+    assert first.fail_counter == 2
+
+
 def test_failures_after_a_closing_survive_another_worker_noticing_it(
     mapping: Callable[[], BreakerTable],
 ) -> None:
     clock = FakeClock()
     first, second, _ = two_breakers(mapping, clock)
-    fail(second, 5)
+    close_then_fail_twice(first, second, clock)
+    assert second.admit() is Admission.CLOSED  # adopts "closed", resets muted
+    assert second.fail_counter == 2
+    fail(second, 3)
+    assert first.state == STATE_OPEN
+
+
+def test_without_observe_pybreaker_wipes_them(mapping: Callable[[], BreakerTable]) -> None:
+    """Why the storage must be observed: pybreaker adopting "closed" resets the shared counter.
+
+    If pybreaker stops doing that, this fails, and `SlotStorage.observe` may go.
+    """
+    clock = FakeClock()
+    first, second, _ = two_breakers(mapping, clock, observed=False)
+    close_then_fail_twice(first, second, clock)
+    assert second.admit() is Admission.CLOSED
+    assert second.fail_counter == 0
+
+
+def test_half_open_successes_survive_another_worker_noticing_it(
+    mapping: Callable[[], BreakerTable],
+) -> None:
+    clock = FakeClock()
+    first, second, seen_by_first = two_breakers(mapping, clock, success_threshold=2)
+    fail(first, 5)
     clock.advance(RESET)
     probe = first.admit()
     assert probe is Admission.PROBE
-    first.record(probe, failed=False)  # closed by the first; the second has not looked yet
-    fail(first, 2)
-    assert first.fail_counter == 2
-    assert second.admit() is Admission.CLOSED  # pybreaker adopts "closed": reset_counter()
-    assert first.fail_counter == 2
+    first.record(probe, failed=False)
+    assert (first.state, first.success_counter) == (STATE_HALF_OPEN, 1)
+    probe = second.admit()  # adopts "half-open", resets muted; its own probe slot
+    assert probe is Admission.PROBE
+    assert second.success_counter == 1
+    second.record(probe, failed=False)
+    assert (first.state, second.state) == (STATE_CLOSED, STATE_CLOSED)
+    assert seen_by_first == [
+        ("up", STATE_CLOSED, STATE_OPEN),
+        ("up", STATE_OPEN, STATE_HALF_OPEN),
+        ("up", STATE_HALF_OPEN, STATE_CLOSED),
+    ]
 
 
 # -- processes ----------------------------------------------------------------------------
