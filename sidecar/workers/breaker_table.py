@@ -117,15 +117,18 @@ class BreakerTable:
             raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
         target = Path(path)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+        replaced = False
         try:
             os.ftruncate(fd, HEADER_SIZE + slots * SLOT_SIZE)  # zeros: every slot free
             os.pwrite(fd, HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots), 0)
             os.replace(tmp, target)
+            replaced = True
+            return cls(target, fd, slots)
         except BaseException:
             os.close(fd)
-            os.unlink(tmp)
+            if not replaced:
+                os.unlink(tmp)
             raise
-        return cls(target, fd, slots)
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> BreakerTable:
