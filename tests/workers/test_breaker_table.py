@@ -502,6 +502,7 @@ def header(
         (header() + bytes(3 * SLOT_SIZE), "damaged breaker table: 4 slots in 448 bytes"),
         (header(slots=0), "damaged breaker table: 0 slots"),
     ],
+    ids=["empty", "magic-only", "random", "text", "version", "slot-size", "short", "no-slots"],
 )
 def test_open_refuses_a_file_that_is_not_a_table(
     tmp_path: Path, content: bytes, complaint: str
