@@ -87,8 +87,10 @@ def test_a_put_through_one_worker_is_got_by_another(run: Run, tmp_path: Path) ->
                 b"\x80\x01\x00\x02" + bytes(range(256)) * 4, 13, time.time() - 1.5, b"xy"
             )
             bare = CachedReply(b"m", 0, time.time(), b"")  # no arguments
+            large = CachedReply(os.urandom(200_000), 9, time.time(), os.urandom(70_000))
             a.put(key(1), sent)
             a.put(key(2), bare)
+            a.put(key(4), large)  # read by the host field by field, not whole
             await a.flush()
             got = await b.get(key(1))
             assert got is not None
@@ -99,6 +101,7 @@ def test_a_put_through_one_worker_is_got_by_another(run: Run, tmp_path: Path) ->
                 sent.args,
             )
             assert await b.get(key(2)) == bare
+            assert await b.get(key(4)) == large
             assert await b.get(key(3)) is None  # unknown
             assert b.stats().missed_reads == 0  # a "none" answer is not a miss
             assert host.served == 2
