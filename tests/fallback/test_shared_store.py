@@ -1,18 +1,22 @@
 """The shared fallback store: workers' `SharedStore` talking to a supervisor's `StoreHost`.
 
-Real Unix sockets in ``tmp_path`` and a real `MemoryStore` behind the host;
-every test runs on asyncio's loop and on uvloop (the sidecar's). Nothing
-sleeps to wait: tests await the store's own answers or poll a condition
-with a deadline (`until`).
+First the conformance tests of ``tests/fallback/test_stores.py``, run
+unchanged against a `SharedStore` whose host serves a `MemoryStore` on the
+same loop (as ``test_redis_store.py`` runs them against Redis); then what
+only the shared store has. Real Unix sockets in ``tmp_path`` and a real
+`MemoryStore` behind the host; those tests run on asyncio's loop and on
+uvloop (the sidecar's). Nothing sleeps to wait: tests await the store's own
+answers or poll a condition with a deadline (`until`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +26,71 @@ import uvloop
 from sidecar.fallback import shared_wire as wire
 from sidecar.fallback.shared import SharedStore
 from sidecar.fallback.shared_host import StoreHost
-from sidecar.fallback.store import CachedReply, FallbackStore, MemoryStore
+from sidecar.fallback.store import ENTRY_OVERHEAD, CachedReply, FallbackStore, MemoryStore
+from tests.fallback import test_stores as conformance
 
 MiB = 1 << 20
 Run = Callable[[Coroutine[Any, Any, None]], None]
+
+CHECKS = [
+    fn
+    for name, fn in vars(conformance).items()
+    if name.startswith("test_") and "make_harness" in inspect.signature(fn).parameters
+]
+SIMPLE_CHECKS = [fn for fn in CHECKS if len(inspect.signature(fn).parameters) == 1]
+
+
+@pytest.fixture
+def make_harness(tmp_path: Path) -> Iterator[Callable[..., conformance.Harness]]:
+    """Like test_stores' ``make_harness``: a SharedStore, its host and MemoryStore on one loop."""
+    made: list[tuple[conformance.Harness, StoreHost]] = []
+
+    def make(
+        *, ttl: float = 600.0, max_entries: int = 1000, max_bytes: int = 64 * MiB
+    ) -> conformance.Harness:
+        clock = conformance.FakeClock()
+        path = tmp_path / f"store-{len(made)}.sock"
+        target = MemoryStore(ttl=ttl, max_entries=max_entries, max_bytes=max_bytes, clock=clock)
+        host = StoreHost(target, path)
+        store = SharedStore(path, ttl=ttl, backend_name="memory", clock=clock)
+        harness = conformance.Harness(store, clock, ENTRY_OVERHEAD)
+        made.append((harness, host))
+        harness.loop.run_until_complete(host.start())
+        harness.loop.run_until_complete(store.start())
+        return harness
+
+    yield make
+    for harness, host in made:
+        harness.loop.run_until_complete(harness.store.close())
+        harness.loop.run_until_complete(host.close())
+        harness.close()
+
+
+@pytest.mark.parametrize("check", SIMPLE_CHECKS, ids=lambda fn: fn.__name__.removeprefix("test_"))
+def test_conformance(check: Callable[..., None], make_harness: Any) -> None:
+    check(make_harness)
+
+
+@pytest.mark.parametrize(
+    ("max_entries", "max_bytes", "size"),
+    [(20_000, 256 * MiB, 256), (100_000, 8 * MiB, 256)],
+    ids=["entries-bound", "bytes-bound"],
+)
+def test_conformance_100k_distinct_keys_stay_within_bounds(
+    make_harness: Any, max_entries: int, max_bytes: int, size: int
+) -> None:
+    conformance.test_100k_distinct_keys_stay_within_bounds(
+        make_harness, max_entries, max_bytes, size
+    )
+
+
+def test_every_conformance_check_runs_here() -> None:
+    covered = {fn.__name__ for fn in SIMPLE_CHECKS} | {"test_100k_distinct_keys_stay_within_bounds"}
+    assert covered == {fn.__name__ for fn in CHECKS}
+    assert len(CHECKS) >= 10
+
+
+# -- the shared store only ------------------------------------------------------------
 
 
 @pytest.fixture(params=["asyncio", "uvloop"])
