@@ -246,12 +246,18 @@ class SharedStore:
             self.connections += 1
             if self.connections > 1:
                 log.info("fallback cache: reconnected to the store host")
+            failed = False
             try:
                 await self._serve(reader, writer)
+            except Exception:  # a bug must not end the store: log, drop the connection, retry
+                log.exception("fallback cache: the store host connection failed")
+                failed = True
             finally:
                 self._writer = None
                 self._fail_pending()
-                writer.close()
+                writer.transport.abort()  # what is unsent is lost either way; close() could linger
+            if failed:
+                await asyncio.sleep(longest)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Write queued frames until the connection is lost (the reader task then wakes us)."""

@@ -46,6 +46,8 @@ MAX_GETS = 1000
 # Bytes of answers a connection may leave unread before it is closed (a worker
 # that does not read is stuck; its answers would pile up here).
 MAX_UNREAD_BYTES = 64 << 20
+# Seconds `close` waits for the connections to end, then for the server.
+CLOSE_TIMEOUT = 5.0
 # Least seconds between two warnings about bad frames.
 WARNING_INTERVAL = 60.0
 
@@ -95,13 +97,17 @@ class StoreHost:
         server, self._server = self._server, None
         if server is not None:
             server.close()
-        for task, writer in list(self._connections.items()):
-            writer.close()
+        for writer in self._connections.values():
+            # abort, not close: close() would wait for unsent answers to be read,
+            # which a stuck worker never does (and uvloop's wait_closed waits for it).
+            writer.transport.abort()
+        if self._connections:  # each ends on its own, seeing the connection lost
+            await asyncio.wait(list(self._connections), timeout=CLOSE_TIMEOUT)
+        for task in self._connections:
             task.cancel()
-        if self._connections:
-            await asyncio.wait(list(self._connections), timeout=5.0)
         if server is not None:
-            await server.wait_closed()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(server.wait_closed(), CLOSE_TIMEOUT)
         self._unlink()
 
     # -- one connection --------------------------------------------------------------
@@ -145,11 +151,13 @@ class StoreHost:
         except WireError as exc:
             self.bad_frames += 1
             self._warn("fallback cache: closing a worker connection: %s", exc)
+        except Exception:  # a bug: this connection ends, the host carries on
+            log.exception("fallback cache: a worker connection failed")
         finally:
             del self._connections[task]
             for answer in list(answering):
                 answer.cancel()
-            writer.close()
+            writer.transport.abort()  # unsent answers are of no use to a worker that is gone
 
     async def _get(self, writer: asyncio.StreamWriter, key: str, request_id: int) -> None:
         try:

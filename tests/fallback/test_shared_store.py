@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import uvloop
 
+from sidecar.fallback import shared_host
 from sidecar.fallback import shared_wire as wire
 from sidecar.fallback.shared import SharedStore
 from sidecar.fallback.shared_host import StoreHost
@@ -520,6 +521,50 @@ def test_requests_in_flight_end_when_the_host_goes_away(run: Run, tmp_path: Path
             assert store.stats().missed_reads == 1
         finally:
             target.release.set()
+            await store.close()
+            await host.close()
+
+    run(scenario())
+
+
+class CountingStore(MemoryStore):
+    """A memory store that counts its gets."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=600.0, max_entries=1000, max_bytes=64 * MiB)
+        self.gets = 0
+
+    async def get(self, key: str) -> CachedReply | None:
+        self.gets += 1
+        return self.get_now(key)
+
+
+def test_a_connection_that_does_not_read_its_answers_is_closed(
+    run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(shared_host, "MAX_UNREAD_BYTES", 256 << 10)
+
+    async def scenario() -> None:
+        path = tmp_path / "store.sock"
+        target = CountingStore()
+        target.put(key(1), CachedReply(bytes(100_000), 4, time.time(), b""))
+        host = StoreHost(target, path)
+        await host.start()
+        store = worker(path)
+        await store.start()
+        try:
+            _, writer = await asyncio.open_unix_connection(path)
+            raw_key = key(1).encode()
+            for n in range(1, 500):  # 50 MB of answers, never read
+                writer.write(wire.HEADER.pack(len(raw_key), wire.GET, n) + raw_key)
+                await until(lambda n=n: target.gets >= n or host.bad_frames)
+                if host.bad_frames:
+                    break
+            assert host.bad_frames == 1
+            assert n < 100  # closed long before the loop ran out
+            writer.close()
+            assert await store.get(key(1)) is not None  # the reading worker is served
+        finally:
             await store.close()
             await host.close()
 
