@@ -52,6 +52,10 @@ class Reloadable(Protocol):
     last_reload_error: str | None
     gauges: Gauges
 
+    @property
+    def worker_count(self) -> int:
+        """Processes sharing the sidecar's port and retry budget."""
+
     def use_context(self, context: CallContext) -> None: ...
 
     def reload(
@@ -76,6 +80,7 @@ RESTART_KEYS = (
     "control",
     "state",
     "idl",
+    "workers",
 )
 # Keys under ``upstream`` that a reload applies (the rest of ``upstream`` waits for a restart).
 UPSTREAM_RELOADED = ("max_in_flight", "adaptive_concurrency")
@@ -138,7 +143,7 @@ def apply(
     current = parts.server.context
     budget = current.budget
     if new.retry.budget != old.retry.budget:
-        budget = build.budget(new)
+        budget = build.budget(new, sidecar.worker_count)
     build.reconfigure_limiter(current.limiter, new)  # calls in flight keep counting
     if static_replies is not None:
         sidecar.static_replies = static_replies

@@ -7,6 +7,7 @@ and ``fallback.methods``.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Literal
 
@@ -35,6 +36,8 @@ from sidecar.config.units import Address, Duration, PositiveDuration, Size, spli
 
 # Exact method names (``getItem``) or ``Service:method``; Thrift identifiers
 # may contain dots, and multiplexed service names often do.
+# Most worker processes: far above the cores of any pod this runs in.
+MAX_WORKERS = 64
 _METHOD_KEY = re.compile(r"^(?:[A-Za-z_][\w.]*:)?[A-Za-z_][\w.]*$")
 
 
@@ -79,6 +82,12 @@ class SidecarConfig(Section):
     tls: ServerTlsConfig | None = Field(
         None, description="TLS on the listener (listen); null means plaintext."
     )
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="Processes serving listen, each accepting its own connections "
+        "(SO_REUSEPORT); they share breaker state, retry budget and fallback cache. auto: "
+        "the CPUs this process may use. Admin and control stay one endpoint each.",
+    )
     upstream: UpstreamConfig = Field(UpstreamConfig(), description="The upstream service.")
     retry: RetryConfig = Field(RetryConfig(), description="Retries.")
     breaker: BreakerConfig = Field(BreakerConfig(), description="The circuit breaker.")
@@ -105,6 +114,13 @@ class SidecarConfig(Section):
     def _frame_size_range(cls, value: int) -> int:
         if not 64 <= value <= (1 << 31) - 1:
             raise ValueError("must be between 64B and 2GiB - 1")
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_range(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be auto or between 1 and {MAX_WORKERS}")
         return value
 
     @field_validator("methods", mode="before")
@@ -172,3 +188,10 @@ def _same_port(a: str, b: str) -> bool:
     if port_a != port_b or port_a == 0:
         return False
     return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
+
+
+def worker_count(workers: int | str) -> int:
+    """``workers`` as a number: ``auto`` is the CPUs this process may run on."""
+    if isinstance(workers, int):
+        return workers
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))

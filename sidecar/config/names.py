@@ -22,6 +22,7 @@ SHORT_NAMES: dict[str, KeyPath] = {
     "redis-url": ("state", "redis_url"),
     "log-level": ("log", "level"),
     "log-format": ("log", "format"),
+    "workers": ("workers",),
 }
 
 ENV_PREFIX = "SIDECAR_"

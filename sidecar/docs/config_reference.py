@@ -7,6 +7,7 @@ description is an error.
 
 from __future__ import annotations
 
+import types
 import typing
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -128,6 +129,10 @@ def _type_name(annotation: Any, field: FieldInfo | None = None) -> str:
         text = "string"
     elif inner is Any:
         text = "any YAML value"
+    elif typing.get_origin(inner) in (typing.Union, types.UnionType) and set(
+        typing.get_args(inner)
+    ) == {int, Literal["auto"]}:
+        text = "integer (1 to 64) or `auto`"
     else:  # pragma: no cover - a new type: teach this function its name
         raise TypeError(f"no documented name for {inner!r}")
     return f"{text}, or null" if nullable else text

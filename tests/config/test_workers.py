@@ -1,0 +1,39 @@
+"""``workers``: one process by default, a number, ``auto``; errors name the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from sidecar.app.build import budget
+from sidecar.config import load_config
+from sidecar.config.model import worker_count
+from tests.config.files import error_of, write
+
+
+def test_one_worker_by_default_a_number_or_auto(tmp_path: Path) -> None:
+    assert load_config(None, environ={}).workers == 1
+    path = write(tmp_path, {"workers": 3})
+    assert load_config(path, environ={}).workers == 3
+    assert load_config(path, environ={"SIDECAR_WORKERS": "2"}).workers == 2
+    auto = load_config(path, environ={"SIDECAR_WORKERS": "auto"})
+    assert auto.workers == "auto"
+    assert worker_count(auto.workers) == len(os.sched_getaffinity(0))
+    assert worker_count(3) == 3
+
+
+@pytest.mark.parametrize("value", [0, -1, 65, "many", 2.5])
+def test_a_count_out_of_range_or_not_a_number_is_an_error(tmp_path: Path, value: object) -> None:
+    assert "workers" in error_of(tmp_path, {"workers": value})
+
+
+def test_each_worker_keeps_its_share_of_the_retry_budgets_floor(tmp_path: Path) -> None:
+    path = write(tmp_path, {"retry": {"budget": {"min_retries_per_second": 10, "window": "10s"}}})
+    config = load_config(path, environ={})
+    alone, shared = budget(config), budget(config, workers=2)
+    # The floor is retries per window: 100 for one process, 50 for each of two.
+    assert alone.floor == pytest.approx(100.0)
+    assert shared.floor == pytest.approx(50.0)
+    assert shared.ratio == alone.ratio
