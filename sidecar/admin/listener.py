@@ -59,6 +59,7 @@ class Request:
         query: the query string's parameters (``parse_qs``).
         headers: as h11 gives them (lower-case names).
         peer: ``host:port`` of the client, for the log.
+        target: the whole target, path and query, as sent.
     """
 
     method: str
@@ -66,12 +67,20 @@ class Request:
     query: dict[str, list[str]]
     headers: Sequence[tuple[bytes, bytes]]
     peer: str
+    target: str = ""
 
     @classmethod
     def from_h11(cls, event: h11.Request, peer: str) -> Request:
         target = event.target.decode("latin-1")
         path, _, query = target.partition("?")
-        return cls(event.method.decode("latin-1"), path, parse_qs(query), list(event.headers), peer)
+        return cls(
+            event.method.decode("latin-1"),
+            path,
+            parse_qs(query),
+            list(event.headers),
+            peer,
+            target,
+        )
 
     def header(self, name: bytes) -> str:
         """Every value of header ``name`` (lower-case), joined by commas."""

@@ -12,11 +12,13 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from sidecar.admin import AdminServer, ControlServer
 from sidecar.config import SidecarConfig, split_address
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
+from sidecar.fallback.shared import SharedStore
 from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore, MemoryStore
 from sidecar.fleet import Fleet
@@ -41,6 +43,7 @@ from sidecar.resilience.gradient import GradientLimit, GradientSettings
 from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.window import RateSettings
+from sidecar.workers.breaker_table import BreakerTable, SlotStorage
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class Parts:
     client_tls: ClientTls | None = None
     upstream_tls: UpstreamTls | None = None
     health: HealthChecker | None = None
+    breaker_table: BreakerTable | None = None
 
 
 def upstream_name(config: SidecarConfig) -> str:
@@ -112,6 +116,12 @@ def make_store(config: SidecarConfig, fleet: Fleet | None) -> FallbackStore:
     raise ConfigError(f"fallback.cache.backend: {cache.backend!r} is not available in this build")
 
 
+def worker_store(config: SidecarConfig, socket: Path) -> SharedStore:
+    """A worker's fallback store: the supervisor's, reached through ``socket``."""
+    cache = config.fallback.cache
+    return SharedStore(socket, ttl=cache.ttl, backend_name=cache.backend)
+
+
 def rate_settings(config: SidecarConfig) -> RateSettings | None:
     """The rate window's settings for ``breaker.mode: rate``; None for ``consecutive``."""
     b = config.breaker
@@ -132,26 +142,32 @@ def breakers(
     metrics: SidecarMetrics,
     fleet: Fleet | None,
     on_transition: TransitionCallback,
+    table: BreakerTable | None = None,
 ) -> BreakerSet:
-    """The upstream's breakers (one, or one per method label), shared through the fleet."""
+    """The upstream's breakers (one, or one per method label), shared through the
+    fleet, or with this sidecar's other workers through their ``table``."""
     b = config.breaker
     rate = rate_settings(config)
 
     def make(name: str) -> Breaker:
         shared = fleet.breaker_storage(name, b.reset_timeout) if fleet else None
+        slot = table.storage(name) if table is not None and shared is None else None
+        storage = shared if shared is not None else slot
         breaker = Breaker(
             name,
             fail_max=b.fail_max,
             reset_timeout=b.reset_timeout,
             success_threshold=b.success_threshold,
             half_open_max_calls=b.half_open_max_calls,
-            storage=shared,
+            storage=storage,
             on_transition=on_transition,
             clock=time.time,
             rate=rate,
         )
         if shared is not None:  # a state adopted from the fleet fires the listener at once
             shared.observe(lambda: breaker.state)
+        if isinstance(slot, SlotStorage):  # another worker's change: adopted, resets muted
+            slot.observe(lambda: breaker.state)
         metrics.breaker_state.labels(name).set(0)
         metrics.breaker_last_opened.labels(name).set(0)
         return breaker
@@ -259,10 +275,16 @@ def health_checker(
     )
 
 
-def budget(config: SidecarConfig) -> RetryBudget:
-    """The upstream's retry budget."""
+def budget(config: SidecarConfig, workers: int = 1) -> RetryBudget:
+    """The upstream's retry budget, this process's share of it with ``workers`` workers.
+
+    The budget allows ``ratio`` retries per call plus ``min_retries_per_second``.
+    Each worker earns the ratio on its own calls, so their sum is the ratio of
+    all calls; the floor is split between them, so together they never retry more
+    than one process would (docs/workers.md, "Retry budget").
+    """
     b = config.retry.budget
-    return RetryBudget(b.ratio, b.min_retries_per_second, b.window)
+    return RetryBudget(b.ratio, b.min_retries_per_second / workers, b.window)
 
 
 def gradient_settings(config: SidecarConfig) -> GradientSettings | None:

@@ -25,6 +25,7 @@ from sidecar.app.gauges import Gauges, transition_listener
 from sidecar.app.memory import return_large_blocks
 from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
+from sidecar.app.worker import WorkerRole
 from sidecar.config import SidecarConfig, require_upstream, split_address
 from sidecar.fallback.static import EMPTY_ARGUMENTS, ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore
@@ -35,6 +36,7 @@ from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.server import Server
 from sidecar.proxy.timeouts import Timeouts
 from sidecar.resilience.breakers import BreakerSet
+from sidecar.workers.breaker_table import BreakerTable
 
 log = logging.getLogger("sidecar")
 
@@ -54,6 +56,8 @@ class Sidecar:
         health_arguments: the health check probe's argument struct, encoded (from the
             IDL); None: no arguments.
         metrics: the metrics to count into (a fresh registry by default).
+        worker: this process's role when it is one of ``workers: N``
+            (`sidecar.app.supervisor` starts it); None for a sidecar of one process.
 
     Raises:
         ConfigError: no upstream address.
@@ -69,8 +73,10 @@ class Sidecar:
         exception_ids: ExceptionIds | None = None,
         health_arguments: bytes | None = None,
         metrics: SidecarMetrics | None = None,
+        worker: WorkerRole | None = None,
     ) -> None:
         require_upstream(config)
+        self.worker = worker
         self.health_arguments = health_arguments or EMPTY_ARGUMENTS
         self.oneway_methods = frozenset(oneway_methods or ())
         self.exception_ids = exception_ids or ExceptionIds({}, {})
@@ -92,6 +98,11 @@ class Sidecar:
         self.pending_restart: tuple[str, ...] = ()
         self.last_reload_error: str | None = None
         self.parts: Parts | None = None
+
+    @property
+    def worker_count(self) -> int:
+        """Processes sharing this sidecar's port and state (1 without workers)."""
+        return self.worker.count if self.worker is not None else 1
 
     # the running parts
 
@@ -133,10 +144,19 @@ class Sidecar:
         loop = asyncio.get_running_loop()
         config = self.config
         fleet = make_fleet(config, self.metrics)  # None in local mode
-        store = build.make_store(config, fleet)
+        worker = self.worker
+        table = None
+        if worker is not None and worker.shared_breakers:
+            table = BreakerTable.open(worker.breaker_table)
+        if worker is not None and worker.shared_store:
+            shared = build.worker_store(config, worker.store_socket)
+            await shared.start()  # connects to the supervisor's store (never raises)
+            store: FallbackStore = shared
+        else:
+            store = build.make_store(config, fleet)
         timeouts = Timeouts(loop)
         on_transition = transition_listener(self.metrics, lambda: self.config.breaker.reset_timeout)
-        breakers = build.breakers(config, self.metrics, fleet, on_transition)
+        breakers = build.breakers(config, self.metrics, fleet, on_transition, table)
         client_tls = build.client_tls(config, self.metrics, loop)
         upstream_tls = build.upstream_tls(config, self.metrics)
         oneway = OnewayMethods()
@@ -145,7 +165,7 @@ class Sidecar:
             loop=loop,
             upstream_set=build.upstreams(config, timeouts, loop, upstream_tls, self.metrics),
             breaker_set=breakers,
-            retry_budget=build.budget(config),
+            retry_budget=build.budget(config, self.worker_count),
             store=store,
             metrics=self.metrics,
             labels=self.labels,
@@ -163,6 +183,7 @@ class Sidecar:
             breakers,
             server,
             oneway,
+            breaker_table=table,
             client_tls=client_tls,
             upstream_tls=upstream_tls,
         )
@@ -176,6 +197,7 @@ class Sidecar:
                 server.listen(
                     *split_address(config.listen),
                     upstream_fds=config.upstream.pool_size * len(config.upstream.addresses),
+                    reuse_port=worker is not None,
                 ),
             )
             if config.metrics.listen is not None:
@@ -222,6 +244,8 @@ class Sidecar:
             parts.health.start()
         self.gauges.init_series(config, context)
         self.ready = True
+        if worker is not None:
+            worker.report(self.admin_address, self.control_address)
         log.info(
             "thrift-sidecar %s listening on %s:%d (transport %s), upstream %s (transport %s)%s%s",
             __version__,
@@ -275,6 +299,8 @@ class Sidecar:
         await parts.store.close()
         if parts.fleet is not None:
             await parts.fleet.stop()
+        if parts.breaker_table is not None:
+            parts.breaker_table.close()
 
     async def _housekeep(self) -> None:
         lag = self.metrics.event_loop_lag

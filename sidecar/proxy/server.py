@@ -120,12 +120,16 @@ class Server:
         """Calls that start from now on use ``context``; calls in flight keep theirs."""
         self.context = context
 
-    async def listen(self, host: str, port: int, upstream_fds: int = 0) -> tuple[str, int]:
+    async def listen(
+        self, host: str, port: int, upstream_fds: int = 0, *, reuse_port: bool = False
+    ) -> tuple[str, int]:
         """Start accepting; returns the bound address (port 0 picks a free one).
 
         Args:
             upstream_fds: most upstream connections open at once (pool size
                 times addresses), kept free of client connections.
+            reuse_port: share the port with the other workers' listeners
+                (SO_REUSEPORT: the kernel spreads new connections over them).
         """
         configured = self.settings.max_connections
         reserve = open_fds() + 1 + upstream_fds + RESERVED_FDS  # + 1: the listener
@@ -143,11 +147,16 @@ class Server:
             )
         if self.tls is not None:
             self._server = await self.tls.listen(
-                lambda: ClientConnection(self), host, port, backlog=1024
+                lambda: ClientConnection(self), host, port, backlog=1024, reuse_port=reuse_port
             )
         else:
             self._server = await self.loop.create_server(
-                lambda: ClientConnection(self), host, port, reuse_address=True, backlog=1024
+                lambda: ClientConnection(self),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=reuse_port or None,
+                backlog=1024,
             )
         sockname = self._server.sockets[0].getsockname()
         return str(sockname[0]), int(sockname[1])

@@ -222,8 +222,11 @@ class ClientTls(_Side):
         port: int,
         *,
         backlog: int = 1024,
+        reuse_port: bool = False,
     ) -> TlsListener:
         """Listen on ``host:port``; each connection's protocol is made after its handshake.
+
+        ``reuse_port``: share the port with other processes' listeners (SO_REUSEPORT).
 
         Raises:
             OSError: the address cannot be bound.
@@ -234,6 +237,8 @@ class ClientTls(_Side):
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
