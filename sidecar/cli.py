@@ -32,6 +32,8 @@ from sidecar.errors import ConfigError
 if TYPE_CHECKING:
     import asyncio
 
+    from sidecar.app.worker import WorkerRole
+
 T = TypeVar("T")
 
 EXIT_CONFIG = 2
@@ -182,6 +184,12 @@ def main() -> None:
     help="Least severe level logged. [default: info]",
 )
 @click.option(
+    "--workers",
+    metavar="N|auto",
+    help="Processes serving --listen (SO_REUSEPORT), sharing breaker state, retry budget "
+    "and fallback cache; auto: one per usable CPU. [default: 1]",
+)
+@click.option(
     "--log-format",
     type=click.Choice(["text", "json"], case_sensitive=False),
     help="text: readable lines; json: one JSON object per line. [default: text]",
@@ -209,19 +217,73 @@ def run(config_path: str | None, upstreams: tuple[str, ...], **flags: str | None
         require_upstream(config)
     except ConfigError as exc:
         fail_config(_in_file(exc, where))
-    from sidecar.app import Sidecar, serve
+    from sidecar.config.model import worker_count
     from sidecar.logs import configure_logging
 
     configure_logging(config.log.level, config.log.format)
+    if worker_count(config.workers) > 1:
+        from sidecar.app.supervisor import supervise
+
+        _run_until_stopped(
+            lambda: supervise(config, config_path, overrides),
+            where,
+            start_errors=(OSError, RuntimeError),  # RuntimeError: a worker did not start
+        )
+    _serve(config, parts, load, where)
+
+
+@main.command("worker", hidden=True)
+def worker() -> None:
+    """One worker of `sidecar run` with workers: N (started by its supervisor)."""
+    from sidecar.app.worker import WORKER_ENV, WorkerRole, die_with_parent
+    from sidecar.logs import configure_logging
+
+    die_with_parent()
+    role = WorkerRole.from_env(os.environ[WORKER_ENV])
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        sys.exit(1)
+
+    def load() -> tuple[SidecarConfig, dict[str, Any]]:
+        config, parts = load_checked(role.config_path, role.override_map)
+        return role.adjust(config), parts
+
+    where = f" in {role.config_path}" if role.config_path else ""
     try:
-        sidecar = Sidecar(config, **parts)
+        config, parts = load()
+    except ConfigError as exc:
+        fail_config(exc)
+    configure_logging(config.log.level, config.log.format)
+    _serve(config, parts, load, where, worker=role)
+
+
+def _serve(
+    config: SidecarConfig,
+    parts: dict[str, Any],
+    load: Callable[[], tuple[SidecarConfig, dict[str, Any]]],
+    where: str,
+    worker: WorkerRole | None = None,
+) -> NoReturn:
+    """Run one sidecar process (alone, or one worker) until it is stopped; exit."""
+    from sidecar.app import Sidecar, serve
+
+    try:
+        sidecar = Sidecar(config, worker=worker, **parts)
     except ConfigError as exc:  # a part that refuses its settings
         fail_config(_in_file(exc, where))
+    _run_until_stopped(lambda: serve(sidecar, load), where)
+
+
+def _run_until_stopped(
+    main: Callable[[], Coroutine[Any, Any, bool]],
+    where: str,
+    start_errors: tuple[type[Exception], ...] = (OSError,),
+) -> NoReturn:
+    """Run a sidecar's (or a supervisor's) main coroutine; exit 0 when it stopped cleanly."""
     try:
-        clean = run_async(serve(sidecar, load))
+        clean = run_async(main())
     except ConfigError as exc:  # found on start-up, e.g. a fallback store file it cannot use
         fail_config(_in_file(exc, where))
-    except OSError as exc:
+    except start_errors as exc:
         click.echo(f"sidecar: cannot start: {exc}", err=True)
         sys.exit(1)
     sys.exit(0 if clean else 1)

@@ -343,3 +343,31 @@ def test_every_key_has_a_ttl_and_two_upstreams_never_collide(
         p2.set_down(True)
         assert c2.getItem(8).id == 8  # its own cache
         assert "no fallback" in app_error(lambda: c2.listItems(3)).message
+
+
+def test_a_sidecar_of_two_workers_obeys_the_fleet_and_shares_its_cache(
+    redis: RedisServer, prefix: str
+) -> None:
+    """Fleet mode on top of ``workers: 2``: each worker syncs with Redis; a breaker
+    opened through a one-process sidecar is obeyed by both workers of the other,
+    and a reply cached through the one-process sidecar is served by a worker."""
+    config = fleet_config(redis, prefix, serve_on=["breaker_open"])
+    with (
+        faulty_upstream() as (upstream, proxy),
+        run_sidecar([proxy.address], config=config) as a,
+        run_sidecar([proxy.address], config={**config, "workers": 2}) as b,
+    ):
+        f = Fleet(upstream, proxy, a, b)
+        with client(a) as ca:
+            item = ca.getItem(9)  # cached in Redis through A
+            open_through(f, a, ca)
+
+        def both_workers_open() -> bool:
+            states = b.metrics().matching("thrift_sidecar_breaker_state", breaker=f.breaker)
+            return sorted(states.values()) == [OPEN, OPEN] and len(states) == 2
+
+        wait_until(both_workers_open, timeout=5.0, message="both of B's workers open")
+        seen = proxy.stats.calls
+        with client(b) as cb:
+            assert cb.getItem(9) == item  # from the fleet's cache, whichever worker
+        assert proxy.stats.calls == seen
