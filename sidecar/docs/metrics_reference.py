@@ -106,6 +106,27 @@ rate(thrift_sidecar_requests_total{method="other"}[5m]) > 0
 """
 
 
+def supervisor_metric_docs() -> list[MetricDoc]:
+    """The metrics a supervisor of ``workers: N`` adds to the workers' (one worker shown)."""
+    from sidecar.admin.workers import WorkersCollector, WorkerView
+
+    docs = []
+    for family in WorkersCollector(lambda: [WorkerView(0)], 1).collect():
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = tuple(sorted({k for s in family.samples for k in s.labels}))
+        docs.append(MetricDoc(name, family.type, labels, family.documentation))
+    return docs
+
+
+_WORKERS_INTRO = """
+## With `workers: N`
+
+The supervisor's `/metrics` holds every worker's series above with a `worker`
+label (`0` to `N-1`; sum over it for the sidecar's figures) and these of its
+own (docs/workers.md, "One admin endpoint"):
+"""
+
+
 def render_metrics_reference() -> str:
     """The Markdown text of ``docs/metrics-reference.md``."""
     from sidecar.metrics import LABEL_DOCS, LATENCY_BUCKETS
@@ -117,6 +138,13 @@ def render_metrics_reference() -> str:
     out.append("| metric | type | labels | meaning |")
     out.append("|---|---|---|---|")
     for d in docs:
+        labels = ", ".join(f"`{label}`" for label in d.labels) or "-"
+        out.append(f"| `{d.name}` | {d.type} | {labels} | {cell(d.help)} |")
+    out.append(_WORKERS_INTRO.rstrip("\n"))
+    out.append("")
+    out.append("| metric | type | labels | meaning |")
+    out.append("|---|---|---|---|")
+    for d in supervisor_metric_docs():
         labels = ", ".join(f"`{label}`" for label in d.labels) or "-"
         out.append(f"| `{d.name}` | {d.type} | {labels} | {cell(d.help)} |")
     used = sorted({label for d in docs for label in d.labels})
