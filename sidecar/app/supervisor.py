@@ -83,9 +83,12 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(address)
-    except BaseException:
+    except OSError as exc:
         sock.close()
-        raise
+        reason = exc.strerror or str(exc)
+        raise OSError(
+            exc.errno, f"cannot listen for Thrift clients on {listen} (listen): {reason}"
+        ) from exc
     bound_port = sock.getsockname()[1]
     shown = f"[{host}]" if ":" in host else host
     return sock, f"{shown}:{bound_port}"

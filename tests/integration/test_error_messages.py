@@ -81,14 +81,14 @@ def test_a_transport_mismatch_asks_what_the_upstream_speaks() -> None:
     )
 
 
-def test_a_listen_address_in_use_names_the_listener() -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_listen_address_in_use_names_the_listener(workers: int) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        with run_sidecar(
-            ["127.0.0.1:1"], config={"listen": f"127.0.0.1:{port}"}, wait_ready=False
-        ) as sc:
+        config = {"listen": f"127.0.0.1:{port}", "workers": workers}
+        with run_sidecar(["127.0.0.1:1"], config=config, wait_ready=False) as sc:
             assert sc.proc.wait(20) == 1
             wait_until(lambda: "cannot start" in sc.log(), timeout=5.0, message="the error")
     assert f"cannot listen for Thrift clients on 127.0.0.1:{port} (listen)" in sc.log()
