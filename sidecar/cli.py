@@ -236,10 +236,11 @@ def run(config_path: str | None, upstreams: tuple[str, ...], **flags: str | None
 def worker() -> None:
     """One worker of `sidecar run` with workers: N (started by its supervisor)."""
     from sidecar.app.worker import WORKER_ENV, WorkerRole, die_with_parent
-    from sidecar.logs import configure_logging
+    from sidecar.logs import configure_logging, set_worker
 
     die_with_parent()
     role = WorkerRole.from_env(os.environ[WORKER_ENV])
+    set_worker(role.index)
     if os.getppid() == 1:  # the supervisor died before prctl took effect
         sys.exit(1)
 

@@ -20,6 +20,30 @@ from typing import Any
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+# With workers: N, a worker's lines say which worker wrote them.
+WORKER_TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s [worker %(worker)d]: %(message)s"
+
+# This process's worker index (`set_worker`); None outside ``workers: N``.
+_worker: int | None = None
+
+
+def set_worker(index: int) -> None:
+    """Mark every line this process logs from now on as worker ``index``'s: text
+    lines say ``[worker N]``, JSON lines carry ``"worker": N``."""
+    global _worker
+    _worker = index
+
+
+class _WorkerField(logging.Filter):
+    """Puts the worker index on each record (the ``worker`` field)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -50,8 +74,10 @@ def configure_logging(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter(TEXT_FORMAT)
+        formatter = logging.Formatter(TEXT_FORMAT if _worker is None else WORKER_TEXT_FORMAT)
     handler.setFormatter(formatter)
+    if _worker is not None:
+        handler.addFilter(_WorkerField(_worker))
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -10,6 +10,7 @@ JSON object per line; ``text`` writes readable lines; ``--log-level`` filters.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import re
 import signal
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 import thriftpy2.thrift
 
+from sidecar import logs
 from sidecar.logs import DEFAULT_BURST, DEFAULT_PERIOD
 from tests.support.clients import thriftpy2_client
 from tests.support.ops import (
@@ -257,3 +259,15 @@ def test_no_access_log_by_default() -> None:
         for i in range(20):
             assert client.add(i, 1) == i + 1
         assert not [r for r in json_log(sc) if r["logger"] == "sidecar.access"]
+
+
+def test_a_workers_json_lines_carry_its_index(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        logs.set_worker(1)
+        logs.configure_logging("info", "json")
+        logging.getLogger("sidecar.test").info("hello", extra={"peer": "p"})
+        line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+        assert (line["message"], line["worker"], line["peer"]) == ("hello", 1, "p")
+    finally:
+        logs._worker = None
+        logs.configure_logging("info", "text")

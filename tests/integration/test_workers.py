@@ -160,6 +160,10 @@ def test_sighup_reloads_every_worker_and_sigterm_stops_them_all() -> None:
         for pid in pids:
             assert not _running(pid), f"worker {pid} still runs"
         assert not run_dir.exists()
+        log = r.sidecar.log()
+        for index in (0, 1):  # each worker's lines say whose they are
+            assert f"sidecar [worker {index}]: config reloaded (version 2)" in log
+            assert f"sidecar [worker {index}]: stopped" in log
 
 
 def _running(pid: int) -> bool:
