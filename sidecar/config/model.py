@@ -7,6 +7,7 @@ and ``fallback.methods``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from typing import Any, Literal
@@ -86,7 +87,8 @@ class SidecarConfig(Section):
         1,
         description="Processes serving listen, each accepting its own connections "
         "(SO_REUSEPORT); they share breaker state, retry budget and fallback cache. auto: "
-        "the CPUs this process may use. Admin and control stay one endpoint each.",
+        "the CPUs this process may use (its affinity, and the cgroup CPU limit, rounded up). "
+        "Admin and control stay one endpoint each.",
     )
     upstream: UpstreamConfig = Field(UpstreamConfig(), description="The upstream service.")
     retry: RetryConfig = Field(RetryConfig(), description="Retries.")
@@ -190,8 +192,33 @@ def _same_port(a: str, b: str) -> bool:
     return host_a == host_b or host_a in _WILDCARD_HOSTS or host_b in _WILDCARD_HOSTS
 
 
-def worker_count(workers: int | str) -> int:
-    """``workers`` as a number: ``auto`` is the CPUs this process may run on."""
+# cgroup v2's CPU limit of this process's group ("QUOTA PERIOD" or "max PERIOD").
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def cpu_quota(path: str = CGROUP_CPU_MAX) -> float | None:
+    """The CPUs the cgroup's quota allows (a Kubernetes CPU limit), or None: no limit or no file."""
+    try:
+        with open(path) as f:
+            quota, period = f.read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return int(quota) / int(period)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def worker_count(workers: int | str, cpu_max: str = CGROUP_CPU_MAX) -> int:
+    """``workers`` as a number. ``auto``: the CPUs this process may run on (its
+    affinity), fewer under a cgroup CPU limit (rounded up: a limit of 1.5 CPUs
+    is 2 workers), at least 1 and at most `MAX_WORKERS`."""
     if isinstance(workers, int):
         return workers
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0))
+    quota = cpu_quota(cpu_max)
+    if quota is not None:
+        cpus = min(cpus, math.ceil(quota))
+    return max(1, min(MAX_WORKERS, cpus))

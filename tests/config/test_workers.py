@@ -37,3 +37,17 @@ def test_each_worker_keeps_its_share_of_the_retry_budgets_floor(tmp_path: Path) 
     assert alone.floor == pytest.approx(100.0)
     assert shared.floor == pytest.approx(50.0)
     assert shared.ratio == alone.ratio
+
+
+def test_auto_follows_the_cgroup_cpu_limit(tmp_path: Path) -> None:
+    cpus = len(os.sched_getaffinity(0))
+    limit = tmp_path / "cpu.max"
+    limit.write_text("150000 100000\n")  # 1.5 CPUs: 2 workers
+    assert worker_count("auto", str(limit)) == min(cpus, 2)
+    limit.write_text("50000 100000\n")  # half a CPU: still one worker
+    assert worker_count("auto", str(limit)) == 1
+    limit.write_text("max 100000\n")  # no limit: the affinity
+    assert worker_count("auto", str(limit)) == cpus
+    assert worker_count("auto", str(tmp_path / "absent")) == cpus
+    limit.write_text("garbage\n")
+    assert worker_count("auto", str(limit)) == cpus
