@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -118,16 +119,75 @@ _SAMPLED = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
 def _entry_point(
     step: Callable[Concatenate[Call, P], None],
 ) -> Callable[Concatenate[Call, P], None]:
-    """The guard of every way into a call: a bug answers this call, nothing else."""
+    """The guard of every way into a call: a bug answers this call, nothing else.
 
-    def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
+    Entry points take one or two arguments after ``self``, passed by
+    position (callbacks): their guard takes exactly those, without packing
+    ``*args`` and ``**kwargs`` on every call.
+    """
+    arguments = positional_count(step)
+    chosen: Callable[..., None]
+    if arguments == 1:
+        chosen = _guard0(step)
+    elif arguments == 2:
+        chosen = _guard1(step)
+    elif arguments == 3:
+        chosen = _guard2(step)
+    else:
+
+        def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                step(self, *args, **kwargs)
+            except Exception:
+                self._crashed()
+
+        chosen = guarded
+    chosen.__doc__ = step.__doc__
+    return chosen
+
+
+def _guard0(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call) -> None:
         try:
-            step(self, *args, **kwargs)
+            step(self)
         except Exception:
             self._crashed()
 
-    guarded.__doc__ = step.__doc__
     return guarded
+
+
+def _guard1(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call, arg: Any, /) -> None:
+        try:
+            step(self, arg)
+        except Exception:
+            self._crashed()
+
+    return guarded
+
+
+def _guard2(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call, arg: Any, arg2: Any, /) -> None:
+        try:
+            step(self, arg, arg2)
+        except Exception:
+            self._crashed()
+
+    return guarded
+
+
+def positional_count(function: Callable[..., Any]) -> int:
+    """How many plain positional parameters ``function`` has (``self`` included); -1 when it
+    takes anything else (defaults, ``*args``, keyword-only, ``**kwargs``)."""
+    code = getattr(function, "__code__", None)
+    if (
+        code is None
+        or getattr(function, "__defaults__", None)
+        or code.co_kwonlyargcount
+        or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+    ):
+        return -1
+    return int(code.co_argcount)
 
 
 class Call:

@@ -34,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.logs import RateLimitedLog
@@ -45,7 +45,7 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Call, Done, Wire
+from sidecar.proxy.call import Call, Done, Wire, positional_count
 from sidecar.proxy.context import CallContext
 
 log = logging.getLogger("sidecar.server")
@@ -122,16 +122,36 @@ class Host(Protocol):
 def _boundary(
     callback: Callable[Concatenate[ClientConnection, P], R],
 ) -> Callable[Concatenate[ClientConnection, P], R | None]:
-    """The guard of every asyncio callback: a bug costs this connection, nothing else."""
+    """The guard of every asyncio callback: a bug costs this connection, nothing else.
 
-    def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
+    Callbacks with one argument after ``self`` (most) get a guard that takes
+    just that one, without packing ``*args`` and ``**kwargs`` on every call.
+    """
+    chosen: Callable[..., R | None]
+    if positional_count(callback) == 2:
+        chosen = _guard1(callback)
+    else:
+
+        def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            try:
+                return callback(self, *args, **kwargs)
+            except Exception:
+                self._crashed()
+                return None
+
+        chosen = guarded
+    chosen.__doc__ = callback.__doc__
+    return chosen
+
+
+def _guard1(callback: Callable[..., R]) -> Callable[..., R | None]:
+    def guarded(self: ClientConnection, arg: Any, /) -> R | None:
         try:
-            return callback(self, *args, **kwargs)
+            return callback(self, arg)
         except Exception:
             self._crashed()
             return None
 
-    guarded.__doc__ = callback.__doc__
     return guarded
 
 
