@@ -232,7 +232,12 @@ class Breaker:
 
     def admit(self) -> Admission | None:
         """May a call go to the upstream now? None means no: treat the circuit as open."""
-        state = self._cb.state.name
+        cb = self._cb
+        state = self._storage.state  # the storage pybreaker reads (``state_storage``)
+        if state != cb._state.name:
+            # Changed elsewhere (a shared storage): pybreaker's ``state`` catches up
+            # and tells its listeners. Otherwise it would return the cached state as is.
+            state = cb.state.name
         if state == STATE_CLOSED:
             return Admission.CLOSED
         self._window_stale = True  # a window from before this opening must not reopen it
