@@ -76,7 +76,6 @@ from sidecar.proxy.translate import (
     for_client,
     for_upstream,
     set_theader_headers,
-    upstream_transport,
 )
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
@@ -94,6 +93,7 @@ P = ParamSpec("P")
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
 _BINARY = WireProtocol.BINARY
+_THEADER = Transport.THEADER
 
 _DECLARED = Outcome.DECLARED_EXCEPTION
 # Outcomes that are answers from the upstream: returned as they are, never retried.
@@ -339,7 +339,12 @@ class Call:
             if given is not None and given < deadline:
                 deadline = given
         self._deadline_at = self._started + deadline
-        self._transport = upstream_transport(self._client_transport, ctx.upstream_transport)
+        # upstream_transport(), inline: THeader stays THeader; else as configured.
+        client_transport = self._client_transport
+        configured = ctx.upstream_transport
+        self._transport = (
+            client_transport if configured is None or client_transport is _THEADER else configured
+        )
         protocol = self._protocol = ctx.upstream_protocol or header.protocol
         if protocol is header.protocol and (header.strict or protocol is not _BINARY):
             self._outgoing = message  # the common case: sent as it came
@@ -554,7 +559,8 @@ class Call:
             reply = self._for_client(reply)
             if reply is None:
                 return
-            ctx.fallbacks.remember(policy, self._message, reply, outcome)
+            if policy.cacheable:  # else remember() would keep nothing
+                ctx.fallbacks.remember(policy, self._message, reply, outcome)
             reply.set_seqid(self._message.header.seqid)
             self._finish(label, reply.to_wire(self._client_transport))
             return

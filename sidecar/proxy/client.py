@@ -271,7 +271,7 @@ class ClientConnection(asyncio.Protocol):
             decoder = self._detected()
         else:
             # An error after whole messages in this read: those are answered first.
-            decoder = self._detected()
+            decoder = self._direct or self._detected()
             error = decoder.error
         if error is None and decoder.walk_pending and not self._walk_due:
             # Its step budget ran out with bytes to walk: the next turn comes after
