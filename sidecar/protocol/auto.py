@@ -116,6 +116,12 @@ class AutoDecoder:
         return inner.partial_header()
 
     @property
+    def inner(self) -> Decoder | None:
+        """The decoder built for what was detected (None before): it answers every
+        question asked of this one from then on."""
+        return self._inner
+
+    @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned in a message."""
         return len(self._prefix) if self._inner is None else self._inner.buffered_bytes

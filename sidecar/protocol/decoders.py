@@ -27,7 +27,7 @@ from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.compact_skip import CompactSkipper
 from sidecar.protocol.envelope import MessageHeader, Protocol, identify, parse_header
 from sidecar.protocol.message import Message
-from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper
+from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper, flat_struct_end
 
 HeaderParser = Callable[[bytes | bytearray | memoryview, int], MessageHeader | None]
 PARSERS: dict[Protocol, HeaderParser] = {
@@ -184,7 +184,7 @@ class BufferedDecoder(DecoderBase):
     cannot hold the loop.
     """
 
-    __slots__ = ("_header", "_pos", "_skipper", "walk_pending", "walk_steps")
+    __slots__ = ("_flat", "_header", "_pos", "_skipper", "walk_pending", "walk_steps")
 
     def __init__(
         self,
@@ -197,6 +197,7 @@ class BufferedDecoder(DecoderBase):
         self._skipper: StructSkipper | CompactSkipper = (
             CompactSkipper(max_depth) if protocol is Protocol.COMPACT else StructSkipper(max_depth)
         )
+        self._flat = protocol is not Protocol.COMPACT  # `flat_struct_end` can walk it
         self._header: MessageHeader | None = None
         self._pos = 0
         self.walk_steps = walk_steps
@@ -239,8 +240,17 @@ class BufferedDecoder(DecoderBase):
                     header = self._parse(self._buf, start)
                     if header is None:
                         break
+                    buf = self._buf
+                    body = start + header.body_offset
+                    if self._flat:  # the usual call, a flat struct, whole: no skipper
+                        stop = flat_struct_end(buf, body, len(buf), steps)
+                        if stop >= 0 and stop <= start + self.max_size:
+                            out.append(Message(header, self._take(start, stop), 0))
+                            start = self._pos = stop
+                            header = None
+                            continue
                     skipper.reset()
-                    self._pos = start + header.body_offset
+                    self._pos = body
                 buf = self._buf
                 self._pos = skipper.advance(buf, self._pos, len(buf), start + self.max_size, steps)
                 if not skipper.done:

@@ -52,6 +52,7 @@ TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
     MessageType(v) if v in _VALID_TYPES else None for v in range(256)
 )
 _STRICT_START = struct.Struct(">Ii")
+_new_tuple = tuple.__new__
 
 
 class MessageHeader(NamedTuple):
@@ -89,6 +90,9 @@ class MessageHeader(NamedTuple):
         return self.name.rpartition(":")[2]
 
 
+_BINARY = Protocol.BINARY
+
+
 def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> MessageHeader | None:
     """Read the envelope of the message that begins at ``data[start]``.
 
@@ -104,9 +108,12 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         RemoteProtocolError: the bytes cannot be a binary-protocol envelope.
     """
     end = len(data)
-    if end - start < 4:
+    if end - start >= 8:  # the usual case: both words at once
+        first, name_len = _STRICT_START.unpack_from(data, start)
+    elif end - start >= 4:
+        first = name_len = _U32.unpack_from(data, start)[0]
+    else:
         return None
-    first = _U32.unpack_from(data, start)[0]
     if first & 0x80000000:
         if first & VERSION_MASK != VERSION_1:
             raise RemoteProtocolError(
@@ -115,7 +122,6 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         if end - start < 8:
             return None
         mtype = first & TYPE_MASK
-        name_len = _STRICT_START.unpack_from(data, start)[1]
         if name_len < 0 or name_len > MAX_NAME_LENGTH:
             raise _bad_name_length(name_len)
         name_at = start + 8
@@ -144,7 +150,11 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         raise RemoteProtocolError(
             f"unknown message type {mtype}", kind="bad_type", seqid=seqid, name=name, strict=strict
         )
-    return MessageHeader(name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start)
+    # tuple.__new__ straight away: the named tuple's own __new__ is a Python function.
+    return _new_tuple(
+        MessageHeader,
+        (name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start, _BINARY, 4),
+    )
 
 
 def _bad_name_length(name_len: int) -> RemoteProtocolError:

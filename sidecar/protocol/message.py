@@ -34,6 +34,12 @@ class Transport(StrEnum):
     THEADER = "theader"
 
 
+# Enum members as plain names: reading Transport.FRAMED costs a descriptor call.
+_FRAMED = Transport.FRAMED
+_THEADER = Transport.THEADER
+_COMPACT = Protocol.COMPACT
+
+
 @dataclass(slots=True)
 class Message:
     """One complete message.
@@ -63,7 +69,7 @@ class Message:
     def set_seqid(self, seqid: int) -> None:
         """Patch the seqid in place (``header.seqid`` keeps the one that arrived)."""
         header = self.header
-        if header.protocol is Protocol.COMPACT:
+        if header.protocol is _COMPACT:
             grown = replace_seqid(self.buf, header, self.start, seqid)
             if grown:
                 self.header = header._replace(
@@ -90,13 +96,13 @@ class Message:
         For THEADER the message's own frame header is used (a plain one, with
         the payload's protocol, when it came without).
         """
-        if transport is Transport.THEADER:
+        if transport is _THEADER:
             info = self.theader
             if info is None:
                 info = THeaderFrame(protocol=self.protocol)
                 info.seqid = _seqid_now(self)
             return encode_theader(info, self.payload())
-        if transport is Transport.FRAMED:
+        if transport is _FRAMED:
             if self.start == 4:
                 return self.buf
             return _I32.pack(len(self.buf)) + self.buf

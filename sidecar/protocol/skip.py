@@ -291,6 +291,45 @@ def _too_big(limit: int) -> RemoteProtocolError:
     return RemoteProtocolError(f"message larger than the {limit}-byte limit", kind="oversized")
 
 
+def flat_struct_end(data: bytes | bytearray | memoryview, pos: int, end: int, steps: int) -> int:
+    """Where a flat struct at ``data[pos]`` ends, if it is one; -1 for anything else.
+
+    The fast path of `StructSkipper.advance` for the usual call: fields of
+    fixed-size types and strings, then STOP, all in ``data[pos:end]``. -1
+    (the caller then walks with a `StructSkipper`, which says what is wrong, if
+    anything) for a nested struct or container, an unknown type, a negative
+    size, bytes that end first, or more than ``steps`` steps counted as
+    `StructSkipper.advance` counts them (a field, a string's bytes, the STOP).
+    Where it answers, a `StructSkipper` would end at the same offset.
+    """
+    fixed = FIXED_SIZE
+    while True:
+        steps -= 1
+        if steps < 0 or pos >= end:
+            return -1
+        ftype = data[pos]
+        if ftype == TType.STOP:
+            return pos + 1
+        pos += 3
+        size = fixed.get(ftype)
+        if size is not None:
+            pos += size
+        elif ftype == TType.STRING:
+            if pos + 4 > end:
+                return -1
+            length = _I32.unpack_from(data, pos)[0]
+            pos += 4
+            if length:
+                steps -= 1
+                if length < 0 or steps < 0:
+                    return -1
+                pos += length
+        else:
+            return -1
+        if pos > end:
+            return -1
+
+
 def value_end(data: bytes | bytearray | memoryview, start: int, vtype: int) -> int:
     """Return the offset just past the one value of type ``vtype`` at ``data[start]``.
 

@@ -69,7 +69,8 @@ class UpstreamSet:
         addresses = self.addresses
         n = len(addresses)
         if n == 1:
-            return self.pool(addresses[0], transport, protocol)
+            pool = self._pools.get((addresses[0], transport, protocol))
+            return self.pool(addresses[0], transport, protocol) if pool is None else pool
         start = self._next
         now = self._clock()
         second_choice: int | None = None

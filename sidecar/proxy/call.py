@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import math
 from collections.abc import Callable
@@ -75,7 +76,6 @@ from sidecar.proxy.translate import (
     for_client,
     for_upstream,
     set_theader_headers,
-    upstream_transport,
 )
 from sidecar.proxy.upstream import UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
@@ -93,6 +93,7 @@ P = ParamSpec("P")
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
 _BINARY = WireProtocol.BINARY
+_THEADER = Transport.THEADER
 
 _DECLARED = Outcome.DECLARED_EXCEPTION
 # Outcomes that are answers from the upstream: returned as they are, never retried.
@@ -118,16 +119,75 @@ _SAMPLED = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
 def _entry_point(
     step: Callable[Concatenate[Call, P], None],
 ) -> Callable[Concatenate[Call, P], None]:
-    """The guard of every way into a call: a bug answers this call, nothing else."""
+    """The guard of every way into a call: a bug answers this call, nothing else.
 
-    def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
+    Entry points take one or two arguments after ``self``, passed by
+    position (callbacks): their guard takes exactly those, without packing
+    ``*args`` and ``**kwargs`` on every call.
+    """
+    arguments = positional_count(step)
+    chosen: Callable[..., None]
+    if arguments == 1:
+        chosen = _guard0(step)
+    elif arguments == 2:
+        chosen = _guard1(step)
+    elif arguments == 3:
+        chosen = _guard2(step)
+    else:
+
+        def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                step(self, *args, **kwargs)
+            except Exception:
+                self._crashed()
+
+        chosen = guarded
+    chosen.__doc__ = step.__doc__
+    return chosen
+
+
+def _guard0(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call) -> None:
         try:
-            step(self, *args, **kwargs)
+            step(self)
         except Exception:
             self._crashed()
 
-    guarded.__doc__ = step.__doc__
     return guarded
+
+
+def _guard1(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call, arg: Any, /) -> None:
+        try:
+            step(self, arg)
+        except Exception:
+            self._crashed()
+
+    return guarded
+
+
+def _guard2(step: Callable[..., None]) -> Callable[..., None]:
+    def guarded(self: Call, arg: Any, arg2: Any, /) -> None:
+        try:
+            step(self, arg, arg2)
+        except Exception:
+            self._crashed()
+
+    return guarded
+
+
+def positional_count(function: Callable[..., Any]) -> int:
+    """How many plain positional parameters ``function`` has (``self`` included); -1 when it
+    takes anything else (defaults, ``*args``, keyword-only, ``**kwargs``)."""
+    code = getattr(function, "__code__", None)
+    if (
+        code is None
+        or getattr(function, "__defaults__", None)
+        or code.co_kwonlyargcount
+        or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
+    ):
+        return -1
+    return int(code.co_argcount)
 
 
 class Call:
@@ -279,7 +339,12 @@ class Call:
             if given is not None and given < deadline:
                 deadline = given
         self._deadline_at = self._started + deadline
-        self._transport = upstream_transport(self._client_transport, ctx.upstream_transport)
+        # upstream_transport(), inline: THeader stays THeader; else as configured.
+        client_transport = self._client_transport
+        configured = ctx.upstream_transport
+        self._transport = (
+            client_transport if configured is None or client_transport is _THEADER else configured
+        )
         protocol = self._protocol = ctx.upstream_protocol or header.protocol
         if protocol is header.protocol and (header.strict or protocol is not _BINARY):
             self._outgoing = message  # the common case: sent as it came
@@ -494,7 +559,8 @@ class Call:
             reply = self._for_client(reply)
             if reply is None:
                 return
-            ctx.fallbacks.remember(policy, self._message, reply, outcome)
+            if policy.cacheable:  # else remember() would keep nothing
+                ctx.fallbacks.remember(policy, self._message, reply, outcome)
             reply.set_seqid(self._message.header.seqid)
             self._finish(label, reply.to_wire(self._client_transport))
             return

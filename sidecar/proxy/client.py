@@ -34,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Concatenate, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.logs import RateLimitedLog
@@ -45,7 +45,7 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Call, Done, Wire
+from sidecar.proxy.call import Call, Done, Wire, positional_count
 from sidecar.proxy.context import CallContext
 
 log = logging.getLogger("sidecar.server")
@@ -122,16 +122,36 @@ class Host(Protocol):
 def _boundary(
     callback: Callable[Concatenate[ClientConnection, P], R],
 ) -> Callable[Concatenate[ClientConnection, P], R | None]:
-    """The guard of every asyncio callback: a bug costs this connection, nothing else."""
+    """The guard of every asyncio callback: a bug costs this connection, nothing else.
 
-    def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
+    Callbacks with one argument after ``self`` (most) get a guard that takes
+    just that one, without packing ``*args`` and ``**kwargs`` on every call.
+    """
+    chosen: Callable[..., R | None]
+    if positional_count(callback) == 2:
+        chosen = _guard1(callback)
+    else:
+
+        def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
+            try:
+                return callback(self, *args, **kwargs)
+            except Exception:
+                self._crashed()
+                return None
+
+        chosen = guarded
+    chosen.__doc__ = callback.__doc__
+    return chosen
+
+
+def _guard1(callback: Callable[..., R]) -> Callable[..., R | None]:
+    def guarded(self: ClientConnection, arg: Any, /) -> R | None:
         try:
-            return callback(self, *args, **kwargs)
+            return callback(self, arg)
         except Exception:
             self._crashed()
             return None
 
-    guarded.__doc__ = callback.__doc__
     return guarded
 
 
@@ -172,6 +192,8 @@ class ClientConnection(asyncio.Protocol):
                 walk_steps=WALK_STEPS,
             )
             self._kind: Transport | None = None
+            # The decoder detection built, read directly once there (`_detected`).
+            self._direct: Decoder | None = None
         else:
             self._kind = Transport(settings.transport)
             self._decoder = make_decoder(
@@ -180,6 +202,7 @@ class ClientConnection(asyncio.Protocol):
                 settings.max_depth,
                 walk_steps=WALK_STEPS,
             )
+            self._direct = self._decoder
         self._walk_due = False  # `_walk_on` is scheduled
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
@@ -212,7 +235,8 @@ class ClientConnection(asyncio.Protocol):
 
     @_boundary
     def data_received(self, data: bytes) -> None:
-        self._decode(self._decoder.receive_data, data)
+        direct = self._direct
+        self._decode((self._decoder if direct is None else direct).receive_data, data)
 
     @_boundary
     def _walk_on(self) -> None:
@@ -244,19 +268,17 @@ class ClientConnection(asyncio.Protocol):
             # Without its traceback: its frames hold the decoder's buffer (megabytes of
             # an unfinished message) for as long as the error is kept.
             messages, error = [], exc.with_traceback(None)
+            decoder = self._detected()
         else:
             # An error after whole messages in this read: those are answered first.
-            error = self._decoder.error
-        if error is None and self._decoder.walk_pending and not self._walk_due:
+            decoder = self._direct or self._detected()
+            error = decoder.error
+        if error is None and decoder.walk_pending and not self._walk_due:
             # Its step budget ran out with bytes to walk: the next turn comes after
             # every other connection's, and this one's bytes wait meanwhile.
             self._walk_due = True
             self._pause_reading()
             self._loop.call_soon(self._walk_on)
-        if self._kind is None:
-            # Known once detected, even when the first message then breaks the protocol:
-            # the PROTOCOL_ERROR answer is written in it.
-            self._kind = self._decoder.transport  # type: ignore[union-attr]
         if not messages and error is None:
             self._account()  # bytes that complete no message are not activity (slowloris)
             return
@@ -273,6 +295,21 @@ class ClientConnection(asyncio.Protocol):
             self._pause_reading()
         self._pump()
         self._account()
+
+    def _detected(self) -> AutoDecoder | Decoder:
+        """The decoder to read (the one detection built, once it has), after a decode."""
+        direct = self._direct
+        if direct is not None:
+            return direct
+        decoder = self._decoder
+        if self._kind is None:
+            # Known once detected, even when the first message then breaks the protocol:
+            # the PROTOCOL_ERROR answer is written in it.
+            self._kind = decoder.transport  # type: ignore[union-attr]
+        if isinstance(decoder, AutoDecoder) and decoder.inner is not None:
+            self._direct = decoder.inner
+            return decoder.inner
+        return decoder
 
     @_boundary
     def eof_received(self) -> bool:
@@ -397,11 +434,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _account(self, gone: bool = False) -> None:
         """Tell the server how many bytes this connection holds now (0 once it is gone)."""
-        held = 0 if gone else self._decoder.buffered_bytes + self._queued_bytes
+        direct = self._direct
+        buffered = (self._decoder if direct is None else direct).buffered_bytes
+        held = 0 if gone else buffered + self._queued_bytes
         if held != self._held:
-            if held and not self._decoder.buffered_bytes:
+            if held and not buffered:
                 self.partial_since = None
-            elif self._decoder.buffered_bytes and self.partial_since is None:
+            elif buffered and self.partial_since is None:
                 self.partial_since = self._loop.time()
             delta, self._held = held - self._held, held
             self._server.hold(self, delta)
@@ -430,7 +469,8 @@ class ClientConnection(asyncio.Protocol):
         self._queue.clear()
         self._queued_bytes = 0
         self._protocol_error(error)
-        self._decoder = make_decoder(Transport.FRAMED, 4)  # the unfinished message goes now
+        # The unfinished message goes now.
+        self._decoder = self._direct = make_decoder(Transport.FRAMED, 4)
         self._account(gone=True)
 
     def hold_back(self) -> None:

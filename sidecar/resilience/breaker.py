@@ -87,6 +87,11 @@ class Admission(Enum):
     PROBE = "probe"
 
 
+# Plain names for the members read on every call (reading Admission.PROBE costs a call).
+_CLOSED = Admission.CLOSED
+_PROBE = Admission.PROBE
+
+
 class _AttemptFailed(Exception):
     """Raised inside pybreaker's ``call`` to replay a failed attempt."""
 
@@ -232,9 +237,14 @@ class Breaker:
 
     def admit(self) -> Admission | None:
         """May a call go to the upstream now? None means no: treat the circuit as open."""
-        state = self._cb.state.name
+        cb = self._cb
+        state = self._storage.state  # the storage pybreaker reads (``state_storage``)
+        if state != cb._state.name:
+            # Changed elsewhere (a shared storage): pybreaker's ``state`` catches up
+            # and tells its listeners. Otherwise it would return the cached state as is.
+            state = cb.state.name
         if state == STATE_CLOSED:
-            return Admission.CLOSED
+            return _CLOSED
         self._window_stale = True  # a window from before this opening must not reopen it
         if self.health_checked:  # only health checks may close it: no client call probes
             self.rejected += 1
@@ -257,7 +267,7 @@ class Breaker:
     def record(self, admission: Admission, failed: bool, duration: float | None = None) -> None:
         """Replay a call's result through pybreaker, or add it to the rate window
         (see the module docstring). ``duration``: the call's seconds (slow calls)."""
-        if admission is Admission.PROBE:
+        if admission is _PROBE:
             self.probes_in_flight -= 1
         else:
             state = self._storage.state

@@ -57,6 +57,13 @@ class Outcome(StrEnum):
     PROTOCOL_ERROR = "protocol_error"
 
 
+# Enum members as plain names for classify_reply: reading Outcome.OK costs a descriptor call.
+_OK = Outcome.OK
+_DECLARED = Outcome.DECLARED_EXCEPTION
+_REPLY = MessageType.REPLY
+_BINARY = Protocol.BINARY
+
+
 def classify_reply(
     mtype: int, body: bytes | bytearray | memoryview, protocol: Protocol = Protocol.BINARY
 ) -> Outcome:
@@ -67,15 +74,15 @@ def classify_reply(
         body: the struct after the envelope.
         protocol: the protocol the reply is in.
     """
-    if mtype == MessageType.REPLY:
-        if protocol is Protocol.BINARY:  # the common case, inline
+    if mtype == _REPLY:
+        if protocol is _BINARY:  # the common case, inline
             if len(body) == 0:
                 return Outcome.PROTOCOL_ERROR
             if body[0] == TType.STOP:
-                return Outcome.OK
+                return _OK
             if len(body) < 3 or body[0] not in _FIELD_TYPES:
                 return Outcome.PROTOCOL_ERROR
-            return Outcome.OK if _I16.unpack_from(body, 1)[0] == 0 else Outcome.DECLARED_EXCEPTION
+            return _OK if _I16.unpack_from(body, 1)[0] == 0 else _DECLARED
         try:
             field = first_field_id(body, protocol)
         except ProtocolError:
