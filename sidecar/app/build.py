@@ -304,22 +304,47 @@ def gradient_settings(config: SidecarConfig) -> GradientSettings | None:
     )
 
 
-def limiter(config: SidecarConfig) -> ConcurrencyLimit:
+# (this worker's index, how many workers): the one process of a sidecar without workers.
+ALONE = (0, 1)
+
+
+def worker_share(total: int, index: int, count: int) -> int:
+    """Worker ``index``'s part of ``total`` split over ``count`` workers: the parts add
+    up to ``total`` (the first ``total % count`` workers take one more), at least 1 each."""
+    return max(1, total // count + (1 if index < total % count else 0))
+
+
+def limiter(config: SidecarConfig, worker: tuple[int, int] = ALONE) -> ConcurrencyLimit:
     """The upstream's limit of calls in flight (``max_in_flight``, ``adaptive_concurrency``)."""
     limit = ConcurrencyLimit()
-    reconfigure_limiter(limit, config)
+    reconfigure_limiter(limit, config, worker)
     return limit
 
 
-def reconfigure_limiter(limit: ConcurrencyLimit, config: SidecarConfig) -> None:
-    """Apply ``config``'s limits; an adaptive limit with unchanged settings keeps its state."""
+def reconfigure_limiter(
+    limit: ConcurrencyLimit, config: SidecarConfig, worker: tuple[int, int] = ALONE
+) -> None:
+    """Apply ``config``'s limits; an adaptive limit with unchanged settings keeps its state.
+
+    With ``workers: N`` each worker takes its share of ``max_in_flight``, so the
+    upstream sees at most the limit from all of them together (at least one per
+    worker: a limit below N allows N). The adaptive limit is each worker's own:
+    it follows the latency the upstream shows, which all workers' calls make.
+    """
     settings = gradient_settings(config)
     adaptive = limit.adaptive
     if settings is None:
         adaptive = None
     elif adaptive is None or adaptive.settings != settings:
         adaptive = GradientLimit(settings, random.Random())
-    limit.configure(config.upstream.max_in_flight, adaptive)
+    fixed = config.upstream.max_in_flight
+    index, count = worker
+    if fixed is not None and count > 1:
+        limit.share_note = f", this worker's share of {fixed}"
+        fixed = worker_share(fixed, index, count)
+    else:
+        limit.share_note = ""
+    limit.configure(fixed, adaptive)
 
 
 def hedging(config: SidecarConfig, current: Hedging | None = None) -> Hedging:
@@ -371,6 +396,7 @@ def call_context(
     exception_ids: ExceptionIds | None = None,
     concurrency: ConcurrencyLimit | None = None,
     hedge_state: Hedging | None = None,
+    worker: tuple[int, int] = ALONE,
 ) -> CallContext:
     """The context calls start with, for this config and these long-lived parts
     (``hedge_state``: the running one on a reload; a new one at start-up)."""
@@ -404,7 +430,7 @@ def call_context(
         hedging=hedging(config, hedge_state),
         access_sample_rate=config.log.access.sample_rate,
         validate_framed=config.limits.validate_framed_calls,
-        limiter=concurrency or limiter(config),
+        limiter=concurrency or limiter(config, worker),
     )
 
 

@@ -104,6 +104,11 @@ class Sidecar:
         """Processes sharing this sidecar's port and state (1 without workers)."""
         return self.worker.count if self.worker is not None else 1
 
+    @property
+    def worker_slot(self) -> tuple[int, int]:
+        """(this worker's index, how many workers); (0, 1) without workers."""
+        return (self.worker.index, self.worker.count) if self.worker is not None else (0, 1)
+
     # the running parts
 
     def _running(self) -> Parts:
@@ -174,6 +179,7 @@ class Sidecar:
             oneway_methods=self.oneway_methods,
             exception_ids=self.exception_ids,
             learned_oneway=oneway,
+            worker=self.worker_slot,
         )
         server = Server(context, build.server_settings(config), self.metrics, loop, tls=client_tls)
         self.parts = parts = Parts(

@@ -56,6 +56,10 @@ class Reloadable(Protocol):
     def worker_count(self) -> int:
         """Processes sharing the sidecar's port and retry budget."""
 
+    @property
+    def worker_slot(self) -> tuple[int, int]:
+        """(this worker's index, how many workers)."""
+
     def use_context(self, context: CallContext) -> None: ...
 
     def reload(
@@ -144,7 +148,9 @@ def apply(
     budget = current.budget
     if new.retry.budget != old.retry.budget:
         budget = build.budget(new, sidecar.worker_count)
-    build.reconfigure_limiter(current.limiter, new)  # calls in flight keep counting
+    build.reconfigure_limiter(
+        current.limiter, new, sidecar.worker_slot
+    )  # calls in flight keep counting
     if static_replies is not None:
         sidecar.static_replies = static_replies
     if exception_ids is not None:

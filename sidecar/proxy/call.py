@@ -884,7 +884,7 @@ class Call:
             SHED,
             SHED,
             f"call shed: {limiter.in_flight} calls were in flight at {shown} "
-            f"({kind} {limiter.limit})",
+            f"({kind} {limiter.limit}{limiter.share_note})",
         )
 
     def _fallback(self, reason: str, otherwise: Callable[[], None]) -> None:

@@ -45,13 +45,15 @@ class ConcurrencyLimit:
         adaptive: the adaptive limit, if any.
     """
 
-    __slots__ = ("_fixed", "adaptive", "in_flight", "shed")
+    __slots__ = ("_fixed", "adaptive", "in_flight", "share_note", "shed")
 
     def __init__(self, limit: int | None = None, adaptive: GradientLimit | None = None) -> None:
         self._fixed = _checked(limit)
         self.adaptive = adaptive
         self.in_flight = 0
         self.shed = 0
+        # With workers: N, what the fixed limit is a share of (", this worker's share of 8").
+        self.share_note = ""
 
     @property
     def limit(self) -> int | None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.app.build import budget
+from sidecar.app.build import budget, limiter, worker_share
 from sidecar.config import load_config
 from sidecar.config.model import worker_count
 from tests.config.files import error_of, write
@@ -51,3 +51,18 @@ def test_auto_follows_the_cgroup_cpu_limit(tmp_path: Path) -> None:
     assert worker_count("auto", str(tmp_path / "absent")) == cpus
     limit.write_text("garbage\n")
     assert worker_count("auto", str(limit)) == cpus
+
+
+@pytest.mark.parametrize(
+    ("total", "count", "parts"),
+    [(8, 2, [4, 4]), (3, 2, [2, 1]), (7, 3, [3, 2, 2]), (1, 2, [1, 1]), (5, 1, [5])],
+)
+def test_max_in_flight_is_split_between_the_workers(
+    total: int, count: int, parts: list[int]
+) -> None:
+    assert [worker_share(total, i, count) for i in range(count)] == parts
+    config = load_config(None, environ={"SIDECAR_UPSTREAM__MAX_IN_FLIGHT": str(total)})
+    limits = [limiter(config, (i, count)) for i in range(count)]
+    assert [limit.limit for limit in limits] == parts
+    note = f", this worker's share of {total}" if count > 1 else ""
+    assert {limit.share_note for limit in limits} == {note}

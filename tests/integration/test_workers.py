@@ -23,9 +23,11 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.protocol.appexc import ApplicationExceptionType
+from sidecar.testing.catalog import CatalogServer
 from tests.support.clients import thriftpy2_client
+from tests.support.crowd import crowd
 from tests.support.rig import Rig, rig
-from tests.support.sidecar import http_get
+from tests.support.sidecar import http_get, run_sidecar
 from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
@@ -252,3 +254,32 @@ def test_a_reply_cached_through_one_worker_is_served_by_the_other(
         assert r.proxy.stats.calls == seen
         served = r.metrics().matching(FALLBACKS, source="cache", worker="1")
         assert sum(served.values()) == 1
+
+
+def test_max_in_flight_bounds_the_upstream_for_all_workers_together() -> None:
+    """``upstream.max_in_flight: 2`` with two workers: each takes one slot, so a crowd
+    spread over both never has more than 2 calls at the upstream at once."""
+    limit, clients, calls = 2, 12, 10
+    with CatalogServer(service_time=0.01) as upstream:
+        worker = upstream.worker
+        assert worker is not None
+        config = {
+            "workers": 2,
+            "upstream": {"max_in_flight": limit},
+            "retry": {"per_try_timeout": "10s", "deadline": "20s"},
+            "fallback": {"serve_on": []},
+        }
+        with run_sidecar([upstream.address], config=config) as sc:
+            answers = crowd(sc.address, clients=clients, calls=calls, call=_get_item)
+            shed_by_worker = sc.metrics().matching("thrift_sidecar_calls_shed_total")
+    assert worker.max_in_flight <= limit
+    shed = [a for a in answers if a.kind == "error"]
+    assert shed, "the crowd must be shed in part"
+    assert all(
+        f"(upstream.max_in_flight 1, this worker's share of {limit})" in a.message for a in shed
+    )
+    assert sorted(dict(k)["worker"] for k, v in shed_by_worker.items() if v > 0) == ["0", "1"]
+
+
+def _get_item(client: Any, n: int) -> Any:
+    return client.getItem(n % 5 + 1)
