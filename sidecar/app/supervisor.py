@@ -51,6 +51,7 @@ from sidecar.config.base import KeyPath
 from sidecar.config.model import worker_count
 from sidecar.fallback.shared_host import StoreHost
 from sidecar.fallback.store import FallbackStore
+from sidecar.proxy.bind import bind_address
 from sidecar.workers.breaker_table import BreakerTable
 
 log = logging.getLogger("sidecar")
@@ -75,16 +76,9 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
         OSError: the address cannot be bound (another program listens on it).
     """
     host, port = split_address(listen)
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
+        sock = bind_address(host, port, reuse_port=True)
     except OSError as exc:
-        sock.close()
         reason = exc.strerror or str(exc)
         raise OSError(
             exc.errno, f"cannot listen for Thrift clients on {listen} (listen): {reason}"

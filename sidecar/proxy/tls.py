@@ -27,6 +27,7 @@ from sidecar.config import ServerTlsConfig, SidecarConfig, UpstreamTlsConfig
 from sidecar.errors import ConfigError
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
+from sidecar.proxy.bind import bind_address
 
 log = logging.getLogger("sidecar.tls")
 
@@ -231,15 +232,8 @@ class ClientTls(_Side):
         Raises:
             OSError: the address cannot be bound.
         """
-        family, kind, proto, _, address = socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        sock = socket.socket(family, kind, proto)
+        sock = bind_address(host, port, reuse_port=reuse_port)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if reuse_port:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
             sock.listen(backlog)
             sock.setblocking(False)
         except BaseException:
