@@ -529,7 +529,10 @@ class ClientConnection(asyncio.Protocol):
                 exc.strict,
                 protocol,
             )
-            outer = bool(getattr(decoder, "outer_framed", False))
+            # A THeader client's frames may come inside a frame length: the
+            # detected decoder (not the detecting one) knows, and the answer goes back alike.
+            detected = decoder.inner if isinstance(decoder, AutoDecoder) else decoder
+            outer = bool(getattr(detected, "outer_framed", False))
             assert self._transport is not None
             self._transport.write(frame(message, self._kind, outer_framed=outer))
         elif exc.kind == "http" and writable:

@@ -17,6 +17,7 @@ upstreams speaking what each test needs (`tests.interop.upstream.WireUpstream`):
 from __future__ import annotations
 
 import contextlib
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -35,9 +36,11 @@ from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.proxy.translate import ATTEMPT_HEADER, DEADLINE_HEADER
 from tests.interop.matrix import Wire
 from tests.interop.upstream import WireUpstream
+from tests.protocol.apache_wire import call_wire, read_exception
 from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address
 from tests.support.idl import INTEROP_IDL, canonical, sample_all_types
+from tests.support.raw import raw_send
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
 from tests.support.wait import wait_until
 
@@ -258,3 +261,22 @@ def test_a_static_reply_is_served_to_a_compact_client_in_compact() -> None:
                 )
                 == 2
             )
+
+
+@pytest.mark.parametrize("outer_framed", [False, True], ids=["theader", "theader-in-a-frame"])
+def test_a_theader_frame_refused_as_it_is_read_is_answered_the_way_it_came(
+    outer_framed: bool,
+) -> None:
+    """A THeader frame naming a transform the sidecar does not support (3) is refused
+    while it is decoded; the PROTOCOL_ERROR answer carries the call's seqid in a THeader
+    frame, inside a frame length when the client's came inside one."""
+    payload = call_wire("binary", "buffered", seqid=41)
+    head = b"\x0f\xff\x00\x00" + struct.pack(">iH", 41, 1) + b"\x00\x01\x03\x00"
+    frame = struct.pack(">i", len(head) + len(payload)) + head + payload
+    wire = struct.pack(">i", len(frame)) + frame if outer_framed else frame
+    with SidecarThread(base_config(["127.0.0.1:1"])) as sc:
+        answer = raw_send(sc.address, wire)
+    transport = "framed" if outer_framed else "buffered"
+    _, mtype, seqid, kind, text = read_exception(answer, "header-binary", transport)
+    assert (mtype, seqid, kind) == (3, 41, ApplicationExceptionType.PROTOCOL_ERROR)
+    assert text == "sidecar: THeader transform 3 is not supported"
