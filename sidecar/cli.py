@@ -241,7 +241,8 @@ def worker() -> None:
     die_with_parent()
     role = WorkerRole.from_env(os.environ[WORKER_ENV])
     set_worker(role.index)
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
+    if role.orphaned():  # the supervisor died before prctl took effect
+        click.echo(f"sidecar worker: its supervisor (pid {role.supervisor_pid}) is gone", err=True)
         sys.exit(1)
 
     def load() -> tuple[SidecarConfig, dict[str, Any]]:

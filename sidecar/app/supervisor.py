@@ -128,8 +128,10 @@ class WorkerProcess:
             overrides=tuple(sup.overrides.items()),
             shared_breakers=sup.table is not None,
             shared_store=sup.host is not None,
+            supervisor_pid=os.getpid(),
         )
         env = {**os.environ, WORKER_ENV: role.to_env()}
+        self.started_at = time.monotonic()  # a start that fails at once counts as a short life
         try:
             self.process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -142,7 +144,6 @@ class WorkerProcess:
             )
         finally:
             os.close(write_fd)
-        self.started_at = time.monotonic()
         self.view.pid = self.process.pid
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader()
@@ -203,10 +204,9 @@ class WorkerProcess:
             try:
                 await self.start()
                 self.view.restarts += 1
-            except RuntimeError as exc:
-                log.error("%s", exc)
-                if self.process is None or self.process.returncode is None:
-                    self.signal(signal.SIGKILL)
+            except (RuntimeError, OSError) as exc:  # OSError: the process could not be made
+                log.error("worker %d not started again: %s", self.view.index, exc)
+                self.signal(signal.SIGKILL)  # one that started but did not report; tried again
 
 
 class Supervisor:

@@ -52,6 +52,8 @@ class WorkerRole:
             (not with a fleet, whose Redis shares it).
         shared_store: the fallback store is the supervisor's (not with the
             ``redis`` backend, which every worker reaches itself).
+        supervisor_pid: the supervisor's process id (PID 1 in a container
+            whose entrypoint is ``sidecar run``).
     """
 
     index: int
@@ -63,6 +65,7 @@ class WorkerRole:
     overrides: tuple[tuple[KeyPath, Any], ...]
     shared_breakers: bool
     shared_store: bool
+    supervisor_pid: int
 
     def to_env(self) -> str:
         """The role as the JSON put in `WORKER_ENV`."""
@@ -101,6 +104,10 @@ class WorkerRole:
         if config.control.listen is not None:
             update["control"] = config.control.model_copy(update={"listen": PRIVATE_ADDRESS})
         return config.model_copy(update=update)
+
+    def orphaned(self) -> bool:
+        """Whether the supervisor is gone (this process was handed to another parent)."""
+        return os.getppid() != self.supervisor_pid
 
     def report(self, admin: tuple[str, int] | None, control: tuple[str, int] | None) -> None:
         """Tell the supervisor where this worker's admin and control listeners are."""

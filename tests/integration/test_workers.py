@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +28,7 @@ from sidecar.testing.catalog import CatalogServer
 from tests.support.clients import thriftpy2_client
 from tests.support.crowd import crowd
 from tests.support.rig import Rig, rig
+from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import http_get, run_sidecar
 from tests.support.wait import wait_until
 
@@ -283,3 +285,32 @@ def test_max_in_flight_bounds_the_upstream_for_all_workers_together() -> None:
 
 def _get_item(client: Any, n: int) -> Any:
     return client.getItem(n % 5 + 1)
+
+
+def _pid_namespaces() -> bool:
+    """Whether this machine lets the tests start a process in a PID namespace of its own."""
+    try:
+        done = subprocess.run(
+            ["unshare", "--fork", "--pid", "true"], capture_output=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
+
+
+@pytest.mark.skipif(not _pid_namespaces(), reason="needs unshare --pid (root or user namespaces)")
+def test_workers_run_under_a_supervisor_that_is_pid_1() -> None:
+    """In a container whose entrypoint is ``sidecar run`` the supervisor is PID 1;
+    its workers must not take their parent's PID 1 for their supervisor's death."""
+    prefix = ["unshare", "--fork", "--pid", "--kill-child=SIGTERM"]
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=CONFIG, prefix=prefix) as sc,
+    ):
+        assert [w["state"]["ready"] for w in sc.state()["workers"]] == [True, True]
+        with thriftpy2_client(sc.address, "framed") as client:
+            assert client.getItem(4).id == 4
+        children = Path(f"/proc/{sc.proc.pid}/task/{sc.proc.pid}/children").read_text()
+        supervisor = int(children.split()[0])  # the sidecar this test started, under unshare
+        os.kill(supervisor, signal.SIGTERM)
+        assert sc.proc.wait(timeout=30) == 0

@@ -194,6 +194,7 @@ def run_sidecar(
     wait_ready: bool = True,
     ready_timeout: float = 20.0,
     open_files: int | None = None,
+    prefix: list[str] | None = None,
 ) -> Iterator[SidecarProcess]:
     """Start ``python -m sidecar run --config FILE`` and stop it on exit.
 
@@ -205,6 +206,7 @@ def run_sidecar(
         wait_ready: wait until ``/readyz`` answers 200.
         open_files: the process's open-file limit (``RLIMIT_NOFILE``, soft and
             hard), set in the child before it runs; None keeps this process's.
+        prefix: a command the sidecar runs under (``unshare --fork --pid``).
     """
     full = base_config(upstreams, **(config or {}))
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-test-"))
@@ -215,7 +217,16 @@ def run_sidecar(
     environ = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     environ["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + environ.get("PYTHONPATH", "")
     environ.update(env or {})
-    cmd = [sys.executable, "-m", "sidecar", "run", "--config", str(config_path), *(args or [])]
+    cmd = [
+        *(prefix or []),
+        sys.executable,
+        "-m",
+        "sidecar",
+        "run",
+        "--config",
+        str(config_path),
+        *(args or []),
+    ]
 
     def limit_open_files() -> None:  # runs in the child, between fork and exec
         if open_files is not None:
