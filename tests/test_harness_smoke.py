@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
+import pytest
+
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
@@ -32,3 +37,16 @@ def test_run_sidecar_removes_its_directory_and_keeps_the_log() -> None:
             assert workdir.is_dir()
         assert not workdir.exists()
     assert "listening" in sc.log().lower()
+
+
+def test_thread_sidecar_from_a_dict_leaves_no_config_file_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with (
+        thriftpy2_server("framed") as upstream,
+        SidecarThread(base_config([upstream.address])) as sidecar,
+        thriftpy2_client(sidecar.address, "framed") as client,
+    ):
+        assert client.add(1, 1) == 2
+    assert list(tmp_path.iterdir()) == []

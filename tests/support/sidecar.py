@@ -272,7 +272,10 @@ class SidecarThread:
         if isinstance(config, dict):
             with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
                 yaml.safe_dump(config, f)
-            config = load_config(f.name, environ={})
+            try:
+                config = load_config(f.name, environ={})
+            finally:
+                Path(f.name).unlink()
         self.config = config
         self._kwargs = sidecar_kwargs
         self.loop = asyncio.new_event_loop()
