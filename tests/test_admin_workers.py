@@ -9,7 +9,7 @@ from prometheus_client.core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from sidecar.admin.workers import merge_families, sum_states
+from sidecar.admin.workers import WorkersCollector, WorkerView, merge_families, sum_states
 
 
 def exposition(calls: int, seconds: float) -> str:
@@ -66,3 +66,18 @@ def test_per_process_figures_are_summed_and_shared_ones_kept() -> None:
     assert doc["ready"] is True
     assert sum_states([state(1, 1.0, 0, True), state(1, 1.0, 0, False)])["ready"] is False
     assert sum_states([]) == {}
+
+
+def test_the_supervisors_store_failures_render_once_without_a_worker_label() -> None:
+    registry = CollectorRegistry()
+    registry.register(
+        WorkersCollector(lambda: [WorkerView(0)], 1, lambda: [("file", 2), ("read", 0)])
+    )
+    text = generate_latest(registry).decode()
+    assert text.count("# TYPE thrift_sidecar_fallback_store_errors_total counter") == 1
+    parsed = {f.name: f for f in text_string_to_metric_families(text)}
+    samples = {
+        tuple(sorted(s.labels.items())): s.value
+        for s in parsed["thrift_sidecar_fallback_store_errors"].samples
+    }
+    assert samples == {(("operation", "file"),): 2.0, (("operation", "read"),): 0.0}

@@ -7,8 +7,10 @@ asks the workers:
 - ``/metrics``: every worker's exposition, each series with a ``worker``
   label (``0`` .. ``N-1``), merged into one family per metric, plus the
   supervisor's own ``thrift_sidecar_workers`` and ``..._worker_up{worker}``
-  and ``..._worker_restarts_total{worker}``. Sum counters over ``worker``
-  for the sidecar's figures. Fetched and merged on the render thread.
+  and ``..._worker_restarts_total{worker}``, and the failures of the fallback
+  store it holds for the workers in ``..._fallback_store_errors_total`` with
+  no ``worker`` label. Sum counters over ``worker`` for the sidecar's
+  figures. Fetched and merged on the render thread.
 - ``/healthz``: 200 while every worker is running, else 503 naming those that are not;
 - ``/readyz``: 200 when every worker's ``/readyz`` is, else 503 with their reasons;
 - ``/state``: worker 0's document (config, breaker state: shared, every
@@ -197,12 +199,31 @@ def sum_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return doc
 
 
-class WorkersCollector(Collector):
-    """Collects every running worker's metrics (merged) and the supervisor's own figures."""
+# The failures of the fallback store the supervisor holds for its workers.
+STORE_ERRORS = PREFIX + "fallback_store_errors"
 
-    def __init__(self, workers: Workers, configured: int) -> None:
+
+class WorkersCollector(Collector):
+    """Collects every running worker's metrics (merged) and the supervisor's own figures.
+
+    Args:
+        workers: the workers as the supervisor sees them now.
+        configured: how many workers the config asks for.
+        store_errors: (operation, failures so far) of the fallback store the
+            supervisor holds for the workers (SQLite), shown in
+            ``fallback_store_errors_total`` without a ``worker`` label; the
+            workers' own series of it stay at 0 (they hold no store).
+    """
+
+    def __init__(
+        self,
+        workers: Workers,
+        configured: int,
+        store_errors: Callable[[], Iterable[tuple[str, int]]] = tuple,
+    ) -> None:
         self._workers = workers
         self._configured = configured
+        self._store_errors = store_errors
 
     def collect(self) -> Iterator[Metric]:
         expositions: list[tuple[int, str]] = []
@@ -228,7 +249,17 @@ class WorkersCollector(Collector):
             restarts.add_sample(
                 PREFIX + "worker_restarts_total", {"worker": str(view.index)}, view.restarts
             )
-        yield from merge_families(expositions)
+        families = merge_families(expositions)
+        errors = list(self._store_errors())
+        if errors:
+            by_name = {family.name: family for family in families}
+            family = by_name.get(STORE_ERRORS)
+            if family is None:
+                family = Metric(STORE_ERRORS, "Failed operations of the fallback store.", "counter")
+                families.append(family)
+            for operation, count in errors:
+                family.add_sample(STORE_ERRORS + "_total", {"operation": operation}, count)
+        yield from families
         yield GaugeMetricFamily(
             PREFIX + "workers", "Worker processes configured (workers).", value=self._configured
         )
@@ -244,6 +275,8 @@ class WorkersAdminServer(AdminServer):
         configured: how many workers the config asks for.
         stopping: says whether the supervisor is shutting down (``/readyz`` 503).
         about: the supervisor's own entry in ``/state`` (pid, run directory).
+        store_errors: the failures of the fallback store the supervisor holds
+            (`WorkersCollector`).
     """
 
     def __init__(
@@ -252,9 +285,10 @@ class WorkersAdminServer(AdminServer):
         configured: int,
         stopping: Callable[[], bool],
         about: Callable[[], dict[str, Any]] = dict,
+        store_errors: Callable[[], Iterable[tuple[str, int]]] = tuple,
     ) -> None:
         registry = CollectorRegistry(auto_describe=False)
-        registry.register(WorkersCollector(workers, configured))
+        registry.register(WorkersCollector(workers, configured, store_errors))
         self._state_doc: dict[str, Any] = {}
         super().__init__(registry, lambda: True, lambda: self._state_doc)
         self._workers = workers

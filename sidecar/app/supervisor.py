@@ -242,6 +242,10 @@ class Supervisor:
         """Every worker as the admin endpoint shows it."""
         return [w.view for w in self.workers]
 
+    def _store_errors(self) -> tuple[tuple[str, int], ...]:
+        """(operation, failures so far) of the fallback store held for the workers."""
+        return () if self.store is None else self.store.stats().errors
+
     async def start(self) -> None:
         """Reserve the port, set up shared state, start the workers, serve admin and control.
 
@@ -270,6 +274,7 @@ class Supervisor:
                 self.count,
                 lambda: self.stopping,
                 lambda: {"pid": os.getpid(), "run_dir": str(self.run_dir)},
+                self._store_errors,
             )
             address = await self.admin.listen(*split_address(config.metrics.listen))
             admin_shown = f", admin on http://{address[0]}:{address[1]}"

@@ -123,7 +123,10 @@ _WORKERS_INTRO = """
 
 The supervisor's `/metrics` holds every worker's series above with a `worker`
 label (`0` to `N-1`; sum over it for the sidecar's figures) and these of its
-own (docs/workers.md, "One admin endpoint"):
+own (docs/workers.md, "One admin endpoint"). The memory or SQLite fallback
+store lives in the supervisor: the SQLite store's failures are its series of
+`thrift_sidecar_fallback_store_errors_total{operation}`, without a `worker`
+label (the workers' series of it stay at 0).
 """
 
 

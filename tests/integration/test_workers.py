@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sqlite3
 import subprocess
 import urllib.request
 from collections.abc import Iterator
@@ -72,6 +73,17 @@ def client_per_worker(r: Rig) -> Iterator[dict[str, Any]]:
                 break
         assert sorted(found) == ["0", "1"], f"every connection went to worker {list(found)}"
         yield found
+
+
+def sqlite_rows(path: Path) -> int:
+    """Rows in the SQLite cache file, read by a connection of our own."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("SELECT COUNT(*) FROM entries").fetchone()[0])
+    except sqlite3.Error:
+        return 0
+    finally:
+        conn.close()
 
 
 def breaker_states(r: Rig) -> dict[str, float]:
@@ -314,3 +326,24 @@ def test_workers_run_under_a_supervisor_that_is_pid_1() -> None:
         supervisor = int(children.split()[0])  # the sidecar this test started, under unshare
         os.kill(supervisor, signal.SIGTERM)
         assert sc.proc.wait(timeout=30) == 0
+
+
+def test_the_shared_sqlite_stores_failures_are_counted_once(tmp_path: Path) -> None:
+    """The SQLite store lives in the supervisor: its own failures (here: the file
+    deleted under it) show in the merged /metrics once, without a ``worker`` label."""
+    path = tmp_path / "fallback.db"
+    config = {**CONFIG, "fallback": {"cache": {"backend": "sqlite", "path": str(path)}}}
+    with rig(config) as r:
+        with thriftpy2_client(r.sidecar.address, "framed") as client:
+            assert client.getItem(1).id == 1
+        wait_until(path.is_file, timeout=10, message="the cache file")
+        wait_until(lambda: sqlite_rows(path) == 1, timeout=10, message="the reply in the file")
+        path.unlink()
+
+        def counted() -> dict[tuple[tuple[str, str], ...], float]:
+            found = r.metrics().matching("thrift_sidecar_fallback_store_errors_total")
+            return {labels: value for labels, value in found.items() if value}
+
+        wait_until(counted, timeout=15, message="the deleted file counted")
+        # The workers' own series (0: they hold no store) keep their label.
+        assert counted() == {(("operation", "file"),): 1.0}
