@@ -68,6 +68,16 @@ def test_per_process_figures_are_summed_and_shared_ones_kept() -> None:
     assert sum_states([]) == {}
 
 
+def test_breaker_transitions_are_summed_as_each_worker_counts_its_own() -> None:
+    def state(transitions: dict[str, int]) -> dict[str, object]:
+        return {"breakers": [{"name": "a:1", "state": "closed", "transitions": transitions}]}
+
+    doc = sum_states(
+        [state({"closed->open": 1}), state({"closed->open": 1, "open->half-open": 1}), state({})]
+    )
+    assert doc["breakers"][0]["transitions"] == {"closed->open": 2, "open->half-open": 1}
+
+
 def test_the_supervisors_store_failures_render_once_without_a_worker_label() -> None:
     registry = CollectorRegistry()
     registry.register(

@@ -16,7 +16,8 @@ asks the workers:
 - ``/state``: worker 0's document (config, breaker state: shared, every
   worker reports the same) with the per-process figures summed over the
   workers (`sum_states`: client connections, pool connections, retry budget
-  tokens, calls in flight and shed, rejected calls and probes), ``ready``
+  tokens, calls in flight and shed, rejected calls, probes and breaker
+  transitions), ``ready``
   only when all are, a ``workers`` list (each worker's index, pid and
   document) and ``supervisor`` (its pid and run directory);
 - ``/``: the index of ``sidecar top`` over the merged metrics;
@@ -196,7 +197,20 @@ def sum_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
             "name",
             ["rejected_calls", "probes_in_flight"],
         )
+        _add_transitions(doc.get("breakers", []), other.get("breakers", []))
     return doc
+
+
+def _add_transitions(into: list[dict[str, Any]], other: list[dict[str, Any]]) -> None:
+    """Sum each breaker's transitions: a worker counts those it made (docs/workers.md)."""
+    found = {entry.get("name"): entry for entry in into}
+    for entry in other:
+        mine = found.get(entry.get("name"))
+        if mine is None or not isinstance(entry.get("transitions"), dict):
+            continue
+        summed = mine.setdefault("transitions", {})
+        for change, count in entry["transitions"].items():
+            summed[change] = summed.get(change, 0) + count
 
 
 # The failures of the fallback store the supervisor holds for its workers.

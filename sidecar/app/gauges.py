@@ -28,15 +28,30 @@ breaker_log = logging.getLogger("sidecar.breaker")
 def transition_listener(
     metrics: SidecarMetrics, reset_timeout: Callable[[], float]
 ) -> TransitionCallback:
-    """pybreaker's listener: count, set the gauges, and log one line per transition."""
+    """pybreaker's listener: count, set the gauges, and log one line per transition.
 
-    def on_transition(name: str, old: str, new: str) -> None:
+    A transition adopted from another worker (``adopted``) sets the gauges and
+    is logged at info, but is not counted: the worker that made it counts it,
+    so the workers' counts add up to the sidecar's.
+    """
+
+    def on_transition(name: str, old: str, new: str, adopted: bool) -> None:
         metrics.init_breaker(name)
-        metrics.breaker_transitions.labels(name, old, new).inc()
         metrics.breaker_state.labels(name).set(STATE_VALUES.get(new, 0))
-        extra = {"breaker": name, "from_state": old, "to_state": new}
         if new == STATE_OPEN:
             metrics.breaker_last_opened.labels(name).set(time.time())
+        extra = {"breaker": name, "from_state": old, "to_state": new}
+        if adopted:
+            breaker_log.info(
+                "circuit breaker %s: %s -> %s (another worker's change)",
+                name,
+                old,
+                new,
+                extra=extra,
+            )
+            return
+        metrics.breaker_transitions.labels(name, old, new).inc()
+        if new == STATE_OPEN:
             breaker_log.warning(
                 "circuit breaker %s: %s -> %s; calls get a fallback or an error for %gs, "
                 "then probes are let through",

@@ -119,7 +119,8 @@ class SidecarMetrics:
         )
         self.breaker_transitions = self._counter(
             "breaker_transitions_total",
-            "Circuit breaker state changes, by old and new state.",
+            "Circuit breaker state changes, by old and new state; with workers, counted by the "
+            "worker that made the change (the others adopt it).",
             ["breaker", "from_state", "to_state"],
         )
         self.breaker_last_opened = self._gauge(

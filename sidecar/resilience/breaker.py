@@ -76,7 +76,9 @@ STATE_HALF_OPEN = pybreaker.STATE_HALF_OPEN
 # Values of the breaker_state gauge (design §8).
 STATE_VALUES = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
 
-TransitionCallback = Callable[[str, str, str], None]
+# (name, old state, new state, adopted): adopted is True when the change was
+# another worker's, noticed in the storage they share (`adopting`).
+TransitionCallback = Callable[[str, str, str, bool], None]
 Clock = Callable[[], float]
 
 
@@ -105,13 +107,24 @@ def _succeed() -> None:
 
 
 class _TransitionListener(pybreaker.CircuitBreakerListener):
-    def __init__(self, callback: TransitionCallback) -> None:
+    """Passes pybreaker's state changes on, saying which were adopted from the storage.
+
+    A storage that one sidecar's workers share says ``adopting`` while a
+    worker takes on a state another worker wrote: that change is the other
+    worker's, counted there (one sidecar counts an opening once). The
+    fleet's storage does not say it: each replica counts the changes it
+    sees (docs/fleet.md), as it is its own target to Prometheus.
+    """
+
+    def __init__(self, callback: TransitionCallback, storage: pybreaker.CircuitBreakerStorage):
         self._callback = callback
+        self._storage = storage
 
     def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
         old = old_state.name if old_state is not None else STATE_CLOSED
         if old != new_state.name:
-            self._callback(cb.name or "", old, new_state.name)
+            adopted = bool(getattr(self._storage, "adopting", False))
+            self._callback(cb.name or "", old, new_state.name, adopted)
 
 
 class Breaker:
@@ -124,7 +137,8 @@ class Breaker:
         success_threshold: successful probes that close it again.
         half_open_max_calls: probes allowed at once while half-open.
         storage: a pybreaker storage; a fresh in-memory one by default.
-        on_transition: called with (name, old_state, new_state) on every change.
+        on_transition: called with (name, old_state, new_state, adopted) on every
+            change; adopted says the change was another worker's (`_TransitionListener`).
         clock: Unix time in seconds (``time.time`` in production); when the reset
             timeout has passed is decided on it, and a time window's seconds.
         rate: the ``rate`` mode's window and thresholds; None for ``consecutive``
@@ -147,7 +161,7 @@ class Breaker:
         self.name = name
         self._clock = clock
         self._storage = storage or pybreaker.CircuitMemoryStorage(STATE_CLOSED)
-        listeners = [_TransitionListener(on_transition)] if on_transition else []
+        listeners = [_TransitionListener(on_transition, self._storage)] if on_transition else []
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout,

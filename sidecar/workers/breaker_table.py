@@ -273,6 +273,12 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
         self._observer: Callable[[], object] | None = None
         self._muted = False
 
+    @property
+    def adopting(self) -> bool:
+        """True while the observer takes on a state another worker wrote: the
+        transition pybreaker reports then is that worker's (counted there)."""
+        return self._muted
+
     def observe(self, observer: Callable[[], object]) -> None:
         """Call ``observer`` (the adapter's ``state``) on reading a state another process wrote.
 

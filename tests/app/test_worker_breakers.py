@@ -25,7 +25,7 @@ def config() -> SidecarConfig:
 
 def worker_breakers(path: Path) -> BreakerSet:
     table = BreakerTable.open(path)
-    seen: list[tuple[str, str, str]] = []
+    seen: list[tuple[str, str, str, bool]] = []
     return build.breakers(config(), SidecarMetrics(), None, lambda *t: seen.append(t), table)
 
 

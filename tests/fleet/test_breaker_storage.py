@@ -63,10 +63,15 @@ class Node:
             fail_max=fail_max,
             reset_timeout=reset_timeout,
             storage=self.storage,
-            on_transition=lambda _n, old, new: self.transitions.append((old, new)),
+            on_transition=self._seen,
             clock=time.time,
         )
         self.storage.observe(lambda: self.breaker.state)
+
+    def _seen(self, _name: str, old: str, new: str, adopted: bool) -> None:
+        # A replica counts the fleet's changes as its own (docs/fleet.md): never "adopted".
+        assert not adopted
+        self.transitions.append((old, new))
 
     def fail(self, times: int = 1) -> None:
         for _ in range(times):

@@ -110,14 +110,18 @@ def test_the_breaker_opens_after_fail_max_failures_across_both_workers() -> None
             assert info.value.type == ApplicationExceptionType.INTERNAL_ERROR
             assert "circuit open" in info.value.message
         assert r.proxy.stats.calls == seen  # nothing reached the upstream
-        # Opened once; each worker counts the transition it saw, as each sidecar of a fleet does.
+        # Opened once, by worker 1's failure (the last): counted once, by the worker that
+        # opened it; worker 0 adopted it (its gauge says open) and does not count it again.
         seen_open = r.metrics().matching(
             "thrift_sidecar_breaker_transitions_total",
             breaker=r.breaker,
             from_state="closed",
             to_state="open",
         )
-        assert {dict(k)["worker"]: v for k, v in seen_open.items()} == {"0": 1.0, "1": 1.0}
+        assert {dict(k)["worker"]: v for k, v in seen_open.items()} == {"0": 0.0, "1": 1.0}
+        log = r.sidecar.log()
+        assert "closed -> open; calls get a fallback" in log
+        assert "closed -> open (another worker's change)" in log
 
 
 def test_one_admin_endpoint_shows_every_worker() -> None:

@@ -46,9 +46,11 @@ class Transitions:
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, str]] = []
+        self.adopted: list[bool] = []
 
-    def __call__(self, name: str, old: str, new: str) -> None:
+    def __call__(self, name: str, old: str, new: str, adopted: bool) -> None:
         self.calls.append((name, old, new))
+        self.adopted.append(adopted)
 
 
 def make(
@@ -393,7 +395,7 @@ def test_recording_matches_plain_pybreaker(
         def state_change(self, cb: pybreaker.CircuitBreaker, old: Any, new: Any) -> None:
             old_name = old.name if old is not None else STATE_CLOSED
             if old_name != new.name:
-                plain_t("up", old_name, new.name)
+                plain_t("up", old_name, new.name, False)
 
     plain.add_listener(Listener())
 

@@ -192,9 +192,10 @@ def two_breakers(
     *,
     observed: bool = True,
     success_threshold: int = 1,
-) -> tuple[Breaker, Breaker, list[tuple[str, str, str]]]:
-    """Two workers' breakers of one name, wired as the app wires them (``observed``)."""
-    seen_by_first: list[tuple[str, str, str]] = []
+) -> tuple[Breaker, Breaker, list[tuple[str, str, str, bool]]]:
+    """Two workers' breakers of one name, wired as the app wires them (``observed``);
+    the transitions the first one reports: (name, old, new, adopted from the second)."""
+    seen_by_first: list[tuple[str, str, str, bool]] = []
     breakers = []
     for listener in (lambda *t: seen_by_first.append(t), None):
         storage = mapping().storage("up")
@@ -230,7 +231,7 @@ def test_failures_through_two_breakers_add_up(mapping: Callable[[], BreakerTable
     fail(second, 1)
     assert second.state == STATE_OPEN
     assert first.state == STATE_OPEN
-    assert seen_by_first == [("up", STATE_CLOSED, STATE_OPEN)]
+    assert seen_by_first == [("up", STATE_CLOSED, STATE_OPEN, True)]  # the second's opening
     assert first.admit() is None
     assert second.admit() is None
 
@@ -276,9 +277,9 @@ def test_a_probe_after_the_reset_timeout_closes_it_for_both(
     assert (second.fail_counter, second.success_counter) == (0, 0)
     assert second.admit() is Admission.CLOSED
     assert seen_by_first == [
-        ("up", STATE_CLOSED, STATE_OPEN),
-        ("up", STATE_OPEN, STATE_HALF_OPEN),
-        ("up", STATE_HALF_OPEN, STATE_CLOSED),
+        ("up", STATE_CLOSED, STATE_OPEN, True),  # the second opened it
+        ("up", STATE_OPEN, STATE_HALF_OPEN, False),  # the first's probe
+        ("up", STATE_HALF_OPEN, STATE_CLOSED, False),
     ]
 
 
@@ -348,9 +349,9 @@ def test_half_open_successes_survive_another_worker_noticing_it(
     second.record(probe, failed=False)
     assert (first.state, second.state) == (STATE_CLOSED, STATE_CLOSED)
     assert seen_by_first == [
-        ("up", STATE_CLOSED, STATE_OPEN),
-        ("up", STATE_OPEN, STATE_HALF_OPEN),
-        ("up", STATE_HALF_OPEN, STATE_CLOSED),
+        ("up", STATE_CLOSED, STATE_OPEN, False),
+        ("up", STATE_OPEN, STATE_HALF_OPEN, False),
+        ("up", STATE_HALF_OPEN, STATE_CLOSED, True),  # the second's success closed it
     ]
 
 
