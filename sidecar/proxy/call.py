@@ -36,11 +36,11 @@ the event loop's I/O callbacks, with no task, future or extra loop iteration
 used where waiting is unavoidable and rare: opening a connection, waiting for
 a free one, and a fallback lookup in a store that does I/O.
 
-Entry points, each behind the one guard `_entry_point`: `start`, `on_reply`,
-`on_error`, and the callbacks of a task or timer (`_acquired`, `_retry_due`,
-`_fallback_found`). A bug anywhere below one of them answers this call with
-INTERNAL_ERROR and touches nothing else. `cancel` only releases what the
-call holds.
+Entry points, each behind the one guard `guarded` (`sidecar.proxy.guards`):
+`start`, `on_reply`, `on_error`, and the callbacks of a task or timer
+(`_acquired`, `_retry_due`, `_fallback_found`). A bug anywhere below one of
+them answers this call with INTERNAL_ERROR and touches nothing else.
+`cancel` only releases what the call holds.
 
 The breaker sees one outcome per call, the final one (docs/architecture.md
 explains why); a half-open probe is a single attempt. Cancellation (the
@@ -53,12 +53,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import inspect
 import logging
 import math
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any, Concatenate, ParamSpec
+from typing import Any
 
 from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Served
@@ -69,6 +68,7 @@ from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.guards import guarded
 from sidecar.proxy.hedge import TIMER_STEP, HedgeAttempt, LateAttempt, hedge_copy
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import (
@@ -88,7 +88,6 @@ access_log = logging.getLogger("sidecar.access")
 
 Wire = bytes | bytearray | memoryview
 Done = Callable[[Wire | None], None]
-P = ParamSpec("P")
 
 _CALL = MessageType.CALL
 _ONEWAY = MessageType.ONEWAY
@@ -114,80 +113,6 @@ SIDECAR_ERROR = "sidecar_error"
 REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, SHED, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
 # Final outcomes whose latency, after one attempt, is a sample for an adaptive limit.
 _SAMPLED = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
-
-
-def _entry_point(
-    step: Callable[Concatenate[Call, P], None],
-) -> Callable[Concatenate[Call, P], None]:
-    """The guard of every way into a call: a bug answers this call, nothing else.
-
-    Entry points take one or two arguments after ``self``, passed by
-    position (callbacks): their guard takes exactly those, without packing
-    ``*args`` and ``**kwargs`` on every call.
-    """
-    arguments = positional_count(step)
-    chosen: Callable[..., None]
-    if arguments == 1:
-        chosen = _guard0(step)
-    elif arguments == 2:
-        chosen = _guard1(step)
-    elif arguments == 3:
-        chosen = _guard2(step)
-    else:
-
-        def guarded(self: Call, /, *args: P.args, **kwargs: P.kwargs) -> None:
-            try:
-                step(self, *args, **kwargs)
-            except Exception:
-                self._crashed()
-
-        chosen = guarded
-    chosen.__doc__ = step.__doc__
-    return chosen
-
-
-def _guard0(step: Callable[..., None]) -> Callable[..., None]:
-    def guarded(self: Call) -> None:
-        try:
-            step(self)
-        except Exception:
-            self._crashed()
-
-    return guarded
-
-
-def _guard1(step: Callable[..., None]) -> Callable[..., None]:
-    def guarded(self: Call, arg: Any, /) -> None:
-        try:
-            step(self, arg)
-        except Exception:
-            self._crashed()
-
-    return guarded
-
-
-def _guard2(step: Callable[..., None]) -> Callable[..., None]:
-    def guarded(self: Call, arg: Any, arg2: Any, /) -> None:
-        try:
-            step(self, arg, arg2)
-        except Exception:
-            self._crashed()
-
-    return guarded
-
-
-def positional_count(function: Callable[..., Any]) -> int:
-    """How many plain positional parameters ``function`` has (``self`` included); -1 when it
-    takes anything else (defaults, ``*args``, keyword-only, ``**kwargs``)."""
-    code = getattr(function, "__code__", None)
-    if (
-        code is None
-        or getattr(function, "__defaults__", None)
-        or code.co_kwonlyargcount
-        or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
-    ):
-        return -1
-    return int(code.co_argcount)
 
 
 class Call:
@@ -309,7 +234,7 @@ class Call:
 
     # entry points
 
-    @_entry_point
+    @guarded
     def start(self) -> None:
         """Begin: admission, then the first attempt (or a fallback or an error)."""
         ctx = self._ctx
@@ -380,7 +305,7 @@ class Call:
             ctx.hedging.budget.deposit(self._started)
         self._next_attempt()
 
-    @_entry_point
+    @guarded
     def on_reply(self, reply: Message) -> None:
         """`ReplyHandler`: the upstream answered."""
         self._conn = None
@@ -391,13 +316,13 @@ class Call:
         outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
         self._after_attempt(outcome, reply, None, True)
 
-    @_entry_point
+    @guarded
     def on_error(self, error: UpstreamError) -> None:
         """`ReplyHandler`: the attempt failed."""
         self._conn = None
         self._after_attempt(classify_error(error), None, error, error.sent)
 
-    @_entry_point
+    @guarded
     def on_no_reply(self) -> None:
         """`ReplyHandler`: a call sent later on the connection was answered first: oneway."""
         self._conn = None
@@ -429,7 +354,7 @@ class Call:
         self._finished = True
         self._release()
 
-    @_entry_point
+    @guarded
     def _acquired(self, task: asyncio.Task[UpstreamConnection]) -> None:
         """A connection was opened or freed for the attempt (or not)."""
         self._task = None
@@ -447,7 +372,7 @@ class Call:
         else:
             raise error
 
-    @_entry_point
+    @guarded
     def _retry_due(self) -> None:
         """The backoff timer fired."""
         self._next_attempt()
@@ -613,7 +538,7 @@ class Call:
             self._hedge_timer.cancel()
             self._hedge_timer = None
 
-    @_entry_point
+    @guarded
     def _hedge_due(self) -> None:
         """The hedge timer fired: send the call again on another connection, budget allowing."""
         self._hedge_timer = None
@@ -677,7 +602,7 @@ class Call:
         hedge.sent_at = perf_counter()
         conn.send(outgoing, hedge, hedge.expires, hedge.expires - hedge.started)
 
-    @_entry_point
+    @guarded
     def _hedge_acquired(self, hedge: HedgeAttempt, task: asyncio.Task[UpstreamConnection]) -> None:
         """A connection for a hedge was opened or freed (or not)."""
         hedge.task = None
@@ -697,14 +622,14 @@ class Call:
         else:
             raise error
 
-    @_entry_point
+    @guarded
     def on_hedge_reply(self, hedge: HedgeAttempt, reply: Message) -> None:
         """`HedgeOwner`: an extra attempt was answered."""
         self._hedge_ended(hedge)
         outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
         self._after_attempt(outcome, reply, None, True, hedge)
 
-    @_entry_point
+    @guarded
     def on_hedge_error(self, hedge: HedgeAttempt, error: UpstreamError) -> None:
         """`HedgeOwner`: an extra attempt failed."""
         self._hedge_ended(hedge)
@@ -900,7 +825,7 @@ class Call:
         self._task = task
         task.add_done_callback(functools.partial(self._fallback_found, otherwise))
 
-    @_entry_point
+    @guarded
     def _fallback_found(
         self, otherwise: Callable[[], None], task: asyncio.Task[Served | None]
     ) -> None:

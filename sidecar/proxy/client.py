@@ -21,9 +21,9 @@ A client that closes its side still has every call it sent executed (oneway
 calls included), unless a drain timeout cuts them off; the server keeps such
 a connection in its books until its calls are done.
 
-Every asyncio callback of this class runs behind one guard at the connection
-boundary (`_boundary`): a bug closes this connection only, counted as a
-protocol error of kind ``internal``.
+Every asyncio callback of this class runs behind the guard of
+`sidecar.proxy.guards` (`guarded`): a bug closes this connection only,
+counted as a protocol error of kind ``internal``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
+from typing import Protocol, cast
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.logs import RateLimitedLog
@@ -45,12 +45,11 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Call, Done, Wire, positional_count
+from sidecar.proxy.call import Call, Done, Wire
 from sidecar.proxy.context import CallContext
+from sidecar.proxy.guards import guarded
 
 log = logging.getLogger("sidecar.server")
-P = ParamSpec("P")
-R = TypeVar("R")
 
 MAX_QUEUED_MESSAGES = 64
 MAX_QUEUED_BYTES = 8 << 20
@@ -117,42 +116,6 @@ class Host(Protocol):
     def finished(self, conn: ClientConnection) -> None: ...
 
     def hold(self, conn: ClientConnection, delta: int) -> None: ...
-
-
-def _boundary(
-    callback: Callable[Concatenate[ClientConnection, P], R],
-) -> Callable[Concatenate[ClientConnection, P], R | None]:
-    """The guard of every asyncio callback: a bug costs this connection, nothing else.
-
-    Callbacks with one argument after ``self`` (most) get a guard that takes
-    just that one, without packing ``*args`` and ``**kwargs`` on every call.
-    """
-    chosen: Callable[..., R | None]
-    if positional_count(callback) == 2:
-        chosen = _guard1(callback)
-    else:
-
-        def guarded(self: ClientConnection, /, *args: P.args, **kwargs: P.kwargs) -> R | None:
-            try:
-                return callback(self, *args, **kwargs)
-            except Exception:
-                self._crashed()
-                return None
-
-        chosen = guarded
-    chosen.__doc__ = callback.__doc__
-    return chosen
-
-
-def _guard1(callback: Callable[..., R]) -> Callable[..., R | None]:
-    def guarded(self: ClientConnection, arg: Any, /) -> R | None:
-        try:
-            return callback(self, arg)
-        except Exception:
-            self._crashed()
-            return None
-
-    return guarded
 
 
 class _Behind:
@@ -223,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
 
     # asyncio callbacks
 
-    @_boundary
+    @guarded
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports do not subclass asyncio.Transport, hence the cast.
         self._transport = cast(asyncio.Transport, transport)
@@ -233,12 +196,12 @@ class ClientConnection(asyncio.Protocol):
         if not self._server.admit(self):
             self._transport.abort()
 
-    @_boundary
+    @guarded
     def data_received(self, data: bytes) -> None:
         direct = self._direct
         self._decode((self._decoder if direct is None else direct).receive_data, data)
 
-    @_boundary
+    @guarded
     def _walk_on(self) -> None:
         """The next turn of a buffered walk stopped for its step budget."""
         self._walk_due = False
@@ -311,7 +274,7 @@ class ClientConnection(asyncio.Protocol):
             return decoder.inner
         return decoder
 
-    @_boundary
+    @guarded
     def eof_received(self) -> bool:
         self._eof = True
         if not self._decoder.walk_pending:  # else once the walk is through (`_walk_on`)
@@ -327,7 +290,7 @@ class ClientConnection(asyncio.Protocol):
                 self._queue.append(exc.with_traceback(None))  # frees the buffer (above)
         self._pump()
 
-    @_boundary
+    @guarded
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._account(gone=True)
@@ -338,7 +301,7 @@ class ClientConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._writable = False
 
-    @_boundary
+    @guarded
     def resume_writing(self) -> None:
         self._writable = True
         self._pump()
@@ -404,12 +367,12 @@ class ClientConnection(asyncio.Protocol):
             if self.lost:
                 server.finished(self)
 
-    @_boundary
+    @guarded
     def _sent(self) -> None:
         """The call in flight went upstream: the next one may go behind it now."""
         self._pump()
 
-    @_boundary
+    @guarded
     def _answer(self, reply: Wire | None) -> None:
         """The first call in flight finished (`Call` done callback)."""
         call, self._call = self._call, None
