@@ -17,18 +17,19 @@
                        (INTERNAL_ERROR) saying what happened
     finish: give back the slot, count, hand the bytes (None for oneway) to the connection
 
-Hedging (idempotent two-way methods with a `HedgePlan`; docs/hedging.md):
-when an attempt is sent (not a half-open probe), a loop timer is armed for
-the hedge delay. If it
-fires with no answer yet and the hedge budget has a token, the same message
-(a copy, with its own seqid) goes out on another connection, another address
-where there is one, as a `HedgeAttempt`; up to ``max_extra`` at once, each a
-delay after the one before. The first answer wins and is delivered once; the
-attempts still in flight lose (`sidecar.proxy.hedge`): their replies are read
-and dropped before their connections go back to the pool. A failed attempt
-while another is in flight only waits; when the last one fails, the retry
-decision is made as for a single attempt. Every attempt is recorded for
-ejection and ``upstream_attempts_total``; the breaker still sees one outcome.
+Hedging (idempotent two-way methods with a `HedgePlan`; docs/hedging.md) is
+the job of the call's `Hedger` (`sidecar.proxy.hedger`), made at admission
+for such a call only: when an attempt is sent (not a half-open probe), it
+arms a timer for the hedge delay; if that fires with no answer yet and the
+hedge budget has a token, a copy of the message goes out on another
+connection as a `HedgeAttempt`, up to ``max_extra`` at once. The call keeps
+its decisions: the first answer wins and is delivered once, and the hedger
+hands the attempts still in flight over as losers (`sidecar.proxy.hedge`):
+their replies are read and dropped before their connections go back to the
+pool. A failed attempt while another is in flight only waits; when the last
+one fails, the retry decision is made as for a single attempt. Every attempt
+is recorded for ejection and ``upstream_attempts_total``; the breaker still
+sees one outcome.
 
 The common path, an idle upstream connection and an answer, runs entirely in
 the event loop's I/O callbacks, with no task, future or extra loop iteration
@@ -37,10 +38,11 @@ used where waiting is unavoidable and rare: opening a connection, waiting for
 a free one, and a fallback lookup in a store that does I/O.
 
 Entry points, each behind the one guard `guarded` (`sidecar.proxy.guards`):
-`start`, `on_reply`, `on_error`, and the callbacks of a task or timer
-(`_acquired`, `_retry_due`, `_fallback_found`). A bug anywhere below one of
-them answers this call with INTERNAL_ERROR and touches nothing else.
-`cancel` only releases what the call holds.
+`start`, `on_reply`, `on_error`, the callbacks of a task or timer
+(`_acquired`, `_retry_due`, `_fallback_found`), and a hedged call's
+(`hedge_due`, `hedge_connected`, `on_hedge_reply`, `on_hedge_error`). A bug
+anywhere below one of them answers this call with INTERNAL_ERROR and
+touches nothing else. `cancel` only releases what the call holds.
 
 The breaker sees one outcome per call, the final one (docs/architecture.md
 explains why); a half-open probe is a single attempt. Cancellation (the
@@ -69,7 +71,8 @@ from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.guards import guarded
-from sidecar.proxy.hedge import TIMER_STEP, HedgeAttempt, LateAttempt, hedge_copy
+from sidecar.proxy.hedge import HedgeAttempt
+from sidecar.proxy.hedger import Hedger
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import (
     client_timeout,
@@ -130,9 +133,7 @@ class Call:
         "_done",
         "_expires",
         "_finished",
-        "_hedge_at",
-        "_hedge_timer",
-        "_hedges",
+        "_hedger",
         "_limiter",
         "_message",
         "_on_sent",
@@ -141,7 +142,6 @@ class Call:
         "_policy",
         "_pool",
         "_protocol",
-        "_sent_at",
         "_served_by",
         "_shown",
         "_started",
@@ -181,10 +181,7 @@ class Call:
         self._on_sent: Callable[[], None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self._hedge_timer: asyncio.TimerHandle | None = None
-        self._hedge_at = 0.0  # perf_counter before which the armed hedge must not go
-        self._hedges: list[HedgeAttempt] | None = None  # extra attempts of this call, if any
-        self._sent_at = 0.0  # perf_counter when the attempt on _conn was written (hedged only)
+        self._hedger: Hedger | None = None  # a hedged method's timer and extra attempts
         self._attempt = 0
         self._tried: list[str] = []
         self._started = ctx.loop.time()  # deadlines and timers: the loop's clock
@@ -302,7 +299,19 @@ class Call:
             return
         ctx.budget.deposit(self._started)
         if policy.hedge is not None and not self._oneway:
-            ctx.hedging.budget.deposit(self._started)
+            self._hedger = Hedger(
+                self,
+                ctx,
+                policy,
+                policy.hedge,
+                self._outgoing,
+                self._transport,
+                protocol,
+                self._deadline_at,
+                self._tried,
+                self._admission is Admission.PROBE,
+                self._started,
+            )
         self._next_attempt()
 
     @guarded
@@ -377,6 +386,35 @@ class Call:
         """The backoff timer fired."""
         self._next_attempt()
 
+    # entry points of a hedged call (sidecar.proxy.hedger)
+
+    @guarded
+    def hedge_due(self) -> None:
+        """`HedgedCall`: the hedge timer fired."""
+        if self._hedger is not None:
+            self._hedger.due(self._conn is not None)
+
+    @guarded
+    def hedge_connected(self, hedge: HedgeAttempt, task: asyncio.Task[UpstreamConnection]) -> None:
+        """`HedgedCall`: a connection for a hedge was opened or freed (or not)."""
+        if self._hedger is not None:
+            self._hedger.connected(hedge, task)
+
+    @guarded
+    def on_hedge_reply(self, hedge: HedgeAttempt, reply: Message) -> None:
+        """`HedgeOwner`: an extra attempt was answered."""
+        if self._hedger is not None:
+            self._hedger.ended(hedge)
+        outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
+        self._after_attempt(outcome, reply, None, True, hedge)
+
+    @guarded
+    def on_hedge_error(self, hedge: HedgeAttempt, error: UpstreamError) -> None:
+        """`HedgeOwner`: an extra attempt failed (or could not be sent)."""
+        if self._hedger is not None:
+            self._hedger.ended(hedge)
+        self._after_attempt(classify_error(error), None, error, error.sent, hedge)
+
     # the steps
 
     def _next_attempt(self) -> None:
@@ -431,9 +469,8 @@ class Call:
             return
         self._conn = conn
         conn.send(outgoing, self, self._expires, timeout)
-        if self._policy.hedge is not None:
-            self._sent_at = perf_counter()
-            self._arm_hedge()
+        if self._hedger is not None:
+            self._hedger.sent(self._attempt, self._started_try)
         if self._on_sent is not None:
             on_sent, self._on_sent = self._on_sent, None
             on_sent()
@@ -457,7 +494,9 @@ class Call:
                 return
             if not shown:
                 address = self._pool.address if hedge is None else hedge.pool.address
-                if self._others_in_flight():  # another attempt may yet answer
+                hedger = self._hedger
+                if self._conn is not None or (hedger is not None and hedger.in_flight):
+                    # another attempt may yet answer
                     self._policy.stats.attempt(address, _LABELS[outcome])
                     return
                 self._unshown(outcome, reply, error, address)
@@ -475,8 +514,10 @@ class Call:
         label = _LABELS[outcome]
         policy.stats.attempt(address, label)
         if outcome in ANSWERS and exception_id not in policy.retry.retry_exceptions:
-            if policy.hedge is not None and reply is not None:
-                self._hedge_answered(hedge)
+            if self._hedger is not None and reply is not None:
+                self._hedger.answered(hedge)
+                if hedge is not None:  # the winner's address, for the access log
+                    self._pool = hedge.pool
             self._record(failed)
             if reply is None:
                 self._finish(label, None)
@@ -489,10 +530,11 @@ class Call:
             reply.set_seqid(self._message.header.seqid)
             self._finish(label, reply.to_wire(self._client_transport))
             return
-        if self._hedges is not None or self._hedge_timer is not None:
-            if self._others_in_flight():
+        hedger = self._hedger
+        if hedger is not None:
+            if self._conn is not None or hedger.in_flight:
                 return  # another attempt is still in flight: its answer may yet win
-            self._stop_hedge_timer()
+            hedger.stop_timer()
         decision = self._decide(outcome, sent, exception_id)
         if isinstance(decision, GiveUp):
             self._record(failed)
@@ -510,164 +552,6 @@ class Call:
             self._timer = ctx.loop.call_later(decision.wait, self._retry_due)
         else:
             self._next_attempt()
-
-    # hedging (sidecar.proxy.hedge)
-
-    def _arm_hedge(self) -> None:
-        """After a send: hedge once the plan's delay has passed without an answer."""
-        plan = self._policy.hedge
-        hedges = self._hedges
-        if (
-            plan is None
-            or self._hedge_timer is not None
-            or (hedges is not None and len(hedges) >= plan.max_extra)
-        ):
-            return
-        if self._admission is Admission.PROBE:  # a half-open probe is a single attempt
-            return
-        ctx = self._ctx
-        if not ctx.oneway.is_two_way(self._policy.name):  # never answered yet: maybe oneway
-            return
-        delay = ctx.hedging.delay(plan, self._policy.label)
-        if ctx.loop.time() + delay < self._deadline_at:
-            self._hedge_at = perf_counter() + delay
-            self._hedge_timer = ctx.loop.call_later(delay, self._hedge_due)
-
-    def _stop_hedge_timer(self) -> None:
-        if self._hedge_timer is not None:
-            self._hedge_timer.cancel()
-            self._hedge_timer = None
-
-    @guarded
-    def _hedge_due(self) -> None:
-        """The hedge timer fired: send the call again on another connection, budget allowing."""
-        self._hedge_timer = None
-        if self._finished or (self._conn is None and not self._hedges):
-            return
-        ctx = self._ctx
-        early = self._hedge_at - perf_counter()
-        if early > 0:  # the loop's timer ran early (see `TIMER_STEP`): not yet
-            self._hedge_timer = ctx.loop.call_later(max(early, TIMER_STEP), self._hedge_due)
-            return
-        policy = self._policy
-        now = ctx.loop.time()
-        timeout = min(policy.retry.per_try_timeout, self._deadline_at - now)
-        if timeout <= 0:
-            return
-        budget = ctx.hedging.budget
-        if budget.balance(now) < 1.0:
-            ctx.metrics.hedge_budget_exhausted.labels(policy.label).inc()
-            return
-        budget.withdraw(now)
-        pool = ctx.upstreams.pick(self._transport, self._tried, self._protocol, rotate=False)
-        self._tried.append(pool.address)
-        hedge = HedgeAttempt(self, pool, now, now + timeout)
-        if self._hedges is None:
-            self._hedges = []
-        self._hedges.append(hedge)
-        ctx.metrics.hedges.labels(policy.label).inc()
-        log.debug(
-            "hedging %s on %s after %.3fs",
-            policy.display_name,
-            pool.address,
-            now - self._started_try,
-        )
-        conn = pool.idle()
-        if conn is not None:
-            self._send_hedge(hedge, conn)
-        else:
-            task = ctx.loop.create_task(pool.acquire(timeout))
-            hedge.task = task
-            task.add_done_callback(functools.partial(self._hedge_acquired, hedge))
-        if not self._finished:
-            self._arm_hedge()  # the next extra attempt, if the plan allows more at once
-
-    def _send_hedge(self, hedge: HedgeAttempt, conn: UpstreamConnection) -> None:
-        """Write a copy of the call on ``conn`` (the copy gets this connection's seqid)."""
-        if conn.closed:
-            address = hedge.pool.address
-            error = UpstreamClosed(
-                f"upstream {address} closed the connection before the call was sent",
-                address=address,
-                sent=False,
-            )
-            self._hedge_ended(hedge)
-            self._after_attempt(Outcome.CONNECTION_CLOSED, None, error, False, hedge)
-            return
-        hedge.conn = conn  # from here the hedge holds it (released by `_release` after a bug)
-        outgoing = hedge_copy(self._outgoing)
-        if outgoing.theader is not None:
-            left = self._deadline_at - self._ctx.loop.time()
-            set_theader_headers(outgoing, self._attempt, int(left * 1000))
-        hedge.sent_at = perf_counter()
-        conn.send(outgoing, hedge, hedge.expires, hedge.expires - hedge.started)
-
-    @guarded
-    def _hedge_acquired(self, hedge: HedgeAttempt, task: asyncio.Task[UpstreamConnection]) -> None:
-        """A connection for a hedge was opened or freed (or not)."""
-        hedge.task = None
-        if task.cancelled():
-            self._hedge_ended(hedge)
-            return
-        error = task.exception()
-        if self._finished or hedge.owner is None:  # lost or cancelled meanwhile
-            if error is None:
-                hedge.pool.release(task.result(), True)
-            return
-        if error is None:
-            self._send_hedge(hedge, task.result())
-        elif isinstance(error, UpstreamError):
-            self._hedge_ended(hedge)
-            self._after_attempt(classify_error(error), None, error, error.sent, hedge)
-        else:
-            raise error
-
-    @guarded
-    def on_hedge_reply(self, hedge: HedgeAttempt, reply: Message) -> None:
-        """`HedgeOwner`: an extra attempt was answered."""
-        self._hedge_ended(hedge)
-        outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
-        self._after_attempt(outcome, reply, None, True, hedge)
-
-    @guarded
-    def on_hedge_error(self, hedge: HedgeAttempt, error: UpstreamError) -> None:
-        """`HedgeOwner`: an extra attempt failed."""
-        self._hedge_ended(hedge)
-        self._after_attempt(classify_error(error), None, error, error.sent, hedge)
-
-    def _others_in_flight(self) -> bool:
-        """After an attempt ended: is another one still waiting (the first, or a hedge)?"""
-        return self._conn is not None or bool(self._hedges)
-
-    def _hedge_ended(self, hedge: HedgeAttempt) -> None:
-        """``hedge`` is no longer in flight."""
-        hedges = self._hedges
-        if hedges is not None and hedge in hedges:
-            hedges.remove(hedge)
-
-    def _hedge_answered(self, winner: HedgeAttempt | None) -> None:
-        """An attempt of a hedged method answered (``winner``: an extra one, else the first)."""
-        ctx = self._ctx
-        policy = self._policy
-        assert policy.hedge is not None
-        sent_at = self._sent_at if winner is None else winner.sent_at
-        ctx.hedging.record(policy.hedge, policy.label, perf_counter() - sent_at)
-        if winner is not None:
-            ctx.metrics.hedges_won.labels(policy.label).inc()
-            self._pool = winner.pool
-
-    def _end_hedging(self) -> None:
-        """The call is answered: every attempt still in flight lost (`sidecar.proxy.hedge`)."""
-        self._stop_hedge_timer()
-        ctx = self._ctx
-        policy = self._policy
-        conn = self._conn
-        if conn is not None:  # the first attempt lost: its reply is read and dropped
-            self._conn = None
-            conn.hand_over(self, LateAttempt(ctx, policy, conn.pool.address, self._sent_at))
-        hedges, self._hedges = self._hedges, None
-        for hedge in hedges or ():
-            hedge.lose(ctx, policy)
 
     def _request_shown_well_formed(self) -> bool | None:
         """After a failed attempt: was the client's framed call itself to blame?
@@ -872,8 +756,9 @@ class Call:
         if self._finished:
             return
         self._finished = True
-        if self._hedges is not None or self._hedge_timer is not None:
-            self._end_hedging()
+        if self._hedger is not None:  # the attempts still in flight lost
+            conn, self._conn = self._conn, None
+            self._hedger.end(conn)
         now = perf_counter()
         seconds = now - self._t0
         if self._limiter is not None:
@@ -928,10 +813,8 @@ class Call:
         if self._conn is not None:
             self._conn.abandon(self)
             self._conn = None
-        self._stop_hedge_timer()
-        hedges, self._hedges = self._hedges, None
-        for hedge in hedges or ():
-            hedge.abandon()
+        if self._hedger is not None:
+            self._hedger.abandon()
         if self._task is not None:
             self._task.cancel()
             self._task = None

@@ -2,10 +2,10 @@
 
 A call of a hedged method (`HedgePlan`, resolved per method by
 `sidecar.proxy.policy`) arms a loop timer when it sends an attempt; if no
-answer has come when it fires, `sidecar.proxy.call` sends the same message
-again as a `HedgeAttempt` on another connection (another address when there
-is one), if the hedge budget has a token. The first answer wins; every other
-attempt still in flight becomes a loser:
+answer has come when it fires, its `Hedger` (`sidecar.proxy.hedger`) sends
+the same message again as a `HedgeAttempt` on another connection (another
+address when there is one), if the hedge budget has a token. The first
+answer wins; every other attempt still in flight becomes a loser:
 
 - its connection is kept, not closed: the loser's reply is read when it comes
   and dropped (`LateAttempt`), and only then does the connection go back to

@@ -17,7 +17,7 @@ import pytest
 import thriftpy2.thrift
 
 from sidecar.protocol.appexc import ApplicationExceptionType
-from sidecar.proxy import call as call_module
+from sidecar.proxy import hedger as hedger_module
 from tests.support.clients import thriftpy2_client
 from tests.support.hold import Hold
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
@@ -68,7 +68,7 @@ def test_a_bug_in_the_hedge_timer_answers_that_call_and_releases_its_attempt(
         assert victim.getItem(1).id == 1
         assert bystander.getItem(2).id == 2
         hold.arm("getItem")
-        monkeypatch.setattr(call_module, "hedge_copy", broken)
+        monkeypatch.setattr(hedger_module, "hedge_copy", broken)
         with caplog.at_level(logging.ERROR, "sidecar.pipeline"), pytest.raises(TAE) as raised:
             victim.getItem(3)  # without the guard: no answer until the hold ends (10 s)
         assert raised.value.type == ApplicationExceptionType.INTERNAL_ERROR
