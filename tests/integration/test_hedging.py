@@ -10,7 +10,8 @@ a method that is not idempotent is never hedged; the hedge budget bounds
 hedges; a half-open probe is not hedged; with two addresses the hedge goes
 to the other one (a fault proxy delays every call on the first); and, with a
 fault proxy's schedule, an attempt that fails while the other is in flight
-waits for it instead of failing the call (no retries are allowed here).
+waits for it instead of failing the call (no retries are allowed here), as
+does a hedge whose connection is refused.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tests.support.clients import split_address, thriftpy2_client
 from tests.support.hold import Hold
 from tests.support.raw import decode_reply, encode_call
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
-from tests.support.sidecar import SidecarProcess, run_sidecar
+from tests.support.sidecar import SidecarProcess, free_port, run_sidecar
 from tests.support.wait import wait_until
 
 # Hedge after 100 ms (well above a call on a busy machine); per-try timeouts and
@@ -371,6 +372,46 @@ def test_a_first_attempt_that_fails_waits_for_its_hedge(
         == 1
     )
     assert upstream.calls["getItem"] == 3
+
+
+def test_a_hedge_whose_connect_is_refused_waits_for_the_first_attempt(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    refusing = f"127.0.0.1:{free_port()}"  # nothing listens there: connects are refused
+    with (
+        run_sidecar([upstream.address, refusing], config=CONFIG) as sidecar,
+        thriftpy2_client(sidecar.address, "framed") as client,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        # Calls take the addresses in turn: getItem(1) the live one (getItem is then
+        # known two-way), ping the refusing one, getItem(2) the live one again.
+        assert client.getItem(1).id == 1
+        with pytest.raises(Exception, match="cannot connect to the upstream"):
+            client.ping()
+        hold.arm("getItem")
+        answer = pool.submit(client.getItem, 2)
+        # Its hedge goes to the address not tried yet, which refuses the connection:
+        # a failure before anything was sent, while the first attempt is in flight.
+        wait_until(
+            lambda: (
+                sidecar.metrics().value(
+                    "thrift_sidecar_upstream_attempts_total",
+                    method="getItem",
+                    result="connect_error",
+                )
+                == 1
+            ),
+            message="the hedge's connect refused",
+        )
+        assert hold.held == 1
+        hold.release()
+        assert answer.result(10).id == 2  # answering the hedge's failure would be an error
+        m = sidecar.metrics()
+        assert hedges(sidecar, "getItem") == (1, 0, 0)
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
+        assert m.value("thrift_sidecar_retries_total") == 0
+    assert upstream.calls["getItem"] == 2
 
 
 def test_a_half_open_probe_is_not_hedged(
