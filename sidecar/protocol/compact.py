@@ -15,6 +15,7 @@ from __future__ import annotations
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.envelope import (
     MAX_NAME_LENGTH,
+    NAME_ERRORS,
     TYPE_BY_VALUE,
     MessageHeader,
     MessageType,
@@ -120,10 +121,8 @@ def parse_compact_header(
     body_at = name_at + name_len
     if end < body_at:
         return None
-    try:
-        name = str(data[name_at:body_at], "utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("method name is not UTF-8", seqid=seqid) from None
+    # Any bytes, as `sidecar.protocol.envelope.parse_header` reads them (its docstring).
+    name = str(data[name_at:body_at], "utf-8", "surrogateescape")
     message_type = TYPE_BY_VALUE[version_type >> TYPE_SHIFT]
     if message_type is None:
         raise RemoteProtocolError(
@@ -145,8 +144,9 @@ def parse_compact_header(
 
 
 def encode_compact_header(name: str, mtype: MessageType, seqid: int) -> bytes:
-    """Encode a compact envelope; the struct bytes go right after it."""
-    raw = name.encode("utf-8")
+    """Encode a compact envelope; the struct bytes go right after it (``name`` as
+    `sidecar.protocol.envelope.name_bytes` gives it: the bytes that came)."""
+    raw = name.encode("utf-8", NAME_ERRORS)
     return b"".join(
         (
             bytes((PROTOCOL_ID, (int(mtype) << TYPE_SHIFT) | VERSION)),

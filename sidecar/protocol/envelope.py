@@ -7,6 +7,15 @@ Wire format (Thrift binary protocol, both forms are accepted):
 
 Only the envelope is decoded. The struct that follows (call arguments or reply
 result) stays opaque bytes; `MessageHeader.body_offset` says where it starts.
+
+Method names are bytes on the wire, and Thrift does not check that they are
+UTF-8 (Apache's C++, Java and Go servers read any bytes and answer a name they
+do not know with UNKNOWN_METHOD). A name is read with the ``surrogateescape``
+error handler: valid UTF-8 gives the same `str` as a strict decode, and every
+other byte string gives a `str` whose ``surrogateescape`` encoding is exactly
+the bytes that came (`name_bytes`). Such a `str` is fine as a key but not as
+text: where a name leaves as text (logs, metrics, /state, messages to people)
+it goes through `shown_name`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,9 @@ from sidecar.errors import ProtocolError, RemoteProtocolError
 VERSION_1 = 0x80010000
 VERSION_MASK = 0xFFFF0000
 TYPE_MASK = 0x000000FF
+
+# Decodes method names and encodes them back byte for byte (PEP 383).
+NAME_ERRORS = "surrogateescape"
 
 # A method name longer than this is not a name but garbage. Thrift puts no
 # limit on names; real IDL identifiers are far below it.
@@ -141,10 +153,7 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         seqid_at = name_end + 1
         strict = False
     seqid = _I32.unpack_from(data, seqid_at)[0]
-    try:
-        name = str(data[name_at:name_end], "utf-8")
-    except UnicodeDecodeError:
-        raise RemoteProtocolError("method name is not UTF-8", seqid=seqid, strict=strict) from None
+    name = str(data[name_at:name_end], "utf-8", "surrogateescape")
     message_type = TYPE_BY_VALUE[mtype]
     if message_type is None:
         raise RemoteProtocolError(
@@ -161,9 +170,39 @@ def _bad_name_length(name_len: int) -> RemoteProtocolError:
     return RemoteProtocolError(f"implausible method name length {name_len}", kind="garbage")
 
 
+def name_bytes(name: str) -> bytes:
+    """The wire bytes of a method name as `parse_header` read it (the same bytes back)."""
+    return name.encode("utf-8", NAME_ERRORS)
+
+
+def shown_name(name: str) -> str:
+    """A method name as text for people and for text formats: valid UTF-8, always.
+
+    A name that was valid UTF-8 on the wire is returned as it is. In any other,
+    each byte that is not part of valid UTF-8 is written ``\\xNN`` and each
+    backslash ``\\\\`` (``b"caf\\xc3"`` is shown ``caf\\xc3``), so no two such
+    names look alike; a UTF-8 name may (one spelled ``caf\\xc3`` with a real
+    backslash), which is why keys never use this form. Logs, metrics, ``/state``, ``sidecar
+    top`` and the messages of TApplicationExceptions the sidecar writes use
+    this form (docs/robustness.md, "Method names that are not UTF-8").
+    """
+    if name.isascii():
+        return name
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raw = name.replace("\\", "\\\\").encode("utf-8", NAME_ERRORS)
+        return raw.decode("utf-8", "backslashreplace")
+    return name
+
+
 def encode_header(name: str, mtype: MessageType, seqid: int, strict: bool = True) -> bytes:
-    """Encode an envelope; the struct bytes go right after it."""
-    raw = name.encode("utf-8")
+    """Encode an envelope; the struct bytes go right after it.
+
+    ``name`` is written as `name_bytes` gives it: a name read from the wire goes
+    back as the bytes that came, UTF-8 or not.
+    """
+    raw = name.encode("utf-8", NAME_ERRORS)
     if strict:
         return b"".join(
             (

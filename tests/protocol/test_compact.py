@@ -29,7 +29,7 @@ from sidecar.protocol.compact import (
 )
 from sidecar.protocol.compact_skip import CompactSkipper, CType, compact_struct_end
 from sidecar.protocol.decoders import BufferedDecoder, FramedDecoder
-from sidecar.protocol.envelope import MessageType, Protocol
+from sidecar.protocol.envelope import MessageType, Protocol, name_bytes
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.message import Message, Transport, encode_frame
 from tests.protocol.apache_codec import encode_apache, encode_message
@@ -93,11 +93,50 @@ def test_envelope_matches_apache(name: str, mtype: MessageType, seqid: int) -> N
         (b"\x82\xa1\x01\x00", "bad_type"),
         (b"\x82\x21" + b"\xff" * 6, "garbage"),
         (b"\x82\x21\x01" + encode_varint(5000), "garbage"),
-        (b"\x82\x21\x01\x02\xff\xfe", "garbage"),
     ],
 )
 def test_bad_envelopes(wire: bytes, kind: str) -> None:
     assert kind_of(parse_compact_header, wire) == kind
+
+
+RAW_NAMES = [b"\xff\xfe", b"caf\xc3", b"\xed\xa0\x80", b"Svc:get\xff", b"caf\xc3\xa9"]
+
+
+@pytest.mark.parametrize("raw", RAW_NAMES)
+def test_any_name_bytes_are_read_and_written_back_exactly(raw: bytes) -> None:
+    """As in the binary protocol (tests/protocol/test_envelope.py): any bytes, the same back."""
+    envelope = b"\x82\x21\x07" + encode_varint(len(raw)) + raw
+    header = parse_compact_header(envelope + b"\x00")
+    assert header is not None
+    assert (header.type, header.seqid, header.body_offset) == (MessageType.CALL, 7, len(envelope))
+    assert name_bytes(header.name) == raw
+    assert encode_compact_header(header.name, MessageType.CALL, 7) == envelope
+    for n in range(len(envelope)):
+        assert parse_compact_header(envelope[:n]) is None
+    if raw == b"caf\xc3\xa9":
+        assert header.name == "café"
+
+
+@pytest.mark.parametrize("raw", RAW_NAMES)
+@pytest.mark.parametrize("transport", [Transport.FRAMED, Transport.BUFFERED])
+def test_decoders_deliver_any_name_and_answers_echo_it(raw: bytes, transport: Transport) -> None:
+    call = b"\x82\x21\x07" + encode_varint(len(raw)) + raw + b"\x15\x54\x00"  # {1: i32 42}
+    wire = encode_frame(call) if transport is Transport.FRAMED else call
+    decoder = (
+        FramedDecoder(NO_LIMIT, Protocol.COMPACT)
+        if transport is Transport.FRAMED
+        else (BufferedDecoder(NO_LIMIT, protocol=Protocol.COMPACT))
+    )
+    messages = [m for byte in one_by_one(wire * 2) for m in decoder.receive_data(byte)]
+    assert [bytes(m.payload()) for m in messages] == [call, call]
+    message = messages[0]
+    message.set_seqid(300)  # a longer varint: the name after it moves
+    assert name_bytes(message.header.name) == raw
+    assert bytes(message.payload()) == b"\x82\x21\xac\x02" + call[3:]
+    answer = encode_application_exception(
+        message.header.name, 300, 1, "unknown", protocol=Protocol.COMPACT
+    )
+    assert answer.startswith(b"\x82\x61\xac\x02" + encode_varint(len(raw)) + raw)
 
 
 # ----------------------------------------------------------------------------- skipping

@@ -12,14 +12,18 @@ from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.transport.memory import TMemoryBuffer
 
 from sidecar.errors import RemoteProtocolError
+from sidecar.protocol.appexc import encode_application_exception
 from sidecar.protocol.envelope import (
     MAX_NAME_LENGTH,
     MessageHeader,
     MessageType,
     encode_header,
+    name_bytes,
     parse_header,
+    shown_name,
     write_seqid,
 )
+from sidecar.protocol.framing import Transport, frame, make_decoder
 from tests.protocol.thrift_strategies import encode_envelope_thriftpy2
 
 ALL_TYPES = list(MessageType)
@@ -161,13 +165,107 @@ def test_longest_name_is_accepted() -> None:
         _check(parse_header(encode_header(name, MessageType.CALL, 3, strict)), name, 1, 3, strict)
 
 
-@pytest.mark.parametrize("raw", [b"\xff", b"ab\xc3", b"\xc3\x28", b"\xed\xa0\x80", b"\x80abc"])
+# Names as bytes: not UTF-8 at all, UTF-8 cut short, a UTF-8-encoded surrogate
+# (not valid UTF-8), a lone continuation byte, and one valid non-ASCII name.
+RAW_NAMES = [
+    b"\xff\xfe",
+    b"caf\xc3",
+    b"\xc3\x28",
+    b"\xed\xa0\x80",
+    b"\x80abc",
+    b"Svc:get\xff",
+    b"a\\b\xff",
+    b"caf\xc3\xa9",
+]
+
+
+@pytest.mark.parametrize("raw", RAW_NAMES)
 @pytest.mark.parametrize("strict", [True, False])
-def test_name_not_utf8(raw: bytes, strict: bool) -> None:
-    data = (_strict if strict else _nonstrict)(int(MessageType.CALL), raw, 99)
-    with pytest.raises(RemoteProtocolError) as info:
-        parse_header(data + BODY)
-    assert info.value.seqid == 99
+def test_any_name_bytes_are_read_and_written_back_exactly(raw: bytes, strict: bool) -> None:
+    """A real Thrift server reads a name that is not UTF-8 (and answers UNKNOWN_METHOD);
+    so does the sidecar, and whatever it writes with the name carries the same bytes."""
+    envelope = (_strict if strict else _nonstrict)(int(MessageType.CALL), raw, 99)
+    header = parse_header(envelope + BODY)
+    assert header is not None
+    assert (header.type, header.seqid, header.strict) == (MessageType.CALL, 99, strict)
+    assert header.body_offset == len(envelope)
+    assert name_bytes(header.name) == raw
+    assert encode_header(header.name, MessageType.CALL, 99, strict) == envelope
+    for n in range(len(envelope)):
+        assert parse_header(envelope[:n]) is None
+
+
+@pytest.mark.parametrize("raw", RAW_NAMES)
+@pytest.mark.parametrize("transport", [Transport.FRAMED, Transport.BUFFERED])
+def test_decoders_deliver_any_name_and_answers_echo_it(raw: bytes, transport: Transport) -> None:
+    call = _strict(int(MessageType.CALL), raw, 7) + BODY
+    decoder = make_decoder(transport, 1 << 20)
+    wire = frame(call, transport) * 2
+    messages = [m for at in range(len(wire)) for m in decoder.receive_data(wire[at : at + 1])]
+    assert [bytes(m.payload()) for m in messages] == [call, call]
+    header = messages[0].header
+    answer = encode_application_exception(header.name, 7, 1, "unknown method", header.strict)
+    assert answer.startswith(_strict(int(MessageType.EXCEPTION), raw, 7))
+
+
+def test_a_valid_utf8_name_reads_as_before() -> None:
+    header = parse_header(_strict(int(MessageType.CALL), b"caf\xc3\xa9", 1) + BODY)
+    assert header is not None
+    assert header.name == "café"
+    assert shown_name(header.name) == "café"
+
+
+@pytest.mark.parametrize(
+    ("raw", "shown"),
+    [
+        (b"ping", "ping"),
+        (b"caf\xc3\xa9", "café"),
+        (b"a\\b", "a\\b"),  # UTF-8: as it is, backslash and all
+        (b"\xff\xfe", "\\xff\\xfe"),
+        (b"caf\xc3", "caf\\xc3"),
+        (b"\xc3\xa9\xff", "é\\xff"),
+        (b"a\\b\xff", "a\\\\b\\xff"),  # not UTF-8: the backslash is escaped too
+        (b"Svc:get\xff", "Svc:get\\xff"),
+    ],
+)
+def test_shown_name(raw: bytes, shown: str) -> None:
+    name = str(raw, "utf-8", "surrogateescape")
+    assert shown_name(name) == shown
+    shown.encode("utf-8")  # always valid text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40), st.booleans())
+def test_every_byte_string_round_trips_and_shows_as_text(raw: bytes, strict: bool) -> None:
+    envelope = encode_header(str(raw, "utf-8", "surrogateescape"), MessageType.REPLY, 5, strict)
+    assert envelope == (_strict if strict else _nonstrict)(int(MessageType.REPLY), raw, 5)
+    header = parse_header(envelope)
+    assert header is not None
+    assert name_bytes(header.name) == raw
+    shown = shown_name(header.name)
+    shown.encode("utf-8")
+    try:
+        assert shown == raw.decode("utf-8")
+    except UnicodeDecodeError:
+        assert _read_back(shown) == raw  # no two such names look alike
+
+
+def _read_back(shown: str) -> bytes:
+    """The bytes a `shown_name` of a name that is not UTF-8 stands for."""
+    out = bytearray()
+    at = 0
+    while at < len(shown):
+        if shown[at] == "\\" and shown[at + 1] == "\\":
+            out += b"\\"
+            at += 2
+        elif shown[at] == "\\":
+            assert shown[at + 1] == "x"
+            out.append(int(shown[at + 2 : at + 4], 16))
+            at += 4
+        else:
+            out += shown[at].encode("utf-8")
+            at += 1
+    return bytes(out)
 
 
 def test_encode_header_bytes() -> None:
