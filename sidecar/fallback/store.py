@@ -20,6 +20,8 @@ from typing import NamedTuple, Protocol
 
 import xxhash
 
+from sidecar.protocol.envelope import shown_name
+
 
 class CachedReply(NamedTuple):
     """One remembered reply.
@@ -118,8 +120,17 @@ def cache_key(name: str, args: bytes | bytearray | memoryview) -> str:
     Unseeded, so a key is the same in every process and after a restart (the
     SQLite file and a fleet's Redis hold keys made elsewhere). Not collision
     resistant: a stored reply is served only when `CachedReply.answers` the call.
+
+    A key is text every backend can store (SQLite, Redis and the workers' wire
+    take UTF-8). A name that was not UTF-8 on the wire goes in as `shown_name`
+    writes it, and the key ends in ``|raw``: no two such names share a key, and
+    none shares one with a UTF-8 name (whose keys end in the hash).
     """
-    return f"{name}|{xxhash.xxh3_128_hexdigest(args)}"
+    digest = xxhash.xxh3_128_hexdigest(args)
+    if name.isascii():
+        return f"{name}|{digest}"
+    shown = shown_name(name)
+    return f"{name}|{digest}" if shown is name else f"{shown}|{digest}|raw"
 
 
 # Bytes counted per entry on top of key and message: the dict slot, the

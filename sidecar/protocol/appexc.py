@@ -16,7 +16,7 @@ from enum import IntEnum
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import encode_compact_header, encode_varint, read_varint, zigzag
 from sidecar.protocol.compact_skip import CType, compact_struct_end
-from sidecar.protocol.envelope import MessageType, Protocol, encode_header
+from sidecar.protocol.envelope import MessageType, Protocol, encode_header, shown_name
 from sidecar.protocol.fields import iter_compact_fields
 from sidecar.protocol.skip import TType, struct_end, value_end
 
@@ -43,8 +43,12 @@ class ApplicationExceptionType(IntEnum):
 def encode_exception_struct(
     exc_type: int, message: str, protocol: Protocol = Protocol.BINARY
 ) -> bytes:
-    """The TApplicationException struct alone (no envelope)."""
-    raw = message.encode("utf-8")
+    """The TApplicationException struct alone (no envelope).
+
+    The message is text for the client: one that holds a method name that is
+    not UTF-8 goes as `shown_name` writes it, never as bytes that are not UTF-8.
+    """
+    raw = shown_name(message).encode("utf-8")
     if protocol is Protocol.COMPACT:
         return b"".join(
             (

@@ -84,7 +84,11 @@ def unsupported_json(
 
 def encode_json_application_exception(name: str, seqid: int, exc_type: int, message: str) -> bytes:
     """A whole EXCEPTION message in TJSONProtocol form, unframed."""
-    quoted_name = json.dumps(name, ensure_ascii=False)
+    try:
+        quoted_name = json.dumps(name, ensure_ascii=False)
+        quoted_name.encode("utf-8")
+    except UnicodeEncodeError:  # a \\udcxx escape in the client's name: the same escape back
+        quoted_name = json.dumps(name)
     quoted_message = json.dumps(message, ensure_ascii=False)
     text = (
         f"[1,{quoted_name},{int(MessageType.EXCEPTION)},{seqid},"

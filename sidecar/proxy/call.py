@@ -64,7 +64,7 @@ from typing import Any
 from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
-from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.envelope import MessageType, shown_name
 from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
@@ -342,7 +342,7 @@ class Call:
             "learned that %s is oneway: a later call was answered first; its calls are "
             "sent without waiting for a reply from now on",
             policy.display_name,
-            extra={"method": policy.name},
+            extra={"method": shown_name(policy.name)},
         )
         self._after_attempt(Outcome.OK, None, None, True)
 
@@ -783,7 +783,7 @@ class Call:
             seconds * 1000,
             self._served_by or "-",
             extra={
-                "method": header.name,
+                "method": shown_name(header.name),
                 "seqid": header.seqid,
                 "outcome": label,
                 "attempts": self._attempt,
@@ -827,7 +827,7 @@ class Call:
 
     def _crashed(self) -> None:
         """A bug in the sidecar: answer this call with INTERNAL_ERROR and log it."""
-        log.exception("internal error handling %s", self._message.header.name)
+        log.exception("internal error handling %s", shown_name(self._message.header.name))
         if self._finished:
             return
         self._release()

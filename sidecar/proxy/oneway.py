@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.protocol.envelope import shown_name
+
 # Most names remembered per kind; a client inventing names cannot grow the process.
 MAX_NAMES = 10_000
 
@@ -53,4 +55,7 @@ class OnewayMethods:
 
     def describe(self) -> dict[str, Any]:
         """The ``oneway`` part of ``/state``."""
-        return {"learned_oneway": sorted(self._oneway), "answered_methods": len(self.two_way)}
+        return {
+            "learned_oneway": sorted(shown_name(name) for name in self._oneway),
+            "answered_methods": len(self.two_way),
+        }

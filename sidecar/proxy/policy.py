@@ -26,6 +26,7 @@ from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_a
 from sidecar.config.hedge import parse_hedge_delay
 from sidecar.fallback.static import ExceptionIds, StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
+from sidecar.protocol.envelope import shown_name
 from sidecar.proxy.hedge import HedgePlan
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
@@ -51,7 +52,7 @@ class MethodPolicy:
     cacheable: bool
     static_reply: StaticReply | None
     stats: MethodStats
-    display_name: str  # ``Service.method`` for messages to people
+    display_name: str  # ``Service.method`` for messages to people (text: `shown_name`)
     oneway: bool = False  # declared oneway (IDL or methods.<name>.oneway)
     # Result field ids of declared exceptions that count as breaker failures
     # (breaker.failure_exceptions); the retried ones are in retry.retry_exceptions.
@@ -138,7 +139,9 @@ class PolicyTable:
             cacheable=cacheable,
             static_reply=static,
             stats=self._calls.method(label),
-            display_name=f"{service or self._service_of.get(method, '')}.{method}".lstrip("."),
+            display_name=shown_name(
+                f"{service or self._service_of.get(method, '')}.{method}".lstrip(".")
+            ),
             oneway=oneway,
             failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),

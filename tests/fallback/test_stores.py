@@ -177,6 +177,17 @@ def test_cache_key_is_the_same_in_every_process() -> None:
     assert cache_key("getItem", b"") == "getItem|99aa06d3014798d86001c324468d497f"
 
 
+def test_cache_keys_of_names_that_are_not_utf8_are_text_and_never_shared() -> None:
+    """Every backend takes keys as UTF-8 text (SQLite, Redis, the workers' wire)."""
+    names = ["get\udcff", "get\\xff", "get\\\udcff", "get\udcc3", "getcafé", "getItem"]
+    keys = [cache_key(name, b"args") for name in names]
+    for key in keys:
+        key.encode("utf-8")
+    assert len(set(keys)) == len(names)
+    assert keys[0] == "get\\xff|" + keys[-1].split("|")[1] + "|raw"
+    assert keys[4] == "getcafé|" + keys[-1].split("|")[1]  # UTF-8 names: keys as before
+
+
 # -- conformance: every backend -------------------------------------------------------
 
 
@@ -187,6 +198,19 @@ def test_round_trip(make_harness: MakeHarness) -> None:
     got = h.get(key(1))
     assert got == CachedReply(message(1), 4, T0)
     assert h.get(key(2)) is None
+
+
+def test_a_reply_to_a_name_that_is_not_utf8_comes_back_byte_for_byte(
+    make_harness: MakeHarness,
+) -> None:
+    raw = b"\x80\x01\x00\x02\x00\x00\x00\x04get\xff\x00\x00\x00\x07\x00"
+    name = "get\udcff"
+    h = make_harness()
+    h.put(key(1, name), raw, args=b"a")
+    h.settle()
+    assert h.get(key(1, name)) == CachedReply(raw, 4, T0, b"a")
+    assert h.get(key(1, "get\\xff")) is None
+    assert h.stats().entries == 1
 
 
 def test_arguments_are_kept_and_counted_against_max_bytes(make_harness: MakeHarness) -> None:

@@ -37,6 +37,15 @@ def test_names_that_are_not_identifiers_never_become_labels(name: str) -> None:
     assert labels.in_use() == 0  # and they take no slot
 
 
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"caf\xc3", b"get\xff", b"Svc:get\xff"])
+def test_names_that_are_not_utf8_are_labelled_other(raw: bytes) -> None:
+    """A label value must be text: prometheus_client cannot render a lone surrogate,
+    and one such series would break /metrics for every scrape."""
+    labels = MethodLabels([], limit=10)
+    assert labels.label(str(raw, "utf-8", "surrogateescape")) == OTHER
+    assert labels.in_use() == 0
+
+
 def test_identifiers_take_slots_until_the_limit() -> None:
     labels = MethodLabels(["known"], limit=3)
     assert [labels.label(n) for n in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]

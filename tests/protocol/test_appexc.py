@@ -224,3 +224,14 @@ def test_unknown_fields_are_skipped(
         assert read_apache(whole)[3:] == (0 if exc_type is None else exc_type, message)
     if not contains(schema, "binary") and not contains(schema, "uuid"):
         assert read_thriftpy2(whole)[3:] == (0 if exc_type is None else exc_type, message)
+
+
+def test_a_message_with_a_name_that_is_not_utf8_is_written_as_text() -> None:
+    """The envelope echoes the name's bytes; the message is text a client can decode."""
+    name = str(b"get\xff", "utf-8", "surrogateescape")
+    wire = encode_application_exception(name, 4, 6, f"circuit open, no fallback for {name}")
+    header = parse_header(wire)
+    assert header is not None
+    assert wire[8:12] == b"get\xff"
+    exc_type, message = parse_application_exception(memoryview(wire)[header.body_offset :])
+    assert (exc_type, message) == (6, "circuit open, no fallback for get\\xff")

@@ -133,6 +133,16 @@ def test_json_exception_text_survives_apache_reader(text: str) -> None:
     assert read_exception(wire, "json", "buffered") == ('m"x', MessageType.EXCEPTION, -5, 6, text)
 
 
+def test_a_json_name_that_is_not_text_is_echoed_as_it_was_escaped() -> None:
+    """A JSON client may escape a lone surrogate (``"\\udcff"``): the same escape back."""
+    decoder = AutoDecoder()
+    with pytest.raises(UnsupportedProtocolError) as info:
+        decoder.receive_data(b'[1,"get\\udcff",1,3,{}]')
+    answer = info.value.answer(9, "not supported")
+    assert answer is not None
+    assert answer.startswith(b'[1,"get\\udcff",3,3,')
+
+
 def test_json_envelope_that_cannot_be_read_is_refused_without_seqid() -> None:
     with pytest.raises(UnsupportedProtocolError) as info:
         AutoDecoder().receive_data(b'[1,"name",1,{"1":{}}]')

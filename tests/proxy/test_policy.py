@@ -11,6 +11,7 @@ import pytest
 from sidecar.config import SidecarConfig, load_config
 from sidecar.metrics import OTHER, MethodLabels
 from sidecar.proxy import policy as policy_module
+from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import MAX_CACHED_NAMES, MethodPolicy, PolicyTable
 from sidecar.resilience.outcome import Outcome
 
@@ -125,6 +126,14 @@ def test_precedence_from_a_yaml_file(tmp_path: Path) -> None:
     assert catalog.idempotent
     assert not plain.idempotent
     assert not t.for_name("placeOrder").idempotent
+
+
+def test_a_name_that_is_not_utf8_is_kept_as_sent_and_shown_as_text() -> None:
+    t = table(config_of({}))
+    raw = t.for_name(str(b"Svc:get\xff", "utf-8", "surrogateescape"))
+    assert (raw.service, raw.method) == ("Svc", "get\udcff")  # as on the wire: sent back so
+    assert raw.display_name == "Svc.get\\xff"  # as text: in logs and messages
+    assert raw.label == OTHER
 
 
 def test_names_split_into_service_and_method() -> None:
@@ -564,3 +573,10 @@ def test_retry_on_exceptions_of_a_non_idempotent_method_is_warned_about(tmp_path
         for w in warnings
     ), warnings
     assert not any("retry_on_exceptions" in w for w in config_warnings(idl_config(tmp_path, {})))
+
+
+def test_learned_oneway_names_are_shown_as_text_in_state() -> None:
+    learned = OnewayMethods()
+    learned.unanswered(str(b"log\xff", "utf-8", "surrogateescape"))
+    learned.unanswered("logEvent")
+    assert learned.describe()["learned_oneway"] == ["logEvent", "log\\xff"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from sidecar.protocol.envelope import shown_name
 from sidecar.testing.faults.plan import Action
 
 # Method names counted separately; later names are counted as "other".
@@ -62,6 +63,7 @@ class FaultCounters:
 
     def call(self, name: str, action: Action) -> None:
         """Count one call named ``name`` that got ``action``."""
+        name = shown_name(name)
         with self._lock:
             self._values["calls"] = self._values.get("calls", 0) + 1
             self._actions[action.value] = self._actions.get(action.value, 0) + 1
