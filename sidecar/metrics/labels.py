@@ -87,7 +87,8 @@ LABEL_DOCS: dict[str, str] = {
     "method": "The method name. In `requests_total` and `request_duration_seconds` the bare "
     "method (the service has its own label); elsewhere the name as sent, `Service:method` "
     "for multiplexed calls. Capped: names from the config and the IDL, then new names until "
-    "`metrics.max_method_labels` are in use, then `other`.",
+    "`metrics.max_method_labels` are in use, then `other`. Only identifiers get a label of "
+    "their own: any other name (one that is not UTF-8 on the wire among them) is `other`.",
     "outcome": "What the client got: the last attempt's outcome (`ok`, `declared_exception`, "
     "`app_exception`, `internal_error`, `connect_error`, `connection_closed`, `timeout`, "
     "`protocol_error`), or `fallback` (a cached or static reply), `circuit_open` (rejected "
