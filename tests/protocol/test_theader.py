@@ -18,7 +18,8 @@ from thrift.Thrift import TMessageType
 from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.protocol.appexc import encode_application_exception
 from sidecar.protocol.auto import decoder_for, make_decoder
-from sidecar.protocol.envelope import MessageType, Protocol
+from sidecar.protocol.compact import encode_compact_header
+from sidecar.protocol.envelope import MessageType, Protocol, encode_header
 from sidecar.protocol.message import Message, Transport, frame, frame_reply
 from sidecar.protocol.theader import THeaderFrame, encode_theader, parse_theader
 from sidecar.protocol.theader_decoder import THeaderDecoder
@@ -222,3 +223,26 @@ def test_garbage_raises_only_protocol_errors(
 def test_oneway_and_reply_types_pass() -> None:
     message = decode_one(call_wire("header-compact", "buffered", mtype=TMessageType.ONEWAY))
     assert message.header.type is MessageType.ONEWAY
+
+
+@pytest.mark.parametrize("protocol", [Protocol.BINARY, Protocol.COMPACT])
+@pytest.mark.parametrize("raw", [b"\xff\xfe", b"caf\xc3", b"caf\xc3\xa9"])
+def test_a_name_that_is_not_utf8_comes_through_a_theader_frame_unchanged(
+    raw: bytes, protocol: Protocol
+) -> None:
+    name = str(raw, "utf-8", "surrogateescape")
+    if protocol is Protocol.COMPACT:
+        payload = encode_compact_header(name, MessageType.CALL, 4) + b"\x00"
+    else:
+        payload = encode_header(name, MessageType.CALL, 4) + b"\x00"
+    assert raw in payload
+    info = THeaderFrame(protocol=protocol)
+    info.seqid = 4
+    wire = encode_theader(info, payload)
+    message = decode_one(wire)
+    assert message.header.name == name
+    message.set_seqid(300)
+    message.set_seqid(4)
+    assert bytes(message.to_wire(Transport.THEADER)) == wire
+    answer = encode_application_exception(name, 4, 1, "unknown", protocol=protocol)
+    assert raw in bytes(frame_reply(answer, message, Transport.THEADER))
