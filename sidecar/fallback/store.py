@@ -126,9 +126,9 @@ def cache_key(name: str, args: bytes | bytearray | memoryview) -> str:
     writes it, and the key ends in ``|raw``: no two such names share a key, and
     none shares one with a UTF-8 name (whose keys end in the hash).
     """
+    if name.isascii():  # the usual name: one flag read more than the plain f-string
+        return f"{name}|{xxhash.xxh3_128_hexdigest(args)}"
     digest = xxhash.xxh3_128_hexdigest(args)
-    if name.isascii():
-        return f"{name}|{digest}"
     shown = shown_name(name)
     return f"{name}|{digest}" if shown is name else f"{shown}|{digest}|raw"
 
