@@ -271,19 +271,27 @@ def test_a_reply_whose_name_is_not_utf8_is_passed_on_like_any_mismatched_name(
         assert upstream.connections_accepted == 1  # never discarded for a reply's name
 
 
-@pytest.mark.parametrize("protocol", ["binary", "compact"])
+@pytest.mark.parametrize(
+    ("protocol", "store"),
+    [("binary", "sqlite"), ("compact", "sqlite"), ("binary", "workers")],
+)
 def test_a_cached_reply_to_a_name_that_is_not_utf8_is_served_byte_for_byte(
-    protocol: str, tmp_path: Path
+    protocol: str, store: str, tmp_path: Path
 ) -> None:
-    """``get\\xff`` is idempotent (``get*``) and cacheable: its reply is stored in
-    the SQLite store and served, the same bytes, once the upstream is gone."""
-    config = {
+    """``get\\xff`` is idempotent (``get*``) and cacheable: its reply is stored and
+    served, the same bytes, once the upstream is gone. Stores that take keys as
+    UTF-8 text: SQLite, and the supervisor's store that ``workers: 2`` share
+    over their wire (sidecar/fallback/shared_wire.py)."""
+    cache: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "cache.sqlite")}
+    config: dict[str, Any] = {
         **ONE_TRY,
         "fallback": {
             "serve_on": ["breaker_open", "retries_exhausted"],
-            "cache": {"backend": "sqlite", "path": str(tmp_path / "cache.sqlite")},
+            "cache": cache if store == "sqlite" else {"backend": "memory"},
         },
     }
+    if store == "workers":
+        config["workers"] = 2
     name = b"get\xff"
     upstream = RawNameUpstream()
     upstream.start()
@@ -298,7 +306,7 @@ def test_a_cached_reply_to_a_name_that_is_not_utf8_is_served_byte_for_byte(
                     state = json.loads(http_get(sc.admin + "/state")[1])
                     return bool(state["fallback_store"]["entries"] >= 1)
 
-                wait_until(stored, message="the reply in the SQLite store")
+                wait_until(stored, message="the reply in the store")
                 upstream.stop()
                 served = client.call(envelope(protocol, name, 1, 2) + ARGS)
                 assert served == envelope(protocol, name, 2, 2) + VOID
