@@ -38,6 +38,7 @@ from thrift.transport.TTransport import TMemoryBuffer
 from sidecar.protocol.compact import encode_varint, read_varint
 from sidecar.testing.thrift_server import ThreadedServer
 from tests.support.clients import split_address
+from tests.support.redis import redis_server
 from tests.support.sidecar import Metrics, http_get, run_sidecar
 from tests.support.wait import wait_until
 
@@ -273,15 +274,15 @@ def test_a_reply_whose_name_is_not_utf8_is_passed_on_like_any_mismatched_name(
 
 @pytest.mark.parametrize(
     ("protocol", "store"),
-    [("binary", "sqlite"), ("compact", "sqlite"), ("binary", "workers")],
+    [("binary", "sqlite"), ("compact", "sqlite"), ("binary", "workers"), ("binary", "redis")],
 )
 def test_a_cached_reply_to_a_name_that_is_not_utf8_is_served_byte_for_byte(
     protocol: str, store: str, tmp_path: Path
 ) -> None:
     """``get\\xff`` is idempotent (``get*``) and cacheable: its reply is stored and
     served, the same bytes, once the upstream is gone. Stores that take keys as
-    UTF-8 text: SQLite, and the supervisor's store that ``workers: 2`` share
-    over their wire (sidecar/fallback/shared_wire.py)."""
+    UTF-8 text: SQLite, Redis, and the supervisor's store that ``workers: 2``
+    share over their wire (sidecar/fallback/shared_wire.py)."""
     cache: dict[str, Any] = {"backend": "sqlite", "path": str(tmp_path / "cache.sqlite")}
     config: dict[str, Any] = {
         **ONE_TRY,
@@ -292,6 +293,15 @@ def test_a_cached_reply_to_a_name_that_is_not_utf8_is_served_byte_for_byte(
     }
     if store == "workers":
         config["workers"] = 2
+    with contextlib.ExitStack() as stack:
+        if store == "redis":
+            redis = stack.enter_context(redis_server())
+            config["fallback"]["cache"] = {"backend": "redis"}
+            config["state"] = {"redis_url": redis.url}
+        _cache_round_trip(protocol, config)
+
+
+def _cache_round_trip(protocol: str, config: dict[str, Any]) -> None:
     name = b"get\xff"
     upstream = RawNameUpstream()
     upstream.start()
