@@ -39,7 +39,7 @@ from sidecar.protocol.compact import encode_varint, read_varint
 from sidecar.testing.thrift_server import ThreadedServer
 from tests.support.clients import split_address
 from tests.support.redis import redis_server
-from tests.support.sidecar import Metrics, http_get, run_sidecar
+from tests.support.sidecar import Metrics, free_port, http_get, run_sidecar
 from tests.support.wait import wait_until
 
 # Not UTF-8; UTF-8 cut short; valid UTF-8 that is not ASCII (not an identifier either).
@@ -356,3 +356,24 @@ def test_a_name_that_is_not_utf8_survives_transcoding_both_ways() -> None:
             client.close()
         assert upstream.received == NAMES
         assert all(read_envelope(sent)[0] == "binary" for sent in upstream.sent)
+
+
+def test_the_sidecars_own_answer_echoes_the_name_and_shows_it_as_text() -> None:
+    """With the circuit open and no fallback, the sidecar answers itself: the
+    envelope carries the name's bytes (clients check it), the message is text."""
+    config = {**ONE_TRY, "breaker": {"fail_max": 1, "reset_timeout": "60s"}}
+    with run_sidecar([f"127.0.0.1:{free_port()}"], config=config) as sc:  # nothing listens
+        client = Client(sc.address)
+        try:
+            client.call(envelope("binary", b"ping", 1, 1) + ARGS)  # connect_error: opens it
+            reply = client.call(envelope("binary", b"\xff\xfe", 1, 2) + ARGS)
+        finally:
+            client.close()
+    _, name, mtype, seqid = read_envelope(reply)
+    assert (name, mtype, seqid) == (b"\xff\xfe", 3, 2)
+    at = 8 + len(name) + 4
+    assert reply[at : at + 3] == b"\x0b\x00\x01"  # field 1, the message
+    length = _I32.unpack_from(reply, at + 3)[0]
+    message = reply[at + 7 : at + 7 + length].decode("utf-8")
+    assert message.startswith("circuit open for ")
+    assert message.endswith("no fallback for \\xff\\xfe")
