@@ -41,6 +41,8 @@ class SoakReport:
         breaker_transitions, reloads, state_backend_errors, fallback_store_errors,
         outcomes, attempts, fallback_replies: increases of the sidecar's counters, by label.
         final_gauges: store and backend health and breaker state once the run settled.
+        probe_checks: the path checked while half-open probes kept failing
+            (`tests.soak.watch`), one line per check.
     """
 
     seed: int
@@ -62,6 +64,7 @@ class SoakReport:
     outcomes: dict[str, float] = field(default_factory=dict)
     attempts: dict[str, float] = field(default_factory=dict)
     final_gauges: dict[str, float | None] = field(default_factory=dict)
+    probe_checks: list[str] = field(default_factory=list)
     rss_mb: Usage = field(default_factory=Usage)
     fds: Usage = field(default_factory=Usage)
     fds_left: dict[str, int] = field(default_factory=dict)
@@ -108,6 +111,8 @@ class SoakReport:
             f"requests_total by outcome: {self.outcomes}",
             f"upstream_attempts_total by result: {self.attempts}",
             f"after the run settled: {self.final_gauges}",
+            "path checks while probes kept failing: " + ("none" if not self.probe_checks else ""),
+            *(f"  {line}" for line in self.probe_checks),
             f"sidecar RSS MB before/peak/after: {self.rss_mb.before:.1f} / "
             f"{self.rss_mb.peak:.1f} / {self.rss_mb.after:.1f}",
             f"sidecar fds before/peak/after: {self.fds.before:g} / {self.fds.peak:g} / "

@@ -7,7 +7,8 @@
                                       └─ fallback cache: SQLite file (deleted), or Redis
 
 `run_soak` starts every part, samples the sidecar's RSS and fds (psutil),
-plays `tests.soak.schedule` for ``seconds``, brings every part back up, stops
+plays `tests.soak.schedule` for ``seconds`` (`tests.soak.watch` checks the
+path of half-open probes that keep failing), brings every part back up, stops
 the clients, waits (bounded) for the sidecar's fds to come back to the start,
 and reads ``/metrics``. Every process it started is stopped by its PID.
 """
@@ -35,6 +36,7 @@ from tests.soak.fds import fd_table, left_behind
 from tests.soak.report import SoakReport, client_figures
 from tests.soak.schedule import KINDS, Faults, make_schedule
 from tests.soak.upstream_process import UpstreamProcess
+from tests.soak.watch import ProbeWatch, check_path
 from tests.soak.writer import OrderClient
 from tests.support.idl import INTEROP_IDL
 from tests.support.redis import RedisServer
@@ -154,11 +156,18 @@ def run_soak(s: SoakSettings) -> SoakReport:
             with Sampler(sidecar) as sampler:
                 clients = _clients(sidecar.address, s)
                 started = time.monotonic()
+                watch = ProbeWatch(
+                    sidecar.metrics,
+                    lambda: check_path(faults.upstream, faults.proxy),
+                    started,
+                )
                 with contextlib.ExitStack() as running:
                     for client in clients.values():
                         running.enter_context(client)
-                    _play(events, faults, started, s.seconds, sampler)
+                    with watch:
+                        _play(events, faults, started, s.seconds, sampler)
                     faults.restore()
+                report.probe_checks = watch.checks
                 report.seconds = time.monotonic() - started
                 report.crashed = sampler.crashed
                 if not report.crashed:
