@@ -11,8 +11,9 @@ Every ``interval`` seconds it reads the breaker transitions from
 ``/metrics``. After ``streak`` failed probes (half-open -> open) with no
 closing between them, it checks the path once, bypassing the sidecar: a
 ``ping`` on a new connection to the upstream itself, and one through the
-fault proxy, and notes whether the upstream process runs and the proxy's
-count of calls it could not forward. Failed probes while both pings are
+fault proxy, and notes whether the upstream process runs and which calls the
+proxy could not forward, by step and kind (``connect: ECONNREFUSED``,
+``first call: ConnectionError``, ...). Failed probes while both pings are
 answered point at the sidecar; pings that fail too point at the path. A
 closing ends the episode; at most ``max_checks`` checks per run.
 """
@@ -76,13 +77,16 @@ def ping(address: str, timeout: float = PING_TIMEOUT) -> str:
 
 def check_path(upstream: UpstreamProcess, proxy: FaultProxyThread) -> str:
     """One line: the upstream pinged directly and through the fault proxy, then the
-    process's state and the proxy's count of calls it could not forward (pings included)."""
+    process's state and the calls the proxy could not forward, by step and kind
+    (`sidecar.testing.faults.FaultStats`; the ping included)."""
     direct = ping(upstream.address)
     through = ping(proxy.address)
+    stats = proxy.stats
     return (
         f"upstream process {'running' if upstream.running else 'not running'}; "
         f"ping to the upstream {direct}; ping through the fault proxy {through}; "
-        f"calls the proxy could not forward so far: {proxy.stats.upstream_failures}"
+        f"calls the proxy could not forward so far: {stats.upstream_failures} "
+        f"{stats.upstream_failure_kinds}"
     )
 
 

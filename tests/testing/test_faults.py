@@ -20,7 +20,7 @@ from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.auto import decoder_for
 from sidecar.protocol.envelope import MessageType, parse_header
-from sidecar.protocol.framing import Transport, make_decoder
+from sidecar.protocol.framing import Transport, frame, make_decoder
 from sidecar.testing.faults import Action, Fault, FaultPlan, FaultProxyThread, start_in_thread
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
@@ -334,3 +334,38 @@ def test_unreachable_upstream_resets_the_client() -> None:
         with pytest.raises(ConnectionResetError):
             raw_call(proxy.address, encode_call("ping"), "framed")
         assert proxy.stats.upstream_failures == 1
+        assert proxy.stats.upstream_failure_kinds == {"connect: ECONNREFUSED": 1}
+
+
+def test_an_upstream_gone_since_the_last_call_is_told_from_one_never_reached(
+    upstream: Thriftpy2Server, proxy: FaultProxyThread
+) -> None:
+    """A connection that served a call, its upstream gone since: "later call"; a
+    connection's first call to an upstream that accepts and closes: "first call"."""
+    call = frame(encode_call("ping"), Transport(upstream.transport))
+    with socket.create_connection(split_address(proxy.address), timeout=5) as sock:
+        sock.sendall(call)
+        assert sock.recv(4096)  # answered: the proxy's upstream connection is up
+        upstream.close_connections()  # the upstream drops it, as a restart does
+        sock.sendall(call)
+        with pytest.raises(ConnectionResetError):
+            assert not sock.recv(4096)
+    kinds = proxy.stats.upstream_failure_kinds
+    assert list(kinds) == ["later call: ConnectionError"], kinds
+
+    closing = socket.create_server(("127.0.0.1", 0))  # accepts, reads nothing, closes
+    host, port = closing.getsockname()
+    try:
+        with FaultProxyThread(f"{host}:{port}", "framed") as second:
+            with socket.create_connection(split_address(second.address), timeout=5) as sock:
+                sock.sendall(frame(encode_call("ping"), Transport.FRAMED))
+                accepted, _ = closing.accept()
+                accepted.settimeout(5)
+                assert accepted.recv(4096)  # the call came; closed unanswered (a FIN)
+                accepted.close()
+                with pytest.raises(ConnectionResetError):
+                    assert not sock.recv(4096)
+            wait_until(lambda: second.stats.upstream_failures == 1, timeout=5.0)
+            assert list(second.stats.upstream_failure_kinds) == ["first call: ConnectionError"]
+    finally:
+        closing.close()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import socket
 import struct
@@ -44,6 +45,15 @@ def reset_connection(writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
     writer.transport.abort()
+
+
+def failure_kind(exc: BaseException) -> str:
+    """A short name for why the upstream could not be used: the errno's name
+    (``ECONNREFUSED``), else the exception's type (``ConnectionError``)."""
+    number = getattr(exc, "errno", None)
+    if isinstance(number, int) and number in errno.errorcode:
+        return errno.errorcode[number]
+    return type(exc).__name__
 
 
 def set_nodelay(writer: asyncio.StreamWriter) -> None:
@@ -197,13 +207,15 @@ class Session:
     async def _forward(self, message: Message, oneway: bool, *, relay: bool) -> bool:
         """Send the call upstream and, when ``relay``, its reply back; False on failure."""
         ctx = self._ctx
+        step = "connect" if self._upstream is None else "later call"  # for a failure's kind
         try:
             if self._upstream is None:
                 self._upstream = await ctx.connect()
+                step = "first call"
             reply = await self._upstream.exchange(message, oneway)
         except (OSError, RemoteProtocolError, TimeoutError) as exc:
             log.info("fault proxy: upstream %s failed: %s", ctx.upstream, exc)
-            ctx.counters.add("upstream_failures")
+            ctx.counters.upstream_failure(f"{step}: {failure_kind(exc)}")
             self._reset()
             return False
         ctx.counters.add("forwarded")

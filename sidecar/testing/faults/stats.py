@@ -31,6 +31,10 @@ class FaultStats:
             closed its side (written anyway if the socket was still open).
         upstream_failures: calls that could not be forwarded (upstream
             unreachable or gone); the client connection was reset.
+        upstream_failure_kinds: the same calls by step and kind:
+            ``connect: ECONNREFUSED`` (no upstream to connect to), ``first call:
+            ConnectionError`` (a new upstream connection closed before the
+            reply), ``later call: ...`` (one that had served calls before).
     """
 
     connections: int = 0
@@ -41,6 +45,7 @@ class FaultStats:
     forwarded: int = 0
     late_replies: int = 0
     upstream_failures: int = 0
+    upstream_failure_kinds: dict[str, int] = field(default_factory=dict)
 
     def action(self, action: Action | str) -> int:
         """Calls that got ``action``."""
@@ -55,6 +60,7 @@ class FaultCounters:
         self._values: dict[str, int] = {}
         self._actions: dict[str, int] = {}
         self._names: dict[str, int] = {}
+        self._failure_kinds: dict[str, int] = {}
 
     def add(self, key: str, amount: int = 1) -> None:
         """Count ``amount`` under ``key`` (a `FaultStats` integer field)."""
@@ -71,6 +77,14 @@ class FaultCounters:
                 name = "other"
             self._names[name] = self._names.get(name, 0) + 1
 
+    def upstream_failure(self, kind: str) -> None:
+        """Count one call that could not be forwarded, under ``kind`` (`FaultStats`)."""
+        with self._lock:
+            self._values["upstream_failures"] = self._values.get("upstream_failures", 0) + 1
+            if kind not in self._failure_kinds and len(self._failure_kinds) >= MAX_NAMES:
+                kind = "other"
+            self._failure_kinds[kind] = self._failure_kinds.get(kind, 0) + 1
+
     def snapshot(self) -> FaultStats:
         """The counts so far."""
         with self._lock:
@@ -84,4 +98,5 @@ class FaultCounters:
                 forwarded=v.get("forwarded", 0),
                 late_replies=v.get("late_replies", 0),
                 upstream_failures=v.get("upstream_failures", 0),
+                upstream_failure_kinds=dict(self._failure_kinds),
             )
