@@ -143,7 +143,11 @@ class ProbeWatch:
                 checked = False
             elif failed >= self._streak and not checked:
                 checked = True
-                self.checks.append(f"{self._at()}, {failed} failed probes in a row: {self._path()}")
+                try:
+                    found = self._path()
+                except Exception as exc:  # nor a check that fails
+                    found = f"check failed: {type(exc).__name__}: {exc}"
+                self.checks.append(f"{self._at()}, {failed} failed probes in a row: {found}")
 
     def _at(self) -> str:
         return f"{time.monotonic() - self._started:.1f}s"
