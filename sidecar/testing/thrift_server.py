@@ -2,7 +2,9 @@
 
 We own the listening socket and the threads; a Thrift library only processes
 messages (subclasses say how, in `ThreadedServer._serve_connection`). An
-accept thread polls the listener and starts a daemon thread per connection.
+accept thread polls the listener and starts a daemon thread per connection;
+an ``accept`` that fails (out of file descriptors, say) is logged and tried
+again after a pause, so a failure that passes never closes the listener.
 `stop()` sets a flag, shuts every open connection down (which wakes blocked
 reads), wakes the accept thread by connecting to it, and joins every thread
 against one deadline. The libraries' own servers are not used: their accept
@@ -25,6 +27,8 @@ log = logging.getLogger("sidecar.testing.thrift_server")
 
 # How long the accept thread blocks before it looks at the stop flag again.
 _ACCEPT_POLL_SECONDS = 0.1
+# The pause before accept is tried again after it failed (EMFILE and the like).
+_ACCEPT_RETRY_SECONDS = 0.05
 # Connection-ending errors kept for inspection (oldest dropped beyond this).
 _MAX_ERRORS = 100
 
@@ -179,6 +183,7 @@ class ThreadedServer(abc.ABC):
     def _accept_loop(self) -> None:
         listener = self._listener
         assert listener is not None
+        failing = False  # the last accept failed: said once, and again when it works
         try:
             while not self._closing.is_set():
                 try:
@@ -186,8 +191,19 @@ class ThreadedServer(abc.ABC):
                 except TimeoutError:
                     continue
                 except OSError as exc:
+                    # Out of file descriptors, memory or buffers, or a connection
+                    # aborted while queued: all pass. The listener stays open (closed,
+                    # it would refuse every client for good) and accept is tried again
+                    # after a pause (at once, it would spin on the same failure).
                     self._record_error(exc)
-                    return
+                    if not failing:
+                        log.warning("%s: cannot accept a connection (%s); trying again", self, exc)
+                        failing = True
+                    self._closing.wait(_ACCEPT_RETRY_SECONDS)
+                    continue
+                if failing:
+                    log.warning("%s: accepting connections again", self)
+                    failing = False
                 self._start_connection(conn)
         finally:
             listener.close()
@@ -206,9 +222,14 @@ class ThreadedServer(abc.ABC):
                 conn.close()
                 return
             self.connections_accepted += 1
+            try:
+                thread.start()  # under the lock: stop() never sees a thread it cannot join
+            except RuntimeError as exc:  # no thread to be had now: this connection is refused
+                self._record_error(exc)
+                conn.close()
+                return
             self._conns.add(conn)
             self._threads.add(thread)
-            thread.start()  # under the lock: stop() never sees a thread it cannot join
 
     def _run_connection(self, conn: socket.socket) -> None:
         try:

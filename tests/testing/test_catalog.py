@@ -176,3 +176,76 @@ def test_upstream_program_serves_until_sigterm() -> None:
     assert code == 0, log
     assert f"Catalog service on 127.0.0.1:{port} (framed)" in log
     assert "signal 15: stopping" in log
+
+
+# The upstream program's open-file limit in the test below: its imports and
+# listener take about a dozen descriptors, the rest go to connections.
+FD_LIMIT = 48
+# More connections than that at once, so that accepting one fails (EMFILE).
+CROWD = 80
+
+
+def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -> None:
+    """A client crowd beyond the open-file limit makes ``accept`` fail (EMFILE);
+    once it leaves, the same process serves again: the listener must not be closed
+    for a failure that passes."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    port = free_port()
+    # The program under a lower open-file limit, set in its own process first.
+    program = (
+        "import resource, runpy, sys\n"
+        f"resource.setrlimit(resource.RLIMIT_NOFILE, ({FD_LIMIT}, {FD_LIMIT}))\n"
+        f"sys.argv = ['upstream', '--port', '{port}']\n"
+        "runpy.run_module('sidecar.testing.upstream', run_name='__main__')\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", program],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+    def answers() -> bool:
+        assert proc.poll() is None, "the upstream exited"
+        try:
+            client = catalog_client(f"127.0.0.1:{port}")
+        except Exception:
+            return False
+        try:
+            return bool(client.getItem(3) == make_item(load_catalog_idl(), 3))
+        except Exception:
+            return False
+        finally:
+            client.close()
+
+    try:
+        wait_until(answers, timeout=30, interval=0.05, message="the upstream's first answer")
+        crowd: list[socket.socket] = []
+        try:
+            for _ in range(CROWD):
+                try:
+                    crowd.append(socket.create_connection(("127.0.0.1", port), timeout=2))
+                except OSError:
+                    break  # the backlog is full: enough
+            # Every descriptor the process may have is in use: accept() fails now.
+            wait_until(
+                lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) >= FD_LIMIT - 1,
+                timeout=10,
+                message="the upstream out of file descriptors",
+            )
+        finally:
+            for sock in crowd:
+                sock.close()
+        wait_until(answers, timeout=30, interval=0.1, message="an answer after the crowd left")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+            raise
+        log = proc.stdout.read().decode() if proc.stdout else ""
+    assert code == 0, log
+    assert "cannot accept a connection" in log, log
