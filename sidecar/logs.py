@@ -46,6 +46,26 @@ class _WorkerField(logging.Filter):
         return True
 
 
+# Control characters (C0, DEL, C1) and line separators as a text line shows them.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROLS.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t"})
+_CONTROLS.update({0x2028: "\\u2028", 0x2029: "\\u2029"})  # line and paragraph separators
+
+
+class TextFormatter(logging.Formatter):
+    """The text format: one line per record, whatever the message quotes.
+
+    Messages quote what peers send (method names, an upstream's error text):
+    a line break in one would start a line of the peer's making. Control
+    characters in the formatted line are written as escapes (``\\n``,
+    ``\\x1b``); a traceback, appended after it, keeps its own lines.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        line = super().formatMessage(record)
+        return line if line.isprintable() else line.translate(_CONTROLS)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and any ``extra`` fields."""
 
@@ -74,7 +94,7 @@ def configure_logging(level: str, fmt: str) -> None:
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter(TEXT_FORMAT if _worker is None else WORKER_TEXT_FORMAT)
+        formatter = TextFormatter(TEXT_FORMAT if _worker is None else WORKER_TEXT_FORMAT)
     handler.setFormatter(formatter)
     if _worker is not None:
         handler.addFilter(_WorkerField(_worker))

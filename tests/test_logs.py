@@ -22,6 +22,7 @@ import thriftpy2.thrift
 
 from sidecar import logs
 from sidecar.logs import DEFAULT_BURST, DEFAULT_PERIOD
+from sidecar.protocol.envelope import MessageType, encode_header, parse_header
 from tests.support.clients import thriftpy2_client
 from tests.support.ops import (
     GARBAGE,
@@ -33,6 +34,7 @@ from tests.support.ops import (
     scrape,
     send_garbage,
 )
+from tests.support.raw import raw_call
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import free_port, run_sidecar
 from tests.support.wait import wait_until
@@ -271,3 +273,31 @@ def test_a_workers_json_lines_carry_its_index(capsys: pytest.CaptureFixture[str]
     finally:
         logs._worker = None
         logs.configure_logging("info", "text")
+
+
+def test_a_text_line_stays_one_line_whatever_it_quotes(capsys: pytest.CaptureFixture[str]) -> None:
+    try:
+        logs.configure_logging("info", "text")
+        logging.getLogger("sidecar.test").warning("quoted %s", "a\r\nb\tc\x1b[31md\x7f")
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1  # the record's own line end only
+        assert err.rstrip("\n").endswith("quoted a\\r\\nb\\tc\\x1b[31md\\x7f")
+    finally:
+        logs.configure_logging("info", "text")
+
+
+def test_a_method_name_cannot_forge_a_log_line() -> None:
+    """A client's method name with a line break, logged by the access log in text format,
+    stays inside its own line: no line of the log starts with what the client wrote."""
+    forged = "2030-01-01 00:00:00,000 ERROR   sidecar.server: forged by a client"
+    name = "getItem\n" + forged
+    access = {"log": {"format": "text", "access": {"sample_rate": 1}}}
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=access) as sc,
+    ):
+        call = encode_header(name, MessageType.CALL, 7) + b"\x00"
+        reply = raw_call(sc.address, call, "framed")
+        assert parse_header(reply).name == name  # proxied byte for byte
+        wait_until(lambda: "getItem\\n2030" in sc.log(), message="the access line")
+        assert not [line for line in sc.log().splitlines() if line.startswith(forged[:10])]
