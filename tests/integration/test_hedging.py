@@ -11,24 +11,36 @@ hedges; a half-open probe is not hedged; with two addresses the hedge goes
 to the other one (a fault proxy delays every call on the first); and, with a
 fault proxy's schedule, an attempt that fails while the other is in flight
 waits for it instead of failing the call (no retries are allowed here), as
-does a hedge whose connection is refused.
+does a hedge whose connection is refused. A THeader call (Apache's THeader
+client, binary or compact, to an Apache THeader upstream) is hedged as a
+copy of its frame: the client gets one reply, under its own seqid (in the
+frame and in the message), in its own THeader form, whichever attempt wins.
 """
 
 from __future__ import annotations
 
 import socket
+import struct
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+from thrift.protocol.THeaderProtocol import THeaderProtocol
+from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
+from thrift.transport.TTransport import TFramedTransport, TMemoryBuffer
 
 from sidecar.protocol.envelope import parse_header
-from sidecar.protocol.framing import Transport, frame, make_decoder
+from sidecar.protocol.framing import Message, Transport, frame, make_decoder
+from sidecar.protocol.theader_decoder import THeaderDecoder
 from sidecar.testing.faults import FaultPlan, FaultProxyThread
+from tests.interop.matrix import Wire
+from tests.interop.upstream import WireUpstream
+from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address, thriftpy2_client
-from tests.support.hold import Hold
+from tests.support.hold import HOLD_LIMIT, Hold
 from tests.support.raw import decode_reply, encode_call
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, free_port, run_sidecar
@@ -73,10 +85,11 @@ class RawClient:
         return out
 
     def nothing_pending(self) -> bool:
-        """No reply bytes wait to be read."""
+        """No reply bytes wait to be read (looked at once: a socket timeout would wait it out)."""
+        self.sock.settimeout(0.0)
         try:
-            self.sock.recv(65536, socket.MSG_DONTWAIT)
-        except (BlockingIOError, TimeoutError):  # nothing to read (a socket with a timeout)
+            self.sock.recv(65536)
+        except BlockingIOError:
             return not self._replies
         return False  # bytes, or the connection closed
 
@@ -508,3 +521,203 @@ def test_max_extra_two_sends_a_second_hedge_a_delay_after_the_first(
         assert upstream.calls["getItem"] == 1 + 3 + 1
         m = sidecar.metrics()
         assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 3
+
+
+# -- THeader: the hedge is a copy of a THeader frame -----------------------------------
+
+
+class Race:
+    """A getItem hook deciding which attempt answers first, by order, not by timing.
+
+    After `arm`, the first getItem execution (the call's own attempt) and the
+    second (its hedge) are ordered: with ``hedge_wins`` the first waits until
+    `release` and the hedge answers at once; otherwise the first answers as
+    soon as the hedge has reached the upstream, and the hedge waits until
+    `release`. Every wait ends after `HOLD_LIMIT` seconds at most.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._seen = -1  # getItem executions since `arm` (-1: not armed)
+        self.hedge_wins = False
+        self.hedge_arrived = threading.Event()
+        self.released = threading.Event()
+
+    def arm(self, hedge_wins: bool) -> None:
+        with self._lock:
+            self._seen = 0
+            self.hedge_wins = hedge_wins
+
+    def release(self) -> None:
+        self.released.set()
+
+    def __call__(self, name: str) -> None:
+        if name != "getItem":
+            return
+        with self._lock:
+            if self._seen < 0:
+                return
+            self._seen += 1
+            seen = self._seen
+        if seen == 1:  # the call's own attempt
+            if self.hedge_wins:
+                self.released.wait(HOLD_LIMIT)
+            else:
+                self.hedge_arrived.wait(HOLD_LIMIT)
+        elif seen == 2:  # the hedge
+            self.hedge_arrived.set()
+            if not self.hedge_wins:
+                self.released.wait(HOLD_LIMIT)
+
+
+def theader_get_item(protocol: str, outer_framed: bool, seqid: int, item_id: int) -> bytes:
+    """getItem(item_id) as Apache's THeader client writes it (in a frame if ``outer_framed``)."""
+    gen = load_apache_interop()
+    out = TMemoryBuffer()
+    trans: Any = TFramedTransport(out) if outer_framed else out
+    proto = THeaderProtocol(trans, [THeaderClientType.HEADERS], _SUBPROTOCOL[protocol])
+    proto.set_header(b"trace-id", f"trace-{seqid}".encode())
+    client = gen.Interop.Client(proto)
+    client._seqid = seqid
+    client.send_getItem(item_id)
+    return bytes(out.getvalue())
+
+
+def theader_item(wire: bytes, protocol: str, outer_framed: bool) -> Any:
+    """The getItem result in one THeader reply, read by Apache's THeader client."""
+    gen = load_apache_interop()
+    trans: Any = TMemoryBuffer(wire)
+    if outer_framed:
+        trans = TFramedTransport(trans)
+    proto = THeaderProtocol(trans, [THeaderClientType.HEADERS], _SUBPROTOCOL[protocol])
+    return gen.Interop.Client(proto).recv_getItem()
+
+
+_SUBPROTOCOL = {"binary": THeaderSubprotocolID.BINARY, "compact": THeaderSubprotocolID.COMPACT}
+
+
+class THeaderClient:
+    """A THeader client connection over a bare socket: the exact bytes of every reply.
+
+    Apache's THeader client writes the calls and reads the values; the socket
+    is the test's, so that the reply's seqids (the frame's and the message's),
+    its framing, and anything sent after it can be checked, which no library
+    client checks.
+    """
+
+    def __init__(self, address: str, protocol: str, outer_framed: bool) -> None:
+        self.protocol = protocol
+        self.outer_framed = outer_framed
+        self.sock = socket.create_connection(split_address(address), timeout=10)
+        self._decoder = THeaderDecoder(1 << 20)
+        self._pending = bytearray()
+
+    def call(self, seqid: int, item_id: int) -> None:
+        self.sock.sendall(theader_get_item(self.protocol, self.outer_framed, seqid, item_id))
+
+    def reply(self, timeout: float = 10.0) -> tuple[bytes, Message]:
+        """The next reply: its bytes, and the message the sidecar's decoder reads in them."""
+        deadline = time.monotonic() + timeout
+        while True:
+            # One reply at a time is awaited: the decoder is fed the bytes of one reply.
+            length = self._frame_length()
+            if length is not None and len(self._pending) >= length:
+                wire = bytes(self._pending[:length])
+                del self._pending[:length]
+                [message] = self._decoder.receive_data(wire)
+                return wire, message
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no whole reply in {timeout}s ({len(self._pending)} bytes)")
+            self.sock.settimeout(remaining)
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the sidecar closed the connection")
+            self._pending += data
+
+    def _frame_length(self) -> int | None:
+        """Bytes of the first whole reply in ``_pending`` (its outer frame included)."""
+        if len(self._pending) < 4:
+            return None
+        return 4 + int(struct.unpack_from(">i", self._pending, 0)[0])
+
+    def nothing_pending(self) -> bool:
+        """No reply bytes wait to be read (looked at once, without waiting)."""
+        self.sock.settimeout(0.0)
+        try:
+            self.sock.recv(65536)
+        except BlockingIOError:
+            return not self._pending
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("hedge_wins", [True, False], ids=["hedge-wins", "first-wins"])
+@pytest.mark.parametrize(
+    ("protocol", "outer_framed"),
+    [("binary", False), ("compact", False)],
+    ids=["binary-theader", "compact-theader"],
+)
+def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_form(
+    protocol: str, outer_framed: bool, hedge_wins: bool
+) -> None:
+    race = Race()
+    upstream = WireUpstream(Wire(protocol, "header", False))  # type: ignore[arg-type]
+    upstream.hook = race
+    upstream.start()
+    try:
+        with run_sidecar([upstream.address], config=CONFIG) as sidecar:
+            client = THeaderClient(sidecar.address, protocol, outer_framed)
+            try:
+                client.call(1, 1)  # getItem answered once: known to be two-way
+                wire, _ = client.reply()
+                assert theader_item(wire, protocol, outer_framed).id == 1
+
+                race.arm(hedge_wins)
+                # A seqid whose compact varint is longer than the upstream connections'
+                # own seqids: each attempt's copy is patched to a shorter one, the reply
+                # back to this one.
+                seqid = 0x7FFF_FF00
+                client.call(seqid, 7)
+                wire, reply = client.reply()  # with no hedge, hedge-wins: after the hold (10 s)
+                assert reply.header.seqid == seqid
+                assert reply.theader is not None
+                assert reply.theader.seqid == seqid
+                assert reply.theader.outer_framed is outer_framed
+                assert reply.header.protocol.value == protocol
+                assert theader_item(wire, protocol, outer_framed).id == 7
+                assert upstream.calls["getItem"] == 3  # both attempts ran
+                assert hedges(sidecar, "getItem")[:2] == (1, 1 if hedge_wins else 0)
+
+                # The loser answers now; its reply is read and dropped by the sidecar.
+                ok_attempts = _attempts(sidecar, "ok")
+                race.release()
+                wait_until(
+                    lambda: _attempts(sidecar, "ok") == ok_attempts + 1,
+                    timeout=10,
+                    message="the loser's reply recorded",
+                )
+                assert client.nothing_pending()
+                # The connection and the pool still pair each call with its own reply.
+                for n in range(3):
+                    client.call(100 + n, 10 + n)
+                    wire, reply = client.reply()
+                    assert reply.header.seqid == 100 + n
+                    assert theader_item(wire, protocol, outer_framed).id == 10 + n
+                assert client.nothing_pending()
+            finally:
+                client.close()
+            m = sidecar.metrics()
+            assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 5
+            assert m.value("thrift_sidecar_requests_total", method="getItem") == 5
+    finally:
+        race.release()
+        upstream.stop()
+
+
+def _attempts(sidecar: SidecarProcess, result: str) -> float:
+    return sidecar.metrics().value(
+        "thrift_sidecar_upstream_attempts_total", method="getItem", result=result
+    )
