@@ -90,18 +90,22 @@ class Message:
         """The struct after the envelope: call arguments or reply result."""
         return memoryview(self.buf)[self.start + self.header.body_offset :]
 
-    def to_wire(self, transport: Transport) -> bytes | bytearray | memoryview:
+    def to_wire(
+        self, transport: Transport, outer_framed: bool | None = None
+    ) -> bytes | bytearray | memoryview:
         """The bytes to write for ``transport``; no copy when the form already matches.
 
         For THEADER the message's own frame header is used (a plain one, with
-        the payload's protocol, when it came without).
+        the payload's protocol, when it came without); ``outer_framed``, when
+        given, says whether the frame goes inside a frame length of its own,
+        whatever the form it came in (a peer reads the form it speaks).
         """
         if transport is _THEADER:
             info = self.theader
             if info is None:
                 info = THeaderFrame(protocol=self.protocol)
                 info.seqid = _seqid_now(self)
-            return encode_theader(info, self.payload())
+            return encode_theader(info, self.payload(), outer_framed)
         if transport is _FRAMED:
             if self.start == 4:
                 return self.buf

@@ -150,8 +150,15 @@ def _inflate(payload: bytes | bytearray | memoryview, max_size: int) -> bytes:
     return out
 
 
-def encode_theader(info: THeaderFrame, payload: bytes | bytearray | memoryview) -> bytes:
-    """A whole THeader frame (with its length; twice when ``outer_framed``) around ``payload``."""
+def encode_theader(
+    info: THeaderFrame,
+    payload: bytes | bytearray | memoryview,
+    outer_framed: bool | None = None,
+) -> bytes:
+    """A whole THeader frame (with its length; twice when outer framed) around ``payload``.
+
+    ``outer_framed``: inside a frame length of its own or not; None: as ``info`` says.
+    """
     body = bytes(payload)
     for transform in info.transforms:
         if transform == ZLIB:
@@ -168,4 +175,6 @@ def encode_theader(info: THeaderFrame, payload: bytes | bytearray | memoryview) 
     head += b"\x00" * (-len(head) % 4)
     length = 10 + len(head) + len(body)
     out = _FIXED.pack(length, HEADER_MAGIC, info.flags, info.seqid, len(head) // 4) + head + body
-    return _I32.pack(len(out)) + out if info.outer_framed else out
+    if outer_framed is None:
+        outer_framed = info.outer_framed
+    return _I32.pack(len(out)) + out if outer_framed else out

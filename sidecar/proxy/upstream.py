@@ -154,7 +154,9 @@ class UpstreamConnection(asyncio.Protocol):
             waiting.bucket = self.pool.timeouts.add(expires, waiting, waiting)
             self._waiting.append(waiting)
         assert self.transport is not None
-        self.transport.write(message.to_wire(self.pool.transport_kind))
+        # THeader: a plain frame, whatever form the client's came in (an upstream
+        # reads plain THeader frames; Apache's reads nothing else).
+        self.transport.write(message.to_wire(self.pool.transport_kind, False))
 
     def data_received(self, data: bytes) -> None:
         if not self._answered:

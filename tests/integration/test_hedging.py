@@ -12,9 +12,10 @@ to the other one (a fault proxy delays every call on the first); and, with a
 fault proxy's schedule, an attempt that fails while the other is in flight
 waits for it instead of failing the call (no retries are allowed here), as
 does a hedge whose connection is refused. A THeader call (Apache's THeader
-client, binary or compact, to an Apache THeader upstream) is hedged as a
-copy of its frame: the client gets one reply, under its own seqid (in the
-frame and in the message), in its own THeader form, whichever attempt wins.
+client, binary or compact, each frame inside a frame length of its own or
+not, to an Apache THeader upstream) is hedged as a copy of its frame: the
+client gets one reply, under its own seqid (in the frame and in the
+message), in its own THeader form, whichever attempt wins.
 """
 
 from __future__ import annotations
@@ -657,8 +658,8 @@ class THeaderClient:
 @pytest.mark.parametrize("hedge_wins", [True, False], ids=["hedge-wins", "first-wins"])
 @pytest.mark.parametrize(
     ("protocol", "outer_framed"),
-    [("binary", False), ("compact", False)],
-    ids=["binary-theader", "compact-theader"],
+    [("binary", False), ("compact", False), ("binary", True), ("compact", True)],
+    ids=["binary-theader", "compact-theader", "binary-in-a-frame", "compact-in-a-frame"],
 )
 def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_form(
     protocol: str, outer_framed: bool, hedge_wins: bool

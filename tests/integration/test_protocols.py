@@ -63,11 +63,13 @@ def apache(address: str, protocol: str, transport: str, timeout: float = 10.0) -
     sock = TSocket.TSocket(host, port)
     sock.setTimeout(timeout * 1000)
     proto: Any
-    if transport == "header":
+    if transport in ("header", "header-in-a-frame"):
         default = (
             THeaderSubprotocolID.COMPACT if protocol == "compact" else THeaderSubprotocolID.BINARY
         )
-        proto = THeaderProtocol(sock, [THeaderClientType.HEADERS], default)
+        # In a frame: each THeader frame inside a frame length of its own.
+        under = sock if transport == "header" else TTransport.TFramedTransport(sock)
+        proto = THeaderProtocol(under, [THeaderClientType.HEADERS], default)
         trans: Any = proto.trans
     else:
         trans = (
@@ -168,6 +170,36 @@ def test_theader_headers_travel_both_ways_and_the_sidecar_adds_its_own(protocol:
     assert headers[ATTEMPT_HEADER.encode()] == b"1"
     left = int(headers[DEADLINE_HEADER.encode()])
     assert 3000 < left <= 4000
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_a_theader_client_in_a_frame_is_answered_in_a_frame_by_way_of_a_plain_theader_upstream(
+    protocol: str,
+) -> None:
+    """A client whose THeader frames come inside a frame length of their own (Apache's
+    THeader protocol over a framed transport) gets its replies in that form; the upstream,
+    which reads plain THeader frames only (Apache's THeader server), gets plain ones."""
+    up = HeaderEcho(protocol)
+    up.start()
+    try:
+        with (
+            apache(up.address, protocol, "header-in-a-frame", timeout=2.0) as (direct, _),
+            pytest.raises(TTransport.TTransportException),  # it does not read this form
+        ):
+            direct.add(1, 2)
+        with (
+            SidecarThread(base_config([up.address], retry={"max_attempts": 1})) as sc,
+            apache(sc.address, protocol, "header-in-a-frame") as (client, proto),
+        ):
+            for n in range(3):  # on the same upstream connection
+                proto.trans.set_header(b"trace-id", b"abc-%d" % n)
+                assert client.add(n, 2) == n + 2
+                assert proto.trans.get_headers().get(b"upstream-says") == b"hello"
+            assert client.getItem(9).id == 9
+            wait_until(lambda: len(up.seen) == 4, timeout=5.0, message="the upstream's record")
+    finally:
+        up.stop()
+    assert [seen.get(b"trace-id") for seen in up.seen] == [b"abc-0", b"abc-1", b"abc-2", None]
 
 
 def test_a_client_timeout_header_shortens_the_deadline() -> None:
