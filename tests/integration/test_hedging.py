@@ -15,7 +15,13 @@ does a hedge whose connection is refused. A THeader call (Apache's THeader
 client, binary or compact, each frame inside a frame length of its own or
 not, to an Apache THeader upstream) is hedged as a copy of its frame: the
 client gets one reply, under its own seqid (in the frame and in the
-message), in its own THeader form, whichever attempt wins.
+message), in its own THeader form, whichever attempt wins. A hedge still
+waiting for its connection when the first attempt answers leaves nothing
+behind: waiting for the one connection of a pool, the connection handed to
+it as the call is answered goes back idle; connecting to an address whose
+accept queue is full, its connect is given up and its pool slot freed
+(/state pools, ``upstream_connections``); in both, the client gets one
+reply, and the hedge counts as sent, not won, with no attempt recorded.
 """
 
 from __future__ import annotations
@@ -722,3 +728,150 @@ def _attempts(sidecar: SidecarProcess, result: str) -> float:
     return sidecar.metrics().value(
         "thrift_sidecar_upstream_attempts_total", method="getItem", result=result
     )
+
+
+# -- a hedge still waiting for its connection when the call is answered ------------------
+
+
+def pool_state(sidecar: SidecarProcess, address: str) -> tuple[int, int, int]:
+    """(open, idle, busy) connections of the pool of ``address``, from /state (0s: no pool)."""
+    for pool in sidecar.state()["pools"]:
+        if pool["address"] == address:
+            return pool["open"], pool["idle"], pool["busy"]
+    return 0, 0, 0
+
+
+def connections_gauge(sidecar: SidecarProcess, address: str) -> tuple[float, float]:
+    """(busy, idle) from thrift_sidecar_upstream_connections."""
+    m = sidecar.metrics()
+    return (
+        m.value("thrift_sidecar_upstream_connections", upstream=address, state="busy"),
+        m.value("thrift_sidecar_upstream_connections", upstream=address, state="idle"),
+    )
+
+
+def test_a_hedge_waiting_for_the_only_connection_gives_it_back_when_the_first_attempt_answers(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    """One address, one connection: the hedge waits for the connection the first attempt
+    holds. When the first attempt answers, the pool hands that connection to the waiting
+    hedge at the moment the call is answered and the hedge cancelled: it must go back to
+    the pool, idle, not be lost with the cancelled hedge (the next call would wait for a
+    connection that never comes) nor carry the hedge."""
+    upstream, hold = held_upstream
+    config = {**CONFIG, "upstream": {"pool_size": 1}}
+    address = upstream.address
+    with run_sidecar([address], config=config) as sidecar:
+        client = RawClient(sidecar.address)
+        try:
+            client.send(get_item(1, 1))
+            check_item(client.read(1)[0], 1, 1)
+            hold.arm("getItem")
+            client.send(get_item(4242, 2))
+            wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge started")
+            assert hold.held == 1
+            assert pool_state(sidecar, address) == (1, 0, 1)  # the hedge waits for that one
+            hold.release()
+            check_item(client.read(1)[0], 4242, 2)
+            for i in range(3, 6):  # on that same connection: the pool holds only one
+                client.send(get_item(i, i))
+                check_item(client.read(1)[0], i, i)
+            assert client.nothing_pending()
+        finally:
+            client.close()
+        wait_until(
+            lambda: pool_state(sidecar, address) == (1, 1, 0),
+            message="the connection idle in the pool",
+        )
+        wait_until(
+            lambda: connections_gauge(sidecar, address) == (0, 1),
+            message="upstream_connections: one idle",
+        )
+        assert hedges(sidecar, "getItem") == (1, 0, 0)
+        m = sidecar.metrics()
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 5
+        assert m.value("thrift_sidecar_upstream_attempts_total", method="getItem") == 5
+    assert upstream.calls["getItem"] == 5  # the hedge was never sent
+
+
+class NotAccepting:
+    """A listener on ``port`` whose accept queue is full: connecting to it hangs.
+
+    Nothing accepts, and one connection fills a queue of length 0; the kernel
+    then drops each new SYN, so a client's connect stays pending (it retries,
+    and is dropped again) until it gives up. An upstream that accepts slowly.
+    """
+
+    def __init__(self, port: int) -> None:
+        self.address = f"127.0.0.1:{port}"
+        self._listener = socket.socket()
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", port))
+        self._listener.listen(0)
+        self._filler = socket.create_connection(("127.0.0.1", port), timeout=5)
+        # The queue is full once a connect no longer completes.
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            with pytest.raises(TimeoutError):
+                probe.connect(("127.0.0.1", port))
+        finally:
+            probe.close()
+
+    def close(self) -> None:
+        self._filler.close()
+        self._listener.close()
+
+
+def test_a_hedge_still_connecting_when_the_first_attempt_answers_leaves_nothing_behind(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    upstream, hold = held_upstream
+    port = free_port()
+    slow = f"127.0.0.1:{port}"
+    # The hedge's connect may take up to 10 s: it is pending when the first attempt answers.
+    config = {**CONFIG, "upstream": {"connect_timeout": "10s"}}
+    with (
+        run_sidecar([upstream.address, slow], config=config) as sidecar,
+        thriftpy2_client(sidecar.address, "framed") as first,
+    ):
+        # Calls take the addresses in turn: getItem(1) the live one (getItem is then
+        # known two-way), ping the other (nothing listens yet: refused at once),
+        # getItem(2) the live one again.
+        assert first.getItem(1).id == 1
+        with pytest.raises(Exception, match="cannot connect to the upstream"):
+            first.ping()
+        listener = NotAccepting(port)
+        client = RawClient(sidecar.address)
+        try:
+            hold.arm("getItem")
+            client.send(get_item(4242, 2))
+            # The hedge goes to the address not tried yet, and its connect hangs there,
+            # holding a slot of that pool.
+            wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge started")
+            wait_until(
+                lambda: pool_state(sidecar, slow) == (1, 0, 1), message="the hedge connecting"
+            )
+            assert hold.held == 1
+            hold.release()
+            check_item(client.read(1)[0], 4242, 2)
+            # The call was answered: the hedge's connect was given up and its slot freed.
+            wait_until(
+                lambda: pool_state(sidecar, slow) == (0, 0, 0),
+                message="the connecting hedge's slot freed",
+            )
+            wait_until(
+                lambda: connections_gauge(sidecar, slow) == (0, 0),
+                message="upstream_connections: none to the slow address",
+            )
+            assert client.nothing_pending()
+        finally:
+            client.close()
+            listener.close()
+        m = sidecar.metrics()
+        assert hedges(sidecar, "getItem") == (1, 0, 0)
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
+        # The hedge made no attempt: nothing recorded against the slow address.
+        assert m.value("thrift_sidecar_upstream_attempts_total", method="getItem") == 2
+        assert m.value("thrift_sidecar_upstream_ejections_total", upstream=slow) == 0
+    assert upstream.calls["getItem"] == 2
