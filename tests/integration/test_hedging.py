@@ -22,6 +22,9 @@ it as the call is answered goes back idle; connecting to an address whose
 accept queue is full, its connect is given up and its pool slot freed
 (/state pools, ``upstream_connections``); in both, the client gets one
 reply, and the hedge counts as sent, not won, with no attempt recorded.
+A hedge handed a connection the upstream has just closed (the fault
+proxy's ``close_after``) fails as connection_closed and the call waits for
+its first attempt.
 """
 
 from __future__ import annotations
@@ -875,3 +878,85 @@ def test_a_hedge_still_connecting_when_the_first_attempt_answers_leaves_nothing_
         assert m.value("thrift_sidecar_upstream_attempts_total", method="getItem") == 2
         assert m.value("thrift_sidecar_upstream_ejections_total", upstream=slow) == 0
     assert upstream.calls["getItem"] == 2
+
+
+# -- a hedge whose connection the upstream closed before the hedge was sent --------------
+
+
+def test_a_hedge_on_a_connection_the_upstream_closed_waits_for_the_first_attempt(
+    held_upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    """The hedge waits for the one connection of the other address, busy with another
+    client's call. The upstream answers that call and closes the connection (a server
+    that ends connections after a call): the pool hands the connection to the hedge as
+    the reply is read, and the end of the connection comes next. Mostly the hedge finds
+    the connection closed before it writes (`Hedger._send`); when the end comes a moment
+    later, the hedge is written and fails as the connection closes. Either way it is the
+    hedge's failure (connection_closed), not the call's: the call waits for its first
+    attempt, and the client gets its one answer, nothing more."""
+    first, hold_first = held_upstream
+    hold_other = Hold()
+    config = {**CONFIG, "upstream": {"pool_size": 1}}
+    with (
+        thriftpy2_server("framed") as other,
+        FaultProxyThread(other.address, "framed", FaultPlan(seed=5)) as closing,
+        run_sidecar([first.address, closing.address], config=config) as sidecar,
+    ):
+        other.hook = hold_other
+        client = RawClient(sidecar.address)
+        neighbour = RawClient(sidecar.address)
+        try:
+            # Calls take the addresses in turn: getItem(1) the first one (getItem is
+            # then known two-way); placeOrder the other one, held there, its reply
+            # followed by the end of the connection; getItem(2) the first one, held.
+            client.send(get_item(1, 1))
+            check_item(client.read(1)[0], 1, 1)
+            hold_other.arm("placeOrder")
+            closing.plan.extend_schedule(["close_after"])
+            neighbour.send(place_order(77))
+            wait_until(lambda: hold_other.held == 1, message="placeOrder held")
+            hold_first.arm("getItem")
+            client.send(get_item(4242, 2))
+            # Its hedge waits for the other address's one connection (placeOrder's).
+            wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge started")
+            assert pool_state(sidecar, closing.address) == (1, 0, 1)
+            hold_other.release()
+            assert decode_reply("placeOrder", neighbour.read(1)[0]).orderId == 1
+            wait_until(
+                lambda: _attempts(sidecar, "connection_closed") == 1,
+                message="the hedge failed: connection closed",
+            )
+            assert client.nothing_pending()  # the hedge's failure is not the call's answer
+            assert hold_first.held == 1
+            hold_first.release()
+            check_item(client.read(1)[0], 4242, 2)
+            assert client.nothing_pending()
+            assert neighbour.nothing_pending()
+        finally:
+            client.close()
+            neighbour.close()
+            hold_other.release()
+        m = sidecar.metrics()
+        assert hedges(sidecar, "getItem") == (1, 0, 0)
+        assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
+        assert m.value("thrift_sidecar_requests_total", method="getItem") == 2
+        assert m.value("thrift_sidecar_retries_total") == 0
+        assert (
+            m.value(
+                "thrift_sidecar_upstream_attempts_total",
+                method="getItem",
+                upstream=closing.address,
+            )
+            == 1  # the hedge, closed
+        )
+        wait_until(
+            lambda: pool_state(sidecar, closing.address)[0] == 0,
+            message="the closed connection's slot freed",
+        )
+    assert first.calls["getItem"] == 2
+    assert other.calls["getItem"] == 0  # the hedge never ran
+
+
+def place_order(seqid: int) -> bytes:
+    order = {"customer": "c", "lines": [{"itemId": 1, "quantity": 2}]}
+    return encode_call("placeOrder", {"order": _order(order)}, seqid=seqid)

@@ -78,13 +78,14 @@ def test_rates_cover_every_call_action_in_proportion() -> None:
         "delay": 0.1,
         "internal_error": 0.1,
         "garbage": 0.1,
+        "close_after": 0.1,
     }
     plan = FaultPlan(rates, seed=7)
     n = 10_000
     drawn = [plan.next_call().action for _ in range(n)]
     for action in rates:
         assert 0.08 < drawn.count(Action(action)) / n < 0.12, action
-    assert 0.47 < drawn.count(Action.OK) / n < 0.53
+    assert 0.37 < drawn.count(Action.OK) / n < 0.43
 
 
 def test_connection_schedule_then_refuse_rate() -> None:
@@ -225,6 +226,27 @@ def test_reset_after_executes_and_loses_the_reply(
     with pytest.raises(ConnectionResetError):
         raw_call(proxy.address, message, upstream.transport)
     assert upstream.calls["placeOrder"] == before + 1
+    assert proxy.stats.forwarded == 1
+
+
+def test_close_after_relays_the_reply_then_closes_with_a_fin(
+    upstream: Thriftpy2Server, proxy: FaultProxyThread
+) -> None:
+    proxy.plan.extend_schedule(["close_after"])
+    with socket.create_connection(split_address(proxy.address), timeout=5) as sock:
+        sock.sendall(frame(encode_call("add", {"a": 20, "b": 22}), Transport(upstream.transport)))
+        received = b""
+        deadline = time.monotonic() + 5
+        while True:  # the reply, then the end of the stream (a reset would raise)
+            assert time.monotonic() < deadline, "no end of stream within 5 s"
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    decoder = make_decoder(Transport(upstream.transport))
+    [reply] = decoder.receive_data(received)
+    assert decode_reply("add", bytes(reply.payload())) == 42
+    assert proxy.stats.action("close_after") == 1
     assert proxy.stats.forwarded == 1
 
 

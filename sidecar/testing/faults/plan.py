@@ -5,7 +5,10 @@ Per call: ``ok`` (forward, relay the reply), ``reset_before`` (reset without
 forwarding: never executed), ``reset_after`` (forward, then reset instead of
 relaying: executed, reply lost), ``delay`` (wait, then forward and relay),
 ``internal_error`` (answer ``TApplicationException(INTERNAL_ERROR)`` without
-forwarding), ``garbage`` (answer random bytes without forwarding).
+forwarding), ``garbage`` (answer random bytes without forwarding),
+``close_after`` (forward, relay the reply, then close the connection with a
+FIN: a server that ends its connections after a call, whose next caller
+finds the connection closed).
 
 A plan holds deterministic schedules, consumed first, then per-action rates
 drawn from a seeded ``random.Random``, so a run is reproducible. It may be
@@ -31,6 +34,7 @@ class Action(StrEnum):
     DELAY = "delay"
     INTERNAL_ERROR = "internal_error"
     GARBAGE = "garbage"
+    CLOSE_AFTER = "close_after"
 
 
 # Actions that apply per connection and per call.

@@ -189,6 +189,10 @@ class Session:
             if await self._forward(message, oneway, relay=False):
                 self._reset()
             return False
+        if action is Action.CLOSE_AFTER:
+            if await self._forward(message, oneway, relay=True):
+                self._writer.close()  # a FIN after the reply: nothing is lost
+            return False
         if action is Action.INTERNAL_ERROR:
             if not oneway:
                 reply = encode_application_exception(
