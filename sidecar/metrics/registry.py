@@ -100,8 +100,10 @@ class SidecarMetrics:
         )
         self.hedges = self._counter(
             "hedges_total",
-            "Hedges sent: the same call sent again on another connection because the "
-            "attempt had no answer after hedge.delay.",
+            "Hedges started: the same call sent again on another connection because the "
+            "attempt had no answer after hedge.delay; each took a hedge budget token. One "
+            "whose connection could not be had, or was still being opened when another "
+            "attempt answered, sent nothing.",
             ["method"],
         )
         self.hedges_won = self._counter(
