@@ -51,6 +51,7 @@ from tests.interop.upstream import WireUpstream
 from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.hold import HOLD_LIMIT, Hold
+from tests.support.listeners import NotAccepting
 from tests.support.raw import decode_reply, encode_call
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
 from tests.support.sidecar import SidecarProcess, free_port, run_sidecar
@@ -795,35 +796,6 @@ def test_a_hedge_waiting_for_the_only_connection_gives_it_back_when_the_first_at
         assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 5
         assert m.value("thrift_sidecar_upstream_attempts_total", method="getItem") == 5
     assert upstream.calls["getItem"] == 5  # the hedge was never sent
-
-
-class NotAccepting:
-    """A listener on ``port`` whose accept queue is full: connecting to it hangs.
-
-    Nothing accepts, and one connection fills a queue of length 0; the kernel
-    then drops each new SYN, so a client's connect stays pending (it retries,
-    and is dropped again) until it gives up. An upstream that accepts slowly.
-    """
-
-    def __init__(self, port: int) -> None:
-        self.address = f"127.0.0.1:{port}"
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", port))
-        self._listener.listen(0)
-        self._filler = socket.create_connection(("127.0.0.1", port), timeout=5)
-        # The queue is full once a connect no longer completes.
-        probe = socket.socket()
-        probe.settimeout(0.3)
-        try:
-            with pytest.raises(TimeoutError):
-                probe.connect(("127.0.0.1", port))
-        finally:
-            probe.close()
-
-    def close(self) -> None:
-        self._filler.close()
-        self._listener.close()
 
 
 def test_a_hedge_still_connecting_when_the_first_attempt_answers_leaves_nothing_behind(

@@ -3,7 +3,8 @@
 A bug below the hedge timer answers that call with INTERNAL_ERROR and
 releases both of its attempts, like a bug at any other entry point
 (tests/proxy/test_call.py); a drain that cuts a call with a hedge in flight
-closes both attempts' connections (nothing stays open on the upstream).
+closes both attempts' connections (nothing stays open on the upstream), and
+gives up a hedge still connecting (its pool slot is freed).
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.proxy import hedger as hedger_module
 from tests.support.clients import thriftpy2_client
 from tests.support.hold import Hold
+from tests.support.listeners import NotAccepting
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
-from tests.support.sidecar import SidecarThread, base_config
+from tests.support.sidecar import SidecarThread, base_config, free_port
 from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
@@ -43,10 +45,15 @@ def upstream() -> Iterator[tuple[Thriftpy2Server, Hold]]:
             hold.release()
 
 
-def open_connections(sc: SidecarThread) -> int:
+def open_connections(sc: SidecarThread, address: str | None = None) -> int:
+    """Open connections (and connects under way) of every pool, or of ``address``'s."""
     assert sc.sidecar is not None
     assert sc.sidecar.parts is not None
-    pools = sc.sidecar.parts.server.context.upstreams.pools()
+    pools = [
+        p
+        for p in sc.sidecar.parts.server.context.upstreams.pools()
+        if address is None or p.address == address
+    ]
     return sc.call(lambda: sum(p.open_connections for p in pools))
 
 
@@ -103,3 +110,38 @@ def test_a_drain_that_cuts_a_hedged_call_closes_both_attempts(
                 asyncio.run_coroutine_threadsafe(asyncio.wait_for(future, 10), sc.loop).result(15)
             # Without releasing the hedge, its connection would still be open, busy.
             assert open_connections(sc) == 0
+
+
+def test_a_drain_that_cuts_a_hedged_call_gives_up_its_hedge_still_connecting(
+    upstream: tuple[Thriftpy2Server, Hold],
+) -> None:
+    server, hold = upstream
+    port = free_port()
+    slow = f"127.0.0.1:{port}"
+    config = base_config([server.address, slow], **CONFIG, upstream={"connect_timeout": "10s"})
+    with SidecarThread(config) as sc:
+        assert sc.sidecar is not None
+        with thriftpy2_client(sc.address, "framed") as client:
+            # Calls take the addresses in turn: getItem(1) the live one (getItem is then
+            # known two-way), ping the other (nothing listens yet: refused at once),
+            # getItem(7) the live one again, where it is held.
+            assert client.getItem(1).id == 1
+            with pytest.raises(TAE, match="cannot connect"):
+                client.ping()
+            with NotAccepting(port):
+                hold.arm("getItem")
+                future = sc.loop.run_in_executor(None, client.getItem, 7)
+                # Its hedge goes to the other address, where the connect hangs.
+                wait_until(lambda: open_connections(sc, slow) == 1, message="the hedge connecting")
+                assert hold.held == 1
+                stopped = asyncio.run_coroutine_threadsafe(
+                    sc.sidecar.stop(drain_timeout=0.2), sc.loop
+                ).result(10)
+                assert stopped is False  # the call was cut
+                with pytest.raises(TAE, match=r"drain|shutting|stopp"):
+                    asyncio.run_coroutine_threadsafe(asyncio.wait_for(future, 10), sc.loop).result(
+                        15
+                    )
+                # The hedge's connect was given up, its slot freed; the first attempt's
+                # connection closed.
+                wait_until(lambda: open_connections(sc) == 0, message="no connection left")
