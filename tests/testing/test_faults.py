@@ -2,7 +2,9 @@
 
 Plans are checked without sockets (schedules, seeded rates, validation); the
 proxy with a thriftpy2 upstream behind it and raw or library clients in
-front: each action once, on both transports where framing matters.
+front: each action once, on both transports where framing matters; THeader
+calls (Apache's THeader client and server, binary and compact) relayed,
+delayed and answered with an error in their own protocol.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ from collections.abc import Iterator
 import pytest
 import thriftpy2.thrift
 import thriftpy2.transport
+from thrift.protocol.THeaderProtocol import THeaderProtocol
+from thrift.Thrift import TApplicationException
+from thrift.transport import TSocket
+from thrift.transport.THeaderTransport import THeaderClientType, THeaderSubprotocolID
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
@@ -22,6 +28,9 @@ from sidecar.protocol.auto import decoder_for
 from sidecar.protocol.envelope import MessageType, parse_header
 from sidecar.protocol.framing import Transport, frame, make_decoder
 from sidecar.testing.faults import Action, Fault, FaultPlan, FaultProxyThread, start_in_thread
+from tests.interop.matrix import Wire
+from tests.interop.upstream import WireUpstream
+from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.idl import load_thriftpy2_interop
 from tests.support.raw import decode_reply, encode_call, raw_call, raw_calls
@@ -248,6 +257,42 @@ def test_close_after_relays_the_reply_then_closes_with_a_fin(
     assert decode_reply("add", bytes(reply.payload())) == 42
     assert proxy.stats.action("close_after") == 1
     assert proxy.stats.forwarded == 1
+
+
+@pytest.mark.parametrize("protocol", ["binary", "compact"])
+def test_theader_calls_are_relayed_delayed_and_answered_in_their_protocol(protocol: str) -> None:
+    gen = load_apache_interop()
+    upstream = WireUpstream(Wire(protocol, "header", False))  # type: ignore[arg-type]
+    upstream.start()
+    plan = FaultPlan(schedule=["ok", ("delay", 0.3), "internal_error"])
+    try:
+        with FaultProxyThread(upstream.address, "theader", plan) as proxy:
+            host, port = split_address(proxy.address)
+            sock = TSocket.TSocket(host, port)
+            sock.setTimeout(5000)
+            sub = (
+                THeaderSubprotocolID.COMPACT
+                if protocol == "compact"
+                else THeaderSubprotocolID.BINARY
+            )
+            proto = THeaderProtocol(sock, [THeaderClientType.HEADERS], sub)
+            client = gen.Interop.Client(proto)
+            sock.open()
+            try:
+                assert client.add(1, 2) == 3
+                started = time.monotonic()
+                assert client.add(2, 3) == 5
+                assert time.monotonic() - started >= 0.3
+                with pytest.raises(TApplicationException) as raised:
+                    client.add(3, 4)
+                assert raised.value.type == ApplicationExceptionType.INTERNAL_ERROR
+                assert client.add(4, 5) == 9  # the connection goes on
+            finally:
+                sock.close()
+            assert proxy.stats.forwarded == 3
+    finally:
+        upstream.stop()
+    assert upstream.calls["add"] == 3
 
 
 def test_delay_waits_then_forwards(upstream: Thriftpy2Server, proxy: FaultProxyThread) -> None:

@@ -8,8 +8,9 @@ that (ECONNREFUSED, nothing sent) take the whole proxy down with
 `FaultProxy.set_down`, which closes the listener and resets every open
 connection.
 
-Limits: framed and buffered transports, binary protocol only; not built for
-throughput.
+Limits: framed, buffered and THeader transports (a THeader frame is relayed
+with its info headers); the binary protocol only, but in THeader frames,
+which carry binary or compact; not built for throughput.
 """
 
 from __future__ import annotations

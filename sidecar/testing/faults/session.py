@@ -1,7 +1,8 @@
 """One client connection of the fault proxy: read calls, apply the plan to each, in order.
 
 Only message boundaries (`sidecar.protocol.framing`, the same transport on
-both sides) and the envelope are decoded; payloads pass through as bytes.
+both sides; a THeader frame's header too) and the envelope are decoded;
+payloads pass through as bytes.
 Each session has its own upstream connection, opened at its first forwarded
 call. One call is in flight per client connection: a pipelining client is
 served in order, one call after the other.
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
+from sidecar.protocol.auto import decoder_for
 from sidecar.protocol.envelope import MessageType
-from sidecar.protocol.framing import Message, Transport, frame, make_decoder
+from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.testing.faults.plan import Action, FaultPlan
 from sidecar.testing.faults.stats import FaultCounters
 
@@ -76,7 +78,7 @@ class UpstreamLink:
     ) -> None:
         self._reader = reader
         self._writer = writer
-        self._decoder = make_decoder(transport, max_message_size)
+        self._decoder = decoder_for(transport, max_size=max_message_size)
         self._transport = transport
 
     async def exchange(self, message: Message, oneway: bool) -> Message | None:
@@ -155,7 +157,7 @@ class Session:
 
     async def _pump(self) -> None:
         """Read the client's bytes into calls until EOF or a decoding error."""
-        decoder = make_decoder(self._ctx.transport, self._ctx.max_message_size)
+        decoder = decoder_for(self._ctx.transport, max_size=self._ctx.max_message_size)
         try:
             while True:
                 data = await self._reader.read(READ_BYTES)
@@ -201,6 +203,7 @@ class Session:
                     ApplicationExceptionType.INTERNAL_ERROR,
                     "fault injected: internal_error",
                     header.strict,
+                    header.protocol,
                 )
                 await self._write(frame(reply, ctx.transport))
             return True
