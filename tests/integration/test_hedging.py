@@ -15,14 +15,16 @@ does a hedge whose connection is refused. A THeader call (Apache's THeader
 client, binary or compact, each frame inside a frame length of its own or
 not, to an Apache THeader upstream) is hedged as a copy of its frame: the
 client gets one reply, under its own seqid (in the frame and in the
-message), in its own THeader form, whichever attempt wins. A hedge still
-waiting for its connection when the first attempt answers leaves nothing
-behind: waiting for the one connection of a pool, the connection handed to
-it as the call is answered goes back idle; connecting to an address whose
-accept queue is full, its connect is given up and its pool slot freed
-(/state pools, ``upstream_connections``); in both, the client gets one
-reply, and the hedge counts as sent, not won, with no attempt recorded.
-A hedge handed a connection the upstream has just closed (the fault
+message), in its own THeader form, whichever attempt wins (decided by the
+order the upstream runs them in, and again by the fault proxy's delays).
+
+A hedge still waiting for its connection when the first attempt answers
+leaves nothing behind: waiting for the one connection of a pool, the
+connection handed to it as the call is answered goes back idle; connecting
+to an address whose accept queue is full, its connect is given up and its
+pool slot freed (/state pools, ``upstream_connections``); in both, the
+client gets one reply, and the hedge counts as started, not won, with no
+attempt recorded. A hedge handed a connection the upstream has just closed (the fault
 proxy's ``close_after``) fails as connection_closed and the call waits for
 its first attempt.
 """
@@ -726,6 +728,57 @@ def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_for
     finally:
         race.release()
         upstream.stop()
+
+
+@pytest.mark.parametrize("hedge_wins", [True, False], ids=["hedge-wins", "first-wins"])
+@pytest.mark.parametrize("outer_framed", [False, True], ids=["theader", "theader-in-a-frame"])
+def test_a_theader_call_whose_attempts_the_fault_proxy_delays_gets_one_reply(
+    outer_framed: bool, hedge_wins: bool
+) -> None:
+    """The same through the fault proxy (compact THeader): its delays decide which
+    attempt answers first, and the loser's reply still comes, later."""
+    protocol = "compact"
+    upstream = WireUpstream(Wire(protocol, "header", False))  # type: ignore[arg-type]
+    upstream.start()
+    try:
+        with (
+            FaultProxyThread(upstream.address, "theader", FaultPlan(seed=4)) as proxy,
+            run_sidecar([proxy.address], config=CONFIG) as sidecar,
+        ):
+            client = THeaderClient(sidecar.address, protocol, outer_framed)
+            try:
+                client.call(1, 1)  # getItem answered once: known to be two-way
+                wire, _ = client.reply()
+                assert theader_item(wire, protocol, outer_framed).id == 1
+                # The first attempt, then its hedge (100 ms later): the slow one 1 s,
+                # the other one at once (hedge-wins) or after 300 ms (first-wins).
+                steps = [("delay", 1.0), "ok"] if hedge_wins else [("delay", 0.3), ("delay", 1.0)]
+                proxy.plan.extend_schedule(steps)
+                ok_attempts = _attempts(sidecar, "ok")
+                client.call(90_000, 7)
+                wire, reply = client.reply()
+                assert reply.header.seqid == 90_000
+                assert reply.theader is not None
+                assert (reply.theader.seqid, reply.theader.outer_framed) == (90_000, outer_framed)
+                assert theader_item(wire, protocol, outer_framed).id == 7
+                assert hedges(sidecar, "getItem")[:2] == (1, 1 if hedge_wins else 0)
+                wait_until(
+                    lambda: _attempts(sidecar, "ok") == ok_attempts + 2,
+                    timeout=10,
+                    message="the winner's and the loser's replies recorded",
+                )
+                assert client.nothing_pending()
+                client.call(2, 2)
+                wire, reply = client.reply()
+                assert reply.header.seqid == 2
+                assert theader_item(wire, protocol, outer_framed).id == 2
+                assert client.nothing_pending()
+            finally:
+                client.close()
+            assert proxy.stats.by_method.get("getItem", 0) == 4
+    finally:
+        upstream.stop()
+    assert upstream.calls["getItem"] == 4
 
 
 def _attempts(sidecar: SidecarProcess, result: str) -> float:
