@@ -322,7 +322,10 @@ class Call:
         name = self._policy.name
         if name not in oneway.two_way:
             oneway.answered(name)
-        outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
+        header = reply.header
+        outcome = classify_reply(
+            header.type, reply.buf, header.protocol, reply.start + header.body_offset
+        )
         self._after_attempt(outcome, reply, None, True)
 
     @guarded

@@ -65,24 +65,33 @@ _BINARY = Protocol.BINARY
 
 
 def classify_reply(
-    mtype: int, body: bytes | bytearray | memoryview, protocol: Protocol = Protocol.BINARY
+    mtype: int,
+    body: bytes | bytearray | memoryview,
+    protocol: Protocol = Protocol.BINARY,
+    at: int = 0,
 ) -> Outcome:
     """Classify a reply message from its type and result struct.
 
     Args:
         mtype: the envelope's message type.
-        body: the struct after the envelope.
+        body: the struct after the envelope; or, with ``at``, bytes holding it.
         protocol: the protocol the reply is in.
+        at: where the struct begins in ``body`` (a message's own buffer is read
+            in place, with no view made of it).
     """
+    if mtype == _REPLY and protocol is _BINARY:  # the common case, inline
+        size = len(body) - at
+        if size <= 0:
+            return Outcome.PROTOCOL_ERROR
+        first = body[at]
+        if first == TType.STOP:
+            return _OK
+        if size < 3 or first not in _FIELD_TYPES:
+            return Outcome.PROTOCOL_ERROR
+        return _OK if _I16.unpack_from(body, at + 1)[0] == 0 else _DECLARED
+    if at:
+        body = memoryview(body)[at:]
     if mtype == _REPLY:
-        if protocol is _BINARY:  # the common case, inline
-            if len(body) == 0:
-                return Outcome.PROTOCOL_ERROR
-            if body[0] == TType.STOP:
-                return _OK
-            if len(body) < 3 or body[0] not in _FIELD_TYPES:
-                return Outcome.PROTOCOL_ERROR
-            return _OK if _I16.unpack_from(body, 1)[0] == 0 else _DECLARED
         try:
             field = first_field_id(body, protocol)
         except ProtocolError:

@@ -30,7 +30,7 @@ from sidecar.protocol.appexc import (
     encode_application_exception,
     encode_exception_struct,
 )
-from sidecar.protocol.envelope import MessageType, parse_header
+from sidecar.protocol.envelope import MessageType, Protocol, parse_header
 from sidecar.protocol.skip import TType
 from sidecar.resilience.outcome import Outcome, classify_reply
 
@@ -262,6 +262,22 @@ def test_any_bytes_classify_without_raising(body: bytes, mtype: int) -> None:
     }
     if mtype not in (MessageType.REPLY, MessageType.EXCEPTION):
         assert result is Outcome.PROTOCOL_ERROR
+
+
+@given(
+    head=st.binary(max_size=8),
+    body=st.binary(max_size=40),
+    mtype=st.integers(min_value=0, max_value=5),
+    compact=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_a_struct_read_in_place_classifies_as_its_own_bytes(
+    head: bytes, body: bytes, mtype: int, compact: bool
+) -> None:
+    """``at``: the struct read inside a larger buffer (a message's own) is the same answer."""
+    protocol = Protocol.COMPACT if compact else Protocol.BINARY
+    expected = classify_reply(mtype, body, protocol)
+    assert classify_reply(mtype, bytearray(head + body), protocol, len(head)) is expected
 
 
 @pytest.mark.parametrize("cut", [1, 2, 5, 9])
