@@ -13,7 +13,7 @@ the complete messages they finish; ``receive_data(b"")`` means end of input.
 A decoder that has raised stays broken: every later call raises the same error.
 When the error comes after messages that completed in the same call, those
 messages are returned first and the error is raised by the next call; the
-`error` property shows it at once, so a caller can answer the messages and
+`error` attribute shows it at once, so a caller can answer the messages and
 then the error, in order, without waiting for more input.
 """
 
@@ -45,7 +45,7 @@ _I32 = struct.Struct(">i")
 class DecoderBase:
     """What every decoder shares: the buffer, the size limit, the error that broke it."""
 
-    __slots__ = ("_buf", "_error", "_parse", "max_size", "protocol")
+    __slots__ = ("_buf", "_parse", "error", "max_size", "protocol")
 
     # Only a buffered walk stops before the bytes run out (`BufferedDecoder`).
     walk_pending = False
@@ -59,20 +59,17 @@ class DecoderBase:
         self.protocol = protocol
         self._parse = PARSERS[protocol]
         self._buf = bytearray()
-        self._error: RemoteProtocolError | None = None
+        # The error that broke this decoder, if any (every later call raises it). A
+        # plain attribute, not a property: it is read after every read of a connection.
+        self.error: RemoteProtocolError | None = None
 
     @property
     def buffered_bytes(self) -> int:
         """Bytes received but not yet returned in a message."""
         return len(self._buf)
 
-    @property
-    def error(self) -> RemoteProtocolError | None:
-        """The error that broke this decoder, if any (every later call raises it)."""
-        return self._error
-
     def _fail(self, error: RemoteProtocolError) -> RemoteProtocolError:
-        self._error = error
+        self.error = error
         self._buf = bytearray()
         return error
 
@@ -105,8 +102,8 @@ class FramedDecoder(DecoderBase):
             RemoteProtocolError: bad or oversized frame length, a frame too
                 short for its envelope, or input that ends inside a frame.
         """
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         buf = self._buf
         if not data:
             if buf:
@@ -210,8 +207,8 @@ class BufferedDecoder(DecoderBase):
             RemoteProtocolError: a malformed envelope or struct, a message over
                 the size limit, or input that ends inside a message.
         """
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         if not data:
             if self._buf:
                 raise self._fail(_truncated(self._buf, 0, self._parse, self._header))
@@ -223,8 +220,8 @@ class BufferedDecoder(DecoderBase):
 
     def resume(self) -> list[Message]:
         """Walk on after ``walk_pending``: the messages completed in the next ``walk_steps``."""
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         return self._walk()
 
     def _walk(self) -> list[Message]:

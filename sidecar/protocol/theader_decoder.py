@@ -41,8 +41,8 @@ class THeaderDecoder(DecoderBase):
                 THeader, an unsupported transform or payload protocol (kind
                 ``unsupported``), or input that ends inside a frame.
         """
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            raise self.error
         if not data:
             if self._buf:
                 raise self._fail(

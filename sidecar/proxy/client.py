@@ -377,7 +377,8 @@ class ClientConnection(asyncio.Protocol):
         """The first call in flight finished (`Call` done callback)."""
         call, self._call = self._call, None
         self.last_active = self._loop.time()
-        self._write(reply)
+        if reply is not None and not self.lost and self._transport is not None:  # `_write`
+            self._transport.write(reply)
         if self._held:  # queued messages may have gone to calls since it was counted
             self._account()
         if call is not None and call.malformed and self._too_many_malformed():
@@ -389,7 +390,8 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._call = behind.call
                 behind.first = True
-        self._pump()
+        if self._queue or self._eof or self.lost or self._server.draining:
+            self._pump()  # else it would find nothing to start and no reason to close
 
     def _write(self, reply: Wire | None) -> None:
         if reply is not None and not self.lost and self._transport is not None:
