@@ -36,6 +36,7 @@ class Transport(StrEnum):
 
 # Enum members as plain names: reading Transport.FRAMED costs a descriptor call.
 _FRAMED = Transport.FRAMED
+_BUFFERED = Transport.BUFFERED
 _THEADER = Transport.THEADER
 _COMPACT = Protocol.COMPACT
 
@@ -81,6 +82,21 @@ class Message:
             _I32.pack_into(self.buf, self.start + header.seqid_offset, seqid)
         if self.theader is not None:
             self.theader.seqid = seqid
+
+    def wire_with_seqid(
+        self, seqid: int, transport: Transport, outer_framed: bool | None = None
+    ) -> bytes | bytearray | memoryview:
+        """`set_seqid`, then `to_wire`: one step for the usual message (binary, no THeader
+        frame, already in the form ``transport`` writes), done once for each way of a call."""
+        header = self.header
+        if header.protocol is not _COMPACT and self.theader is None:
+            start = self.start
+            _I32.pack_into(self.buf, start + header.seqid_offset, seqid)
+            if (start == 4 and transport is _FRAMED) or (start == 0 and transport is _BUFFERED):
+                return self.buf
+        else:
+            self.set_seqid(seqid)
+        return self.to_wire(transport, outer_framed)
 
     def payload(self) -> memoryview:
         """The message without frame prefix."""

@@ -530,7 +530,6 @@ class Call:
                 return
             if policy.cacheable:  # else remember() would keep nothing
                 ctx.fallbacks.remember(policy, self._message, reply, outcome)
-            reply.set_seqid(self._message.header.seqid)
             self._finish(label, self._to_client_wire(reply))
             return
         hedger = self._hedger
@@ -653,7 +652,6 @@ class Call:
         def without_fallback() -> None:
             answer = None if reply is None else self._for_client(reply)
             if answer is not None:  # the upstream answered, with an error of its own: pass it on
-                answer.set_seqid(self._message.header.seqid)
                 self._finish(label, self._to_client_wire(answer))
                 return
             if reply is not None:  # it could not be put in the client's protocol: answered
@@ -748,14 +746,17 @@ class Call:
             return None
 
     def _to_client_wire(self, reply: Message) -> Wire:
-        """The upstream's reply as the client's transport writes it.
+        """The upstream's reply with the client's seqid, as the client's transport writes it.
 
         A THeader reply goes in the THeader form of the client's call (inside a
         frame length or not), not in the form the upstream wrote it in.
         """
-        theader = self._message.theader
-        return reply.to_wire(
-            self._client_transport, None if theader is None else theader.outer_framed
+        message = self._message
+        theader = message.theader
+        return reply.wire_with_seqid(
+            message.header.seqid,
+            self._client_transport,
+            None if theader is None else theader.outer_framed,
         )
 
     def _error(self, exc_type: ApplicationExceptionType, text: str) -> Wire:

@@ -45,6 +45,11 @@ class Timeouts:
         self._due: list[int] = []  # bucket numbers, a heap
         self._timer: asyncio.TimerHandle | None = None
         self._timer_bucket = 0  # the bucket the timer is set for
+        # The bucket filed into last and the times it holds, (low, high]: the calls of
+        # a few milliseconds share one, and a time inside it needs no division.
+        self._last: dict[object, Expire] | None = None
+        self._last_number = 0
+        self._last_low = self._last_high = 0.0
 
     def add(self, expires_at: float, key: object, expire: Expire) -> int:
         """Call ``expire()`` at ``expires_at`` (loop time) unless `remove` comes first.
@@ -52,6 +57,10 @@ class Timeouts:
         Returns:
             The bucket number, to pass to `remove`.
         """
+        bucket = self._last
+        if bucket is not None and self._last_low < expires_at <= self._last_high:
+            bucket[key] = expire
+            return self._last_number
         granularity = self._granularity
         number = math.ceil(expires_at / granularity)
         if number * granularity < expires_at:  # the division rounded down
@@ -62,6 +71,10 @@ class Timeouts:
             heapq.heappush(self._due, number)
             if self._timer is None or number < self._timer_bucket:
                 self._set_timer(number, 0.0)
+        self._last = bucket
+        self._last_number = number
+        self._last_low = (number - 1) * granularity
+        self._last_high = number * granularity
         bucket[key] = expire
         return number
 
@@ -106,6 +119,8 @@ class Timeouts:
                 if buckets.get(number) is bucket:  # not closed meanwhile
                     del buckets[number]
                     heapq.heappop(due)
+                    if bucket is self._last:
+                        self._last = None
         finally:
             # A callback may have set the timer (by filing a timeout), maybe
             # for a later bucket than the earliest.
@@ -121,3 +136,4 @@ class Timeouts:
             bucket.clear()
         self._buckets.clear()
         self._due.clear()
+        self._last = None

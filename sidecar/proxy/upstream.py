@@ -146,7 +146,9 @@ class UpstreamConnection(asyncio.Protocol):
             timeout: the per-try timeout, for the error message.
         """
         self._seqid = seqid = (self._seqid + 1) & _SEQID_MASK
-        message.set_seqid(seqid)
+        # THeader: a plain frame, whatever form the client's came in (an upstream
+        # reads plain THeader frames; Apache's reads nothing else).
+        wire = message.wire_with_seqid(seqid, self.pool.transport_kind, False)
         if handler is None:
             self._oneways.append(seqid)
         else:
@@ -154,9 +156,7 @@ class UpstreamConnection(asyncio.Protocol):
             waiting.bucket = self.pool.timeouts.add(expires, waiting, waiting)
             self._waiting.append(waiting)
         assert self.transport is not None
-        # THeader: a plain frame, whatever form the client's came in (an upstream
-        # reads plain THeader frames; Apache's reads nothing else).
-        self.transport.write(message.to_wire(self.pool.transport_kind, False))
+        self.transport.write(wire)
 
     def data_received(self, data: bytes) -> None:
         if not self._answered:
@@ -492,7 +492,7 @@ class UpstreamPool:
         if not reusable or conn.closed or self._closed or conn.ending:
             conn.close()
             return
-        if conn.waiting:
+        if conn._waiting:  # `waiting`, without the property call
             return
         while self._waiters:
             waiter = self._waiters.popleft()

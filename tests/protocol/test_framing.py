@@ -505,6 +505,18 @@ def test_auto_decoder_splits_anyhow(
 
 
 @settings(max_examples=100, deadline=None)
+@given(all_messages, seqids)
+def test_wire_with_seqid_is_set_seqid_then_to_wire(msg: Sent, new_seqid: int) -> None:
+    for arrived in (FRAMED, BUFFERED):
+        for transport in (FRAMED, BUFFERED, Transport.THEADER):
+            [one] = make_decoder(arrived).receive_data(msg.wire(arrived))
+            [two] = make_decoder(arrived).receive_data(msg.wire(arrived))
+            two.set_seqid(new_seqid)
+            assert bytes(one.wire_with_seqid(new_seqid, transport)) == bytes(two.to_wire(transport))
+            assert one == two
+
+
+@settings(max_examples=100, deadline=None)
 @given(st.lists(all_messages, min_size=1, max_size=3), seqids)
 def test_set_seqid_then_forward_either_way(msgs: list[Sent], new_seqid: int) -> None:
     for transport in (FRAMED, BUFFERED):

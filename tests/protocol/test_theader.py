@@ -91,6 +91,19 @@ def test_set_seqid_and_headers(case: tuple[str, str], old: int, new: int, zlib_o
     assert again.header.seqid == new
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.sampled_from(CASES), st.integers(-(2**31), 2**31 - 1), st.sampled_from(list(Transport)))
+def test_wire_with_seqid_is_set_seqid_then_to_wire(
+    case: tuple[str, str], new: int, transport: Transport
+) -> None:
+    wire = call_wire(*case, seqid=3, headers={b"a": b"1"})
+    one, two = decode_one(wire), decode_one(wire)
+    two.set_seqid(new)
+    assert bytes(one.wire_with_seqid(new, transport)) == bytes(two.to_wire(transport))
+    assert one.theader is not None
+    assert one.theader.seqid == new
+
+
 @settings(max_examples=80, deadline=None)
 @given(st.sampled_from(CASES), st.data())
 def test_streams_in_any_split(case: tuple[str, str], data: st.DataObject) -> None:
