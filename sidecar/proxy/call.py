@@ -247,7 +247,7 @@ class Call:
             )
             return
         policy = self._policy
-        self._oneway = mtype is _ONEWAY or policy.oneway or ctx.oneway.is_oneway(policy.name)
+        self._oneway = mtype is _ONEWAY or policy.oneway or policy.name in ctx.oneway.learned
         if self._shown is None and ctx.validate_framed:
             try:
                 self._shown = check_body(self._message, ctx.max_depth, CHECK_STEPS)
@@ -439,7 +439,9 @@ class Call:
         self._tried.append(pool.address)
         self._attempt += 1
         now = ctx.loop.time()
-        timeout = min(self._policy.retry.per_try_timeout, self._deadline_at - now)
+        timeout = self._policy.retry.per_try_timeout
+        if self._deadline_at - now < timeout:  # near the deadline: what is left of it
+            timeout = self._deadline_at - now
         self._started_try = now
         self._expires = now + timeout
         conn = chain or pool.idle()
@@ -521,13 +523,17 @@ class Call:
                 self._hedger.answered(hedge)
                 if hedge is not None:  # the winner's address, for the access log
                     self._pool = hedge.pool
-            self._record(failed)
+            admission = self._admission
+            if admission is not None:  # `_record`, inline: once on every call answered
+                self._breaker.record(admission, failed, perf_counter() - self._t0)
+                self._admission = None
             if reply is None:
                 self._finish(label, None)
                 return
-            reply = self._for_client(reply)
-            if reply is None:
-                return
+            if reply.header.protocol is not self._message.header.protocol:
+                reply = self._for_client(reply)
+                if reply is None:
+                    return
             if policy.cacheable:  # else remember() would keep nothing
                 ctx.fallbacks.remember(policy, self._message, reply, outcome)
             self._finish(label, self._to_client_wire(reply))
@@ -776,8 +782,13 @@ class Call:
             self._hedger.end(conn)
         now = perf_counter()
         seconds = now - self._t0
-        if self._limiter is not None:
-            self._free_slot(label, now)
+        limiter = self._limiter
+        if limiter is not None:  # `_free_slot`, inline: once on every call
+            self._limiter = None
+            if label in _SAMPLED and self._attempt == 1:
+                limiter.release(self._t0, now)
+            else:
+                limiter.release()
         self._policy.stats.request(label, seconds)
         rate = self._ctx.access_sample_rate
         if rate and (rate >= 1.0 or self._ctx.rng.random() < rate):

@@ -28,15 +28,15 @@ MAX_NAMES = 10_000
 class OnewayMethods:
     """What the sidecar learned about methods that clients send as CALL."""
 
-    __slots__ = ("_oneway", "two_way")
+    __slots__ = ("learned", "two_way")
 
     def __init__(self) -> None:
-        self._oneway: set[str] = set()
+        self.learned: set[str] = set()  # learned to be oneway (read on every call)
         self.two_way: set[str] = set()  # answered at least once (read on every reply)
 
     def is_oneway(self, name: str) -> bool:
         """Learned to be oneway (a CALL of it is sent without waiting for a reply)."""
-        return name in self._oneway
+        return name in self.learned
 
     def is_two_way(self, name: str) -> bool:
         """Answered at least once."""
@@ -46,16 +46,16 @@ class OnewayMethods:
         """A reply to a call of ``name`` arrived: it is two-way."""
         if name not in self.two_way and len(self.two_way) < MAX_NAMES:
             self.two_way.add(name)
-            self._oneway.discard(name)
+            self.learned.discard(name)
 
     def unanswered(self, name: str) -> None:
         """A later call's reply came first: this CALL of ``name`` was oneway."""
-        if name not in self.two_way and len(self._oneway) < MAX_NAMES:
-            self._oneway.add(name)
+        if name not in self.two_way and len(self.learned) < MAX_NAMES:
+            self.learned.add(name)
 
     def describe(self) -> dict[str, Any]:
         """The ``oneway`` part of ``/state``."""
         return {
-            "learned_oneway": sorted(shown_name(name) for name in self._oneway),
+            "learned_oneway": sorted(shown_name(name) for name in self.learned),
             "answered_methods": len(self.two_way),
         }
