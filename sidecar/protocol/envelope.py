@@ -65,6 +65,11 @@ TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
 )
 _STRICT_START = struct.Struct(">Ii")
 _new_tuple = tuple.__new__
+# A strict envelope's name of n bytes and the seqid after it, read in one unpack for
+# names shorter than this (any real method name): one call into C instead of a
+# slice and a second unpack.
+_SHORT_NAME = 128
+_NAME_AND_SEQID = tuple(struct.Struct(f">{n}si") for n in range(_SHORT_NAME))
 
 
 class MessageHeader(NamedTuple):
@@ -136,10 +141,14 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         mtype = first & TYPE_MASK
         if name_len < 0 or name_len > MAX_NAME_LENGTH:
             raise _bad_name_length(name_len)
-        name_at = start + 8
-        name_end = seqid_at = name_at + name_len
+        seqid_at = start + 8 + name_len
         if end < seqid_at + 4:
             return None
+        if name_len < _SHORT_NAME:
+            raw, seqid = _NAME_AND_SEQID[name_len].unpack_from(data, start + 8)
+        else:
+            raw = data[start + 8 : seqid_at]
+            seqid = _I32.unpack_from(data, seqid_at)[0]
         strict = True
     else:
         name_len = first
@@ -151,9 +160,15 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
             return None
         mtype = data[name_end]
         seqid_at = name_end + 1
+        seqid = _I32.unpack_from(data, seqid_at)[0]
+        raw = data[name_at:name_end]
         strict = False
-    seqid = _I32.unpack_from(data, seqid_at)[0]
-    name = str(data[name_at:name_end], "utf-8", "surrogateescape")
+    try:
+        # Valid UTF-8 (the usual name) decodes to the same str either way; the
+        # default codec needs no lookup of its name or of the error handler's.
+        name = raw.decode()
+    except (UnicodeDecodeError, AttributeError):  # not UTF-8, or a memoryview's slice
+        name = str(raw, "utf-8", NAME_ERRORS)
     message_type = TYPE_BY_VALUE[mtype]
     if message_type is None:
         raise RemoteProtocolError(

@@ -90,6 +90,20 @@ def test_accepts_any_buffer(kind: type) -> None:
     _check(parse_header(data), "ping", MessageType.ONEWAY, 5, True)
 
 
+@pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 129, 4000])
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_names_short_and_long_read_alike(length: int, kind: type) -> None:
+    """Short names are read with the seqid in one unpack, longer ones apart: the same header."""
+    for raw in (b"m" * length, (b"\xff" + b"m" * length)[:length]):
+        for strict in (True, False):
+            envelope = (_strict if strict else _nonstrict)(int(MessageType.CALL), raw, -7)
+            header = parse_header(kind(b"junk" + envelope + BODY), 4)
+            assert header is not None
+            assert name_bytes(header.name) == raw
+            assert (header.seqid, header.strict) == (-7, strict)
+            assert (header.seqid_offset, header.body_offset) == (len(envelope) - 4, len(envelope))
+
+
 @pytest.mark.parametrize(
     ("name", "service", "method"),
     [("ping", "", "ping"), ("Calc:add", "Calc", "add"), (":m", "", "m"), ("", "", "")],
