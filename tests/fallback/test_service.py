@@ -17,7 +17,13 @@ from types import SimpleNamespace
 import pytest
 
 from sidecar.fallback import store as store_module
-from sidecar.fallback.service import BREAKER_OPEN, FRESH_FOR, Fallbacks, RecentKeys
+from sidecar.fallback.service import (
+    BREAKER_OPEN,
+    COPY_ARGS_BYTES,
+    FRESH_FOR,
+    Fallbacks,
+    RecentKeys,
+)
 from sidecar.fallback.sqlite import SqliteStore
 from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import CachedReply, FallbackStore, MemoryStore, cache_key
@@ -187,3 +193,20 @@ def test_recent_keys_stay_bounded_and_forget_the_oldest_first() -> None:
     assert not recent.claim("c", T0 + 1.5)
     assert recent.claim("c", T0 + 0.5)  # a clock that stepped back does not pin a key
     assert len(recent) == 3
+
+
+@pytest.mark.parametrize("size", [0, COPY_ARGS_BYTES - 20, COPY_ARGS_BYTES + 1, 5 << 12])
+def test_arguments_small_and_large_are_remembered_alike(size: int) -> None:
+    """Small arguments are copied to be hashed, large ones viewed: the same key and entry."""
+    clock = FakeClock()
+    counted = CountingStore(clock)
+    fb = fallbacks(counted, clock)
+    text = b"s" * size
+    body = b"\x0b\x00\x01" + len(text).to_bytes(4, "big") + text + b"\x00"
+    made = message(MessageType.CALL, 1, body)
+    fb.remember(Policy(), made, reply(b"answer"), Outcome.OK)
+    assert counted.puts == 1
+    assert find(fb, message(MessageType.CALL, 5, body)) == bytes(reply(b"answer", seqid=5).buf)
+    stored = asyncio.run(counted.get(cache_key(NAME, body)))
+    assert stored is not None
+    assert stored.args == body
