@@ -85,18 +85,39 @@ class ReplyHandler(Protocol):
         """A call sent after this one was answered first: this one was oneway."""
 
 
+class _Nobody:
+    """The handler of an entry that no call waits in (`_Waiting`): it holds on to no call."""
+
+    __slots__ = ()
+
+    def on_reply(self, reply: Message) -> None:
+        """Never called: a spare entry is not waiting."""
+
+    def on_error(self, error: UpstreamError) -> None:
+        """Never called: a spare entry is not waiting."""
+
+    def on_no_reply(self) -> None:
+        """Never called: a spare entry is not waiting."""
+
+
+_NOBODY = _Nobody()
+
+
 class _Waiting:
-    """One call waiting for its reply on a connection: the key of its timeout too."""
+    """One call waiting for its reply on a connection: the key of its timeout too.
+
+    A connection keeps the entry of the call answered last and files its next
+    call in it (`UpstreamConnection.send`): a connection carries one call at a
+    time as a rule, so most calls make no entry of their own.
+    """
 
     __slots__ = ("bucket", "conn", "handler", "seqid", "timeout")
 
-    def __init__(
-        self, conn: UpstreamConnection, seqid: int, handler: ReplyHandler, timeout: float
-    ) -> None:
+    def __init__(self, conn: UpstreamConnection) -> None:
         self.conn = conn
-        self.seqid = seqid
-        self.handler = handler
-        self.timeout = timeout
+        self.seqid = 0
+        self.handler: ReplyHandler = _NOBODY
+        self.timeout = 0.0
         self.bucket = 0
 
     def __call__(self) -> None:
@@ -114,6 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
         )
         self.transport: asyncio.Transport | None = None
         self._waiting: deque[_Waiting] = deque()
+        self._spare: _Waiting | None = None  # the entry of the call answered last
         self._oneways: deque[int] = deque(maxlen=MAX_ONEWAY_SEQIDS)
         self._seqid = 0
         self._answered = False  # a reply came on this connection
@@ -152,7 +174,11 @@ class UpstreamConnection(asyncio.Protocol):
         if handler is None:
             self._oneways.append(seqid)
         else:
-            waiting = _Waiting(self, seqid, handler, timeout)
+            waiting = self._spare or _Waiting(self)
+            self._spare = None
+            waiting.seqid = seqid
+            waiting.handler = handler
+            waiting.timeout = timeout
             waiting.bucket = self.pool.timeouts.add(expires, waiting, waiting)
             self._waiting.append(waiting)
         assert self.transport is not None
@@ -194,7 +220,9 @@ class UpstreamConnection(asyncio.Protocol):
             self._oneways.clear()  # earlier oneway calls will not be answered now
             if not waiting and not self.closed:
                 self.pool.release(self, True)  # closed instead if `ending`
-            first.handler.on_reply(reply)
+            handler, first.handler = first.handler, _NOBODY
+            self._spare = first  # out of the queue and the timeouts: the next call's
+            handler.on_reply(reply)
             return True
         if seqid in self._oneways:  # a reply to a call sent as oneway: dropped
             while self._oneways and self._oneways.popleft() != seqid:

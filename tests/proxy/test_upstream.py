@@ -598,6 +598,34 @@ def test_a_reply_goes_to_the_handler_after_the_connection_is_back_in_the_pool() 
     run(scenario)
 
 
+def test_calls_one_after_another_on_a_connection_each_get_their_reply_and_timeout() -> None:
+    """The entry of a call answered is filed again for the next (`_Waiting`): the answered
+    call hears nothing more, and the next one's own reply and timeout still reach it."""
+
+    async def scenario() -> None:
+        rig = Rig(size=1)
+        conn, first, seqid = await exchange(rig)
+        conn.data_received(reply_bytes(seqid))
+        transport = cast(FakeTransport, conn.transport)
+        second = Handler(rig.pool)
+        assert rig.pool.idle() is conn
+        transport.written.clear()
+        conn.send(call_message(), second, rig.loop.time() + 5.0, 5.0)
+        conn.data_received(reply_bytes(sent_seqid(transport)))
+        third = Handler(rig.pool)
+        assert rig.pool.idle() is conn
+        transport.written.clear()
+        conn.send(call_message(), third, rig.loop.time() + 0.02, 0.02)
+        await asyncio.wait_for(third.done.wait(), 5.0)
+        assert isinstance(third.errors[0], UpstreamTimeout)
+        assert third.replies == []
+        assert (len(first.replies), first.errors) == (1, [])
+        assert (len(second.replies), second.errors) == (1, [])
+        assert len(rig.timeouts) == 0
+
+    run(scenario)
+
+
 def test_a_reply_hands_the_connection_to_a_waiter() -> None:
     async def scenario() -> None:
         rig = Rig(size=1)
