@@ -139,40 +139,55 @@ def test_upstream_program_checks_its_options() -> None:
     assert "--faults [none|cycle]" in result.output
 
 
-def test_upstream_program_serves_until_sigterm() -> None:
-    """``python -m sidecar.testing.upstream`` (what the Kubernetes example runs)."""
+def program_env() -> dict[str, str]:
+    """The environment of an upstream program: this checkout, no sidecar settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
     env["PYTHONPATH"] = str(REPO_ROOT)
+    return env
+
+
+def answers(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Whether the upstream program on ``port`` answers a getItem call now."""
+    assert proc.poll() is None, "the upstream exited"
+    try:
+        client = catalog_client(f"127.0.0.1:{port}")
+    except Exception:
+        return False
+    try:
+        return bool(client.getItem(3) == make_item(load_catalog_idl(), 3))
+    except Exception:
+        return False
+    finally:
+        client.close()
+
+
+def stop_program(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    """SIGTERM the upstream program; its exit status and output."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+        raise
+    return code, proc.stdout.read().decode() if proc.stdout else ""
+
+
+def test_upstream_program_serves_until_sigterm() -> None:
+    """``python -m sidecar.testing.upstream`` (what the Kubernetes example runs)."""
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "sidecar.testing.upstream", "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=program_env(),
     )
     try:
-
-        def answers() -> bool:
-            assert proc.poll() is None, "the upstream exited"
-            try:
-                client = catalog_client(f"127.0.0.1:{port}")
-            except Exception:
-                return False
-            try:
-                return bool(client.getItem(3) == make_item(load_catalog_idl(), 3))
-            finally:
-                client.close()
-
-        wait_until(answers, timeout=30, interval=0.05, message="the upstream's answer")
+        wait_until(
+            lambda: answers(proc, port), timeout=30, interval=0.05, message="the upstream's answer"
+        )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise
-        log = proc.stdout.read().decode() if proc.stdout else ""
+        code, log = stop_program(proc)
     assert code == 0, log
     assert f"Catalog service on 127.0.0.1:{port} (framed)" in log
     assert "signal 15: stopping" in log
@@ -189,8 +204,6 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
     """A client crowd beyond the open-file limit makes ``accept`` fail (EMFILE);
     once it leaves, the same process serves again: the listener must not be closed
     for a failure that passes."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
     port = free_port()
     # The program under a lower open-file limit, set in its own process first.
     program = (
@@ -203,24 +216,12 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
         [sys.executable, "-c", program],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
-        env=env,
+        env=program_env(),
     )
-
-    def answers() -> bool:
-        assert proc.poll() is None, "the upstream exited"
-        try:
-            client = catalog_client(f"127.0.0.1:{port}")
-        except Exception:
-            return False
-        try:
-            return bool(client.getItem(3) == make_item(load_catalog_idl(), 3))
-        except Exception:
-            return False
-        finally:
-            client.close()
-
     try:
-        wait_until(answers, timeout=30, interval=0.05, message="the upstream's first answer")
+        wait_until(
+            lambda: answers(proc, port), timeout=30, interval=0.05, message="the first answer"
+        )
         crowd: list[socket.socket] = []
         try:
             for _ in range(CROWD):
@@ -237,15 +238,13 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
         finally:
             for sock in crowd:
                 sock.close()
-        wait_until(answers, timeout=30, interval=0.1, message="an answer after the crowd left")
+        wait_until(
+            lambda: answers(proc, port),
+            timeout=30,
+            interval=0.1,
+            message="an answer after the crowd left",
+        )
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-            raise
-        log = proc.stdout.read().decode() if proc.stdout else ""
+        code, log = stop_program(proc)
     assert code == 0, log
     assert "cannot accept a connection" in log, log
