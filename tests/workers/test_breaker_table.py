@@ -40,22 +40,10 @@ from sidecar.workers.breaker_table import (
     BreakerTable,
     SlotStorage,
 )
+from tests.resilience.test_breaker import FakeClock
 
 DEADLINE = 60.0  # seconds any wait here may take before the test fails
 RESET = 30.0
-
-
-class FakeClock:
-    """Unix seconds that move only when told to."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
