@@ -103,6 +103,9 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
             parts.append(f"{package} {version(package)}")
         except PackageNotFoundError:  # pragma: no cover - a broken install
             parts.append(f"{package} missing")
+    from sidecar import native
+
+    parts.append(f"build {native.build()}")
     click.echo(f"thrift-sidecar {__version__} ({', '.join(parts)})")
     ctx.exit()
 

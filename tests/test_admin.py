@@ -44,7 +44,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as text_families
 from prometheus_client.registry import Collector
 
-from sidecar import __version__
+from sidecar import __version__, native
 from sidecar.admin import AdminServer
 from sidecar.metrics import PREFIX, SidecarMetrics
 from tests.support.clients import split_address, thriftpy2_client
@@ -256,7 +256,8 @@ def test_metrics_are_the_prometheus_text_format_by_default(new_loop: NewLoop) ->
         assert found[(PREFIX + "retries_total", retried)] == 2
         assert found[(PREFIX + "request_duration_seconds_count", ok[:1] + ok[2:])] == 2
         assert found[(PREFIX + "client_connections", ())] == 3
-        assert found[(PREFIX + "build_info", (("version", __version__),))] == 1
+        build = (("build", native.build()), ("version", __version__))
+        assert found[(PREFIX + "build_info", build)] == 1
         assert "_created" not in text
         assert "# EOF" not in text
 

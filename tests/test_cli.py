@@ -401,10 +401,11 @@ def test_kubernetes_service_links_do_not_stop_the_sidecar(tmp_path: Path) -> Non
 def test_version() -> None:
     rc, out, _ = sidecar("--version")
     assert rc == 0
-    from sidecar import __version__
+    from sidecar import __version__, native
 
     assert out.startswith(f"thrift-sidecar {__version__} (Python ")
     assert "thriftpy2" in out
+    assert out.rstrip().endswith(f", build {native.build()})")
 
 
 def test_help_texts_explain_themselves() -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import thriftpy2.thrift
 
-from sidecar import __version__
+from sidecar import __version__, native
 from sidecar.metrics import BREAKER_TRANSITIONS, HEALTH_CHECK_RESULTS, OTHER, PROTOCOL_ERROR_KINDS
 from sidecar.resilience.outcome import Outcome
 from tests.support.clients import thriftpy2_client
@@ -329,7 +329,7 @@ def test_every_metric_after_retries_a_trip_fallbacks_and_garbage() -> None:
         )
         assert v("config_reloads", "_total", result="ok") == 1
         assert v("config_reloads", "_total", result="error") == 0
-        assert v("build_info", version=__version__) == 1
+        assert v("build_info", version=__version__, build=native.build()) == 1
         assert f[PREFIX + "state_backend_up"].samples == []  # local mode: absent, not "down"
         assert [s for s in f[PREFIX + "state_backend_errors"].samples] == []
 

@@ -134,6 +134,8 @@ LABEL_DOCS: dict[str, str] = {
     "`file` (the SQLite file was deleted or replaced while open), `reopen` (a fresh file "
     "could not be opened at the path).",
     "version": "The sidecar's version.",
+    "build": "`mypyc` when the per-call modules run compiled (docs/compiled.md), `python` "
+    "when none does, `partial` for a mix (a broken install).",
     "action": "What the control listener did: "
     + ", ".join(f"`{a}`" for a in CONTROL_ACTIONS)
     + " (only actions that were carried out are counted).",

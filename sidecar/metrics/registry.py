@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollecto
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from sidecar import __version__
+from sidecar import __version__, native
 from sidecar.metrics.calls import CallMetrics
 from sidecar.metrics.labels import (
     BREAKER_TRANSITIONS,
@@ -268,9 +268,12 @@ class SidecarMetrics:
             ["action"],
         )
         self.build_info = self._gauge(
-            "build_info", "Always 1; the label tells the version.", ["version"]
+            "build_info",
+            "Always 1; the labels tell the version and the build: mypyc (the per-call "
+            "modules compiled), python, or partial (some of them compiled).",
+            ["version", "build"],
         )
-        self.build_info.labels(__version__).set(1)
+        self.build_info.labels(__version__, native.build()).set(1)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
         for kind in PROTOCOL_ERROR_KINDS:

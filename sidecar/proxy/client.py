@@ -45,9 +45,10 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Call, Done, Wire
+from sidecar.proxy.call import Done, Wire
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.guards import guarded
+from sidecar.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("sidecar.server")
 
@@ -95,7 +96,32 @@ class ServerSettings:
     max_buffered_bytes: int = 48 << 20
 
 
-CallFactory = Callable[[CallContext, Message, Transport, Done], Call]
+class ProxiedCall(Protocol):
+    """What a connection asks of the calls its server's factory makes (`Call`'s surface).
+
+    A protocol, not `Call`, so that another kind of call (the pass-through
+    benchmark's, the tests' fakes) is taken as it is in the compiled build
+    too, which checks a declared class at run time (docs/compiled.md).
+    """
+
+    malformed: bool
+
+    def start(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+    def cut(self, reason: str) -> Wire | None: ...
+
+    def chain_target(self) -> UpstreamConnection | None: ...
+
+    def chain_after(self, conn: UpstreamConnection) -> None: ...
+
+    def waits_to_send(self) -> bool: ...
+
+    def when_sent(self, callback: Callable[[], None]) -> None: ...
+
+
+CallFactory = Callable[[CallContext, Message, Transport, Done], ProxiedCall]
 
 
 class Host(Protocol):
@@ -125,7 +151,7 @@ class _Behind:
 
     def __init__(self, conn: ClientConnection) -> None:
         self._conn = conn
-        self.call: Call | None = None
+        self.call: ProxiedCall | None = None
         self.finished = False
         self.first = False  # the call in front has finished: this one is first now
         self.wire: Wire | None = None
@@ -170,7 +196,7 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
-        self._call: Call | None = None  # the call in flight
+        self._call: ProxiedCall | None = None  # the call in flight
         self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
         self._pumping = False
         self._reading_paused = False

@@ -1,0 +1,192 @@
+"""The compiled build: which modules it compiles, and that a sidecar says which build it runs.
+
+CI runs the whole suite twice (scripts/test): against this checkout, pure
+Python, and against the copy scripts/build-compiled makes, with
+``SIDECAR_EXPECT_BUILD`` set to the build each run must be testing, so that
+a compiled run that silently fell back to Python fails here rather than
+passing as the compiled build's test.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+import sidecar
+from sidecar import native
+from tests.support.sidecar import REPO_ROOT, free_port, http_get, run_sidecar
+
+# The packages every call runs through: a module added to them is compiled
+# unless it is named here with the reason it is not.
+PER_CALL_PACKAGES = ("sidecar.protocol", "sidecar.resilience", "sidecar.metrics")
+NOT_COMPILED = {
+    "sidecar.protocol": set(),
+    "sidecar.resilience": set(),
+    "sidecar.metrics": set(),
+}
+
+
+def expected_build() -> str:
+    """The build this run is testing: SIDECAR_EXPECT_BUILD, else whichever is loaded."""
+    return os.environ.get("SIDECAR_EXPECT_BUILD") or native.build()
+
+
+def test_this_run_tests_the_build_it_was_asked_to_and_no_mix_of_two() -> None:
+    build = native.build()
+    assert build == expected_build()
+    assert build in ("mypyc", "python")  # a partial build is a broken install
+    compiled = native.compiled_modules()
+    assert compiled == (list(native.COMPILED) if build == "mypyc" else [])
+
+
+def test_every_listed_module_exists_once_and_the_list_leaves_out_what_cannot_be_compiled() -> None:
+    root = Path(sidecar.__file__).resolve().parent.parent
+    assert len(set(native.COMPILED)) == len(native.COMPILED)
+    for name in native.COMPILED:
+        assert (root / Path(*name.split("."))).with_suffix(".py").is_file(), name
+    # Interpreted classes subclass sidecar.errors' exceptions; uvloop's server
+    # sockets are a list where sidecar.proxy.server's declared type is a tuple.
+    assert "sidecar.errors" not in native.COMPILED
+    assert "sidecar.proxy.server" not in native.COMPILED
+
+
+def test_the_per_call_packages_are_compiled_whole() -> None:
+    for package in PER_CALL_PACKAGES:
+        path = Path(sidecar.__file__).resolve().parent / package.split(".")[1]
+        modules = {f"{package}.{m.name}" for m in pkgutil.iter_modules([str(path)])}
+        assert modules, package
+        assert modules - NOT_COMPILED[package] <= set(native.COMPILED), package
+
+
+def compiled_classes() -> dict[tuple[str, str], str]:
+    """(module, class name) of every class a compiled module defines at its top level."""
+    found = {}
+    for name in native.COMPILED:
+        path = (REPO_ROOT / Path(*name.split("."))).with_suffix(".py")
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                found[(name, node.name)] = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
+    return found
+
+
+def interpreted_subclasses_of_compiled_classes(
+    paths: list[Path], compiled: dict[tuple[str, str], str]
+) -> list[str]:
+    """Classes in ``paths`` whose base is imported from a compiled module's class.
+
+    mypyc refuses them at import time ("interpreted classes cannot inherit
+    from compiled"). Bases are resolved through each file's ``from X import
+    Y [as Z]`` and ``import X`` lines.
+    """
+    problems = []
+    for path in paths:
+        shown = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+        module = ".".join(shown.with_suffix("").parts)
+        if module in native.COMPILED:
+            continue
+        tree = ast.parse(path.read_text())
+        names: dict[str, tuple[str, str]] = {}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                for alias in node.names:
+                    names[alias.asname or alias.name] = (node.module, alias.name)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            for base in node.bases:
+                if isinstance(base, ast.Name) and base.id in names:
+                    origin = names[base.id]
+                elif isinstance(base, ast.Attribute) and isinstance(base.value, ast.Name):
+                    origin = (base.value.id, base.attr)  # `import a.b as x`: not used here
+                else:
+                    continue
+                if origin in compiled:
+                    where = f"{shown}:{node.lineno}"
+                    problems.append(f"{where} {node.name} subclasses {compiled[origin]}")
+    return problems
+
+
+def test_no_interpreted_class_subclasses_a_compiled_one() -> None:
+    compiled = compiled_classes()
+    paths = [
+        path
+        for top in ("sidecar", "tests", "bench")
+        for path in sorted((REPO_ROOT / top).rglob("*.py"))
+        if "_generated" not in path.parts
+    ]
+    assert interpreted_subclasses_of_compiled_classes(paths, compiled) == []
+
+
+def test_the_subclass_check_finds_one(tmp_path: Path) -> None:
+    compiled = compiled_classes()
+    assert ("sidecar.proxy.call", "Call") in compiled
+    probe = tmp_path / "probe.py"
+    probe.write_text("from sidecar.proxy.call import Call as C\n\nclass Mine(C):\n    pass\n")
+    found = interpreted_subclasses_of_compiled_classes([probe], compiled)
+    assert len(found) == 1
+    assert "Mine subclasses sidecar/proxy/call.py:" in found[0]
+
+
+def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -> None:
+    # setup.py reads the list from sidecar/native.py's source; ask it directly.
+    code = (
+        "import runpy, sys; sys.argv = ['setup.py', '--name'];"
+        "ns = runpy.run_path('setup.py', run_name='not_main');"
+        "print('\\n'.join('src ' + path for path in ns['compiled_sources']()));"
+        "print('ext', len(ns['ext_modules']()))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SIDECAR_COMPILE"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout.splitlines()
+    assert out[-1] == "ext 0"  # pure Python unless SIDECAR_COMPILE=1
+    wanted = [str(Path(*name.split(".")).with_suffix(".py")) for name in native.COMPILED]
+    assert [line[4:] for line in out if line.startswith("src ")] == wanted
+
+
+def test_setup_py_reads_the_list_without_importing_the_package() -> None:
+    tree = ast.parse((REPO_ROOT / "sidecar" / "native.py").read_text())
+    imported = [
+        node.module if isinstance(node, ast.ImportFrom) else alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    ]
+    assert imported
+    assert not [name for name in imported if name and name.startswith("sidecar")]
+
+
+def test_a_running_sidecar_reports_its_build_in_its_metrics_and_version() -> None:
+    with run_sidecar([f"127.0.0.1:{free_port()}"]) as running:  # no upstream needed
+        status, text = http_get(running.admin + "/metrics")
+    assert status == 200
+    builds = [
+        sample.labels
+        for family in text_string_to_metric_families(text)
+        if family.name == "thrift_sidecar_build_info"
+        for sample in family.samples
+    ]
+    assert builds == [{"version": sidecar.__version__, "build": expected_build()}]
+
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    version = subprocess.run(
+        [sys.executable, "-m", "sidecar", "--version"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    assert version.rstrip().endswith(f"build {expected_build()})")
