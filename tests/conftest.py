@@ -19,6 +19,24 @@ if _REPO_ROOT not in sys.path:
 from tests.support.redis import RedisServer, redis_server  # noqa: E402  (after the path)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In a run of the compiled build, skip the tests marked ``pure_python``, with their reason.
+
+    They inject a fault or read a detail by patching or inspecting module
+    internals that the compiled build binds when it is built (a function
+    replaced on a class or module, a method's signature); the pure-Python
+    run of the same source runs them (docs/compiled.md).
+    """
+    from sidecar import native
+
+    if native.build() == "python":
+        return
+    for item in items:
+        marker = item.get_closest_marker("pure_python")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"pure Python only: {marker.args[0]}"))
+
+
 @pytest.fixture(autouse=True)
 def created_switch() -> Iterator[None]:
     """Put back prometheus_client's process-wide ``_created`` switch after each test.

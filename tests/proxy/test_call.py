@@ -39,6 +39,8 @@ from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
 INTERNAL_ERROR = int(ApplicationExceptionType.INTERNAL_ERROR)
+# `plant` replaces a method on a class; compiled callers call the one built in.
+PURE_BUG = pytest.mark.pure_python("injects its bug by replacing a method compiled callers bind")
 # Attempts short enough to wait for, long enough for a busy machine; never the breaker:
 # the failures here are the tests' own.
 CONFIG: dict[str, Any] = {
@@ -150,6 +152,7 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
 
 
+@PURE_BUG
 def test_a_bug_in_start(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -170,6 +173,7 @@ def test_a_bug_in_start(
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
+@PURE_BUG
 def test_a_bug_in_on_reply(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -190,6 +194,7 @@ def test_a_bug_in_on_reply(
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
+@PURE_BUG
 def test_a_bug_in_on_error(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -209,6 +214,7 @@ def test_a_bug_in_on_error(
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
+@PURE_BUG
 def test_a_bug_in_the_callback_of_opening_an_upstream_connection(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -228,6 +234,7 @@ def test_a_bug_in_the_callback_of_opening_an_upstream_connection(
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
+@PURE_BUG
 def test_a_bug_in_the_backoff_timer(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -255,6 +262,7 @@ def test_a_bug_in_the_backoff_timer(
         assert sc.metrics().value("thrift_sidecar_retries_total", method="getItem") == 1
 
 
+@PURE_BUG
 def test_a_bug_in_the_fallback_lookup_callback(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -280,6 +288,7 @@ def test_a_bug_in_the_fallback_lookup_callback(
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
+@PURE_BUG
 def test_a_bug_in_a_client_connection_callback_closes_that_connection_only(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,

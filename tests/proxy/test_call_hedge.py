@@ -57,6 +57,7 @@ def open_connections(sc: SidecarThread, address: str | None = None) -> int:
     return sc.call(lambda: sum(p.open_connections for p in pools))
 
 
+@pytest.mark.pure_python("injects its bug by replacing a method compiled callers bind")
 def test_a_bug_in_the_hedge_timer_answers_that_call_and_releases_its_attempt(
     upstream: tuple[Thriftpy2Server, Hold],
     monkeypatch: pytest.MonkeyPatch,

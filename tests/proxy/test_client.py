@@ -26,12 +26,24 @@ from sidecar.proxy.call import Done, Wire
 from sidecar.proxy.client import MAX_QUEUED_MESSAGES, ClientConnection
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.server import CallFactory, Server, ServerSettings
+from sidecar.proxy.timeouts import Timeouts
+from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
 from tests.support.raw import decode_reply, encode_call
 
 MAX_FRAME = 1 << 20
 PROTOCOL_ERROR = int(ApplicationExceptionType.PROTOCOL_ERROR)
-# Stands in for a `CallContext`: fake calls only pass it around.
-CONTEXT = cast(CallContext, "context-1")
+
+
+def blank_context() -> CallContext:
+    """A `CallContext` with nothing in it: fake calls only pass it around.
+
+    A real instance, not a stand-in of another type: the compiled build
+    checks the declared type where the server hands a context out.
+    """
+    return CallContext.__new__(CallContext)
+
+
+CONTEXT = blank_context()
 
 
 def sample(metrics: SidecarMetrics, name: str, **labels: str) -> float:
@@ -219,6 +231,21 @@ class Rig:
         conn.connection_made(cast(asyncio.Transport, transport))
         return conn, transport
 
+    def upstream_connection(self) -> UpstreamConnection:
+        """An unconnected `UpstreamConnection`, for fake calls to offer and be chained to."""
+        pool = UpstreamPool(
+            "127.0.0.1:1",
+            "127.0.0.1",
+            1,
+            Transport.FRAMED,
+            size=1,
+            connect_timeout=1.0,
+            max_message_size=MAX_FRAME,
+            timeouts=Timeouts(self.loop),
+            loop=self.loop,
+        )
+        return UpstreamConnection(pool)
+
     def settle(self) -> None:
         """Run the callbacks due now (connection_lost after a close)."""
         for _ in range(3):
@@ -309,7 +336,7 @@ def test_a_call_that_offers_its_connection_gets_the_next_one_behind_it(rig: Rig)
     first_bytes = call_bytes(20)
     conn.data_received(first_bytes)
     [first] = rig.calls.made
-    first.offers = sentinel = object()
+    first.offers = sentinel = rig.upstream_connection()
     conn.data_received(b"".join(call_bytes(s) for s in (21, 22)))
     assert [c.seqid for c in rig.calls.made] == [20, 21], "one call behind, never two"
     second = rig.calls.made[1]
@@ -329,7 +356,7 @@ def test_a_oneway_proven_by_the_call_behind_it_writes_only_that_reply(rig: Rig) 
     conn, transport = rig.connect()
     conn.data_received(call_bytes(30))
     [first] = rig.calls.made
-    first.offers = object()
+    first.offers = rig.upstream_connection()
     conn.data_received(call_bytes(31))
     second = rig.calls.made[1]
     first.finish_without_reply()  # a later reply came first: it was oneway
@@ -346,7 +373,7 @@ def test_a_call_still_connecting_gets_the_next_one_behind_it_once_sent(rig: Rig)
     first.unsent = True
     conn.data_received(call_bytes(51))
     assert [c.seqid for c in rig.calls.made] == [50], "nothing to go behind yet"
-    first.sent(sentinel := object())
+    first.sent(sentinel := rig.upstream_connection())
     assert [c.seqid for c in rig.calls.made] == [50, 51]
     assert rig.calls.made[1].chained_after is sentinel
 
@@ -641,7 +668,18 @@ BUGS: dict[str, Bug] = {
 }
 
 
-@pytest.mark.parametrize("where", list(BUGS))
+@pytest.mark.parametrize(
+    "where",
+    [
+        pytest.param(
+            name,
+            marks=[pytest.mark.pure_python("replaces a decoder method compiled callers bind")]
+            if name == "eof_received"
+            else [],
+        )
+        for name in BUGS
+    ],
+)
 def test_a_bug_in_a_connection_callback_closes_that_connection_only(
     rig: Rig, where: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -669,6 +707,7 @@ def test_a_bug_in_a_connection_callback_closes_that_connection_only(
     assert rig.server.connections == {bystander}
 
 
+@pytest.mark.pure_python("replaces a module function compiled callers bind")
 def test_a_bug_while_detecting_the_transport_closes_that_connection_only(
     rig: Rig, monkeypatch: pytest.MonkeyPatch
 ) -> None:

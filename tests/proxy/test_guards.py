@@ -79,6 +79,7 @@ def test_the_guard_keeps_the_docstring() -> None:
     assert Owner.none.__doc__ == "No argument."
 
 
+@pytest.mark.pure_python("reads the wrapper's signature; a compiled wrapper has none to read")
 @pytest.mark.parametrize(("name", "arity"), [("none", 1), ("one", 2), ("two", 3), ("three", 3)])
 def test_up_to_two_arguments_get_a_wrapper_of_their_own_arity(name: str, arity: int) -> None:
     wrapper = getattr(Owner, name)

@@ -14,8 +14,7 @@ from typing import Any, cast
 
 import pytest
 
-from sidecar.proxy.context import CallContext
-from tests.proxy.test_client import Rig, call_bytes, sample, seqids
+from tests.proxy.test_client import Rig, blank_context, call_bytes, sample, seqids
 
 
 class ClockedLoop:
@@ -208,7 +207,7 @@ def test_use_context_applies_to_calls_started_afterwards_only(
 ) -> None:
     rig = Rig(loop)
     old = rig.server.context
-    new = cast(CallContext, "context-2")
+    new = blank_context()
     conn, _transport = rig.connect()
     conn.data_received(call_bytes(1) + call_bytes(2))  # 1 starts now, 2 waits
     rig.server.use_context(new)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -181,4 +182,4 @@ def test_releases_feed_the_adaptive_limit() -> None:
 
 
 def _fields(settings: GradientSettings) -> dict[str, float]:
-    return {name: getattr(settings, name) for name in settings.__slots__}
+    return {field.name: getattr(settings, field.name) for field in dataclasses.fields(settings)}
