@@ -194,3 +194,26 @@ def client_command(language: Language, built: Path) -> list[str]:
     if language == "node":
         return ["node", str(built / "client.js")]
     return ["ruby", "-I", str(built / "gen-rb"), str(built / "client.rb")]
+
+
+def build_all() -> int:
+    """Build every language's client that this machine can build (scripts/test, before the suites).
+
+    Both of CI's suites (pure Python and compiled) then reuse the builds
+    instead of racing to make them; a language that cannot build here is
+    reported and left to the suite, which says so in its skips.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.interop.matrix import LANGUAGES
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        builds = {language: pool.submit(build_client, language) for language in LANGUAGES}
+    for language, build in builds.items():
+        error = build.exception()
+        print(f"interop client {language}: {'built' if error is None else error}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(build_all())
