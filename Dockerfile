@@ -6,7 +6,10 @@
 #
 # Stage 1 installs the runtime dependencies exactly as requirements.lock pins
 # them (versions and sha256 hashes, binary wheels only) and the project's own
-# wheel into a virtual environment at /opt/sidecar that has no pip; stage 2
+# wheel into a virtual environment at /opt/sidecar that has no pip. The wheel
+# is the compiled build (SIDECAR_COMPILE=1: the per-call modules compiled
+# with mypyc, docs/compiled.md), made in a second environment that has the
+# same dependencies plus the tools requirements-build.lock pins; stage 2
 # copies that environment onto the same base, removes pip from the base image,
 # and runs as a non-root user. The default config is config/sidecar.yaml
 # (every key with its default, plus the example Catalog service's idl and
@@ -21,22 +24,31 @@
 # with the command written at its top.
 
 FROM python:3.11.17-slim-bookworm AS build
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore \
+    SIDECAR_COMPILE=1
 WORKDIR /src
-# The dependencies first (their layer is reused until the lock changes). The
-# base image's pip installs into a venv created without one.
-COPY requirements.lock ./
+# A C compiler for mypyc's output; this stage only.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && rm -rf /var/lib/apt/lists/*
+# The dependencies first (their layer is reused until the locks change). The
+# base image's pip installs into a venv created without one; the build venv
+# has them too, since mypyc type-checks the code it compiles against them.
+COPY requirements.lock requirements-build.lock ./
 RUN python -m venv --without-pip /opt/sidecar \
  && pip --python /opt/sidecar/bin/python install --no-deps --require-hashes --only-binary=:all: \
-      -r requirements.lock
+      -r requirements.lock \
+ && python -m venv --without-pip /opt/build \
+ && pip --python /opt/build/bin/python install --no-deps --require-hashes --only-binary=:all: \
+      -r requirements.lock -r requirements-build.lock
 # What the wheel is built from. sidecar/testing/example.thrift and
 # sidecar/demo/demo.yaml are symlinks into idl/ and config/, so those come along.
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY idl ./idl
 COPY config ./config
 COPY sidecar ./sidecar
-# The project itself, without its dependencies (the lock installed them).
-RUN pip wheel --no-deps --wheel-dir /wheels . \
+# The project itself, compiled, without its dependencies (the lock installed them).
+RUN pip --python /opt/build/bin/python wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
  && pip --python /opt/sidecar/bin/python install --no-deps --no-index /wheels/thrift_sidecar-*.whl
 
 FROM python:3.11.17-slim-bookworm

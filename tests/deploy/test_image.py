@@ -25,6 +25,7 @@ import signal
 import site
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -54,6 +55,9 @@ OCI_LABELS = {
     for key in ("title", "description", "version", "licenses", "revision", "created", "base.name")
 }
 LOCK = "requirements.lock"
+BUILD_LOCK = "requirements-build.lock"
+# The compiled wheel takes 1-2 minutes to build on two cores.
+WHEEL_BUILD_TIMEOUT = 420
 
 
 def image_problems(stages: list[Stage]) -> list[str]:
@@ -76,7 +80,8 @@ def image_problems(stages: list[Stage]) -> list[str]:
     if not any("venv --without-pip" in r for r in build_runs):
         problems.append("the environment copied to the final stage may carry pip")
     for command in (c.strip() for run in build_runs for c in run.split("&&")):
-        if " install " in command and f"-r {LOCK}" not in command and "--no-deps" not in command:
+        pip_install = re.search(r"\bpip\b.* install ", command)  # apt-get's are Debian's
+        if pip_install and f"-r {LOCK}" not in command and "--no-deps" not in command:
             problems.append(f"an install that may resolve unlocked dependencies: {command}")
     final_runs = " && ".join(final.all("RUN"))
     if re.search(r"\bpip\b[^&]*\binstall\b", final_runs):
@@ -124,7 +129,7 @@ def test_image_problems_finds_each_fault(change: tuple[str, str], found: str) ->
 def test_dockerfile_builds_a_wheel_and_runs_it_as_a_user() -> None:
     stages = dockerfile_stages()
     build, final = stages[0], stages[-1]
-    assert any("pip wheel --no-deps" in run for run in build.all("RUN"))
+    assert any(re.search(r"\bpip\b.* wheel --no-deps", run) for run in build.all("RUN"))
     user = final.one("USER").split(":")[0]
     assert re.search(rf"useradd .*--uid {user}\b", " ".join(final.all("RUN")))
     assert exec_form(final.one("ENTRYPOINT")) == ["sidecar", "run", "--config", IMAGE_CONFIG]
@@ -182,12 +187,17 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 shutil.copyfile(REPO_ROOT / source, target)
     env = clean_env()
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
+    # As the build stage builds it: compiled when its ENV says so, then with the
+    # build tools and dependencies of the environment at hand (this one has both).
+    compile_flag = env_of(dockerfile_stages()[0]).get("SIDECAR_COMPILE", "0")
+    env["SIDECAR_COMPILE"] = compile_flag
+    isolation = ["--no-build-isolation"] if compile_flag == "1" else []
     built = subprocess.run(
-        [*pip, "wheel", "--no-deps", "-q", "-w", str(tmp / "wheels"), str(src)],
+        [*pip, "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp / "wheels"), str(src)],
         capture_output=True,
         text=True,
         env=env,
-        timeout=300,
+        timeout=WHEEL_BUILD_TIMEOUT,
     )
     assert built.returncode == 0, built.stdout + built.stderr
     wheels = list((tmp / "wheels").glob("thrift_sidecar-*.whl"))
@@ -229,6 +239,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(WHEEL_BUILD_TIMEOUT + 60)  # the first user of wheel_venv builds it
 def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
     """From the installed wheel: the package is the wheel's, the demo's files load."""
     script = (
@@ -236,7 +247,8 @@ def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
         "from sidecar.config import load_config\n"
         "from sidecar.fallback.static import load_idl_parts\n"
         "import pathlib, yaml\n"
-        "print(sidecar.__file__)\n"
+        "import sidecar.native\n"
+        "print(sidecar.__file__, sidecar.native.build())\n"
         "idl = u.load_catalog_idl()\n"
         "assert idl.Catalog.thrift_services\n"
         "with u.example_idl_path() as path, r.packaged_demo_settings() as settings:\n"
@@ -258,12 +270,27 @@ def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    where, status = result.stdout.split()
+    where, build, status = result.stdout.split()
     assert Path(where).is_relative_to(wheel_venv), f"sidecar imported from {where}"
+    compiles = env_of(dockerfile_stages()[0]).get("SIDECAR_COMPILE") == "1"
+    assert build == ("mypyc" if compiles else "python")
     assert status == "ok"
 
 
+def test_the_image_compiles_with_the_mypy_ci_compiles_with() -> None:
+    """requirements-build.lock's mypy (the image's mypyc) is this environment's (CI's)."""
+    pins = dict(re.findall(r"^([a-z0-9-]+)==(\S+) ", (REPO_ROOT / BUILD_LOCK).read_text(), re.M))
+    assert pins["mypy"] == version("mypy")
+    assert int(pins["setuptools"].split(".")[0]) >= 77  # reads the license string
+    build = dockerfile_stages()[0]
+    assert any(BUILD_LOCK in sources for sources, _ in copy_pairs(build))
+    installs = [r for r in build.all("RUN") if f"-r {BUILD_LOCK}" in r]
+    assert installs
+    assert all("--require-hashes" in r for r in installs)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(WHEEL_BUILD_TIMEOUT + 60)
 def test_entrypoint_and_healthcheck_run_from_the_wheel(wheel_venv: Path, tmp_path: Path) -> None:
     final = dockerfile_stages()[-1]
     files = ContainerFiles(tmp_path / "root")
