@@ -7,7 +7,7 @@
 # Stage 1 installs the runtime dependencies exactly as requirements.lock pins
 # them (versions and sha256 hashes, binary wheels only) and the project's own
 # wheel into a virtual environment at /opt/sidecar that has no pip. The wheel
-# is the compiled build (SIDECAR_COMPILE=1: the per-call modules compiled
+# is the compiled build (THRIFT_SIDECAR_COMPILE=1: the per-call modules compiled
 # with mypyc, docs/compiled.md), made in a second environment that has the
 # same dependencies plus the tools requirements-build.lock pins; stage 2
 # copies that environment onto the same base, removes pip from the base image,
@@ -25,7 +25,7 @@
 
 FROM python:3.11.17-slim-bookworm AS build
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PIP_ROOT_USER_ACTION=ignore \
-    SIDECAR_COMPILE=1
+    THRIFT_SIDECAR_COMPILE=1
 WORKDIR /src
 # A C compiler for mypyc's output; this stage only.
 RUN apt-get update \

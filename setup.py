@@ -1,4 +1,4 @@
-"""Build hook: ``SIDECAR_COMPILE=1`` compiles the per-call modules with mypyc.
+"""Build hook: ``THRIFT_SIDECAR_COMPILE=1`` compiles the per-call modules with mypyc.
 
 Without it (the default, and what ``pip install -e .`` does) the package is
 pure Python. The modules compiled are listed in sidecar/native.py; the
@@ -29,7 +29,7 @@ def compiled_sources() -> list[str]:
 
 
 def ext_modules() -> list[object]:
-    if os.environ.get("SIDECAR_COMPILE", "0") in ("", "0"):
+    if os.environ.get("THRIFT_SIDECAR_COMPILE", "0") in ("", "0"):
         return []
     from mypyc.build import mypycify
 

@@ -6,6 +6,7 @@ Usage (from the repository root, with the project's environment):
     python bench/speed.py --rounds 3      # the same, 3 rounds (~6 min)
     python bench/speed.py --quick         # 2 rounds x 1 s (~1.5 min): checks the harness
     python bench/speed.py --source /tmp/other-checkout   # sidecars of another checkout
+    scripts/build-compiled && python bench/speed.py      # with the compiled build's rows
 
 One C upstream (`src/upstream.c`) and, in front of it for the whole run,
 HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
@@ -23,6 +24,12 @@ HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
   checkout's configuration accepts the key (``sidecar check-config``);
   otherwise the report says it was not measured and why. Its CPU is that of
   the whole process tree (`benchtools.tree_cpu_times`).
+- ``cached-mypyc`` and ``cached-mypyc-w2``: ``cached`` and ``cached-w2``
+  run from the compiled build of the checkout (``--compiled``, by default
+  ``.build/compiled``, which scripts/build-compiled makes; what the image
+  runs, docs/compiled.md). Measured only when that directory holds a
+  complete compiled build (``sidecar.native.build()`` says ``mypyc``);
+  otherwise the report says why not.
 
 Cases (the issue's list; ``--cases`` changes it): closed loop at 16
 connections framed, 64 connections framed and 16 connections buffered, each
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import subprocess
 import sys
 import tempfile
@@ -98,12 +106,16 @@ class Variant:
     config: str | None
     # True when the sidecar runs worker processes: CPU of the whole tree.
     tree: bool = False
+    # True: run from the compiled build (--compiled), not from --source.
+    compiled: bool = False
 
 
 VARIANTS = (
     Variant("sidecar", None),
     Variant("cached", CACHE_CONFIG),
     Variant("cached-w2", CACHE_CONFIG + WORKERS_LINE, tree=True),
+    Variant("cached-mypyc", CACHE_CONFIG, compiled=True),
+    Variant("cached-mypyc-w2", CACHE_CONFIG + WORKERS_LINE, tree=True, compiled=True),
 )
 # The variant whose figures the issue's goals are about.
 MAIN = "cached"
@@ -156,6 +168,21 @@ def config_accepted(text: str, source: Path, workdir: Path) -> tuple[bool, str]:
     )
     complaint = (done.stderr or done.stdout).strip().splitlines()
     return done.returncode == 0, (complaint[0] if complaint else f"exit {done.returncode}")
+
+
+def build_of(source: Path) -> str:
+    """Which build a checkout's sidecar runs (`sidecar.native.build`), or why it cannot say."""
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sidecar.native as n; print(n.build())"],
+        cwd=source,
+        env={**os.environ, "PYTHONPATH": str(source)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if probe.returncode != 0:
+        return "unknown (" + (probe.stderr.strip().splitlines() or ["no output"])[-1] + ")"
+    return probe.stdout.strip()
 
 
 @contextlib.contextmanager
@@ -361,6 +388,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-haproxy", action="store_true", help="skip HAProxy (no ratios)")
     p.add_argument("--haproxy-threads", type=int, default=1)
     p.add_argument("--source", type=Path, default=REPO_ROOT, help="checkout the sidecars run")
+    p.add_argument(
+        "--compiled",
+        type=Path,
+        default=REPO_ROOT / ".build" / "compiled",
+        help="compiled build the *-mypyc variants run (scripts/build-compiled) [%(default)s]",
+    )
     return round_defaults(p.parse_args(argv))
 
 
@@ -373,11 +406,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     chosen = [v for v in VARIANTS if v.name in args.variants.split(",")]
     source = args.source.resolve()
+    compiled = args.compiled.resolve()
     tools = build_tools()
     meta: dict[str, Any] = {
         **round_meta(args),
         **machine_facts(),
         "source": str(source),
+        "compiled": str(compiled),
         "variants": {v.name: v.config for v in chosen},
         "not_measured": [],
         "loadavg_rounds": [],
@@ -394,15 +429,23 @@ def main(argv: list[str] | None = None) -> int:
                 haproxy_target(tmp, up_port, args.haproxy_threads)
             )
         tree_of: dict[str, bool] = {}
+        compiled_build = build_of(compiled) if any(v.compiled for v in chosen) else ""
         for variant in chosen:
+            if variant.compiled and compiled_build != "mypyc":
+                meta["not_measured"].append(
+                    f"`{variant.name}`: {compiled} is not a compiled build ({compiled_build}; "
+                    "scripts/build-compiled makes one)"
+                )
+                continue
+            where = compiled if variant.compiled else source
             if variant.config is not None:
-                ok, why = config_accepted(variant.config, source, tmp)
+                ok, why = config_accepted(variant.config, where, tmp)
                 if not ok:
                     meta["not_measured"].append(
                         f"`{variant.name}`: this checkout's config refuses it ({why})"
                     )
                     continue
-            target = stack.enter_context(variant_target(variant, tmp, up_port, source))
+            target = stack.enter_context(variant_target(variant, tmp, up_port, where))
             live[variant.name] = target
             tree_of[variant.name] = variant.tree
             assert target.proc is not None

@@ -877,3 +877,19 @@ def test_protocols_summary_pairs_rounds_and_renders_every_row() -> None:
     table = [line for line in text.splitlines() if line.startswith("| ") and "µs" not in line]
     assert len(table) == len(protocols.ROWS)
     assert "| compact framed | sidecar transcoding | 1,001 | 25.0 |" in text
+
+
+def test_speed_runs_the_mypyc_rows_only_from_a_compiled_build(tmp_path: Path) -> None:
+    # The *-mypyc rows say they are the compiled build's: speed.py measures
+    # them only when --compiled holds one (sidecar.native.build() there).
+    import os
+
+    from benchtools import REPO_ROOT
+    from speed import VARIANTS, build_of
+
+    from sidecar import native
+
+    assert {v.name for v in VARIANTS if v.compiled} == {"cached-mypyc", "cached-mypyc-w2"}
+    expected = os.environ.get("THRIFT_SIDECAR_EXPECT_BUILD") or native.build()
+    assert build_of(REPO_ROOT) == expected
+    assert build_of(tmp_path) != "mypyc"  # nothing compiled there

@@ -1,6 +1,6 @@
 """Which modules a compiled build compiles, and whether this process runs them compiled.
 
-A compiled build (``SIDECAR_COMPILE=1``, see setup.py) turns the modules in
+A compiled build (``THRIFT_SIDECAR_COMPILE=1``, see setup.py) turns the modules in
 `COMPILED` into C extensions with mypyc; every other module, and every
 module of a default install, stays Python. The source is the same either
 way, and CI runs the whole test suite against both builds. Why these
@@ -13,8 +13,8 @@ list without importing the package.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.machinery
+import importlib.util
 
 # The per-call path: the wire (protocol), the decisions (resilience), the
 # call itself (proxy) and what it records (metrics, fallback). Not here:
@@ -75,12 +75,16 @@ COMPILED: tuple[str, ...] = (
 
 
 def compiled_modules() -> list[str]:
-    """The modules of `COMPILED` this process loads from an extension, in its order."""
+    """The modules of `COMPILED` this process loads from an extension, in its order.
+
+    Found without running them (their import specs), so that a low-level
+    module may ask.
+    """
+    suffixes = tuple(importlib.machinery.EXTENSION_SUFFIXES)
     found = []
     for name in COMPILED:
-        module = importlib.import_module(name)
-        origin = getattr(module, "__file__", None) or ""
-        if origin.endswith(tuple(importlib.machinery.EXTENSION_SUFFIXES)):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and (spec.origin or "").endswith(suffixes):
             found.append(name)
     return found
 

@@ -21,7 +21,7 @@ SIDECAR = Path(sidecar.__file__).resolve().parent
 
 # Rooms by floor, lowest first. "sidecar" is the package face (__version__).
 FLOORS: list[set[str]] = [
-    {"sidecar", "errors"},
+    {"sidecar", "errors", "native"},
     {"protocol", "config"},
     {"resilience", "logs", "metrics"},
     {"fleet", "workers", "testing", "top"},

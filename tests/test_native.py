@@ -2,7 +2,7 @@
 
 CI runs the whole suite twice (scripts/test): against this checkout, pure
 Python, and against the copy scripts/build-compiled makes, with
-``SIDECAR_EXPECT_BUILD`` set to the build each run must be testing, so that
+``THRIFT_SIDECAR_EXPECT_BUILD`` set to the build each run must be testing, so that
 a compiled run that silently fell back to Python fails here rather than
 passing as the compiled build's test.
 """
@@ -33,8 +33,8 @@ NOT_COMPILED = {
 
 
 def expected_build() -> str:
-    """The build this run is testing: SIDECAR_EXPECT_BUILD, else whichever is loaded."""
-    return os.environ.get("SIDECAR_EXPECT_BUILD") or native.build()
+    """The build this run is testing: THRIFT_SIDECAR_EXPECT_BUILD, else whichever is loaded."""
+    return os.environ.get("THRIFT_SIDECAR_EXPECT_BUILD") or native.build()
 
 
 def test_this_run_tests_the_build_it_was_asked_to_and_no_mix_of_two() -> None:
@@ -141,7 +141,7 @@ def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -
         "print('\\n'.join('src ' + path for path in ns['compiled_sources']()));"
         "print('ext', len(ns['ext_modules']()))"
     )
-    env = {k: v for k, v in os.environ.items() if k != "SIDECAR_COMPILE"}
+    env = {k: v for k, v in os.environ.items() if k != "THRIFT_SIDECAR_COMPILE"}
     out = subprocess.run(
         [sys.executable, "-c", code],
         cwd=REPO_ROOT,
@@ -151,7 +151,7 @@ def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -
         check=True,
         timeout=60,
     ).stdout.splitlines()
-    assert out[-1] == "ext 0"  # pure Python unless SIDECAR_COMPILE=1
+    assert out[-1] == "ext 0"  # pure Python unless THRIFT_SIDECAR_COMPILE=1
     wanted = [str(Path(*name.split(".")).with_suffix(".py")) for name in native.COMPILED]
     assert [line[4:] for line in out if line.startswith("src ")] == wanted
 

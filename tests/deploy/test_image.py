@@ -189,8 +189,8 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check"]
     # As the build stage builds it: compiled when its ENV says so, then with the
     # build tools and dependencies of the environment at hand (this one has both).
-    compile_flag = env_of(dockerfile_stages()[0]).get("SIDECAR_COMPILE", "0")
-    env["SIDECAR_COMPILE"] = compile_flag
+    compile_flag = env_of(dockerfile_stages()[0]).get("THRIFT_SIDECAR_COMPILE", "0")
+    env["THRIFT_SIDECAR_COMPILE"] = compile_flag
     isolation = ["--no-build-isolation"] if compile_flag == "1" else []
     built = subprocess.run(
         [*pip, "wheel", "--no-deps", *isolation, "-q", "-w", str(tmp / "wheels"), str(src)],
@@ -272,7 +272,7 @@ def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     where, build, status = result.stdout.split()
     assert Path(where).is_relative_to(wheel_venv), f"sidecar imported from {where}"
-    compiles = env_of(dockerfile_stages()[0]).get("SIDECAR_COMPILE") == "1"
+    compiles = env_of(dockerfile_stages()[0]).get("THRIFT_SIDECAR_COMPILE") == "1"
     assert build == ("mypyc" if compiles else "python")
     assert status == "ok"
 

@@ -200,7 +200,9 @@ FD_LIMIT = 48
 CROWD = 80
 
 
-def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -> None:
+def test_upstream_program_serves_again_after_running_out_of_file_descriptors(
+    tmp_path: Path,
+) -> None:
     """A client crowd beyond the open-file limit makes ``accept`` fail (EMFILE);
     once it leaves, the same process serves again: the listener must not be closed
     for a failure that passes."""
@@ -212,12 +214,12 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
         f"sys.argv = ['upstream', '--port', '{port}']\n"
         "runpy.run_module('sidecar.testing.upstream', run_name='__main__')\n"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", program],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env=program_env(),
-    )
+    # Its log in a file, read while it runs: the crowd stays until accept has failed.
+    output = tmp_path / "upstream.log"
+    with output.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", program], stdout=out, stderr=subprocess.STDOUT, env=program_env()
+        )
     try:
         wait_until(
             lambda: answers(proc, port), timeout=30, interval=0.05, message="the first answer"
@@ -231,10 +233,11 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
                     break  # the backlog is full: enough
             # Every descriptor the process may have is in use: accept() fails now.
             wait_until(
-                lambda: len(os.listdir(f"/proc/{proc.pid}/fd")) >= FD_LIMIT - 1,
-                timeout=10,
-                message="the upstream out of file descriptors",
+                lambda: "cannot accept a connection" in output.read_text(errors="replace"),
+                timeout=20,
+                message="the upstream out of file descriptors, saying so",
             )
+            assert len(os.listdir(f"/proc/{proc.pid}/fd")) >= FD_LIMIT - 1
         finally:
             for sock in crowd:
                 sock.close()
@@ -245,6 +248,7 @@ def test_upstream_program_serves_again_after_running_out_of_file_descriptors() -
             message="an answer after the crowd left",
         )
     finally:
-        code, log = stop_program(proc)
+        code, _ = stop_program(proc)
+    log = output.read_text(errors="replace")
     assert code == 0, log
-    assert "cannot accept a connection" in log, log
+    assert "accepting connections again" in log, log
