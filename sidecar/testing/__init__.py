@@ -4,4 +4,5 @@
 - `sidecar.testing.catalog`: the example Catalog service (``idl/example.thrift``).
 - `sidecar.testing.thrift_server`: the stoppable threaded server both build on.
 - ``python -m sidecar.testing.upstream``: the Catalog as a program (docker-compose runs it).
+- `sidecar.testing.ports`: free ports for the processes tests and benchmarks start.
 """

@@ -18,7 +18,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import Sidecar
 from sidecar.config import SidecarConfig, load_config
+from sidecar.testing import ports
 from tests.support.wait import wait_until
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -43,10 +43,8 @@ T = TypeVar("T")
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (`sidecar.testing.ports`)."""
+    return ports.free_port("127.0.0.1")
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
