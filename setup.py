@@ -31,7 +31,15 @@ def compiled_sources() -> list[str]:
 def ext_modules() -> list[object]:
     if os.environ.get("THRIFT_SIDECAR_COMPILE", "0") in ("", "0"):
         return []
-    from mypyc.build import mypycify
+    try:
+        from mypyc.build import mypycify
+    except ImportError as exc:
+        raise SystemExit(
+            "THRIFT_SIDECAR_COMPILE=1 needs mypy (which ships mypyc) where the build runs, "
+            "with the runtime dependencies beside it: install them (requirements.lock, "
+            "requirements-build.lock) and build with `pip wheel --no-build-isolation .` "
+            f"(docs/compiled.md); here: {exc}"
+        ) from exc
 
     # Module names from the paths as given (not from any __init__.py above the
     # checkout); one C file per module, so that `build_ext -j N` compiles them

@@ -190,3 +190,24 @@ def test_a_running_sidecar_reports_its_build_in_its_metrics_and_version() -> Non
         timeout=60,
     ).stdout
     assert version.rstrip().endswith(f"build {expected_build()})")
+
+
+def test_a_compiled_build_without_mypy_says_what_it_needs(tmp_path: Path) -> None:
+    # setup.py run by an interpreter that cannot import mypyc (a build
+    # environment of pip's own, say): it stops and says how to build instead.
+    blocker = tmp_path / "mypyc"
+    blocker.mkdir()
+    (blocker / "__init__.py").write_text("raise ImportError('mypyc is not installed here')\n")
+    env = {**os.environ, "THRIFT_SIDECAR_COMPILE": "1", "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "THRIFT_SIDECAR_COMPILE=1 needs mypy" in result.stderr
+    assert "--no-build-isolation" in result.stderr
+    assert "mypyc is not installed here" in result.stderr
