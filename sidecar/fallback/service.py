@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 from sidecar.fallback.static import StaticReply
 from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
@@ -34,24 +34,24 @@ from sidecar.resilience.outcome import Outcome
 
 log = logging.getLogger("sidecar.fallback")
 
-_COMPACT_ID = bytes((PROTOCOL_ID,))
+_COMPACT_ID: Final = bytes((PROTOCOL_ID,))
 
 # Seconds during which a key just stored is not stored again (at most a tenth
 # of the store's TTL): the stored reply is then at most this much older than
 # the upstream's latest, and expires that much sooner.
-FRESH_FOR = 1.0
+FRESH_FOR: Final = 1.0
 # Keys `RecentKeys` remembers; the oldest is forgotten first (and is then
 # merely stored again).
-RECENT_KEYS = 4096
+RECENT_KEYS: Final = 4096
 # Arguments up to this size are copied to be hashed, larger ones viewed in place
 # (cachegrind, CPython 3.11: a copy of 4 KiB is about 1,500 instructions, of 16 KiB
 # 17,000; a view of any size about 2,000).
-COPY_ARGS_BYTES = 4096
+COPY_ARGS_BYTES: Final = 4096
 
-BREAKER_OPEN = "breaker_open"
-RETRIES_EXHAUSTED = "retries_exhausted"
+BREAKER_OPEN: Final = "breaker_open"
+RETRIES_EXHAUSTED: Final = "retries_exhausted"
 # The call was shed over upstream.max_in_flight (`sidecar.resilience.limits`).
-SHED = "shed"
+SHED: Final = "shed"
 
 
 class MethodFallback(Protocol):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import parse_compact_header
@@ -30,16 +31,16 @@ from sidecar.protocol.message import Message
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper, flat_struct_end
 
 HeaderParser = Callable[[bytes | bytearray | memoryview, int], MessageHeader | None]
-PARSERS: dict[Protocol, HeaderParser] = {
+PARSERS: Final[dict[Protocol, HeaderParser]] = {
     Protocol.BINARY: parse_header,
     Protocol.COMPACT: parse_compact_header,
 }
 
 # Largest message accepted unless configured otherwise: 16 MiB, the design's
 # default (Apache Thrift's own default frame limit is 16,384,000 bytes).
-DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 
-_I32 = struct.Struct(">i")
+_I32: Final = struct.Struct(">i")
 
 
 class DecoderBase:

@@ -22,24 +22,24 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 
-VERSION_1 = 0x80010000
-VERSION_MASK = 0xFFFF0000
-TYPE_MASK = 0x000000FF
+VERSION_1: Final = 0x80010000
+VERSION_MASK: Final = 0xFFFF0000
+TYPE_MASK: Final = 0x000000FF
 
 # Decodes method names and encodes them back byte for byte (PEP 383).
-NAME_ERRORS = "surrogateescape"
+NAME_ERRORS: Final = "surrogateescape"
 
 # A method name longer than this is not a name but garbage. Thrift puts no
 # limit on names; real IDL identifiers are far below it.
-MAX_NAME_LENGTH = 4096
+MAX_NAME_LENGTH: Final = 4096
 
-_I32 = struct.Struct(">i")
-_U32 = struct.Struct(">I")
-_I8 = struct.Struct(">b")
+_I32: Final = struct.Struct(">i")
+_U32: Final = struct.Struct(">I")
+_I8: Final = struct.Struct(">b")
 
 
 class Protocol(StrEnum):
@@ -58,18 +58,18 @@ class MessageType(IntEnum):
     ONEWAY = 4
 
 
-_VALID_TYPES = frozenset(int(t) for t in MessageType)
+_VALID_TYPES: Final = frozenset(int(t) for t in MessageType)
 # MessageType by wire value, without the cost of calling the enum (None: not a type).
-TYPE_BY_VALUE: tuple[MessageType | None, ...] = tuple(
+TYPE_BY_VALUE: Final[tuple[MessageType | None, ...]] = tuple(
     MessageType(v) if v in _VALID_TYPES else None for v in range(256)
 )
-_STRICT_START = struct.Struct(">Ii")
-_new_tuple = tuple.__new__
+_STRICT_START: Final = struct.Struct(">Ii")
+_new_tuple: Final = tuple.__new__
 # A strict envelope's name of n bytes and the seqid after it, read in one unpack for
 # names shorter than this (any real method name): one call into C instead of a
 # slice and a second unpack.
-_SHORT_NAME = 128
-_NAME_AND_SEQID = tuple(struct.Struct(f">{n}si") for n in range(_SHORT_NAME))
+_SHORT_NAME: Final = 128
+_NAME_AND_SEQID: Final = tuple(struct.Struct(f">{n}si") for n in range(_SHORT_NAME))
 
 
 class MessageHeader(NamedTuple):
@@ -107,7 +107,7 @@ class MessageHeader(NamedTuple):
         return self.name.rpartition(":")[2]
 
 
-_BINARY = Protocol.BINARY
+_BINARY: Final = Protocol.BINARY
 
 
 def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> MessageHeader | None:

@@ -59,7 +59,7 @@ import logging
 import math
 from collections.abc import Callable
 from time import perf_counter
-from typing import Any
+from typing import Any, Final
 
 from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Served
@@ -92,30 +92,37 @@ access_log = logging.getLogger("sidecar.access")
 Wire = bytes | bytearray | memoryview
 Done = Callable[[Wire | None], None]
 
-_CALL = MessageType.CALL
-_ONEWAY = MessageType.ONEWAY
-_BINARY = WireProtocol.BINARY
-_THEADER = Transport.THEADER
+_CALL: Final = MessageType.CALL
+_ONEWAY: Final = MessageType.ONEWAY
+_BINARY: Final = WireProtocol.BINARY
+_THEADER: Final = Transport.THEADER
 
-_DECLARED = Outcome.DECLARED_EXCEPTION
+_DECLARED: Final = Outcome.DECLARED_EXCEPTION
 # Outcomes that are answers from the upstream: returned as they are, never retried.
-ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
+ANSWERS: Final = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
 
 # Metric label of each outcome (a dict lookup is cheaper than Enum.value).
-_LABELS = {outcome: outcome.value for outcome in Outcome}
+_LABELS: Final = {outcome: outcome.value for outcome in Outcome}
 
 # Most steps spent checking a failed framed call's body (`check_body`): about
 # 5 ms at worst (a step per byte); a body that needs more is not checked.
-CHECK_STEPS = 50_000
+CHECK_STEPS: Final = 50_000
 
 # Values of requests_total{outcome} besides the attempt outcomes (`Outcome`).
-CIRCUIT_OPEN = "circuit_open"
-FALLBACK = "fallback"
-BAD_REQUEST = "bad_request"
-SIDECAR_ERROR = "sidecar_error"
-REQUEST_OUTCOMES = (*_LABELS.values(), CIRCUIT_OPEN, SHED, FALLBACK, BAD_REQUEST, SIDECAR_ERROR)
+CIRCUIT_OPEN: Final = "circuit_open"
+FALLBACK: Final = "fallback"
+BAD_REQUEST: Final = "bad_request"
+SIDECAR_ERROR: Final = "sidecar_error"
+REQUEST_OUTCOMES: Final = (
+    *_LABELS.values(),
+    CIRCUIT_OPEN,
+    SHED,
+    FALLBACK,
+    BAD_REQUEST,
+    SIDECAR_ERROR,
+)
 # Final outcomes whose latency, after one attempt, is a sample for an adaptive limit.
-_SAMPLED = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
+_SAMPLED: Final = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
 
 
 class Call:

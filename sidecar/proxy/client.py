@@ -34,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 from sidecar.logs import RateLimitedLog
@@ -52,30 +52,30 @@ from sidecar.proxy.upstream import UpstreamConnection
 
 log = logging.getLogger("sidecar.server")
 
-MAX_QUEUED_MESSAGES = 64
+MAX_QUEUED_MESSAGES: Final = 64
 MAX_QUEUED_BYTES = 8 << 20
 # Steps of a buffered message's walk per turn of the loop (`BufferedDecoder`).
 # A step is about 0.1 µs, and a message can cost one per byte (a list of
 # empty structs): a connection holds the loop about half a millisecond at a
 # time, and every other connection runs in between.
-WALK_STEPS = 4096
+WALK_STEPS: Final = 4096
 # Malformed calls (found so after they failed upstream) a connection may send
 # before it is closed: one is a bug, three in a row are a client to stop.
-MAX_MALFORMED_CALLS = 3
+MAX_MALFORMED_CALLS: Final = 3
 
 # What a client of a protocol the sidecar does not proxy (JSON) is told.
-_UNSUPPORTED = (
+_UNSUPPORTED: Final = (
     "sidecar: this Thrift port takes the binary and compact protocols (framed, buffered or "
     "THeader), not this one; the sidecar's HTTP endpoints are on its admin port"
 )
 
 # The answer to an HTTP request that arrived on the Thrift port.
-_HTTP_BODY = (
+_HTTP_BODY: Final = (
     b"This is the Thrift port of thrift-sidecar (binary or compact protocol; framed, buffered\n"
     b"or THeader transport).\n"
     b"HTTP endpoints (/metrics, /healthz, /readyz, /state) are on the admin port.\n"
 )
-_HTTP_MISDIRECTED = (
+_HTTP_MISDIRECTED: Final = (
     b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nConnection: close\r\n"
     + b"Content-Length: "
     + str(len(_HTTP_BODY)).encode()

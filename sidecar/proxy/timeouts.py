@@ -20,17 +20,18 @@ import heapq
 import logging
 import math
 from collections.abc import Callable
+from typing import Final
 
 log = logging.getLogger("sidecar.timeouts")
 
 # Seconds per bucket: how late a timeout may fire. Per-try timeouts are
 # usually hundreds of milliseconds or more.
-GRANULARITY = 0.005
+GRANULARITY: Final = 0.005
 
 # A loop's timer may run a little before its time (uvloop rounds a delay to
 # whole milliseconds); the timer is then set again, at least this far ahead,
 # rather than spinning until the clock catches up.
-_MIN_DELAY = 0.001
+_MIN_DELAY: Final = 0.001
 
 Expire = Callable[[], None]
 

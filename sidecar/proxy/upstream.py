@@ -36,7 +36,7 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 from sidecar.errors import (
     RemoteProtocolError,
@@ -59,17 +59,17 @@ log = logging.getLogger("sidecar.upstream")
 stray_log = RateLimitedLog(log, what="stray reply lines")
 # Replies to no call dropped on one connection before it is failed instead: past
 # this many, the upstream's replies on it are not to be trusted.
-MAX_STRAY_REPLIES = 16
+MAX_STRAY_REPLIES: Final = 16
 
-_SEQID_MASK = 0x7FFFFFFF
-_REPLY = MessageType.REPLY
-_EXCEPTION = MessageType.EXCEPTION
+_SEQID_MASK: Final = 0x7FFFFFFF
+_REPLY: Final = MessageType.REPLY
+_EXCEPTION: Final = MessageType.EXCEPTION
 
 # Seqids of calls sent as oneway whose stray reply is still recognised. A
 # server answers in order, so a reply to any later call ends their chance.
-MAX_ONEWAY_SEQIDS = 64
+MAX_ONEWAY_SEQIDS: Final = 64
 # Bytes kept of what an upstream sent first, to tell an operator what it was.
-_FIRST_BYTES = 64
+_FIRST_BYTES: Final = 64
 
 
 class ReplyHandler(Protocol):
@@ -100,7 +100,7 @@ class _Nobody:
         """Never called: a spare entry is not waiting."""
 
 
-_NOBODY = _Nobody()
+_NOBODY: Final = _Nobody()
 
 
 class _Waiting:

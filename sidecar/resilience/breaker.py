@@ -63,18 +63,18 @@ import contextlib
 from collections.abc import Callable
 from datetime import UTC, datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import pybreaker
 
 from sidecar.resilience.window import RateSettings, RateWindow
 
-STATE_CLOSED = pybreaker.STATE_CLOSED
-STATE_OPEN = pybreaker.STATE_OPEN
-STATE_HALF_OPEN = pybreaker.STATE_HALF_OPEN
+STATE_CLOSED: Final = pybreaker.STATE_CLOSED
+STATE_OPEN: Final = pybreaker.STATE_OPEN
+STATE_HALF_OPEN: Final = pybreaker.STATE_HALF_OPEN
 
 # Values of the breaker_state gauge (design §8).
-STATE_VALUES = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
+STATE_VALUES: Final = {STATE_CLOSED: 0, STATE_HALF_OPEN: 1, STATE_OPEN: 2}
 
 # (name, old state, new state, adopted): adopted is True when the change was
 # another worker's, noticed in the storage they share (`adopting`).
@@ -90,8 +90,8 @@ class Admission(Enum):
 
 
 # Plain names for the members read on every call (reading Admission.PROBE costs a call).
-_CLOSED = Admission.CLOSED
-_PROBE = Admission.PROBE
+_CLOSED: Final = Admission.CLOSED
+_PROBE: Final = Admission.PROBE
 
 
 class _AttemptFailed(Exception):
