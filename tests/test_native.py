@@ -133,6 +133,71 @@ def test_the_subclass_check_finds_one(tmp_path: Path) -> None:
     assert "Mine subclasses sidecar/proxy/call.py:" in found[0]
 
 
+# Module constants that tests replace (monkeypatch): a Final one could not be.
+REPLACEABLE = {
+    ("sidecar.proxy.client", "MAX_QUEUED_BYTES"),
+    ("sidecar.proxy.policy", "MAX_CACHED_NAMES"),
+}
+
+
+def is_type_alias(value: ast.expr) -> bool:
+    """``X = Callable[...]``, ``X = A | B``, ``X = SomeClass``, ``T = TypeVar(...)``."""
+    if isinstance(value, ast.Subscript | ast.BinOp):
+        return True
+    if isinstance(value, ast.Name):
+        return value.id[:1].isupper() and not value.id.isupper()
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id in {"TypeVar", "ParamSpec"}
+    )
+
+
+def constants_not_final(source: str, module: str) -> list[str]:
+    """Module-level names assigned once in ``source`` and not declared Final.
+
+    mypyc reads a Final module constant from a C static; any other from the
+    module's dict, by name, on every use in a compiled function.
+    """
+    found = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value, annotation = node.targets[0], node.value, ""
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value, annotation = node.target, node.value, ast.unparse(node.annotation)
+        else:
+            continue
+        if not isinstance(target, ast.Name) or target.id.startswith("__"):
+            continue
+        if "Final" in annotation or "TypeAlias" in annotation or (module, target.id) in REPLACEABLE:
+            continue
+        if not annotation and is_type_alias(value):
+            continue
+        found.append(f"{module}:{node.lineno} {target.id}")
+    return found
+
+
+def test_the_compiled_modules_constants_are_final() -> None:
+    not_final = []
+    for name in native.COMPILED:
+        path = (REPO_ROOT / Path(*name.split("."))).with_suffix(".py")
+        not_final += constants_not_final(path.read_text(), name)
+    assert not_final == []
+
+
+def test_the_final_check_finds_a_constant_that_is_not() -> None:
+    source = (
+        "from typing import Final\n"
+        "A: Final = 1\n"
+        "B = 2\n"
+        "C: int = 3\n"
+        "Alias = int | None\n"
+        "T = TypeVar('T')\n"
+        "__all__ = ['A']\n"
+    )
+    assert constants_not_final(source, "m") == ["m:3 B", "m:4 C"]
+
+
 def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -> None:
     # setup.py reads the list from sidecar/native.py's source; ask it directly.
     code = (

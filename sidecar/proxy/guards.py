@@ -92,13 +92,16 @@ def _guard2(step: Callable[..., R]) -> Callable[..., R | None]:
 
 def positional_count(function: Callable[..., Any]) -> int:
     """How many plain positional parameters ``function`` has (``self`` included); -1 when it
-    takes anything else (defaults, ``*args``, keyword-only, ``**kwargs``)."""
-    code = getattr(function, "__code__", None)
-    if (
-        code is None
-        or getattr(function, "__defaults__", None)
-        or code.co_kwonlyargcount
-        or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS)
-    ):
+    takes anything else (defaults, ``*args``, keyword-only, ``**kwargs``) or says nothing.
+
+    Read from the signature, not the code object: a compiled function has no
+    ``__code__``, but it has a signature.
+    """
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
         return -1
-    return int(code.co_argcount)
+    plain = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind not in plain or p.default is not p.empty for p in parameters):
+        return -1
+    return len(parameters)
