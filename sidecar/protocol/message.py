@@ -11,8 +11,8 @@ A message that arrived in a THeader frame keeps the frame's header
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 from sidecar.protocol.compact import (
     PROTOCOL_ID,
@@ -23,7 +23,7 @@ from sidecar.protocol.compact import (
 from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header
 from sidecar.protocol.theader import THeaderFrame, encode_theader
 
-_I32 = struct.Struct(">i")
+_I32: Final = struct.Struct(">i")
 
 
 class Transport(StrEnum):
@@ -35,15 +35,17 @@ class Transport(StrEnum):
 
 
 # Enum members as plain names: reading Transport.FRAMED costs a descriptor call.
-_FRAMED = Transport.FRAMED
-_BUFFERED = Transport.BUFFERED
-_THEADER = Transport.THEADER
-_COMPACT = Protocol.COMPACT
+_FRAMED: Final = Transport.FRAMED
+_BUFFERED: Final = Transport.BUFFERED
+_THEADER: Final = Transport.THEADER
+_COMPACT: Final = Protocol.COMPACT
 
 
-@dataclass(slots=True)
 class Message:
     """One complete message.
+
+    A plain class, not a dataclass: a dataclass's generated ``__init__`` stays
+    interpreted in the compiled build, and two messages are made per call.
 
     Attributes:
         header: the envelope as it arrived (its offsets follow any seqid patch).
@@ -52,10 +54,34 @@ class Message:
         theader: the THeader frame's header when the message came in one.
     """
 
-    header: MessageHeader
-    buf: bytearray
-    start: int
-    theader: THeaderFrame | None = None
+    __slots__ = ("buf", "header", "start", "theader")
+
+    def __init__(
+        self,
+        header: MessageHeader,
+        buf: bytearray,
+        start: int,
+        theader: THeaderFrame | None = None,
+    ) -> None:
+        self.header = header
+        self.buf = buf
+        self.start = start
+        self.theader = theader
+
+    def __repr__(self) -> str:
+        return f"Message({self.header!r}, {self.buf!r}, {self.start}, {self.theader!r})"
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Message):
+            return NotImplemented
+        return (self.header, self.buf, self.start, self.theader) == (
+            other.header,
+            other.buf,
+            other.start,
+            other.theader,
+        )
+
+    __hash__ = None  # type: ignore[assignment]  # mutable: equal by value, like a dataclass
 
     @property
     def protocol(self) -> Protocol:
