@@ -32,7 +32,7 @@ from sidecar.protocol.framing import Message
 from sidecar.protocol.transcode import transcode_message
 from sidecar.resilience.outcome import Outcome
 
-log = logging.getLogger("sidecar.fallback")
+log: Final = logging.getLogger("sidecar.fallback")
 
 _COMPACT_ID: Final = bytes((PROTOCOL_ID,))
 

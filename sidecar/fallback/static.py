@@ -29,7 +29,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, Final
 
 import thriftpy2
 from thriftpy2.protocol import TBinaryProtocolFactory
@@ -62,24 +62,24 @@ class ExceptionIds:
     failures: dict[str, frozenset[int]]
 
 
-_INT_RANGES = {
+_INT_RANGES: Final = {
     TType.BYTE: (-(2**7), 2**7 - 1, "byte"),
     TType.I16: (-(2**15), 2**15 - 1, "i16"),
     TType.I32: (-(2**31), 2**31 - 1, "i32"),
     TType.I64: (-(2**63), 2**63 - 1, "i64"),
 }
-_module_ids = itertools.count()
+_module_ids: Final = itertools.count()
 
 
 # The arguments of a call without any: an empty struct (its STOP byte, in the
 # binary and the compact protocol alike).
-EMPTY_ARGUMENTS = b"\x00"
+EMPTY_ARGUMENTS: Final = b"\x00"
 
 # A namespace with annotations, as Apache's ThriftTest.thrift has:
 # ``namespace xsd test (uri = 'http://thrift.apache.org/ns/ThriftTest')``.
 # The Apache compiler accepts it; thriftpy2's grammar does not, and the sidecar
 # needs no namespace: the annotation is dropped before parsing.
-_ANNOTATED_NAMESPACE = re.compile(r"^(\s*namespace\s+\S+\s+\S+)\s*\([^)]*\)", re.MULTILINE)
+_ANNOTATED_NAMESPACE: Final = re.compile(r"^(\s*namespace\s+\S+\s+\S+)\s*\([^)]*\)", re.MULTILINE)
 
 
 def load_idl(path: str) -> ModuleType:

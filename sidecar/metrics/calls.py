@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import ClassVar
+from typing import ClassVar, Final
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -17,8 +17,10 @@ from prometheus_client.registry import Collector
 from sidecar.metrics.labels import PREFIX, split_name
 
 # Latency buckets in seconds: 250 µs to 10 s, denser where a proxied call
-# usually lands (sub-millisecond to tens of milliseconds).
-LATENCY_BUCKETS = (
+# usually lands (sub-millisecond to tens of milliseconds). Typed as a tuple of any
+# length: the compiled build keeps a fixed-length tuple of floats unboxed and would
+# box all of them again for every bisect.
+LATENCY_BUCKETS: Final[tuple[float, ...]] = (
     0.00025,
     0.0005,
     0.001,

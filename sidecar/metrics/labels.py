@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import Final
 
-PREFIX = "thrift_sidecar_"
-OTHER = "other"
+PREFIX: Final = "thrift_sidecar_"
+OTHER: Final = "other"
 
 # The `kind` label of client protocol errors: the ``kind=`` values raised in
 # sidecar/protocol/ and ``internal`` (a bug caught in server.py). A test in
 # tests/test_metrics.py checks that this list covers the code.
-PROTOCOL_ERROR_KINDS = (
+PROTOCOL_ERROR_KINDS: Final = (
     "garbage",
     "oversized",
     "truncated",
@@ -35,16 +36,16 @@ PROTOCOL_ERROR_KINDS = (
     "internal",
 )
 # The moves a breaker makes (pybreaker's state names).
-BREAKER_TRANSITIONS = (
+BREAKER_TRANSITIONS: Final = (
     ("closed", "open"),
     ("open", "half-open"),
     ("half-open", "open"),
     ("half-open", "closed"),
 )
-CONNECTION_STATES = ("busy", "idle")
+CONNECTION_STATES: Final = ("busy", "idle")
 # The `result` of a health check probe: pass, or the outcome that failed it
 # (sidecar/proxy/health.py; `sidecar.resilience.outcome.Outcome` values but ok).
-HEALTH_CHECK_RESULTS = (
+HEALTH_CHECK_RESULTS: Final = (
     "pass",
     "declared_exception",
     "app_exception",
@@ -55,13 +56,13 @@ HEALTH_CHECK_RESULTS = (
     "protocol_error",
 )
 # Why a client connection was closed at once (sidecar/proxy/server.py `Server.admit`).
-CONNECTION_REJECT_REASONS = ("max_connections", "fd_limit", "draining")
+CONNECTION_REJECT_REASONS: Final = ("max_connections", "fd_limit", "draining")
 # The fallback store's operations that can fail (sidecar/fallback/sqlite_health.py).
-FALLBACK_STORE_OPERATIONS = ("read", "write", "purge", "file", "reopen")
-RELOAD_RESULTS = ("ok", "error")
+FALLBACK_STORE_OPERATIONS: Final = ("read", "write", "purge", "file", "reopen")
+RELOAD_RESULTS: Final = ("ok", "error")
 # TLS handshakes that failed: which side of the sidecar, and why (sidecar/proxy/tls.py).
-TLS_SIDES = ("client", "upstream")
-TLS_HANDSHAKE_REASONS = (
+TLS_SIDES: Final = ("client", "upstream")
+TLS_HANDSHAKE_REASONS: Final = (
     "plaintext",
     "no_client_certificate",
     "bad_certificate",
@@ -72,7 +73,7 @@ TLS_HANDSHAKE_REASONS = (
 )
 
 # What an operator did through the control listener (sidecar/admin/control.py).
-CONTROL_ACTIONS = (
+CONTROL_ACTIONS: Final = (
     "log_level",
     "breaker_open",
     "breaker_close",
@@ -81,7 +82,7 @@ CONTROL_ACTIONS = (
 )
 
 # What each label means, for docs/metrics-reference.md.
-LABEL_DOCS: dict[str, str] = {
+LABEL_DOCS: Final[dict[str, str]] = {
     "service": "The service part of a multiplexed name (`Interop` in `Interop:getItem`); "
     "empty for a bare name.",
     "method": "The method name. In `requests_total` and `request_duration_seconds` the bare "
@@ -144,7 +145,7 @@ LABEL_DOCS: dict[str, str] = {
 
 # A method name as Thrift identifiers are written, bare or ``Service:method``;
 # anything else (control bytes, spaces, junk) never becomes a label value.
-_IDENTIFIER = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.]*:)?[A-Za-z_][A-Za-z0-9_.]*\Z")
+_IDENTIFIER: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.]*:)?[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 
 class MethodLabels:

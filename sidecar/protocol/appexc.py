@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import encode_compact_header, encode_varint, read_varint, zigzag
@@ -20,8 +21,8 @@ from sidecar.protocol.envelope import MessageType, Protocol, encode_header, show
 from sidecar.protocol.fields import iter_compact_fields
 from sidecar.protocol.skip import TType, struct_end, value_end
 
-_I16 = struct.Struct(">h")
-_I32 = struct.Struct(">i")
+_I16: Final = struct.Struct(">h")
+_I32: Final = struct.Struct(">i")
 
 
 class ApplicationExceptionType(IntEnum):

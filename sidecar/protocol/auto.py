@@ -8,6 +8,7 @@ transport is configured.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.decoders import DEFAULT_MAX_MESSAGE_SIZE, BufferedDecoder, FramedDecoder
@@ -51,13 +52,13 @@ def decoder_for(
     return make_decoder(transport, max_size, max_depth, protocol, walk_steps)
 
 
-BINARY_ONLY: frozenset[tuple[Transport, Protocol]] = frozenset(
+BINARY_ONLY: Final[frozenset[tuple[Transport, Protocol]]] = frozenset(
     {
         (Transport.FRAMED, Protocol.BINARY),
         (Transport.BUFFERED, Protocol.BINARY),
     }
 )
-EVERYTHING: frozenset[tuple[Transport, Protocol]] = frozenset(
+EVERYTHING: Final[frozenset[tuple[Transport, Protocol]]] = frozenset(
     (t, p) for t in Transport for p in Protocol
 )
 

@@ -12,6 +12,8 @@ returns the new bytes and the caller fixes any frame length.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.envelope import (
     MAX_NAME_LENGTH,
@@ -22,13 +24,13 @@ from sidecar.protocol.envelope import (
     Protocol,
 )
 
-PROTOCOL_ID = 0x82
-VERSION = 1
-VERSION_MASK = 0x1F
-TYPE_SHIFT = 5
+PROTOCOL_ID: Final = 0x82
+VERSION: Final = 1
+VERSION_MASK: Final = 0x1F
+TYPE_SHIFT: Final = 5
 # Longest varint of a 32-bit and of a 64-bit value.
-MAX_VARINT32 = 5
-MAX_VARINT64 = 10
+MAX_VARINT32: Final = 5
+MAX_VARINT64: Final = 10
 
 
 def read_varint(

@@ -25,7 +25,7 @@ decoder that acts on the result is in auto.py.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import PROTOCOL_ID as COMPACT_ID
@@ -36,13 +36,23 @@ from sidecar.protocol.message import Transport
 from sidecar.protocol.theader import MAGIC_BYTES, PROTOCOL_IDS
 from sidecar.protocol.tjson import JSON_START, parse_json_envelope, unsupported_json
 
-_I32 = struct.Struct(">i")
-_HTTP_METHODS = (b"GET ", b"POST", b"PUT ", b"HEAD", b"DELE", b"OPTI", b"PATC", b"PRI ", b"CONN")
+_I32: Final = struct.Struct(">i")
+_HTTP_METHODS: Final = (
+    b"GET ",
+    b"POST",
+    b"PUT ",
+    b"HEAD",
+    b"DELE",
+    b"OPTI",
+    b"PATC",
+    b"PRI ",
+    b"CONN",
+)
 # Message types a non-strict envelope may carry: every valid one, so that a client
 # whose first message is a REPLY is answered (INVALID_MESSAGE_TYPE), not cut off.
-_NONSTRICT_TYPES = frozenset(int(t) for t in MessageType)
+_NONSTRICT_TYPES: Final = frozenset(int(t) for t in MessageType)
 # Bytes kept while deciding, at most (a non-strict name, or a JSON envelope).
-MAX_PREFIX = MAX_NAME_LENGTH + 16
+MAX_PREFIX: Final = MAX_NAME_LENGTH + 16
 
 
 class Detected(NamedTuple):

@@ -124,9 +124,16 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
     Raises:
         RemoteProtocolError: the bytes cannot be a binary-protocol envelope.
     """
-    end = len(data)
+    # The locals are declared int: the compiled build then does their arithmetic on
+    # machine integers, not on the objects struct returns.
+    end: int = len(data)
+    first: int
+    name_len: int
+    seqid: int
     if end - start >= 8:  # the usual case: both words at once
-        first, name_len = _STRICT_START.unpack_from(data, start)
+        words = _STRICT_START.unpack_from(data, start)
+        first = words[0]
+        name_len = words[1]
     elif end - start >= 4:
         first = name_len = _U32.unpack_from(data, start)[0]
     else:
@@ -145,7 +152,9 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         if end < seqid_at + 4:
             return None
         if name_len < _SHORT_NAME:
-            raw, seqid = _NAME_AND_SEQID[name_len].unpack_from(data, start + 8)
+            name_and_seqid = _NAME_AND_SEQID[name_len].unpack_from(data, start + 8)
+            raw = name_and_seqid[0]
+            seqid = name_and_seqid[1]
         else:
             raw = data[start + 8 : seqid_at]
             seqid = _I32.unpack_from(data, seqid_at)[0]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import read_varint, unzigzag
@@ -18,7 +19,7 @@ from sidecar.protocol.compact_skip import CType, compact_value_end
 from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.skip import FIXED_SIZE, TType
 
-_I16 = struct.Struct(">h")
+_I16: Final = struct.Struct(">h")
 _BINARY_FIELD_TYPES = frozenset(FIXED_SIZE) | {
     TType.STRING,
     TType.STRUCT,
@@ -26,7 +27,7 @@ _BINARY_FIELD_TYPES = frozenset(FIXED_SIZE) | {
     TType.SET,
     TType.LIST,
 }
-_COMPACT_FIELD_TYPES = frozenset(range(1, 14))
+_COMPACT_FIELD_TYPES: Final = frozenset(range(1, 14))
 
 
 def _compact_field_header(

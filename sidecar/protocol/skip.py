@@ -75,9 +75,9 @@ _STRUCT, _SEQ, _MAP, _VALUE, _RAW = range(5)
 _NO_LIMIT: Final = 1 << 62
 # `StructSkipper.advance` without a step budget.
 UNBOUNDED: Final = 1 << 62
-_I32 = struct.Struct(">i")
-_SEQ_HEADER = struct.Struct(">bi")
-_MAP_HEADER = struct.Struct(">bbi")
+_I32: Final = struct.Struct(">i")
+_SEQ_HEADER: Final = struct.Struct(">bi")
+_MAP_HEADER: Final = struct.Struct(">bbi")
 
 
 class SkipperState:

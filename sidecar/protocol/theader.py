@@ -17,23 +17,24 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import encode_varint, read_varint
 from sidecar.protocol.envelope import Protocol
 
-HEADER_MAGIC = 0x0FFF
-MAGIC_BYTES = b"\x0f\xff"
-PROTOCOL_IDS = {0: Protocol.BINARY, 2: Protocol.COMPACT}
-PROTOCOL_ID_OF = {v: k for k, v in PROTOCOL_IDS.items()}
-ZLIB = 1
-INFO_KEY_VALUE = 1
+HEADER_MAGIC: Final = 0x0FFF
+MAGIC_BYTES: Final[bytes] = b"\x0f\xff"
+PROTOCOL_IDS: Final = {0: Protocol.BINARY, 2: Protocol.COMPACT}
+PROTOCOL_ID_OF: Final = {v: k for k, v in PROTOCOL_IDS.items()}
+ZLIB: Final = 1
+INFO_KEY_VALUE: Final = 1
 # Bytes from the length to the variable header: length, magic, flags, seqid, size.
-FIXED_SIZE = 14
+FIXED_SIZE: Final = 14
 
-_FIXED = struct.Struct(">iHHiH")
-_HEAD = struct.Struct(">HHiH")
-_I32 = struct.Struct(">i")
+_FIXED: Final = struct.Struct(">iHHiH")
+_HEAD: Final = struct.Struct(">HHiH")
+_I32: Final = struct.Struct(">i")
 
 
 @dataclass(slots=True)

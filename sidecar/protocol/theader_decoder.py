@@ -10,13 +10,14 @@ frame inside an outer frame length is recognised per frame and remembered.
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.decoders import PARSERS, DecoderBase
 from sidecar.protocol.message import Message
 from sidecar.protocol.theader import MAGIC_BYTES, parse_theader
 
-_I32 = struct.Struct(">i")
+_I32: Final = struct.Struct(">i")
 
 
 class THeaderDecoder(DecoderBase):

@@ -13,15 +13,16 @@ from __future__ import annotations
 import json
 import re
 import struct
+from typing import Final
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.envelope import MAX_NAME_LENGTH, MessageType
 
-JSON_START = b'[1,"'
-_ENVELOPE = re.compile(rb'\[\s*1\s*,\s*"((?:[^"\\]|\\.)*)"\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,')
+JSON_START: Final = b'[1,"'
+_ENVELOPE: Final = re.compile(rb'\[\s*1\s*,\s*"((?:[^"\\]|\\.)*)"\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,')
 # Longest envelope worth waiting for: every name character escaped as \uXXXX.
-MAX_ENVELOPE = 6 * MAX_NAME_LENGTH + 64
-_I32 = struct.Struct(">i")
+MAX_ENVELOPE: Final = 6 * MAX_NAME_LENGTH + 64
+_I32: Final = struct.Struct(">i")
 
 
 def parse_json_envelope(data: bytes | bytearray, start: int = 0) -> tuple[str, int, int] | None:

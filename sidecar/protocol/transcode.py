@@ -44,10 +44,10 @@ TO_COMPACT: Final[dict[int, int]] = {
     TType.UUID: 13,
 }
 _STRUCT, _SEQ, _MAP = range(3)
-_I16 = struct.Struct(">h")
-_I32 = struct.Struct(">i")
-_I64 = struct.Struct(">q")
-_HEADERS = {Protocol.BINARY: parse_header, Protocol.COMPACT: parse_compact_header}
+_I16: Final = struct.Struct(">h")
+_I32: Final = struct.Struct(">i")
+_I64: Final = struct.Struct(">q")
+_HEADERS: Final = {Protocol.BINARY: parse_header, Protocol.COMPACT: parse_compact_header}
 
 
 def transcode_message(

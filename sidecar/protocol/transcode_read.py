@@ -40,10 +40,10 @@ FROM_COMPACT: Final[dict[int, int]] = {
     13: TType.UUID,
 }
 _MAX_SIZE: Final = 0x7FFFFFFF
-_SEQ = struct.Struct(">bi")
-_MAP = struct.Struct(">bbi")
-_FIELD = struct.Struct(">bh")
-_INTS = {16: struct.Struct(">h"), 32: struct.Struct(">i"), 64: struct.Struct(">q")}
+_SEQ: Final = struct.Struct(">bi")
+_MAP: Final = struct.Struct(">bbi")
+_FIELD: Final = struct.Struct(">bh")
+_INTS: Final = {16: struct.Struct(">h"), 32: struct.Struct(">i"), 64: struct.Struct(">q")}
 
 
 class Reader(Protocol):

@@ -17,14 +17,16 @@ and the call is treated as one the sidecar could not show well formed.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact_skip import CompactSkipper
 from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.message import Message
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper, flat_struct_end
 
-_NO_LIMIT = 1 << 62
-_COMPACT = Protocol.COMPACT  # a plain name: reading an enum member costs a call
+_NO_LIMIT: Final = 1 << 62
+_COMPACT: Final = Protocol.COMPACT  # a plain name: reading an enum member costs a call
 
 
 def check_body(

@@ -86,8 +86,8 @@ from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
 from sidecar.resilience.retry import BUDGET, GiveUp, Retry
 
-log = logging.getLogger("sidecar.pipeline")
-access_log = logging.getLogger("sidecar.access")
+log: Final = logging.getLogger("sidecar.pipeline")
+access_log: Final = logging.getLogger("sidecar.access")
 
 Wire = bytes | bytearray | memoryview
 Done = Callable[[Wire | None], None]

@@ -50,7 +50,7 @@ from sidecar.proxy.context import CallContext
 from sidecar.proxy.guards import guarded
 from sidecar.proxy.upstream import UpstreamConnection
 
-log = logging.getLogger("sidecar.server")
+log: Final = logging.getLogger("sidecar.server")
 
 MAX_QUEUED_MESSAGES: Final = 64
 MAX_QUEUED_BYTES = 8 << 20

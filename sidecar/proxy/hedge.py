@@ -27,7 +27,7 @@ import asyncio
 import dataclasses
 from dataclasses import dataclass
 from time import perf_counter
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sidecar.config.hedge import HedgeDelay
 from sidecar.errors import UpstreamError, UpstreamProtocolError
@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from sidecar.proxy.balancer import UpstreamSet
     from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
 
-_ANSWERS = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
-_DECLARED = Outcome.DECLARED_EXCEPTION
+_ANSWERS: Final = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
+_DECLARED: Final = Outcome.DECLARED_EXCEPTION
 
 # The event loop's timers run in whole milliseconds on uvloop (libuv): a delay
 # is rounded to the nearest millisecond and counted from the loop's clock as
@@ -53,11 +53,11 @@ _DECLARED = Outcome.DECLARED_EXCEPTION
 # in ten instead of one in twenty. The call checks the delay against
 # `perf_counter` when its timer fires and, if it is early, waits again, for at
 # least this long (so a hedge goes at most about this much late).
-TIMER_STEP = 0.001
+TIMER_STEP: Final = 0.001
 
 # Most methods with a window of answer times: method labels are capped by
 # metrics.max_method_labels already; this bounds the table if that grows.
-MAX_WINDOWS = 10_000
+MAX_WINDOWS: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)

@@ -32,7 +32,7 @@ import asyncio
 import functools
 import logging
 from time import perf_counter
-from typing import Protocol
+from typing import Final, Protocol
 
 from sidecar.errors import UpstreamClosed, UpstreamError
 from sidecar.protocol.envelope import Protocol as WireProtocol
@@ -50,7 +50,7 @@ from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import set_theader_headers
 from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection
 
-log = logging.getLogger("sidecar.pipeline")
+log: Final = logging.getLogger("sidecar.pipeline")
 
 
 class HedgedCall(HedgeOwner, ReplyHandler, Protocol):

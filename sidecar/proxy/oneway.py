@@ -17,12 +17,12 @@ bounded (`MAX_NAMES`): names come from the wire. The table outlives reloads.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from sidecar.protocol.envelope import shown_name
 
 # Most names remembered per kind; a client inventing names cannot grow the process.
-MAX_NAMES = 10_000
+MAX_NAMES: Final = 10_000
 
 
 class OnewayMethods:

@@ -22,7 +22,7 @@ import math
 from collections.abc import Callable
 from typing import Final
 
-log = logging.getLogger("sidecar.timeouts")
+log: Final = logging.getLogger("sidecar.timeouts")
 
 # Seconds per bucket: how late a timeout may fire. Per-try timeouts are
 # usually hundreds of milliseconds or more.

@@ -13,6 +13,8 @@ Nothing is copied when the forms already match, which is the common case.
 
 from __future__ import annotations
 
+from typing import Final
+
 from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.envelope import MessageHeader, Protocol, encode_header, parse_header
 from sidecar.protocol.framing import Message, Transport
@@ -21,10 +23,10 @@ from sidecar.protocol.transcode import transcode_message
 
 # Info headers the sidecar adds to a THeader call it sends upstream: the attempt
 # number (the first is 1) and the milliseconds left until the call's deadline.
-ATTEMPT_HEADER = "sidecar-attempt"
-DEADLINE_HEADER = "sidecar-deadline-ms"
+ATTEMPT_HEADER: Final = "sidecar-attempt"
+DEADLINE_HEADER: Final = "sidecar-deadline-ms"
 
-_PARSE = {Protocol.BINARY: parse_header, Protocol.COMPACT: parse_compact_header}
+_PARSE: Final = {Protocol.BINARY: parse_header, Protocol.COMPACT: parse_compact_header}
 
 
 def upstream_transport(client: Transport, configured: Transport | None) -> Transport:

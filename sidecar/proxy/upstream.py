@@ -54,9 +54,9 @@ from sidecar.protocol.framing import Message, Transport
 from sidecar.proxy.timeouts import Timeouts
 from sidecar.proxy.tls import UpstreamTls
 
-log = logging.getLogger("sidecar.upstream")
+log: Final = logging.getLogger("sidecar.upstream")
 # A client can make the upstream send strays at will: their lines are rate-limited.
-stray_log = RateLimitedLog(log, what="stray reply lines")
+stray_log: Final = RateLimitedLog(log, what="stray reply lines")
 # Replies to no call dropped on one connection before it is failed instead: past
 # this many, the upstream's replies on it are not to be trusted.
 MAX_STRAY_REPLIES: Final = 16

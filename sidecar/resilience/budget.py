@@ -30,9 +30,10 @@ withdraws (`sidecar.proxy.hedge`).
 from __future__ import annotations
 
 import math
+from typing import Final
 
 # Slots per window: the window slides in steps of window / SLOTS.
-SLOTS = 10
+SLOTS: Final = 10
 
 
 class _WindowedCounter:

@@ -45,16 +45,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Final, Protocol
 
 # Latencies kept per window; later ones in the same window are not used.
 # 100 ms at 40,000 calls/s is 4,000; sorting 10,000 floats takes about 1 ms.
-MAX_WINDOW_SAMPLES = 10_000
+MAX_WINDOW_SAMPLES: Final = 10_000
 # Windows in a row at min_concurrency after which minRTT is measured again (Envoy's 5).
-MIN_WINDOWS_BEFORE_REMEASURE = 5
+MIN_WINDOWS_BEFORE_REMEASURE: Final = 5
 # Bounds of the gradient: how fast the limit may grow or shrink per window (Envoy's).
-MIN_GRADIENT = 0.5
-MAX_GRADIENT = 2.0
+MIN_GRADIENT: Final = 0.5
+MAX_GRADIENT: Final = 2.0
 
 
 class UniformSource(Protocol):

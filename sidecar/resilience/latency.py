@@ -15,9 +15,10 @@ Samples are seconds measured by the caller; no clock here.
 from __future__ import annotations
 
 import math
+from typing import Final
 
 # The share of the window replaced before the percentile is computed again.
-REFRESH_FRACTION = 0.05
+REFRESH_FRACTION: Final = 0.05
 
 
 class LatencyWindow:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import struct
 from enum import StrEnum
+from typing import Final
 
 from sidecar.errors import (
     ProtocolError,
@@ -33,7 +34,7 @@ from sidecar.protocol.envelope import MessageType, Protocol
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.skip import FIXED_SIZE, TType
 
-_I16 = struct.Struct(">h")
+_I16: Final = struct.Struct(">h")
 # Type ids a field may have on the wire (skip.py's table); any other first byte is garbage.
 _FIELD_TYPES = frozenset(FIXED_SIZE) | {
     TType.STRING,
@@ -58,10 +59,10 @@ class Outcome(StrEnum):
 
 
 # Enum members as plain names for classify_reply: reading Outcome.OK costs a descriptor call.
-_OK = Outcome.OK
-_DECLARED = Outcome.DECLARED_EXCEPTION
-_REPLY = MessageType.REPLY
-_BINARY = Protocol.BINARY
+_OK: Final = Outcome.OK
+_DECLARED: Final = Outcome.DECLARED_EXCEPTION
+_REPLY: Final = MessageType.REPLY
+_BINARY: Final = Protocol.BINARY
 
 
 def classify_reply(
@@ -109,7 +110,7 @@ def classify_reply(
 
 
 # The outcome each kind of failed exchange comes to.
-_ERROR_OUTCOMES: dict[type[UpstreamError], Outcome] = {
+_ERROR_OUTCOMES: Final[dict[type[UpstreamError], Outcome]] = {
     UpstreamUnavailable: Outcome.CONNECT_ERROR,
     UpstreamClosed: Outcome.CONNECTION_CLOSED,
     UpstreamTimeout: Outcome.TIMEOUT,

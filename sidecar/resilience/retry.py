@@ -23,6 +23,7 @@ checked in this order:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 from sidecar.resilience.backoff import Backoff, UniformSource
 from sidecar.resilience.outcome import Outcome
@@ -43,14 +44,14 @@ class GiveUp:
 
 
 # GiveUp reasons, also the values of retries_given_up_total's "reason" label.
-PROBE = "probe"
-CIRCUIT_OPEN = "circuit_open"
-NOT_RETRYABLE = "not_retryable"
-UNSAFE = "unsafe"
-ATTEMPTS = "attempts_exhausted"
-DEADLINE = "deadline"
-BUDGET = "budget_exhausted"
-GIVE_UP_REASONS = (PROBE, CIRCUIT_OPEN, NOT_RETRYABLE, UNSAFE, ATTEMPTS, DEADLINE, BUDGET)
+PROBE: Final = "probe"
+CIRCUIT_OPEN: Final = "circuit_open"
+NOT_RETRYABLE: Final = "not_retryable"
+UNSAFE: Final = "unsafe"
+ATTEMPTS: Final = "attempts_exhausted"
+DEADLINE: Final = "deadline"
+BUDGET: Final = "budget_exhausted"
+GIVE_UP_REASONS: Final = (PROBE, CIRCUIT_OPEN, NOT_RETRYABLE, UNSAFE, ATTEMPTS, DEADLINE, BUDGET)
 
 
 @dataclass(frozen=True, slots=True)
