@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import Final, NamedTuple
+from typing import Final
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 
@@ -64,7 +64,6 @@ TYPE_BY_VALUE: Final[tuple[MessageType | None, ...]] = tuple(
     MessageType(v) if v in _VALID_TYPES else None for v in range(256)
 )
 _STRICT_START: Final = struct.Struct(">Ii")
-_new_tuple: Final = tuple.__new__
 # A strict envelope's name of n bytes and the seqid after it, read in one unpack for
 # names shorter than this (any real method name): one call into C instead of a
 # slice and a second unpack.
@@ -72,8 +71,13 @@ _SHORT_NAME: Final = 128
 _NAME_AND_SEQID: Final = tuple(struct.Struct(f">{n}si") for n in range(_SHORT_NAME))
 
 
-class MessageHeader(NamedTuple):
-    """The decoded envelope of one message (a named tuple: immutable and cheap to make).
+class MessageHeader:
+    """The decoded envelope of one message.
+
+    A plain class of read-only fields, not a named tuple: the compiled build
+    makes one with a single native call and reads its fields without a lookup
+    (a named tuple's construction and field reads go through Python). Treat it
+    as immutable; `replaced` gives a changed copy.
 
     Attributes:
         name: the method name as sent, ``Service:method`` for multiplexed calls.
@@ -86,14 +90,77 @@ class MessageHeader(NamedTuple):
         seqid_size: bytes the seqid takes (4 in binary; a 1-5 byte varint in compact).
     """
 
-    name: str
-    type: MessageType
-    seqid: int
-    strict: bool
-    seqid_offset: int
-    body_offset: int
-    protocol: Protocol = Protocol.BINARY
-    seqid_size: int = 4
+    __slots__ = (
+        "body_offset",
+        "name",
+        "protocol",
+        "seqid",
+        "seqid_offset",
+        "seqid_size",
+        "strict",
+        "type",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        type: MessageType,
+        seqid: int,
+        strict: bool,
+        seqid_offset: int,
+        body_offset: int,
+        protocol: Protocol = Protocol.BINARY,
+        seqid_size: int = 4,
+    ) -> None:
+        self.name: Final = name
+        self.type: Final = type
+        self.seqid: Final = seqid
+        self.strict: Final = strict
+        self.seqid_offset: Final = seqid_offset
+        self.body_offset: Final = body_offset
+        self.protocol: Final = protocol
+        self.seqid_size: Final = seqid_size
+
+    def _fields(self) -> tuple[str, MessageType, int, bool, int, int, Protocol, int]:
+        return (
+            self.name,
+            self.type,
+            self.seqid,
+            self.strict,
+            self.seqid_offset,
+            self.body_offset,
+            self.protocol,
+            self.seqid_size,
+        )
+
+    def replaced(self, *, seqid_size: int, body_offset: int) -> MessageHeader:
+        """A copy with a seqid of another size (a patched compact varint) and the body after it."""
+        return MessageHeader(
+            self.name,
+            self.type,
+            self.seqid,
+            self.strict,
+            self.seqid_offset,
+            body_offset,
+            self.protocol,
+            seqid_size,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MessageHeader):
+            return NotImplemented
+        return self._fields() == other._fields()
+
+    def __hash__(self) -> int:
+        return hash(self._fields())
+
+    def __repr__(self) -> str:
+        return (
+            f"MessageHeader(name={self.name!r}, type={self.type!r}, seqid={self.seqid}, "
+            f"strict={self.strict}, seqid_offset={self.seqid_offset}, "
+            f"body_offset={self.body_offset}, protocol={self.protocol!r}, "
+            f"seqid_size={self.seqid_size})"
+        )
 
     @property
     def service(self) -> str:
@@ -183,10 +250,8 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         raise RemoteProtocolError(
             f"unknown message type {mtype}", kind="bad_type", seqid=seqid, name=name, strict=strict
         )
-    # tuple.__new__ straight away: the named tuple's own __new__ is a Python function.
-    return _new_tuple(
-        MessageHeader,
-        (name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start, _BINARY, 4),
+    return MessageHeader(
+        name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start, _BINARY, 4
     )
 
 

@@ -99,7 +99,7 @@ class Message:
         if header.protocol is _COMPACT:
             grown = replace_seqid(self.buf, header, self.start, seqid)
             if grown:
-                self.header = header._replace(
+                self.header = header.replaced(
                     seqid_size=header.seqid_size + grown, body_offset=header.body_offset + grown
                 )
                 if self.start == 4:

@@ -52,6 +52,22 @@ def _check(header: MessageHeader | None, name: str, mtype: int, seqid: int, stri
     assert header.body_offset == header.seqid_offset + 4
 
 
+def test_a_header_is_a_value_and_replaced_changes_only_the_seqid_size_and_body() -> None:
+    header = parse_header(_strict(MessageType.CALL, b"echo", 7))
+    assert header is not None
+    again = parse_header(_strict(MessageType.CALL, b"echo", 7))
+    assert header == again
+    assert hash(header) == hash(again)
+    assert header != parse_header(_strict(MessageType.CALL, b"echo", 8))
+    assert "name='echo'" in repr(header)
+    assert "seqid=7" in repr(header)
+    grown = header.replaced(seqid_size=5, body_offset=header.body_offset + 1)
+    assert (grown.seqid_size, grown.body_offset) == (5, header.body_offset + 1)
+    kept = ("name", "type", "seqid", "strict", "seqid_offset", "protocol")
+    assert [getattr(grown, f) for f in kept] == [getattr(header, f) for f in kept]
+    assert (header.seqid_size, header.body_offset) == (4, 16)  # the original is unchanged
+
+
 # ----------------------------------------------------------------------------- edge cases
 
 
