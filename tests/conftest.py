@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import prometheus_client
@@ -20,21 +20,38 @@ from tests.support.redis import RedisServer, redis_server  # noqa: E402  (after 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In a run of the compiled build, skip the tests marked ``pure_python``, with their reason.
+    """In a run of the compiled build, skip the tests marked ``pure_python`` or ``one_build``.
 
-    They inject a fault or read a detail by patching or inspecting module
-    internals that the compiled build binds when it is built (a function
-    replaced on a class or module, a method's signature); the pure-Python
-    run of the same source runs them (docs/compiled.md).
+    ``pure_python``: they inject a fault or read a detail by patching or
+    inspecting module internals that the compiled build binds when it is
+    built (a function replaced on a class or module, a method's signature).
+    ``one_build``: what they test does not depend on the build they run in
+    (they build and install a wheel of their own), so running them twice
+    would only cost CI minutes. The pure-Python run of the same source runs
+    both kinds (docs/compiled.md).
     """
     from sidecar import native
 
-    if native.build() == "python":
-        return
+    build = native.build()
     for item in items:
-        marker = item.get_closest_marker("pure_python")
-        if marker is not None:
-            item.add_marker(pytest.mark.skip(reason=f"pure Python only: {marker.args[0]}"))
+        reason = pure_suite_only(item.get_closest_marker, build)
+        if reason is not None:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# The markers of the tests the pure-Python suite alone runs, and how a skip says why.
+PURE_SUITE_ONLY = {"pure_python": "pure Python only", "one_build": "one build only"}
+
+
+def pure_suite_only(marker: Callable[[str], pytest.Mark | None], build: str) -> str | None:
+    """Why a test with these markers is skipped in a run of ``build``; None: it runs."""
+    if build == "python":
+        return None
+    for name, shown in PURE_SUITE_ONLY.items():
+        found = marker(name)
+        if found is not None:
+            return f"{shown}: {found.args[0]}"
+    return None
 
 
 @pytest.fixture(autouse=True)

@@ -16,10 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
 from sidecar import native
+from tests.conftest import pure_suite_only
 from tests.support.sidecar import REPO_ROOT, free_port, http_get, run_sidecar
 
 # The packages every call runs through: a module added to them is compiled
@@ -196,6 +198,41 @@ def test_the_final_check_finds_a_constant_that_is_not() -> None:
         "__all__ = ['A']\n"
     )
     assert constants_not_final(source, "m") == ["m:3 B", "m:4 C"]
+
+
+@pytest.mark.parametrize(
+    ("marks", "build", "skipped"),
+    [
+        ({}, "mypyc", None),
+        ({"pure_python": "patches a method"}, "python", None),
+        ({"one_build": "builds a wheel"}, "python", None),
+        ({"pure_python": "patches a method"}, "mypyc", "pure Python only: patches a method"),
+        ({"one_build": "builds a wheel"}, "mypyc", "one build only: builds a wheel"),
+        ({"one_build": "builds a wheel"}, "partial", "one build only: builds a wheel"),
+    ],
+)
+def test_the_compiled_suite_skips_what_only_the_pure_suite_runs(
+    marks: dict[str, str], build: str, skipped: str | None
+) -> None:
+    def marker(name: str) -> pytest.Mark | None:
+        return pytest.mark.__getattr__(name)(marks[name]).mark if name in marks else None
+
+    assert pure_suite_only(marker, build) == skipped
+
+
+def test_the_wheel_tests_run_in_one_suite_only() -> None:
+    """They build the image's wheel (about 100 s of both cores); once per CI run is enough."""
+    source = (REPO_ROOT / "tests" / "deploy" / "test_image.py").read_text()
+    tree = ast.parse(source)
+    users = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and "wheel_venv" in [a.arg for a in node.args.args]
+    ]
+    assert users
+    for node in users:
+        marks = [ast.unparse(d) for d in node.decorator_list]
+        assert any(m.startswith("pytest.mark.one_build(") for m in marks), node.name
 
 
 def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -> None:

@@ -238,6 +238,7 @@ def wheel_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return venv
 
 
+@pytest.mark.one_build("builds and installs the wheel the image would; the same from either suite")
 @pytest.mark.slow
 @pytest.mark.timeout(WHEEL_BUILD_TIMEOUT + 60)  # the first user of wheel_venv builds it
 def test_wheel_ships_the_demo(wheel_venv: Path, tmp_path: Path) -> None:
@@ -289,6 +290,7 @@ def test_the_image_compiles_with_the_mypy_ci_compiles_with() -> None:
     assert all("--require-hashes" in r for r in installs)
 
 
+@pytest.mark.one_build("builds and installs the wheel the image would; the same from either suite")
 @pytest.mark.slow
 @pytest.mark.timeout(WHEEL_BUILD_TIMEOUT + 60)
 def test_entrypoint_and_healthcheck_run_from_the_wheel(wheel_venv: Path, tmp_path: Path) -> None:
