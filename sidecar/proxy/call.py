@@ -473,7 +473,10 @@ class Call:
         outgoing = self._outgoing
         if outgoing.theader is not None:
             left = self._deadline_at - self._ctx.loop.time()
-            set_theader_headers(outgoing, self._attempt, int(left * 1000))
+            # This copy's number: the call's attempts and the hedges written before it.
+            hedger = self._hedger
+            copy = self._attempt + (hedger.hedges_sent if hedger is not None else 0)
+            set_theader_headers(outgoing, copy, int(left * 1000))
         if self._oneway:
             conn.send(outgoing, None, self._expires, timeout)
             self._pool.release(conn, True)

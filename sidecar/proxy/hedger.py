@@ -100,6 +100,7 @@ class Hedger:
         "_timer",
         "_transport",
         "_tried",
+        "hedges_sent",
     )
 
     def __init__(
@@ -131,6 +132,9 @@ class Hedger:
         self._hedges: list[HedgeAttempt] = []  # the extra attempts in flight
         self._sent_at = 0.0  # perf_counter when the call's own attempt was written
         self._attempt = 0  # the call's attempt number when it was sent
+        # Hedges written so far. Each copy of the call tells a THeader upstream its
+        # own number: the call's attempts and the hedges before it, counted together.
+        self.hedges_sent = 0
         self._started_try = 0.0  # loop time when that attempt began
         ctx.hedging.budget.deposit(now)
 
@@ -244,9 +248,10 @@ class Hedger:
             return
         hedge.conn = conn  # from here the hedge holds it (released by `abandon` after a bug)
         outgoing = hedge_copy(self._outgoing)
+        self.hedges_sent += 1
         if outgoing.theader is not None:
             left = self._deadline_at - self._ctx.loop.time()
-            set_theader_headers(outgoing, self._attempt, int(left * 1000))
+            set_theader_headers(outgoing, self._attempt + self.hedges_sent, int(left * 1000))
         hedge.sent_at = perf_counter()
         conn.send(outgoing, hedge, hedge.expires, hedge.expires - hedge.started)
 

@@ -39,6 +39,7 @@ from tests.interop.upstream import WireUpstream
 from tests.protocol.apache_wire import call_wire, read_exception
 from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address
+from tests.support.hold import Hold
 from tests.support.idl import INTEROP_IDL, canonical, sample_all_types
 from tests.support.raw import raw_send
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
@@ -170,6 +171,36 @@ def test_theader_headers_travel_both_ways_and_the_sidecar_adds_its_own(protocol:
     assert headers[ATTEMPT_HEADER.encode()] == b"1"
     left = int(headers[DEADLINE_HEADER.encode()])
     assert 3000 < left <= 4000
+
+
+def test_each_copy_of_a_hedged_theader_call_carries_its_own_attempt_number() -> None:
+    """The hedge is the call's second copy: it says 2, not the first copy's 1."""
+    up = HeaderEcho("binary")
+    hold = Hold()
+    up.state.hook = hold
+    up.start()
+    config = base_config(
+        [up.address],
+        retry={
+            "idempotent": ["add"],
+            "max_attempts": 1,
+            "per_try_timeout": "15s",
+            "deadline": "20s",
+        },
+        hedge={"delay": "20ms", "budget": {"min_hedges_per_second": 100}},
+    )
+    try:
+        with SidecarThread(config) as sc, apache(sc.address, "binary", "header") as (client, _):
+            assert client.add(0, 0) == 0  # answered once: known to be two-way, so hedged
+            hold.arm("add")  # the first copy waits; the hedge answers
+            assert client.add(1, 2) == 3
+            hold.release()
+            wait_until(lambda: len(up.seen) == 3, timeout=10.0, message="both copies recorded")
+    finally:
+        hold.release()
+        up.stop()
+    numbers = sorted(headers[ATTEMPT_HEADER.encode()] for headers in up.seen[1:])
+    assert numbers == [b"1", b"2"]
 
 
 @pytest.mark.parametrize("protocol", ["binary", "compact"])
