@@ -151,6 +151,12 @@ class Rig:
         await until(lambda: len(self.net.dials) >= n, f"connection attempt {n}")
         return self.net.dials[n - 1]
 
+    async def waiting(self) -> asyncio.Task[UpstreamConnection]:
+        """A call to ``acquire`` that has had the loop rounds to queue up (or dial)."""
+        task = self.acquire()
+        await steps()
+        return task
+
     async def connection(self) -> UpstreamConnection:
         """A connection opened through the pool and now held by the test."""
         task = self.acquire()
@@ -179,6 +185,23 @@ def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
     return asyncio.run(bounded())
 
 
+RigTest = Callable[[Rig], Coroutine[Any, Any, None]]
+
+
+def on_rig(size: int, connect_timeout: float = 5.0) -> Callable[[RigTest], Callable[[], None]]:
+    """The test: the decorated coroutine, given a fresh `Rig`, run to the end on a new loop."""
+
+    def decorate(body: RigTest) -> Callable[[], None]:
+        def test() -> None:
+            run(lambda: body(Rig(size=size, connect_timeout=connect_timeout)))
+
+        test.__name__ = test.__qualname__ = body.__name__
+        test.__doc__ = body.__doc__
+        return test
+
+    return decorate
+
+
 async def raises(awaitable: Awaitable[object], kind: type[BaseException]) -> BaseException:
     try:
         await awaitable
@@ -190,342 +213,286 @@ async def raises(awaitable: Awaitable[object], kind: type[BaseException]) -> Bas
 # taking and giving back
 
 
-def test_acquire_opens_a_connection_while_below_size() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=2)
-        first = await rig.connection()
-        second = await rig.connection()
-        assert first is not second
-        assert rig.net.dials[0].host == "127.0.0.1"
-        assert rig.pool.open_connections == 2
-        assert rig.pool.idle_connections == 0
-
-    run(scenario)
+@on_rig(size=2)
+async def test_acquire_opens_a_connection_while_below_size(rig: Rig) -> None:
+    first = await rig.connection()
+    second = await rig.connection()
+    assert first is not second
+    assert rig.net.dials[0].host == "127.0.0.1"
+    assert rig.pool.open_connections == 2
+    assert rig.pool.idle_connections == 0
 
 
-def test_released_connections_are_reused_most_recent_first() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=3)
-        a, b = await rig.connection(), await rig.connection()
-        rig.pool.release(a, True)
-        rig.pool.release(b, True)
-        assert rig.pool.idle_connections == 2
-        assert rig.pool.idle() is b
-        assert await rig.pool.acquire(1.0) is a
-        assert rig.pool.idle() is None
-        assert len(rig.net.dials) == 2
-
-    run(scenario)
+@on_rig(size=3)
+async def test_released_connections_are_reused_most_recent_first(rig: Rig) -> None:
+    a, b = await rig.connection(), await rig.connection()
+    rig.pool.release(a, True)
+    rig.pool.release(b, True)
+    assert rig.pool.idle_connections == 2
+    assert rig.pool.idle() is b
+    assert await rig.pool.acquire(1.0) is a
+    assert rig.pool.idle() is None
+    assert len(rig.net.dials) == 2
 
 
-def test_release_of_a_connection_that_is_not_reusable_closes_it_and_frees_its_slot() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        rig.pool.release(conn, False)
-        assert conn.closed
-        assert rig.net.dials[0].transport is not None
-        assert rig.net.dials[0].transport.closed
-        assert rig.pool.open_connections == 0
-        assert rig.pool.idle() is None
-        task = rig.acquire()
-        (await rig.dial(2)).accept()
-        assert (await task) is not conn
+@on_rig(size=1)
+async def test_release_of_a_connection_that_is_not_reusable_closes_it_and_frees_its_slot(
+    rig: Rig,
+) -> None:
+    conn = await rig.connection()
+    rig.pool.release(conn, False)
+    assert conn.closed
+    assert rig.net.dials[0].transport is not None
+    assert rig.net.dials[0].transport.closed
+    assert rig.pool.open_connections == 0
+    assert rig.pool.idle() is None
+    task = rig.acquire()
+    (await rig.dial(2)).accept()
+    assert (await task) is not conn
 
-    run(scenario)
 
-
-def test_an_idle_connection_the_upstream_closes_leaves_the_pool() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=2)
-        conn = await rig.connection()
-        rig.pool.release(conn, True)
-        assert rig.net.dials[0].transport is not None
-        rig.net.dials[0].transport.peer_closes()
-        assert conn.closed
-        assert rig.pool.idle_connections == 0
-        assert rig.pool.open_connections == 0
-        assert rig.pool.idle() is None
-
-    run(scenario)
+@on_rig(size=2)
+async def test_an_idle_connection_the_upstream_closes_leaves_the_pool(rig: Rig) -> None:
+    conn = await rig.connection()
+    rig.pool.release(conn, True)
+    assert rig.net.dials[0].transport is not None
+    rig.net.dials[0].transport.peer_closes()
+    assert conn.closed
+    assert rig.pool.idle_connections == 0
+    assert rig.pool.open_connections == 0
+    assert rig.pool.idle() is None
 
 
 # waiting for a busy pool
 
 
-def test_acquire_waits_while_all_are_busy_and_release_hands_the_connection_over() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        waiter = rig.acquire()
-        await steps()
-        assert not waiter.done()
-        rig.pool.release(conn, True)
-        assert await waiter is conn
-        assert rig.pool.idle_connections == 0  # handed over, never idle
-        assert len(rig.net.dials) == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_acquire_waits_while_all_are_busy_and_release_hands_the_connection_over(
+    rig: Rig,
+) -> None:
+    conn = await rig.connection()
+    waiter = await rig.waiting()
+    assert not waiter.done()
+    rig.pool.release(conn, True)
+    assert await waiter is conn
+    assert rig.pool.idle_connections == 0  # handed over, never idle
+    assert len(rig.net.dials) == 1
 
 
-def test_waiters_are_served_first_come_first_served() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        first = rig.acquire()
-        await steps()
-        second = rig.acquire()
-        await steps()
-        rig.pool.release(conn, True)
-        assert await first is conn
-        assert not second.done()
-        rig.pool.release(conn, True)
-        assert await second is conn
-
-    run(scenario)
+@on_rig(size=1)
+async def test_waiters_are_served_first_come_first_served(rig: Rig) -> None:
+    conn = await rig.connection()
+    first = await rig.waiting()
+    second = await rig.waiting()
+    rig.pool.release(conn, True)
+    assert await first is conn
+    assert not second.done()
+    rig.pool.release(conn, True)
+    assert await second is conn
 
 
-def test_a_waiter_that_times_out_gets_upstream_unavailable_and_leaves_the_queue() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        started = rig.loop.time()
-        error = await raises(rig.pool.acquire(0.05), UpstreamUnavailable)
-        assert rig.loop.time() - started >= 0.05
-        assert "all 1 connections to upstream 127.0.0.1:9 stayed busy for 0.05s" in str(error)
-        assert isinstance(error, UpstreamError)
-        assert error.sent is False
-        rig.pool.release(conn, True)  # nobody waits any more
-        assert rig.pool.idle_connections == 1
-
-    run(scenario)
-
-
-def test_a_waiter_cancelled_after_being_handed_a_connection_passes_it_to_the_next() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        first = rig.acquire()
-        await steps()
-        second = rig.acquire()
-        await steps()
-        rig.pool.release(conn, True)  # handed to `first`...
-        first.cancel()  # ...which gives up before it runs again
-        await raises(first, asyncio.CancelledError)
-        assert await second is conn
-        assert rig.pool.open_connections == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_waiter_that_times_out_gets_upstream_unavailable_and_leaves_the_queue(
+    rig: Rig,
+) -> None:
+    conn = await rig.connection()
+    started = rig.loop.time()
+    error = await raises(rig.pool.acquire(0.05), UpstreamUnavailable)
+    assert rig.loop.time() - started >= 0.05
+    assert "all 1 connections to upstream 127.0.0.1:9 stayed busy for 0.05s" in str(error)
+    assert isinstance(error, UpstreamError)
+    assert error.sent is False
+    rig.pool.release(conn, True)  # nobody waits any more
+    assert rig.pool.idle_connections == 1
 
 
-def test_a_waiter_cancelled_after_being_handed_a_connection_leaves_it_idle() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        waiter = rig.acquire()
-        await steps()
-        rig.pool.release(conn, True)
-        waiter.cancel()
-        await raises(waiter, asyncio.CancelledError)
-        assert rig.pool.idle_connections == 1
-        assert rig.pool.idle() is conn
-
-    run(scenario)
-
-
-def test_a_closed_connection_hands_its_slot_to_the_first_waiter() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        waiter = rig.acquire()
-        await steps()
-        rig.pool.release(conn, False)  # closed: the waiter opens its own
-        dial = await rig.dial(2)
-        fresh = dial.accept()
-        assert await waiter is fresh
-        assert rig.pool.open_connections == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_waiter_cancelled_after_being_handed_a_connection_passes_it_to_the_next(
+    rig: Rig,
+) -> None:
+    conn = await rig.connection()
+    first = await rig.waiting()
+    second = await rig.waiting()
+    rig.pool.release(conn, True)  # handed to `first`...
+    first.cancel()  # ...which gives up before it runs again
+    await raises(first, asyncio.CancelledError)
+    assert await second is conn
+    assert rig.pool.open_connections == 1
 
 
-def test_a_waiter_cancelled_after_being_handed_a_slot_passes_the_slot_on() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        first = rig.acquire()
-        await steps()
-        second = rig.acquire()
-        await steps()
-        rig.pool.release(conn, False)  # the slot goes to `first`...
-        first.cancel()  # ...which gives up before it runs again
-        await raises(first, asyncio.CancelledError)
-        fresh = (await rig.dial(2)).accept()
-        assert await second is fresh
-        assert len(rig.net.dials) == 2
-        assert rig.pool.open_connections == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_waiter_cancelled_after_being_handed_a_connection_leaves_it_idle(rig: Rig) -> None:
+    conn = await rig.connection()
+    waiter = await rig.waiting()
+    rig.pool.release(conn, True)
+    waiter.cancel()
+    await raises(waiter, asyncio.CancelledError)
+    assert rig.pool.idle_connections == 1
+    assert rig.pool.idle() is conn
 
 
-def test_a_slot_handed_after_waiting_connects_within_what_is_left_of_the_timeout() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1, connect_timeout=5.0)
-        conn = await rig.connection()
-        waiter = rig.pool.acquire(1.0)
-        outcome = asyncio.ensure_future(raises(waiter, UpstreamUnavailable))
-        await steps()
-        rig.net.now += 0.75  # the waiter has waited 0.75 of its 1 s
-        rig.pool.release(conn, False)
-        await rig.dial(2)  # left hanging
-        error = await outcome
-        assert "no answer within 0.25s" in str(error)
-        assert rig.pool.open_connections == 0
+@on_rig(size=1)
+async def test_a_closed_connection_hands_its_slot_to_the_first_waiter(rig: Rig) -> None:
+    conn = await rig.connection()
+    waiter = await rig.waiting()
+    rig.pool.release(conn, False)  # closed: the waiter opens its own
+    dial = await rig.dial(2)
+    fresh = dial.accept()
+    assert await waiter is fresh
+    assert rig.pool.open_connections == 1
 
-    run(scenario)
+
+@on_rig(size=1)
+async def test_a_waiter_cancelled_after_being_handed_a_slot_passes_the_slot_on(rig: Rig) -> None:
+    conn = await rig.connection()
+    first = await rig.waiting()
+    second = await rig.waiting()
+    rig.pool.release(conn, False)  # the slot goes to `first`...
+    first.cancel()  # ...which gives up before it runs again
+    await raises(first, asyncio.CancelledError)
+    fresh = (await rig.dial(2)).accept()
+    assert await second is fresh
+    assert len(rig.net.dials) == 2
+    assert rig.pool.open_connections == 1
+
+
+@on_rig(size=1, connect_timeout=5.0)
+async def test_a_slot_handed_after_waiting_connects_within_what_is_left_of_the_timeout(
+    rig: Rig,
+) -> None:
+    conn = await rig.connection()
+    waiter = rig.pool.acquire(1.0)
+    outcome = asyncio.ensure_future(raises(waiter, UpstreamUnavailable))
+    await steps()
+    rig.net.now += 0.75  # the waiter has waited 0.75 of its 1 s
+    rig.pool.release(conn, False)
+    await rig.dial(2)  # left hanging
+    error = await outcome
+    assert "no answer within 0.25s" in str(error)
+    assert rig.pool.open_connections == 0
 
 
 # connecting
 
 
-def test_a_refused_connection_fails_the_caller_and_frees_the_slot_for_a_waiter() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        refused = rig.acquire()
-        waiting = rig.acquire()
-        (await rig.dial(1)).refuse()
-        error = await raises(refused, UpstreamUnavailable)
-        assert "cannot connect to upstream 127.0.0.1:9: Connection refused" in str(error)
-        fresh = (await rig.dial(2)).accept()
-        assert await waiting is fresh
-        assert rig.pool.open_connections == 1
-
-    run(scenario)
-
-
-def test_a_connect_with_no_answer_gives_up_after_connect_timeout() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1, connect_timeout=0.05)
-        started = rig.loop.time()
-        error = await raises(rig.pool.acquire(5.0), UpstreamUnavailable)
-        assert rig.loop.time() - started >= 0.05
-        assert "no answer within 0.05s" in str(error)
-        assert rig.pool.open_connections == 0
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_refused_connection_fails_the_caller_and_frees_the_slot_for_a_waiter(
+    rig: Rig,
+) -> None:
+    refused = rig.acquire()
+    waiting = rig.acquire()
+    (await rig.dial(1)).refuse()
+    error = await raises(refused, UpstreamUnavailable)
+    assert "cannot connect to upstream 127.0.0.1:9: Connection refused" in str(error)
+    fresh = (await rig.dial(2)).accept()
+    assert await waiting is fresh
+    assert rig.pool.open_connections == 1
 
 
-def test_a_connection_closed_before_its_caller_runs_is_not_returned() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        task = rig.acquire()
-        dial = await rig.dial(1)
-        dial.accept()
-        assert dial.transport is not None
-        dial.transport.peer_closes()
-        error = await raises(task, UpstreamUnavailable)
-        assert "closed the connection at once" in str(error)
-        assert rig.pool.open_connections == 0
-
-    run(scenario)
+@on_rig(size=1, connect_timeout=0.05)
+async def test_a_connect_with_no_answer_gives_up_after_connect_timeout(rig: Rig) -> None:
+    started = rig.loop.time()
+    error = await raises(rig.pool.acquire(5.0), UpstreamUnavailable)
+    assert rig.loop.time() - started >= 0.05
+    assert "no answer within 0.05s" in str(error)
+    assert rig.pool.open_connections == 0
 
 
-def test_a_caller_cancelled_while_its_connection_is_being_made_frees_the_slot_once() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        task = rig.acquire()
-        dial = await rig.dial(1)
-        dial.begin()  # connection_made, the caller not woken yet
-        task.cancel()  # the call was abandoned meanwhile
-        await raises(task, asyncio.CancelledError)
-        await steps()  # connection_lost of the closed transport
-        assert rig.pool.open_connections == 0
-        # The pool still holds at most `size` connections.
-        first, second = rig.acquire(), rig.acquire()
-        await rig.dial(2)
-        await steps()
-        assert len(rig.net.dials) == 2
-        first.cancel()
-        second.cancel()
-        await asyncio.gather(first, second, return_exceptions=True)
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_connection_closed_before_its_caller_runs_is_not_returned(rig: Rig) -> None:
+    task = rig.acquire()
+    dial = await rig.dial(1)
+    dial.accept()
+    assert dial.transport is not None
+    dial.transport.peer_closes()
+    error = await raises(task, UpstreamUnavailable)
+    assert "closed the connection at once" in str(error)
+    assert rig.pool.open_connections == 0
 
 
-def test_a_connect_timing_out_after_connection_made_frees_the_slot_once() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1, connect_timeout=0.05)
-        task = rig.acquire()
-        (await rig.dial(1)).begin()  # never completes
-        await raises(task, UpstreamUnavailable)
-        await steps()
-        assert rig.pool.open_connections == 0
+@on_rig(size=1)
+async def test_a_caller_cancelled_while_its_connection_is_being_made_frees_the_slot_once(
+    rig: Rig,
+) -> None:
+    task = rig.acquire()
+    dial = await rig.dial(1)
+    dial.begin()  # connection_made, the caller not woken yet
+    task.cancel()  # the call was abandoned meanwhile
+    await raises(task, asyncio.CancelledError)
+    await steps()  # connection_lost of the closed transport
+    assert rig.pool.open_connections == 0
+    # The pool still holds at most `size` connections.
+    first, second = rig.acquire(), rig.acquire()
+    await rig.dial(2)
+    await steps()
+    assert len(rig.net.dials) == 2
+    first.cancel()
+    second.cancel()
+    await asyncio.gather(first, second, return_exceptions=True)
 
-    run(scenario)
+
+@on_rig(size=1, connect_timeout=0.05)
+async def test_a_connect_timing_out_after_connection_made_frees_the_slot_once(rig: Rig) -> None:
+    task = rig.acquire()
+    (await rig.dial(1)).begin()  # never completes
+    await raises(task, UpstreamUnavailable)
+    await steps()
+    assert rig.pool.open_connections == 0
 
 
-def test_a_slot_handed_to_a_waiter_is_not_also_taken_by_a_newcomer() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn = await rig.connection()
-        waiter = rig.acquire()
-        await steps()
-        # A new call starts in the same loop round as the upstream closes
-        # the busy connection: the freed slot is the waiter's.
-        newcomer = rig.acquire()
-        dial = rig.net.dials[0]
-        assert dial.transport is not None
-        dial.transport.peer_closes()
-        await steps()
-        assert conn.closed
-        assert len(rig.net.dials) == 2, "a pool of size 1 opened two connections at once"
-        assert rig.pool.open_connections <= 1
-        waiter.cancel()
-        newcomer.cancel()
-        await asyncio.gather(waiter, newcomer, return_exceptions=True)
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_slot_handed_to_a_waiter_is_not_also_taken_by_a_newcomer(rig: Rig) -> None:
+    conn = await rig.connection()
+    waiter = await rig.waiting()
+    # A new call starts in the same loop round as the upstream closes
+    # the busy connection: the freed slot is the waiter's.
+    newcomer = rig.acquire()
+    dial = rig.net.dials[0]
+    assert dial.transport is not None
+    dial.transport.peer_closes()
+    await steps()
+    assert conn.closed
+    assert len(rig.net.dials) == 2, "a pool of size 1 opened two connections at once"
+    assert rig.pool.open_connections <= 1
+    waiter.cancel()
+    newcomer.cancel()
+    await asyncio.gather(waiter, newcomer, return_exceptions=True)
 
 
 # closing
 
 
-def test_close_idle_closes_only_connections_idle_for_longer_than_given() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=3)
-        a = await rig.connection()
-        b = await rig.connection()
-        c = await rig.connection()
-        rig.pool.release(a, True)  # idle since 1000
-        rig.net.now = 1010.0
-        rig.pool.release(b, True)  # idle since 1010
-        rig.net.now = 1015.0
-        assert rig.pool.close_idle(5.0) == 1  # a: 15 s; b: exactly 5 s is not more
-        assert a.closed
-        assert not b.closed
-        assert not c.closed  # busy
-        assert rig.pool.idle() is b
-        assert rig.pool.open_connections == 2
-        assert rig.pool.close_idle(100.0) == 0
-
-    run(scenario)
+@on_rig(size=3)
+async def test_close_idle_closes_only_connections_idle_for_longer_than_given(rig: Rig) -> None:
+    a = await rig.connection()
+    b = await rig.connection()
+    c = await rig.connection()
+    rig.pool.release(a, True)  # idle since 1000
+    rig.net.now = 1010.0
+    rig.pool.release(b, True)  # idle since 1010
+    rig.net.now = 1015.0
+    assert rig.pool.close_idle(5.0) == 1  # a: 15 s; b: exactly 5 s is not more
+    assert a.closed
+    assert not b.closed
+    assert not c.closed  # busy
+    assert rig.pool.idle() is b
+    assert rig.pool.open_connections == 2
+    assert rig.pool.close_idle(100.0) == 0
 
 
-def test_close_closes_idle_connections_and_keeps_none_released_later() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=2)
-        idle = await rig.connection()
-        busy = await rig.connection()
-        rig.pool.release(idle, True)
-        rig.pool.close()
-        assert idle.closed
-        assert rig.pool.idle_connections == 0
-        assert not busy.closed  # a call in flight finishes
-        rig.pool.release(busy, True)
-        assert busy.closed
-        assert rig.pool.idle() is None
-        assert rig.pool.open_connections == 0
-
-    run(scenario)
+@on_rig(size=2)
+async def test_close_closes_idle_connections_and_keeps_none_released_later(rig: Rig) -> None:
+    idle = await rig.connection()
+    busy = await rig.connection()
+    rig.pool.release(idle, True)
+    rig.pool.close()
+    assert idle.closed
+    assert rig.pool.idle_connections == 0
+    assert not busy.closed  # a call in flight finishes
+    rig.pool.release(busy, True)
+    assert busy.closed
+    assert rig.pool.idle() is None
+    assert rig.pool.open_connections == 0
 
 
 # one exchange
@@ -577,66 +544,59 @@ async def exchange(rig: Rig, timeout: float = 5.0) -> tuple[UpstreamConnection, 
     return conn, handler, sent_seqid(cast(FakeTransport, conn.transport))
 
 
-def test_a_reply_goes_to_the_handler_after_the_connection_is_back_in_the_pool() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, seqid = await exchange(rig)
-        assert seqid != 77  # the connection's own seqid
-        conn.data_received(reply_bytes(seqid))
-        assert len(handler.replies) == 1
-        assert handler.replies[0].header.seqid == seqid
-        assert handler.idle_at_reply == 1
-        assert len(rig.timeouts) == 0
-        # The next call on it gets a fresh seqid.
-        handler2 = Handler(rig.pool)
-        assert rig.pool.idle() is conn
-        transport = cast(FakeTransport, conn.transport)
-        transport.written.clear()
-        conn.send(call_message(), handler2, rig.loop.time() + 5.0, 5.0)
-        assert sent_seqid(transport) != seqid
-
-    run(scenario)
+def next_call(rig: Rig, conn: UpstreamConnection, timeout: float = 5.0) -> tuple[Handler, int]:
+    """Send another call on ``conn``, which must be back in the pool: its handler and seqid."""
+    assert rig.pool.idle() is conn
+    transport = cast(FakeTransport, conn.transport)
+    transport.written.clear()
+    handler = Handler(rig.pool)
+    conn.send(call_message(), handler, rig.loop.time() + timeout, timeout)
+    return handler, sent_seqid(transport)
 
 
-def test_calls_one_after_another_on_a_connection_each_get_their_reply_and_timeout() -> None:
+@on_rig(size=1)
+async def test_a_reply_goes_to_the_handler_after_the_connection_is_back_in_the_pool(
+    rig: Rig,
+) -> None:
+    conn, handler, seqid = await exchange(rig)
+    assert seqid != 77  # the connection's own seqid
+    conn.data_received(reply_bytes(seqid))
+    assert len(handler.replies) == 1
+    assert handler.replies[0].header.seqid == seqid
+    assert handler.idle_at_reply == 1
+    assert len(rig.timeouts) == 0
+    # The next call on it gets a fresh seqid.
+    _, next_seqid = next_call(rig, conn)
+    assert next_seqid != seqid
+
+
+@on_rig(size=1)
+async def test_calls_one_after_another_on_a_connection_each_get_their_reply_and_timeout(
+    rig: Rig,
+) -> None:
     """The entry of a call answered is filed again for the next (`_Waiting`): the answered
     call hears nothing more, and the next one's own reply and timeout still reach it."""
 
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, first, seqid = await exchange(rig)
-        conn.data_received(reply_bytes(seqid))
-        transport = cast(FakeTransport, conn.transport)
-        second = Handler(rig.pool)
-        assert rig.pool.idle() is conn
-        transport.written.clear()
-        conn.send(call_message(), second, rig.loop.time() + 5.0, 5.0)
-        conn.data_received(reply_bytes(sent_seqid(transport)))
-        third = Handler(rig.pool)
-        assert rig.pool.idle() is conn
-        transport.written.clear()
-        conn.send(call_message(), third, rig.loop.time() + 0.02, 0.02)
-        await asyncio.wait_for(third.done.wait(), 5.0)
-        assert isinstance(third.errors[0], UpstreamTimeout)
-        assert third.replies == []
-        assert (len(first.replies), first.errors) == (1, [])
-        assert (len(second.replies), second.errors) == (1, [])
-        assert len(rig.timeouts) == 0
-
-    run(scenario)
+    conn, first, seqid = await exchange(rig)
+    conn.data_received(reply_bytes(seqid))
+    second, second_seqid = next_call(rig, conn)
+    conn.data_received(reply_bytes(second_seqid))
+    third, _ = next_call(rig, conn, timeout=0.02)
+    await asyncio.wait_for(third.done.wait(), 5.0)
+    assert isinstance(third.errors[0], UpstreamTimeout)
+    assert third.replies == []
+    assert (len(first.replies), first.errors) == (1, [])
+    assert (len(second.replies), second.errors) == (1, [])
+    assert len(rig.timeouts) == 0
 
 
-def test_a_reply_hands_the_connection_to_a_waiter() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, seqid = await exchange(rig)
-        waiter = rig.acquire()
-        await steps()
-        conn.data_received(reply_bytes(seqid))
-        assert await waiter is conn
-        assert len(handler.replies) == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_reply_hands_the_connection_to_a_waiter(rig: Rig) -> None:
+    conn, handler, seqid = await exchange(rig)
+    waiter = await rig.waiting()
+    conn.data_received(reply_bytes(seqid))
+    assert await waiter is conn
+    assert len(handler.replies) == 1
 
 
 @pytest.mark.parametrize(
@@ -665,97 +625,80 @@ def test_a_bad_reply_fails_the_call_and_closes_the_connection(
     run(scenario)
 
 
-def test_the_upstream_closing_mid_call_fails_it_as_closed() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, _ = await exchange(rig)
-        cast(FakeTransport, conn.transport).peer_closes()
-        assert len(handler.errors) == 1
-        assert isinstance(handler.errors[0], UpstreamClosed)
-        assert handler.errors[0].sent is True
-        assert rig.pool.open_connections == 0
-        assert len(rig.timeouts) == 0
-
-    run(scenario)
+@on_rig(size=1)
+async def test_the_upstream_closing_mid_call_fails_it_as_closed(rig: Rig) -> None:
+    conn, handler, _ = await exchange(rig)
+    cast(FakeTransport, conn.transport).peer_closes()
+    assert len(handler.errors) == 1
+    assert isinstance(handler.errors[0], UpstreamClosed)
+    assert handler.errors[0].sent is True
+    assert rig.pool.open_connections == 0
+    assert len(rig.timeouts) == 0
 
 
-def test_a_reply_later_than_the_per_try_timeout_fails_the_call_and_the_connection() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, seqid = await exchange(rig, timeout=0.02)
-        await asyncio.wait_for(handler.done.wait(), 5.0)
-        assert isinstance(handler.errors[0], UpstreamTimeout)
-        assert "did not reply within 0.02s" in str(handler.errors[0])
-        assert conn.closed
-        assert rig.pool.open_connections == 0
-        conn.data_received(reply_bytes(seqid))  # the late reply dies with the connection
-        assert handler.replies == []
-
-    run(scenario)
-
-
-def test_abandon_forgets_the_call_and_closes() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, _ = await exchange(rig)
-        conn.abandon(handler)
-        assert conn.closed
-        assert len(rig.timeouts) == 0
-        assert rig.pool.open_connections == 0
-        await steps()  # connection_lost arrives
-        assert handler.errors == []
-        assert handler.replies == []
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_reply_later_than_the_per_try_timeout_fails_the_call_and_the_connection(
+    rig: Rig,
+) -> None:
+    conn, handler, seqid = await exchange(rig, timeout=0.02)
+    await asyncio.wait_for(handler.done.wait(), 5.0)
+    assert isinstance(handler.errors[0], UpstreamTimeout)
+    assert "did not reply within 0.02s" in str(handler.errors[0])
+    assert conn.closed
+    assert rig.pool.open_connections == 0
+    conn.data_received(reply_bytes(seqid))  # the late reply dies with the connection
+    assert handler.replies == []
 
 
-def test_a_reply_to_no_call_is_dropped_and_the_waiting_call_gets_its_own() -> None:
+@on_rig(size=1)
+async def test_abandon_forgets_the_call_and_closes(rig: Rig) -> None:
+    conn, handler, _ = await exchange(rig)
+    conn.abandon(handler)
+    assert conn.closed
+    assert len(rig.timeouts) == 0
+    assert rig.pool.open_connections == 0
+    await steps()  # connection_lost arrives
+    assert handler.errors == []
+    assert handler.replies == []
+
+
+@on_rig(size=1)
+async def test_a_reply_to_no_call_is_dropped_and_the_waiting_call_gets_its_own(rig: Rig) -> None:
     """A stray reply (to a message a client hid in its frame) is not the waiting call's fault."""
-
-    async def scenario() -> None:
-        strays: list[str] = []
-        rig = Rig(size=1)
-        rig.pool._on_stray = strays.append
-        conn, handler, seqid = await exchange(rig)
-        conn.data_received(reply_bytes(seqid + 1000))  # answers nothing we sent
-        assert handler.replies == []
-        assert handler.errors == []
-        assert not conn.closed  # the call is still waiting on it
-        assert strays == [rig.pool.address]
-        conn.data_received(reply_bytes(seqid))
-        assert [r.header.seqid for r in handler.replies] == [seqid]
-        assert conn.closed  # ended once its call was answered, never pooled again
-        assert rig.pool.idle_connections == 0
-        assert rig.pool.open_connections == 0
-
-    run(scenario)
+    strays: list[str] = []
+    rig.pool._on_stray = strays.append
+    conn, handler, seqid = await exchange(rig)
+    conn.data_received(reply_bytes(seqid + 1000))  # answers nothing we sent
+    assert handler.replies == []
+    assert handler.errors == []
+    assert not conn.closed  # the call is still waiting on it
+    assert strays == [rig.pool.address]
+    conn.data_received(reply_bytes(seqid))
+    assert [r.header.seqid for r in handler.replies] == [seqid]
+    assert conn.closed  # ended once its call was answered, never pooled again
+    assert rig.pool.idle_connections == 0
+    assert rig.pool.open_connections == 0
 
 
-def test_a_reply_to_no_call_on_an_idle_connection_closes_it() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, seqid = await exchange(rig)
-        conn.data_received(reply_bytes(seqid))
-        assert rig.pool.idle_connections == 1
-        conn.data_received(reply_bytes(seqid + 1000))
-        assert conn.closed
-        assert rig.pool.open_connections == 0
-        assert len(handler.replies) == 1
-
-    run(scenario)
+@on_rig(size=1)
+async def test_a_reply_to_no_call_on_an_idle_connection_closes_it(rig: Rig) -> None:
+    conn, handler, seqid = await exchange(rig)
+    conn.data_received(reply_bytes(seqid))
+    assert rig.pool.idle_connections == 1
+    conn.data_received(reply_bytes(seqid + 1000))
+    assert conn.closed
+    assert rig.pool.open_connections == 0
+    assert len(handler.replies) == 1
 
 
-def test_too_many_replies_to_no_call_fail_the_connection() -> None:
-    async def scenario() -> None:
-        rig = Rig(size=1)
-        conn, handler, seqid = await exchange(rig)
-        for n in range(MAX_STRAY_REPLIES):
-            conn.data_received(reply_bytes(seqid + 1000 + n))
-        assert handler.errors == []
-        conn.data_received(reply_bytes(seqid + 5000))
-        [error] = handler.errors
-        assert isinstance(error, UpstreamProtocolError)
-        assert "a reply with seqid" in str(error)
-        assert conn.closed
-
-    run(scenario)
+@on_rig(size=1)
+async def test_too_many_replies_to_no_call_fail_the_connection(rig: Rig) -> None:
+    conn, handler, seqid = await exchange(rig)
+    for n in range(MAX_STRAY_REPLIES):
+        conn.data_received(reply_bytes(seqid + 1000 + n))
+    assert handler.errors == []
+    conn.data_received(reply_bytes(seqid + 5000))
+    [error] = handler.errors
+    assert isinstance(error, UpstreamProtocolError)
+    assert "a reply with seqid" in str(error)
+    assert conn.closed
