@@ -12,7 +12,6 @@ queue bound, the value layout, and the memory an entry really takes in Redis.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -25,6 +24,11 @@ from sidecar.fallback.redis import RedisStore, decode_value, encode_value
 from sidecar.fallback.store import CachedReply
 from sidecar.fleet.redis_client import StateBackend
 from tests.fallback import test_stores as conformance
+from tests.fallback.store_suite import (  # noqa: F401  (collected here, on this file's make_harness)
+    test_conformance,
+    test_conformance_100k_distinct_keys_stay_within_bounds,
+    test_every_conformance_check_runs_here,
+)
 from tests.support.redis import RedisServer, SilentServer, redis_keys
 
 MiB = 1 << 20
@@ -32,13 +36,6 @@ T0 = conformance.T0
 UPSTREAM = "127.0.0.1:9091"
 key = conformance.key
 message = conformance.message
-
-CHECKS = [
-    fn
-    for name, fn in vars(conformance).items()
-    if name.startswith("test_") and "make_harness" in inspect.signature(fn).parameters
-]
-SIMPLE_CHECKS = [fn for fn in CHECKS if len(inspect.signature(fn).parameters) == 1]
 
 
 def backend(url: str, prefix: str, timeout: float = 2.0) -> StateBackend:
@@ -81,30 +78,6 @@ def make_harness(
     yield make
     for harness in made:
         harness.close()
-
-
-@pytest.mark.parametrize("check", SIMPLE_CHECKS, ids=lambda fn: fn.__name__.removeprefix("test_"))
-def test_conformance(check: Callable[..., None], make_harness: Any) -> None:
-    check(make_harness)
-
-
-@pytest.mark.parametrize(
-    ("max_entries", "max_bytes", "size"),
-    [(20_000, 256 * MiB, 256), (100_000, 8 * MiB, 256)],
-    ids=["entries-bound", "bytes-bound"],
-)
-def test_conformance_100k_distinct_keys_stay_within_bounds(
-    make_harness: Any, max_entries: int, max_bytes: int, size: int
-) -> None:
-    conformance.test_100k_distinct_keys_stay_within_bounds(
-        make_harness, max_entries, max_bytes, size
-    )
-
-
-def test_every_conformance_check_runs_here() -> None:
-    covered = {fn.__name__ for fn in SIMPLE_CHECKS} | {"test_100k_distinct_keys_stay_within_bounds"}
-    assert covered == {fn.__name__ for fn in CHECKS}
-    assert len(CHECKS) >= 10
 
 
 # -- Redis only -----------------------------------------------------------------------

@@ -12,11 +12,12 @@ answers or poll a condition with a deadline (`until`).
 from __future__ import annotations
 
 import asyncio
-import inspect
+import contextlib
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +30,14 @@ from sidecar.fallback.shared import SharedStore
 from sidecar.fallback.shared_host import StoreHost
 from sidecar.fallback.store import ENTRY_OVERHEAD, CachedReply, FallbackStore, MemoryStore
 from tests.fallback import test_stores as conformance
+from tests.fallback.store_suite import (  # noqa: F401  (collected here, on this file's make_harness)
+    test_conformance,
+    test_conformance_100k_distinct_keys_stay_within_bounds,
+    test_every_conformance_check_runs_here,
+)
 
 MiB = 1 << 20
 Run = Callable[[Coroutine[Any, Any, None]], None]
-
-CHECKS = [
-    fn
-    for name, fn in vars(conformance).items()
-    if name.startswith("test_") and "make_harness" in inspect.signature(fn).parameters
-]
-SIMPLE_CHECKS = [fn for fn in CHECKS if len(inspect.signature(fn).parameters) == 1]
 
 
 @pytest.fixture
@@ -65,30 +64,6 @@ def make_harness(tmp_path: Path) -> Iterator[Callable[..., conformance.Harness]]
         harness.loop.run_until_complete(harness.store.close())
         harness.loop.run_until_complete(host.close())
         harness.close()
-
-
-@pytest.mark.parametrize("check", SIMPLE_CHECKS, ids=lambda fn: fn.__name__.removeprefix("test_"))
-def test_conformance(check: Callable[..., None], make_harness: Any) -> None:
-    check(make_harness)
-
-
-@pytest.mark.parametrize(
-    ("max_entries", "max_bytes", "size"),
-    [(20_000, 256 * MiB, 256), (100_000, 8 * MiB, 256)],
-    ids=["entries-bound", "bytes-bound"],
-)
-def test_conformance_100k_distinct_keys_stay_within_bounds(
-    make_harness: Any, max_entries: int, max_bytes: int, size: int
-) -> None:
-    conformance.test_100k_distinct_keys_stay_within_bounds(
-        make_harness, max_entries, max_bytes, size
-    )
-
-
-def test_every_conformance_check_runs_here() -> None:
-    covered = {fn.__name__ for fn in SIMPLE_CHECKS} | {"test_100k_distinct_keys_stay_within_bounds"}
-    assert covered == {fn.__name__ for fn in CHECKS}
-    assert len(CHECKS) >= 10
 
 
 # -- the shared store only ------------------------------------------------------------
@@ -134,6 +109,59 @@ def worker(path: Path, **options: Any) -> SharedStore:
     return SharedStore(path, **settings)
 
 
+class HeldStore(MemoryStore):
+    """A memory store some of whose calls wait until ``release`` is set (the subclass says)."""
+
+    def __init__(self) -> None:
+        super().__init__(ttl=600.0, max_entries=1000, max_bytes=64 * MiB)
+        self.release = asyncio.Event()
+
+
+@dataclass
+class Site:
+    """A host serving ``target`` at ``path``, and the workers' stores that talk to it."""
+
+    path: Path
+    target: MemoryStore
+    host: StoreHost
+    stores: list[SharedStore]
+
+    @property
+    def store(self) -> SharedStore:
+        return self.stores[0]
+
+
+@contextlib.asynccontextmanager
+async def hosted(
+    tmp_path: Path,
+    target: MemoryStore | None = None,
+    *,
+    workers: int = 1,
+    start: bool = True,
+    **options: Any,
+) -> AsyncIterator[Site]:
+    """A started `StoreHost` over ``target`` (by default a fresh `memory()`) at
+    ``tmp_path/store.sock`` and ``workers`` worker stores made with ``options`` (started
+    unless ``start`` is false). On the way out a `HeldStore` is released, then the
+    workers and the host (``site.host``, whichever it is by then) are closed."""
+    path = tmp_path / "store.sock"
+    target = memory() if target is None else target
+    host = StoreHost(target, path)
+    await host.start()
+    site = Site(path, target, host, [worker(path, **options) for _ in range(workers)])
+    try:
+        if start:
+            for store in site.stores:
+                await store.start()
+        yield site
+    finally:
+        if isinstance(target, HeldStore):
+            target.release.set()
+        for store in site.stores:
+            await store.close()
+        await site.host.close()
+
+
 def test_a_shared_store_is_a_fallback_store(tmp_path: Path) -> None:
     store: FallbackStore = worker(tmp_path / "s")  # mypy checks the protocol here
     assert store.backend == "memory"
@@ -142,13 +170,8 @@ def test_a_shared_store_is_a_fallback_store(tmp_path: Path) -> None:
 
 def test_a_put_through_one_worker_is_got_by_another(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        host = StoreHost(memory(), path)
-        await host.start()
-        a, b = worker(path), worker(path)
-        await a.start()
-        await b.start()
-        try:
+        async with hosted(tmp_path, workers=2) as site:
+            a, b = site.stores
             sent = CachedReply(
                 b"\x80\x01\x00\x02" + bytes(range(256)) * 4, 13, time.time() - 1.5, b"xy"
             )
@@ -170,11 +193,7 @@ def test_a_put_through_one_worker_is_got_by_another(run: Run, tmp_path: Path) ->
             assert await b.get(key(4)) == large
             assert await b.get(key(3)) is None  # unknown
             assert b.stats().missed_reads == 0  # a "none" answer is not a miss
-            assert host.served == 2
-        finally:
-            await a.close()
-            await b.close()
-            await host.close()
+            assert site.host.served == 2
 
     run(scenario())
 
@@ -220,38 +239,25 @@ def test_a_stale_socket_is_replaced_and_other_files_are_not(run: Run, tmp_path: 
 def test_entries_older_than_the_ttl_are_not_returned(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
         now = [time.time()]
-        path = tmp_path / "store.sock"
-        host = StoreHost(memory(ttl=600.0, clock=lambda: now[0]), path)
-        await host.start()
-        store = worker(path, ttl=60.0)  # shorter than the host's: checked here too
-        await store.start()
-        try:
+        target = memory(ttl=600.0, clock=lambda: now[0])
+        # The worker's TTL is shorter than the host's: checked there too.
+        async with hosted(tmp_path, target, ttl=60.0) as site:
+            store = site.store
             store.put(key(1), reply(1, age=30))
             store.put(key(2), reply(2, age=90))
             await store.flush()
             assert await store.get(key(1)) is not None
             assert await store.get(key(2)) is None  # the host has it; too old for the worker
-            assert host.store.stats().entries == 2
+            assert site.host.store.stats().entries == 2
             now[0] += 600  # the host's own TTL
             assert await store.get(key(1)) is None
             assert store.stats().missed_reads == 0
-        finally:
-            await store.close()
-            await host.close()
 
     run(scenario())
 
 
 def test_two_workers_putting_at_once_lose_nothing(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        target = memory()
-        host = StoreHost(target, path)
-        await host.start()
-        a, b = worker(path), worker(path)
-        await a.start()
-        await b.start()
-
         sent = {n: reply(n) for n in range(2000)}
 
         async def puts(store: SharedStore, base: int) -> None:
@@ -260,27 +266,24 @@ def test_two_workers_putting_at_once_lose_nothing(run: Run, tmp_path: Path) -> N
                 if n % 100 == 0:
                     await asyncio.sleep(0)  # let the other worker and the writers run
 
-        try:
+        async with hosted(tmp_path, workers=2) as site:
+            a, b = site.stores
+            target = site.target
             await asyncio.gather(puts(a, 0), puts(b, 1000))
             await asyncio.gather(a.flush(), b.flush())
             assert target.stats().entries == 2000
             assert all(target.get_now(key(n)) == sent[n] for n in range(2000))
             assert a.stats().dropped_writes == b.stats().dropped_writes == 0
             assert a.stats().entries == 2000 or b.stats().entries == 2000  # the flush answers
-        finally:
-            await a.close()
-            await b.close()
-            await host.close()
 
     run(scenario())
 
 
-class StalledStore(MemoryStore):
+class StalledStore(HeldStore):
     """A memory store whose gets wait until ``release`` is set."""
 
     def __init__(self) -> None:
-        super().__init__(ttl=600.0, max_entries=1000, max_bytes=64 * MiB)
-        self.release = asyncio.Event()
+        super().__init__()
         self.waiting = 0
 
     async def get(self, key: str) -> CachedReply | None:
@@ -291,14 +294,10 @@ class StalledStore(MemoryStore):
 
 def test_a_get_from_a_stalled_host_is_a_bounded_miss(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
         target = StalledStore()
         target.put(key(1), reply(1))
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path, get_timeout=0.2)
-        await store.start()
-        try:
+        async with hosted(tmp_path, target, get_timeout=0.2) as site:
+            store = site.store
             started = time.monotonic()
             assert await store.get(key(1)) is None
             elapsed = time.monotonic() - started
@@ -308,20 +307,12 @@ def test_a_get_from_a_stalled_host_is_a_bounded_miss(run: Run, tmp_path: Path) -
             target.release.set()  # the late answer arrives and is ignored
             assert await store.get(key(1)) == target.get_now(key(1))
             assert store.stats().missed_reads == 1
-        finally:
-            target.release.set()
-            await store.close()
-            await host.close()
 
     run(scenario())
 
 
-class SlowFlushStore(MemoryStore):
+class SlowFlushStore(HeldStore):
     """A memory store whose flush waits until ``release`` is set."""
-
-    def __init__(self) -> None:
-        super().__init__(ttl=600.0, max_entries=1000, max_bytes=64 * MiB)
-        self.release = asyncio.Event()
 
     async def flush(self) -> None:
         await self.release.wait()
@@ -329,13 +320,9 @@ class SlowFlushStore(MemoryStore):
 
 def test_flush_waits_for_the_hosts_flush(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
         target = SlowFlushStore()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path)
-        await store.start()
-        try:
+        async with hosted(tmp_path, target) as site:
+            store = site.store
             store.put(key(1), reply(1))
             flushing = asyncio.ensure_future(store.flush())
             await until(lambda: target.get_now(key(1)) is not None)  # put applied...
@@ -343,22 +330,14 @@ def test_flush_waits_for_the_hosts_flush(run: Run, tmp_path: Path) -> None:
             assert not flushing.done()  # ...but the host's flush has not returned
             target.release.set()
             await flushing
-        finally:
-            target.release.set()
-            await store.close()
-            await host.close()
 
     run(scenario())
 
 
 def test_a_full_queue_drops_and_counts(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        target = memory()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path, queue_size=10)
-        try:
+        async with hosted(tmp_path, start=False, queue_size=10) as site:
+            store, target = site.store, site.target
             for n in range(15):  # not started: nothing leaves the queue
                 store.put(key(n), reply(n))
             assert store.stats().dropped_writes == 5
@@ -369,26 +348,18 @@ def test_a_full_queue_drops_and_counts(run: Run, tmp_path: Path) -> None:
             await store.flush()
             assert target.get_now(key(20)) is not None
             assert store.stats().dropped_writes == 5
-        finally:
-            await store.close()
-            await host.close()
 
     run(scenario())
 
 
 def test_the_store_survives_the_host_going_away_and_coming_back(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        target = memory()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path, queue_size=3)
-        await store.start()
-        try:
+        async with hosted(tmp_path, queue_size=3) as site:
+            store, target = site.store, site.target
             store.put(key(1), reply(1))
             await store.flush()
             assert store.stats().healthy
-            await host.close()
+            await site.host.close()
             await until(lambda: not store.stats().healthy)
 
             started = time.monotonic()
@@ -399,16 +370,13 @@ def test_the_store_survives_the_host_going_away_and_coming_back(run: Run, tmp_pa
                 store.put(key(n), reply(n))
             assert store.stats().dropped_writes == 2
 
-            host = StoreHost(target, path)
-            await host.start()
+            site.host = StoreHost(target, site.path)
+            await site.host.start()
             await until(lambda: store.stats().healthy)
             await store.flush()
             assert [n for n in range(2, 7) if target.get_now(key(n))] == [2, 3, 4]
             assert await store.get(key(1)) is not None
             assert store.connections == 2
-        finally:
-            await store.close()
-            await host.close()
 
     run(scenario())
 
@@ -429,26 +397,18 @@ def test_a_malformed_frame_closes_only_its_connection(
     run: Run, tmp_path: Path, frame: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        target = memory()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path)
-        await store.start()
-        try:
-            reader, writer = await asyncio.open_unix_connection(path)
+        async with hosted(tmp_path) as site:
+            store = site.store
+            reader, writer = await asyncio.open_unix_connection(site.path)
             writer.write(frame)
             assert await asyncio.wait_for(reader.read(), 5.0) == b""  # closed by the host
             writer.close()
-            assert host.bad_frames == 1
+            assert site.host.bad_frames == 1
             store.put(key(1), reply(1))
             await store.flush()
             assert await store.get(key(1)) is not None
             assert store.stats().healthy
             assert store.connections == 1  # never lost its own
-        finally:
-            await store.close()
-            await host.close()
 
     run(scenario())
     assert sum("closing a worker connection" in r.getMessage() for r in caplog.records) == 1
@@ -456,15 +416,11 @@ def test_a_malformed_frame_closes_only_its_connection(
 
 def test_stats_are_the_hosts_after_a_refresh(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
         target = memory()
         for n in range(3):
             target.put(key(n), reply(n))
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path, stats_interval=0.05)
-        await store.start()
-        try:
+        async with hosted(tmp_path, target, stats_interval=0.05) as site:
+            store = site.store
             await until(lambda: store.stats().entries == 3)
             for n in range(3, 8):  # behind the worker's back: only a refresh shows them
                 target.put(key(n), reply(n))
@@ -475,54 +431,36 @@ def test_stats_are_the_hosts_after_a_refresh(run: Run, tmp_path: Path) -> None:
                 target.stats().bytes,
                 True,
             )
-        finally:
-            await store.close()
-            await host.close()
 
     run(scenario())
 
 
 def test_close_delivers_the_puts_still_queued(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
-        target = memory()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path)
-        await store.start()
-        for n in range(500):
-            store.put(key(n), reply(n))
-        await store.close()
-        try:
+        async with hosted(tmp_path) as site:
+            store, target = site.store, site.target
+            for n in range(500):
+                store.put(key(n), reply(n))
+            await store.close()
             assert target.stats().entries == 500
             assert store.stats().failed_writes == 0
             assert await store.get(key(1)) is None  # closed
-        finally:
-            await host.close()
 
     run(scenario())
 
 
 def test_requests_in_flight_end_when_the_host_goes_away(run: Run, tmp_path: Path) -> None:
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
         target = StalledStore()
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path, get_timeout=20.0)
-        await store.start()
-        try:
+        async with hosted(tmp_path, target, get_timeout=20.0) as site:
+            store = site.store
             getting = asyncio.ensure_future(store.get(key(1)))
             await until(lambda: target.waiting == 1)
             started = time.monotonic()
-            await host.close()
+            await site.host.close()
             assert await getting is None
             assert time.monotonic() - started < 5.0  # far less than get_timeout
             assert store.stats().missed_reads == 1
-        finally:
-            target.release.set()
-            await store.close()
-            await host.close()
 
     run(scenario())
 
@@ -545,15 +483,11 @@ def test_a_connection_that_does_not_read_its_answers_is_closed(
     monkeypatch.setattr(shared_host, "MAX_UNREAD_BYTES", 256 << 10)
 
     async def scenario() -> None:
-        path = tmp_path / "store.sock"
         target = CountingStore()
         target.put(key(1), CachedReply(bytes(100_000), 4, time.time(), b""))
-        host = StoreHost(target, path)
-        await host.start()
-        store = worker(path)
-        await store.start()
-        try:
-            _, writer = await asyncio.open_unix_connection(path)
+        async with hosted(tmp_path, target) as site:
+            host = site.host
+            _, writer = await asyncio.open_unix_connection(site.path)
             raw_key = key(1).encode()
             for n in range(1, 500):  # 50 MB of answers, never read
                 writer.write(wire.HEADER.pack(len(raw_key), wire.GET, n) + raw_key)
@@ -563,9 +497,6 @@ def test_a_connection_that_does_not_read_its_answers_is_closed(
             assert host.bad_frames == 1
             assert n < 100  # closed long before the loop ran out
             writer.close()
-            assert await store.get(key(1)) is not None  # the reading worker is served
-        finally:
-            await store.close()
-            await host.close()
+            assert await site.store.get(key(1)) is not None  # the reading worker is served
 
     run(scenario())
