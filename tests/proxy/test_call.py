@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -116,6 +116,19 @@ def assert_internal_error(raised: pytest.ExceptionInfo[Any]) -> None:
     assert "internal error handling this call" in raised.value.message
 
 
+def fails_inside(
+    switch: Switch, call: Callable[[], object], caplog: pytest.LogCaptureFixture, after: int = 0
+) -> str:
+    """``call`` with the bug armed (after ``after`` good uses) answers INTERNAL_ERROR;
+    returns the `Call` entry point that caught the bug."""
+    switch.on(after)
+    with pytest.raises(TAE) as raised:
+        call()
+    switch.off()
+    assert_internal_error(raised)
+    return entry_point_of(caplog)
+
+
 def assert_nothing_else_touched(
     sc: SidecarThread, upstream: Thriftpy2Server, victim: Any, bystander: Any
 ) -> None:
@@ -152,85 +165,58 @@ def _errors_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.ERROR)
 
 
+def add(victim: Any) -> object:
+    return victim.add(2, 3)
+
+
+def sleep_past_the_try(victim: Any) -> object:
+    """Longer than per_try_timeout: the attempt times out."""
+    return victim.sleepMs(3000)
+
+
 @PURE_BUG
-def test_a_bug_in_start(
+@pytest.mark.parametrize(
+    ("owner", "name", "warm_up", "call", "entry_point", "upstream_adds"),
+    [
+        pytest.param(RetryBudget, "deposit", True, add, "start", 1, id="start"),
+        pytest.param(call_module, "classify_reply", True, add, "on_reply", 2, id="on_reply"),
+        pytest.param(
+            call_module, "classify_error", True, sleep_past_the_try, "on_error", None, id="on_error"
+        ),
+        # No warm-up: the first call of this sidecar, no upstream connection is open yet.
+        pytest.param(
+            UpstreamConnection,
+            "send",
+            False,
+            add,
+            "_acquired",
+            0,
+            id="the_callback_of_opening_an_upstream_connection",
+        ),
+    ],
+)
+def test_a_bug_in(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
     upstream: Thriftpy2Server,
     sidecar: SidecarThread,
     clients: tuple[Any, Any],
+    owner: Any,
+    name: str,
+    warm_up: bool,
+    call: Callable[[Any], object],
+    entry_point: str,
+    upstream_adds: int | None,
 ) -> None:
+    """A bug below ``owner.name`` is caught by the `Call` entry point ``entry_point``."""
     victim, bystander = clients
-    switch = plant(monkeypatch, RetryBudget, "deposit")
-    assert bystander.add(1, 2) == 3
-    switch.on()
-    with pytest.raises(TAE) as raised:
-        victim.add(2, 3)
-    switch.off()
-    assert_internal_error(raised)
-    assert entry_point_of(caplog) == "start"
-    assert upstream.calls["add"] == 1, "the broken call never reached the upstream"
-    assert_nothing_else_touched(sidecar, upstream, victim, bystander)
-
-
-@PURE_BUG
-def test_a_bug_in_on_reply(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    upstream: Thriftpy2Server,
-    sidecar: SidecarThread,
-    clients: tuple[Any, Any],
-) -> None:
-    victim, bystander = clients
-    switch = plant(monkeypatch, call_module, "classify_reply")
-    assert bystander.add(1, 2) == 3
-    switch.on()
-    with pytest.raises(TAE) as raised:
-        victim.add(2, 3)
-    switch.off()
-    assert_internal_error(raised)
-    assert entry_point_of(caplog) == "on_reply"
-    assert upstream.calls["add"] == 2
-    assert_nothing_else_touched(sidecar, upstream, victim, bystander)
-
-
-@PURE_BUG
-def test_a_bug_in_on_error(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    upstream: Thriftpy2Server,
-    sidecar: SidecarThread,
-    clients: tuple[Any, Any],
-) -> None:
-    victim, bystander = clients
-    switch = plant(monkeypatch, call_module, "classify_error")
-    assert bystander.add(1, 2) == 3
-    switch.on()
-    with pytest.raises(TAE) as raised:
-        victim.sleepMs(3000)  # longer than per_try_timeout: the attempt times out
-    switch.off()
-    assert_internal_error(raised)
-    assert entry_point_of(caplog) == "on_error"
-    assert_nothing_else_touched(sidecar, upstream, victim, bystander)
-
-
-@PURE_BUG
-def test_a_bug_in_the_callback_of_opening_an_upstream_connection(
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    upstream: Thriftpy2Server,
-    sidecar: SidecarThread,
-    clients: tuple[Any, Any],
-) -> None:
-    victim, bystander = clients
-    switch = plant(monkeypatch, UpstreamConnection, "send")
-    switch.on()  # the first call of this sidecar: no upstream connection is open yet
-    with pytest.raises(TAE) as raised:
-        victim.add(2, 3)
-    switch.off()
-    assert_internal_error(raised)
-    assert entry_point_of(caplog) == "_acquired"
-    assert upstream.calls["add"] == 0
+    switch = plant(monkeypatch, owner, name)
+    if warm_up:
+        assert bystander.add(1, 2) == 3
+    assert fails_inside(switch, lambda: call(victim), caplog) == entry_point
+    if upstream_adds is not None:
+        # 1 in `start`: the broken call never reached the upstream.
+        assert upstream.calls["add"] == upstream_adds
     assert_nothing_else_touched(sidecar, upstream, victim, bystander)
 
 
@@ -249,13 +235,9 @@ def test_a_bug_in_the_backoff_timer(
         switch = plant(monkeypatch, UpstreamSet, "pick")
         assert bystander.add(1, 2) == 3
         gate_of(upstream).close()  # the first attempt times out; the retry waits on a timer
-        switch.on(after=1)  # ... and the retry's pick is broken
-        with pytest.raises(TAE) as raised:
-            victim.getItem(7)
-        switch.off()
+        # ... and the retry's pick is broken
+        assert fails_inside(switch, lambda: victim.getItem(7), caplog, after=1) == "_retry_due"
         gate_of(upstream).open()
-        assert_internal_error(raised)
-        assert entry_point_of(caplog) == "_retry_due"
         assert upstream.calls["getItem"] == 1
         assert victim.getItem(8).id == 8
         assert_nothing_else_touched(sc, upstream, victim, bystander)
@@ -274,12 +256,7 @@ def test_a_bug_in_the_fallback_lookup_callback(
     switch = plant(monkeypatch, fallback_service, "write_seqid")
     assert victim.getItem(7).id == 7  # remembered for the fallback
     gate_of(upstream).close()  # the next one times out: a fallback is looked up
-    switch.on()
-    with pytest.raises(TAE) as raised:
-        victim.getItem(7)
-    switch.off()
-    assert_internal_error(raised)
-    assert entry_point_of(caplog) == "_fallback_found"
+    assert fails_inside(switch, lambda: victim.getItem(7), caplog) == "_fallback_found"
     # Unbroken, the same lookup serves the remembered reply.
     assert victim.getItem(7).id == 7
     gate_of(upstream).open()
