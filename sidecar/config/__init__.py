@@ -9,7 +9,10 @@ The modules, each with one job:
 
 - `base`: the section base model, key paths, outcome names;
 - `units`: durations, sizes and addresses, parsed and formatted;
-- `sections`, `overrides`, `model`: the pydantic models, `SidecarConfig` on top;
+- `upstream`, `policy`, `fallback`, `operations`, `hedge`, `overrides`, `model`:
+  the pydantic models, a module per group of sections, `SidecarConfig` on
+  top; every field carries its default and the description from which
+  docs/config-reference.md is generated;
 - `names`: the one table of flags and short environment variables;
 - `keys`: walking the models by key path;
 - `env`: the ``SIDECAR_*`` layer; `load`: files, merging, relative paths;
@@ -35,27 +38,16 @@ from sidecar.config.base import (
 from sidecar.config.checks import config_warnings, require_upstream
 from sidecar.config.dump import dump_yaml, to_yaml_data
 from sidecar.config.env import env_overrides, env_sources, is_service_link
+from sidecar.config.fallback import CacheConfig, FallbackConfig
 from sidecar.config.keys import annotation_at, format_key, split_optional
 from sidecar.config.load import load_config
 from sidecar.config.messages import redact
 from sidecar.config.methods import is_idempotent, matches_any, method_overrides
 from sidecar.config.model import SidecarConfig
 from sidecar.config.names import ENV_SHORTCUTS, FLAG_KEYS, SHORT_NAMES, env_name
+from sidecar.config.operations import ControlConfig, LogConfig, MetricsConfig, ReadinessConfig
 from sidecar.config.overrides import MethodConfig, MethodFallback, RetryOverride, StaticException
-from sidecar.config.sections import (
-    BreakerConfig,
-    BudgetConfig,
-    CacheConfig,
-    ControlConfig,
-    EjectionConfig,
-    FallbackConfig,
-    LogConfig,
-    MetricsConfig,
-    ReadinessConfig,
-    RetryConfig,
-    StateConfig,
-    UpstreamConfig,
-)
+from sidecar.config.policy import BreakerConfig, BudgetConfig, RetryConfig, StateConfig
 from sidecar.config.tls import ServerTlsConfig, UpstreamTlsConfig, certificate_validity
 from sidecar.config.units import (
     Address,
@@ -71,6 +63,7 @@ from sidecar.config.units import (
     require_positive,
     split_address,
 )
+from sidecar.config.upstream import EjectionConfig, UpstreamConfig
 
 __all__ = [
     "ENV_SHORTCUTS",

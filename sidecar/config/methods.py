@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 from sidecar.config.overrides import MethodConfig
-from sidecar.config.sections import RetryConfig
+from sidecar.config.policy import RetryConfig
 
 
 class SidecarConfig(Protocol):

@@ -15,25 +15,22 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sidecar.config.base import FieldProblem, Section
+from sidecar.config.fallback import FallbackConfig
 from sidecar.config.hedge import HedgeConfig
 from sidecar.config.methods import is_idempotent
 from sidecar.config.names import flag_of, shortcut_variable
-from sidecar.config.overrides import MethodConfig
-from sidecar.config.sections import (
-    BreakerConfig,
+from sidecar.config.operations import (
     ControlConfig,
-    FallbackConfig,
-    HealthCheckConfig,
     LimitsConfig,
     LogConfig,
     MetricsConfig,
     ReadinessConfig,
-    RetryConfig,
-    StateConfig,
-    UpstreamConfig,
 )
+from sidecar.config.overrides import MethodConfig
+from sidecar.config.policy import BreakerConfig, RetryConfig, StateConfig
 from sidecar.config.tls import ServerTlsConfig
 from sidecar.config.units import Address, Duration, PositiveDuration, Size, split_address
+from sidecar.config.upstream import HealthCheckConfig, UpstreamConfig
 
 # Exact method names (``getItem``) or ``Service:method``; Thrift identifiers
 # may contain dots, and multiplexed service names often do.

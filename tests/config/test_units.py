@@ -10,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sidecar.config import SidecarConfig
+from sidecar.config.fallback import CacheConfig
 from sidecar.config.overrides import RetryOverride
-from sidecar.config.sections import CacheConfig, RetryConfig, UpstreamConfig
+from sidecar.config.policy import RetryConfig
 from sidecar.config.units import (
     field_kind,
     format_duration,
@@ -21,6 +22,7 @@ from sidecar.config.units import (
     parse_size,
     split_address,
 )
+from sidecar.config.upstream import UpstreamConfig
 
 
 @pytest.mark.parametrize(
