@@ -21,7 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sidecar.app import Sidecar
-from sidecar.cli import run_async
+from sidecar.cli.serving import run_async
 from sidecar.config import load_config
 from sidecar.errors import UpstreamError
 from sidecar.protocol.envelope import MessageType

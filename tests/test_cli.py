@@ -466,8 +466,9 @@ def test_run_listens_where_flag_then_env_then_file_say(with_flag: bool) -> None:
 
 
 def test_every_flag_has_its_environment_variable() -> None:
-    from sidecar.cli import FLAG_KEYS, flag_overrides, run
-    from sidecar.config import ENV_SHORTCUTS
+    from sidecar.cli.loading import flag_overrides
+    from sidecar.cli.serving import run
+    from sidecar.config import ENV_SHORTCUTS, FLAG_KEYS
 
     for flag, key_path in FLAG_KEYS.items():
         assert ENV_SHORTCUTS["SIDECAR_" + flag[2:].upper().replace("-", "_")] == key_path

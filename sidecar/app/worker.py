@@ -82,7 +82,7 @@ class WorkerRole:
 
     @property
     def override_map(self) -> dict[KeyPath, Any]:
-        """The overrides as `sidecar.cli.load_checked` takes them."""
+        """The overrides as `sidecar.cli.loading.load_checked` takes them."""
         return dict(self.overrides)
 
     @property

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import load_checked
+from sidecar.cli.loading import load_checked
 from sidecar.config import SidecarConfig, config_warnings, load_config, require_upstream
 from sidecar.errors import ConfigError
 from tests.config.files import DEMO, EXAMPLE_IDL, SHIPPED, write

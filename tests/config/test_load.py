@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.cli import load_checked
+from sidecar.cli.loading import load_checked
 from sidecar.config import SidecarConfig, load_config
 from sidecar.config.load import read_yaml, set_path
 from sidecar.errors import ConfigError

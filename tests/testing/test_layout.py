@@ -43,7 +43,7 @@ def test_testing_does_not_import_the_demo() -> None:
 
 def test_only_the_demo_and_its_command_import_the_demo() -> None:
     outside = {p for p in importers_of("sidecar.demo") if not p.startswith("sidecar/demo/")}
-    assert outside == {"sidecar/cli.py"}
+    assert outside == {"sidecar/cli/tools.py"}
 
 
 def test_the_product_imports_testing_only_in_the_demo() -> None:
