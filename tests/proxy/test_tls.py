@@ -70,6 +70,21 @@ def certs(tmp_path: Path) -> Certs:
     return Certs(tmp_path)
 
 
+@pytest.fixture
+def stranger(tmp_path: Path) -> Certs:
+    """Certificates of a CA of their own, which nothing here trusts."""
+    other = Certs(tmp_path / "other")
+    other.root.mkdir()
+    return other
+
+
+@pytest.fixture
+def server_config(certs: Certs, tmp_path: Path) -> SidecarConfig:
+    """A ``tls`` section with a server certificate for localhost (no client CA)."""
+    certs.issue("server", "localhost")
+    return config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
+
+
 def errors(metrics: SidecarMetrics, side: str) -> dict[str, float]:
     """The handshake error counts of one side, by reason (every reason's series exists)."""
     found = {}
@@ -211,13 +226,11 @@ def test_contexts_follow_the_config(certs: Certs, tmp_path: Path) -> None:
 
 
 def test_a_tls_client_reaches_the_protocol_behind_the_handshake(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, certs: Certs, server_config: SidecarConfig
 ) -> None:
-    certs.issue("server", "localhost")
-    config = config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
 
     async def scenario() -> None:
-        async with Listener(config) as listener:
+        async with Listener(server_config) as listener:
             data, writer = await echo(listener.port, client_context(certs), b"x" * 100_000)
             assert data == b"x" * 100_000
             (transport,) = listener.made
@@ -238,6 +251,7 @@ def test_failed_client_handshakes_are_logged_and_counted_by_reason(
     loop: asyncio.AbstractEventLoop,
     certs: Certs,
     tmp_path: Path,
+    stranger: Certs,
     case: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -250,8 +264,6 @@ def test_failed_client_handshakes_are_logged_and_counted_by_reason(
         section["min_version"] = "1.3"
     config = config_of(tmp_path, {"tls": section})
     past = datetime.datetime(2020, 1, 1, tzinfo=UTC)
-    stranger = Certs(tmp_path / "other")
-    stranger.root.mkdir()
 
     async def attempt(port: int) -> None:
         if case in ("plaintext", "http"):
@@ -294,13 +306,11 @@ def test_failed_client_handshakes_are_logged_and_counted_by_reason(
 
 
 def test_a_connection_closed_before_any_handshake_is_not_an_error(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, certs: Certs, server_config: SidecarConfig
 ) -> None:
-    certs.issue("server", "localhost")
-    config = config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
 
     async def scenario() -> None:
-        async with Listener(config) as listener:
+        async with Listener(server_config) as listener:
             assert listener.tls is not None
             for _ in range(3):  # TCP health checks: connect, close
                 _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
@@ -317,13 +327,11 @@ def test_a_connection_closed_before_any_handshake_is_not_an_error(
 
 
 def test_a_silent_client_is_cut_at_the_handshake_timeout_and_counted(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, server_config: SidecarConfig
 ) -> None:
-    certs.issue("server", "localhost")
-    config = config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
 
     async def scenario() -> None:
-        async with Listener(config, timeout=0.2) as listener:
+        async with Listener(server_config, timeout=0.2) as listener:
             reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
             assert await asyncio.wait_for(reader.read(10), 5) == b""
             await until(lambda: listener.errors()["other"] == 1)
@@ -333,13 +341,11 @@ def test_a_silent_client_is_cut_at_the_handshake_timeout_and_counted(
 
 
 def test_connections_beyond_max_handshakes_wait_in_the_backlog(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, certs: Certs, server_config: SidecarConfig
 ) -> None:
-    certs.issue("server", "localhost")
-    config = config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
 
     async def scenario() -> None:
-        async with Listener(config, max_handshakes=1) as listener:
+        async with Listener(server_config, max_handshakes=1) as listener:
             tls = listener.tls
             assert tls is not None
             _, silent = await asyncio.open_connection("127.0.0.1", listener.port)
@@ -358,20 +364,18 @@ def test_connections_beyond_max_handshakes_wait_in_the_backlog(
 
 
 def test_reload_gives_new_connections_the_new_certificate_and_keeps_open_ones(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path, server_config: SidecarConfig
 ) -> None:
-    certs.issue("server", "localhost")
-    config = config_of(tmp_path, {"tls": {"cert": "server.crt", "key": "server.key"}})
 
     async def scenario() -> None:
-        async with Listener(config) as listener:
+        async with Listener(server_config) as listener:
             assert listener.tls is not None
             context = client_context(certs)
             _, old = await echo(listener.port, context)
             first = served_serial(old)
             certs.issue("server", "localhost")  # the same files, a new certificate
             before = listener.tls.context
-            reload_certificates(config, listener.tls, None)
+            reload_certificates(server_config, listener.tls, None)
             assert listener.tls.context is not before
             _, new = await echo(listener.port, context)
             assert served_serial(new) != first
@@ -386,7 +390,7 @@ def test_reload_gives_new_connections_the_new_certificate_and_keeps_open_ones(
             (tmp_path / "server.key").write_text("broken\n")
             current = listener.tls.context
             with pytest.raises(ConfigError, match=r"tls\.key"):
-                reload_certificates(config, listener.tls, None)
+                reload_certificates(server_config, listener.tls, None)
             assert listener.tls.context is current
 
     run(loop, scenario)
@@ -477,10 +481,8 @@ def test_upstream_connections_verify_the_address_host_or_server_name(
 
 @pytest.mark.parametrize("case", ["unknown_ca", "bad_certificate", "plaintext_upstream"])
 def test_failed_upstream_handshakes_are_counted_and_raise_an_oserror(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path, case: str
+    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path, stranger: Certs, case: str
 ) -> None:
-    stranger = Certs(tmp_path / "other")
-    stranger.root.mkdir()
     certs.ca_file()
     config = config_of(tmp_path, {"upstream": {"tls": {"ca": "ca.crt"}}})
 
@@ -536,10 +538,8 @@ def test_refused_connections_are_not_handshake_failures(
 
 
 def test_verify_false_accepts_any_certificate(
-    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path
+    loop: asyncio.AbstractEventLoop, certs: Certs, tmp_path: Path, stranger: Certs
 ) -> None:
-    stranger = Certs(tmp_path / "other")
-    stranger.root.mkdir()
     tls, _ = upstream_side(config_of(tmp_path, {"upstream": {"tls": {"verify": False}}}))
 
     async def scenario() -> None:
@@ -717,14 +717,22 @@ def sidecar_tls(pki: Certs, **server: Any) -> dict[str, Any]:
     }
 
 
-def test_tls_client_through_the_sidecar_to_a_tls_upstream_with_mtls(pki: Certs) -> None:
+@contextlib.contextmanager
+def tls_sidecar(
+    pki: Certs, upstream_tls: ssl.SSLContext | None = None, **server: Any
+) -> Iterator[tuple[TlsUpstream, Any, int]]:
+    """A `TlsUpstream` (by default one that requires the sidecar's client certificate) and
+    the sidecar process in front of it (`sidecar_tls`); yields both and the sidecar's port."""
+    context = server_side(pki, client_ca=True) if upstream_tls is None else upstream_tls
     with (
-        TlsUpstream(server_side(pki, client_ca=True)) as upstream,
-        run_sidecar(
-            [upstream.address], config=sidecar_tls(pki, client_ca=str(pki.root / "ca.crt"))
-        ) as sc,
+        TlsUpstream(context) as upstream,
+        run_sidecar([upstream.address], config=sidecar_tls(pki, **server)) as sc,
     ):
-        port = int(sc.address.rsplit(":", 1)[1])
+        yield upstream, sc, int(sc.address.rsplit(":", 1)[1])
+
+
+def test_tls_client_through_the_sidecar_to_a_tls_upstream_with_mtls(pki: Certs) -> None:
+    with tls_sidecar(pki, client_ca=str(pki.root / "ca.crt")) as (upstream, sc, port):
         with tls_client(
             port, client_context(pki, (pki.root / "client.crt", pki.root / "client.key"))
         ) as c:
@@ -744,26 +752,16 @@ def test_tls_client_through_the_sidecar_to_a_tls_upstream_with_mtls(pki: Certs) 
 
 
 def test_plaintext_client_on_the_tls_port_is_closed_and_counted(pki: Certs) -> None:
-    with (
-        TlsUpstream(server_side(pki, client_ca=True)) as upstream,
-        run_sidecar([upstream.address], config=sidecar_tls(pki)) as sc,
-    ):
-        host, port = sc.address.rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+    with tls_sidecar(pki) as (_, sc, port):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
             sock.sendall(THRIFT_CALL)
             assert sock.recv(100) == b""
         wait_until(lambda: handshake_errors(sc, "client")["plaintext"] == 1)
         assert "failed (plaintext)" in sc.log()
 
 
-def test_failed_upstream_handshake_is_a_retried_connect_error(pki: Certs, tmp_path: Path) -> None:
-    stranger = Certs(tmp_path / "other")
-    stranger.root.mkdir()
-    with (
-        TlsUpstream(server_side(stranger, "127.0.0.1")) as upstream,
-        run_sidecar([upstream.address], config=sidecar_tls(pki)) as sc,
-    ):
-        port = int(sc.address.rsplit(":", 1)[1])
+def test_failed_upstream_handshake_is_a_retried_connect_error(pki: Certs, stranger: Certs) -> None:
+    with tls_sidecar(pki, server_side(stranger, "127.0.0.1")) as (upstream, sc, port):
         with (
             tls_client(port, client_context(pki)) as c,
             pytest.raises(thriftpy2.thrift.TApplicationException),
@@ -779,11 +777,7 @@ def test_failed_upstream_handshake_is_a_retried_connect_error(pki: Certs, tmp_pa
 def test_sighup_serves_a_new_certificate_to_new_connections_and_keeps_open_ones(
     pki: Certs,
 ) -> None:
-    with (
-        TlsUpstream(server_side(pki, client_ca=True)) as upstream,
-        run_sidecar([upstream.address], config=sidecar_tls(pki)) as sc,
-    ):
-        port = int(sc.address.rsplit(":", 1)[1])
+    with tls_sidecar(pki) as (_, sc, port):
         context = client_context(pki)
         with tls_client(port, context) as old:
             assert old.getItem(1).id == 1
