@@ -97,6 +97,11 @@ class RawClient:
         out, self._replies = self._replies[:count], self._replies[count:]
         return out
 
+    def round_trip(self, seqid: int, item_id: int) -> None:
+        """getItem(item_id) under ``seqid``, and its reply checked (`check_item`)."""
+        self.send(get_item(seqid, item_id))
+        check_item(self.read(1)[0], seqid, item_id)
+
     def nothing_pending(self) -> bool:
         """No reply bytes wait to be read (looked at once: a socket timeout would wait it out)."""
         self.sock.settimeout(0.0)
@@ -143,6 +148,13 @@ def hedges(sidecar: SidecarProcess, method: str) -> tuple[float, float, float]:
     )
 
 
+def _attempts(sidecar: SidecarProcess, result: str) -> float:
+    """getItem's upstream attempts that ended with ``result``."""
+    return sidecar.metrics().value(
+        "thrift_sidecar_upstream_attempts_total", method="getItem", result=result
+    )
+
+
 def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
     held_upstream: tuple[Thriftpy2Server, Hold],
 ) -> None:
@@ -151,8 +163,7 @@ def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
         a = RawClient(sidecar.address)
         others = [RawClient(sidecar.address) for _ in range(3)]
         try:
-            a.send(get_item(1, 1))  # getItem answered once: known to be two-way
-            check_item(a.read(1)[0], 1, 1)
+            a.round_trip(1, 1)  # getItem answered once: known to be two-way
 
             hold.arm("getItem")
             a.send(get_item(4242, 7))
@@ -169,17 +180,10 @@ def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
                     check_item(got, 100 * n + i, 100 * n + i)
 
             # The loser is answered now; its reply is read and dropped by the sidecar.
-            ok_attempts = sidecar.metrics().value(
-                "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
-            )
+            ok_attempts = _attempts(sidecar, "ok")
             hold.release()
             wait_until(
-                lambda: (
-                    sidecar.metrics().value(
-                        "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
-                    )
-                    == ok_attempts + 1
-                ),
+                lambda: _attempts(sidecar, "ok") == ok_attempts + 1,
                 timeout=10,
                 message="the loser's reply recorded",
             )
@@ -349,6 +353,20 @@ def proxied(
         yield upstream, hold, proxy, sidecar
 
 
+def one_attempt_closed_and_the_call_answered(
+    sidecar: SidecarProcess, upstream: Thriftpy2Server, hedges_won: int
+) -> None:
+    """After getItem(1) and a hedged getItem(2) one of whose attempts was reset: one hedge
+    (``hedges_won`` of it won), both calls ok, no retry, one attempt closed, and the
+    upstream ran getItem(1), then getItem(2) twice."""
+    m = sidecar.metrics()
+    assert hedges(sidecar, "getItem")[:2] == (1, hedges_won)
+    assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
+    assert m.value("thrift_sidecar_retries_total") == 0
+    assert _attempts(sidecar, "connection_closed") == 1
+    assert upstream.calls["getItem"] == 3
+
+
 def test_a_hedge_that_fails_waits_for_the_first_attempt(
     proxied: tuple[Thriftpy2Server, Hold, FaultProxyThread, SidecarProcess],
 ) -> None:
@@ -360,17 +378,7 @@ def test_a_hedge_that_fails_waits_for_the_first_attempt(
         # would give the client an error.
         proxy.plan.extend_schedule([("delay", 0.3), "reset_after"])
         assert client.getItem(2).id == 2
-    m = sidecar.metrics()
-    assert hedges(sidecar, "getItem")[:2] == (1, 0)
-    assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
-    assert m.value("thrift_sidecar_retries_total") == 0
-    assert (
-        m.value(
-            "thrift_sidecar_upstream_attempts_total", method="getItem", result="connection_closed"
-        )
-        == 1
-    )
-    assert upstream.calls["getItem"] == 3  # getItem(1), then getItem(2) twice
+    one_attempt_closed_and_the_call_answered(sidecar, upstream, hedges_won=0)
 
 
 def test_a_first_attempt_that_fails_waits_for_its_hedge(
@@ -387,17 +395,7 @@ def test_a_first_attempt_that_fails_waits_for_its_hedge(
         wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge sent")
         hold.release()  # the first attempt's reply comes, and the proxy resets instead
         assert answer.result(10).id == 2
-    m = sidecar.metrics()
-    assert hedges(sidecar, "getItem")[:2] == (1, 1)
-    assert m.value("thrift_sidecar_requests_total", method="getItem", outcome="ok") == 2
-    assert m.value("thrift_sidecar_retries_total") == 0
-    assert (
-        m.value(
-            "thrift_sidecar_upstream_attempts_total", method="getItem", result="connection_closed"
-        )
-        == 1
-    )
-    assert upstream.calls["getItem"] == 3
+    one_attempt_closed_and_the_call_answered(sidecar, upstream, hedges_won=1)
 
 
 def test_a_hedge_whose_connect_is_refused_waits_for_the_first_attempt(
@@ -420,14 +418,7 @@ def test_a_hedge_whose_connect_is_refused_waits_for_the_first_attempt(
         # Its hedge goes to the address not tried yet, which refuses the connection:
         # a failure before anything was sent, while the first attempt is in flight.
         wait_until(
-            lambda: (
-                sidecar.metrics().value(
-                    "thrift_sidecar_upstream_attempts_total",
-                    method="getItem",
-                    result="connect_error",
-                )
-                == 1
-            ),
+            lambda: _attempts(sidecar, "connect_error") == 1,
             message="the hedge's connect refused",
         )
         assert hold.held == 1
@@ -516,17 +507,10 @@ def test_max_extra_two_sends_a_second_hedge_a_delay_after_the_first(
             assert client.getItem(2).id == 2  # with max_extra 1: held for 10 s
             assert hold.held == 2
             assert hedges(sidecar, "getItem")[:2] == (2, 1)
-            ok = sidecar.metrics().value(
-                "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
-            )
+            ok = _attempts(sidecar, "ok")
             hold.release()  # both losers answer now; their replies are dropped
             wait_until(
-                lambda: (
-                    sidecar.metrics().value(
-                        "thrift_sidecar_upstream_attempts_total", method="getItem", result="ok"
-                    )
-                    == ok + 2
-                ),
+                lambda: _attempts(sidecar, "ok") == ok + 2,
                 timeout=10,
                 message="both losers' replies recorded",
             )
@@ -648,6 +632,13 @@ class THeaderClient:
                 raise ConnectionError("the sidecar closed the connection")
             self._pending += data
 
+    def round_trip(self, seqid: int, item_id: int) -> Message:
+        """getItem(item_id) under ``seqid``: its reply's value checked, its message returned."""
+        self.call(seqid, item_id)
+        wire, message = self.reply()
+        assert theader_item(wire, self.protocol, self.outer_framed).id == item_id
+        return message
+
     def _frame_length(self) -> int | None:
         """Bytes of the first whole reply in ``_pending`` (its outer frame included)."""
         if len(self._pending) < 4:
@@ -684,23 +675,20 @@ def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_for
         with run_sidecar([upstream.address], config=CONFIG) as sidecar:
             client = THeaderClient(sidecar.address, protocol, outer_framed)
             try:
-                client.call(1, 1)  # getItem answered once: known to be two-way
-                wire, _ = client.reply()
-                assert theader_item(wire, protocol, outer_framed).id == 1
+                client.round_trip(1, 1)  # getItem answered once: known to be two-way
 
                 race.arm(hedge_wins)
                 # A seqid whose compact varint is longer than the upstream connections'
                 # own seqids: each attempt's copy is patched to a shorter one, the reply
                 # back to this one.
                 seqid = 0x7FFF_FF00
-                client.call(seqid, 7)
-                wire, reply = client.reply()  # with no hedge, hedge-wins: after the hold (10 s)
+                # With no hedge, hedge-wins: answered only after the hold (10 s).
+                reply = client.round_trip(seqid, 7)
                 assert reply.header.seqid == seqid
                 assert reply.theader is not None
                 assert reply.theader.seqid == seqid
                 assert reply.theader.outer_framed is outer_framed
                 assert reply.header.protocol.value == protocol
-                assert theader_item(wire, protocol, outer_framed).id == 7
                 assert upstream.calls["getItem"] == 3  # both attempts ran
                 assert hedges(sidecar, "getItem")[:2] == (1, 1 if hedge_wins else 0)
 
@@ -715,10 +703,7 @@ def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_for
                 assert client.nothing_pending()
                 # The connection and the pool still pair each call with its own reply.
                 for n in range(3):
-                    client.call(100 + n, 10 + n)
-                    wire, reply = client.reply()
-                    assert reply.header.seqid == 100 + n
-                    assert theader_item(wire, protocol, outer_framed).id == 10 + n
+                    assert client.round_trip(100 + n, 10 + n).header.seqid == 100 + n
                 assert client.nothing_pending()
             finally:
                 client.close()
@@ -747,20 +732,16 @@ def test_a_theader_call_whose_attempts_the_fault_proxy_delays_gets_one_reply(
         ):
             client = THeaderClient(sidecar.address, protocol, outer_framed)
             try:
-                client.call(1, 1)  # getItem answered once: known to be two-way
-                wire, _ = client.reply()
-                assert theader_item(wire, protocol, outer_framed).id == 1
+                client.round_trip(1, 1)  # getItem answered once: known to be two-way
                 # The first attempt, then its hedge (100 ms later): the slow one 1 s,
                 # the other one at once (hedge-wins) or after 300 ms (first-wins).
                 steps = [("delay", 1.0), "ok"] if hedge_wins else [("delay", 0.3), ("delay", 1.0)]
                 proxy.plan.extend_schedule(steps)
                 ok_attempts = _attempts(sidecar, "ok")
-                client.call(90_000, 7)
-                wire, reply = client.reply()
+                reply = client.round_trip(90_000, 7)
                 assert reply.header.seqid == 90_000
                 assert reply.theader is not None
                 assert (reply.theader.seqid, reply.theader.outer_framed) == (90_000, outer_framed)
-                assert theader_item(wire, protocol, outer_framed).id == 7
                 assert hedges(sidecar, "getItem")[:2] == (1, 1 if hedge_wins else 0)
                 wait_until(
                     lambda: _attempts(sidecar, "ok") == ok_attempts + 2,
@@ -768,10 +749,7 @@ def test_a_theader_call_whose_attempts_the_fault_proxy_delays_gets_one_reply(
                     message="the winner's and the loser's replies recorded",
                 )
                 assert client.nothing_pending()
-                client.call(2, 2)
-                wire, reply = client.reply()
-                assert reply.header.seqid == 2
-                assert theader_item(wire, protocol, outer_framed).id == 2
+                assert client.round_trip(2, 2).header.seqid == 2
                 assert client.nothing_pending()
             finally:
                 client.close()
@@ -779,12 +757,6 @@ def test_a_theader_call_whose_attempts_the_fault_proxy_delays_gets_one_reply(
     finally:
         upstream.stop()
     assert upstream.calls["getItem"] == 4
-
-
-def _attempts(sidecar: SidecarProcess, result: str) -> float:
-    return sidecar.metrics().value(
-        "thrift_sidecar_upstream_attempts_total", method="getItem", result=result
-    )
 
 
 # -- a hedge still waiting for its connection when the call is answered ------------------
@@ -821,8 +793,7 @@ def test_a_hedge_waiting_for_the_only_connection_gives_it_back_when_the_first_at
     with run_sidecar([address], config=config) as sidecar:
         client = RawClient(sidecar.address)
         try:
-            client.send(get_item(1, 1))
-            check_item(client.read(1)[0], 1, 1)
+            client.round_trip(1, 1)
             hold.arm("getItem")
             client.send(get_item(4242, 2))
             wait_until(lambda: hedges(sidecar, "getItem")[0] == 1, message="the hedge started")
@@ -831,8 +802,7 @@ def test_a_hedge_waiting_for_the_only_connection_gives_it_back_when_the_first_at
             hold.release()
             check_item(client.read(1)[0], 4242, 2)
             for i in range(3, 6):  # on that same connection: the pool holds only one
-                client.send(get_item(i, i))
-                check_item(client.read(1)[0], i, i)
+                client.round_trip(i, i)
             assert client.nothing_pending()
         finally:
             client.close()
@@ -934,8 +904,7 @@ def test_a_hedge_on_a_connection_the_upstream_closed_waits_for_the_first_attempt
             # Calls take the addresses in turn: getItem(1) the first one (getItem is
             # then known two-way); placeOrder the other one, held there, its reply
             # followed by the end of the connection; getItem(2) the first one, held.
-            client.send(get_item(1, 1))
-            check_item(client.read(1)[0], 1, 1)
+            client.round_trip(1, 1)
             hold_other.arm("placeOrder")
             closing.plan.extend_schedule(["close_after"])
             neighbour.send(place_order(77))
