@@ -23,6 +23,8 @@ import struct
 from collections.abc import Callable
 from typing import Final
 
+from librt.strings import read_i32_be
+
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.compact_skip import CompactSkipper
@@ -110,9 +112,15 @@ class FramedDecoder(DecoderBase):
             if buf:
                 raise self._fail(_truncated(buf, 4, self._parse))
             return []
-        if not buf and len(data) > 4 and _I32.unpack_from(data, 0)[0] == len(data) - 4:
-            # The common case: one whole frame, nothing pending. Anything unusual
-            # (too big, bad envelope) takes the general path below, which reports it.
+        if (
+            not buf
+            and len(data) > 4
+            and isinstance(data, bytes)
+            and read_i32_be(data, 0) == len(data) - 4
+        ):
+            # The common case: one whole frame in the bytes of one read, nothing
+            # pending (read in place, as `parse_header` reads bytes). Anything unusual
+            # (too big, bad envelope, a bytearray) takes the general path below.
             try:
                 header = self._parse(data, 4) if len(data) - 4 <= self.max_size else None
             except RemoteProtocolError:

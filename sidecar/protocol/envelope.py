@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import Final
+from typing import Any, Final
+
+from librt.strings import read_i32_be
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 
@@ -197,7 +199,14 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
     first: int
     name_len: int
     seqid: int
-    if end - start >= 8:  # the usual case: both words at once
+    raw: Any  # the name's bytes: bytes, bytearray or a memoryview's slice
+    if end - start >= 8 and isinstance(data, bytes):
+        # What the event loop hands over, read in place: librt's readers take bytes
+        # only, and the compiled build makes each a load (`unpack_from` is a method
+        # call that builds a tuple; docs/compiled.md).
+        first = int(read_i32_be(data, start)) & 0xFFFFFFFF
+        name_len = read_i32_be(data, start + 4)
+    elif end - start >= 8:  # both words at once
         words = _STRICT_START.unpack_from(data, start)
         first = words[0]
         name_len = words[1]
@@ -218,7 +227,10 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         seqid_at = start + 8 + name_len
         if end < seqid_at + 4:
             return None
-        if name_len < _SHORT_NAME:
+        if isinstance(data, bytes):
+            raw = data[start + 8 : seqid_at]
+            seqid = read_i32_be(data, seqid_at)
+        elif name_len < _SHORT_NAME:
             name_and_seqid = _NAME_AND_SEQID[name_len].unpack_from(data, start + 8)
             raw = name_and_seqid[0]
             seqid = name_and_seqid[1]

@@ -120,6 +120,43 @@ def test_names_short_and_long_read_alike(length: int, kind: type) -> None:
             assert (header.seqid_offset, header.body_offset) == (len(envelope) - 4, len(envelope))
 
 
+def _outcome(data: bytes | bytearray | memoryview, start: int) -> object:
+    """What parse_header makes of ``data``: the header, or the error's kind and text."""
+    try:
+        return parse_header(data, start)
+    except RemoteProtocolError as exc:
+        return (exc.kind, str(exc), exc.seqid)
+
+
+# Inputs near and far from an envelope: one cut or flipped in one byte, or any bytes.
+envelopes = st.builds(
+    lambda strict, mtype, raw, seqid: (_strict if strict else _nonstrict)(mtype, raw, seqid),
+    st.booleans(),
+    st.integers(0, 8),
+    st.binary(max_size=140),
+    seqids,
+)
+
+
+@st.composite
+def near_envelopes(draw: st.DrawFn) -> bytes:
+    data = bytearray(draw(envelopes) + draw(st.binary(max_size=8)))
+    if data and draw(st.booleans()):
+        at = draw(st.integers(0, len(data) - 1))
+        data[at] = draw(st.integers(0, 255))
+    return bytes(data[: draw(st.integers(0, len(data)))])
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=st.one_of(near_envelopes(), st.binary(max_size=40)), junk=st.binary(max_size=5))
+def test_bytes_bytearray_and_memoryview_read_alike(data: bytes, junk: bytes) -> None:
+    """Bytes are read in place (librt) and the other buffers by struct: the same outcome."""
+    whole = junk + data
+    expected = _outcome(bytearray(whole), len(junk))
+    assert _outcome(whole, len(junk)) == expected
+    assert _outcome(memoryview(whole), len(junk)) == expected
+
+
 @pytest.mark.parametrize(
     ("name", "service", "method"),
     [("ping", "", "ping"), ("Calc:add", "Calc", "add"), (":m", "", "m"), ("", "", "")],

@@ -504,6 +504,36 @@ def test_auto_decoder_splits_anyhow(
         assert detect_transport(msgs[0].wire(transport)[:n]) in (None, transport)
 
 
+def _decoded(pieces: list[bytes] | list[bytearray]) -> tuple[list[Message], object]:
+    """What a framed decoder makes of ``pieces``: the messages, then the error if any."""
+    decoder = FramedDecoder(1000)
+    out: list[Message] = []
+    try:
+        for piece in pieces:
+            out += decoder.receive_data(piece)
+    except RemoteProtocolError as exc:
+        return out, (exc.kind, str(exc), exc.seqid)
+    return out, None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(all_messages, min_size=1, max_size=3), st.data())
+def test_a_framed_decoder_reads_bytes_and_bytearrays_alike(
+    msgs: list[Sent], data: st.DataObject
+) -> None:
+    """Bytes take the one-whole-frame path (read in place), bytearrays the general one;
+    the messages and errors are the same, garbage included."""
+    wire = bytearray(b"".join(m.wire(FRAMED) for m in msgs))
+    if data.draw(st.booleans(), label="corrupt"):
+        at = data.draw(st.integers(0, len(wire) - 1), label="at")
+        wire[at] = data.draw(st.integers(0, 255), label="byte")
+    cuts = data.draw(split_points(len(wire)), label="cuts")
+    pieces = chunks(bytes(wire), cuts)
+    assert _decoded(pieces) == _decoded([bytearray(piece) for piece in pieces])
+    frames = [m.wire(FRAMED) for m in msgs]  # one whole frame per read: the fast path
+    assert _decoded(frames) == _decoded([bytearray(f) for f in frames])
+
+
 @settings(max_examples=100, deadline=None)
 @given(all_messages, seqids)
 def test_wire_with_seqid_is_set_seqid_then_to_wire(msg: Sent, new_seqid: int) -> None:
