@@ -35,7 +35,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -155,6 +155,18 @@ def _attempts(sidecar: SidecarProcess, result: str) -> float:
     )
 
 
+def losers_answer(sidecar: SidecarProcess, release: Callable[[], None], losers: int = 1) -> None:
+    """``release`` the held losing attempts; wait until their ``losers`` replies are
+    recorded as ok attempts (the sidecar reads them and drops them)."""
+    ok_attempts = _attempts(sidecar, "ok")
+    release()
+    wait_until(
+        lambda: _attempts(sidecar, "ok") == ok_attempts + losers,
+        timeout=10,
+        message=f"the {losers} losers' replies recorded",
+    )
+
+
 def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
     held_upstream: tuple[Thriftpy2Server, Hold],
 ) -> None:
@@ -180,13 +192,7 @@ def test_a_hedge_overtakes_a_held_attempt_and_the_loser_reaches_nobody(
                     check_item(got, 100 * n + i, 100 * n + i)
 
             # The loser is answered now; its reply is read and dropped by the sidecar.
-            ok_attempts = _attempts(sidecar, "ok")
-            hold.release()
-            wait_until(
-                lambda: _attempts(sidecar, "ok") == ok_attempts + 1,
-                timeout=10,
-                message="the loser's reply recorded",
-            )
+            losers_answer(sidecar, hold.release)
             assert a.nothing_pending()
             # Every connection, and the pool with the loser's connection back in it,
             # still pairs each call with its own reply.
@@ -507,13 +513,7 @@ def test_max_extra_two_sends_a_second_hedge_a_delay_after_the_first(
             assert client.getItem(2).id == 2  # with max_extra 1: held for 10 s
             assert hold.held == 2
             assert hedges(sidecar, "getItem")[:2] == (2, 1)
-            ok = _attempts(sidecar, "ok")
-            hold.release()  # both losers answer now; their replies are dropped
-            wait_until(
-                lambda: _attempts(sidecar, "ok") == ok + 2,
-                timeout=10,
-                message="both losers' replies recorded",
-            )
+            losers_answer(sidecar, hold.release, losers=2)  # their replies are dropped
             assert client.getItem(3).id == 3
         assert upstream.calls["getItem"] == 1 + 3 + 1
         m = sidecar.metrics()
@@ -693,13 +693,7 @@ def test_a_theader_call_hedged_gets_one_reply_under_its_own_seqid_in_its_own_for
                 assert hedges(sidecar, "getItem")[:2] == (1, 1 if hedge_wins else 0)
 
                 # The loser answers now; its reply is read and dropped by the sidecar.
-                ok_attempts = _attempts(sidecar, "ok")
-                race.release()
-                wait_until(
-                    lambda: _attempts(sidecar, "ok") == ok_attempts + 1,
-                    timeout=10,
-                    message="the loser's reply recorded",
-                )
+                losers_answer(sidecar, race.release)
                 assert client.nothing_pending()
                 # The connection and the pool still pair each call with its own reply.
                 for n in range(3):
