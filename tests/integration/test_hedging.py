@@ -52,7 +52,7 @@ from tests.interop.matrix import Wire
 from tests.interop.upstream import WireUpstream
 from tests.support.apache_gen import load_apache_interop
 from tests.support.clients import split_address, thriftpy2_client
-from tests.support.hold import HOLD_LIMIT, Hold
+from tests.support.hold import HOLD_LIMIT, Hold, held_server
 from tests.support.listeners import NotAccepting
 from tests.support.raw import decode_reply, encode_call
 from tests.support.servers import Thriftpy2Server, thriftpy2_server
@@ -129,13 +129,8 @@ def check_item(reply: bytes, seqid: int, item_id: int) -> None:
 
 @pytest.fixture
 def held_upstream() -> Iterator[tuple[Thriftpy2Server, Hold]]:
-    hold = Hold()
-    with thriftpy2_server("framed") as server:
-        server.hook = hold
-        try:
-            yield server, hold
-        finally:
-            hold.release()
+    with held_server() as upstream:
+        yield upstream
 
 
 def hedges(sidecar: SidecarProcess, method: str) -> tuple[float, float, float]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Iterator
+
+from tests.support.servers import Thriftpy2Server, thriftpy2_server
 
 # Seconds a held call waits at most: a test that forgets to release still ends.
 HOLD_LIMIT = 10.0
@@ -47,3 +51,15 @@ class Hold:
         finally:
             with self._lock:
                 self._held -= 1
+
+
+@contextlib.contextmanager
+def held_server() -> Iterator[tuple[Thriftpy2Server, Hold]]:
+    """A framed thriftpy2 upstream whose hook is a `Hold`, released on the way out."""
+    hold = Hold()
+    with thriftpy2_server("framed") as server:
+        server.hook = hold
+        try:
+            yield server, hold
+        finally:
+            hold.release()
