@@ -20,9 +20,9 @@ import thriftpy2.thrift
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.proxy import hedger as hedger_module
 from tests.support.clients import thriftpy2_client
-from tests.support.hold import Hold
+from tests.support.hold import Hold, held_server
 from tests.support.listeners import NotAccepting
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
+from tests.support.servers import Thriftpy2Server
 from tests.support.sidecar import SidecarThread, base_config, free_port
 from tests.support.wait import wait_until
 
@@ -36,13 +36,8 @@ CONFIG: dict[str, Any] = {
 
 @pytest.fixture
 def upstream() -> Iterator[tuple[Thriftpy2Server, Hold]]:
-    hold = Hold()
-    with thriftpy2_server("framed") as server:
-        server.hook = hold
-        try:
-            yield server, hold
-        finally:
-            hold.release()
+    with held_server() as upstream:
+        yield upstream
 
 
 def open_connections(sc: SidecarThread, address: str | None = None) -> int:
