@@ -12,8 +12,8 @@ import yaml
 from sidecar.app.reload import apply
 from sidecar.config import SidecarConfig, load_config
 from tests.support.clients import thriftpy2_client
-from tests.support.hold import Hold
-from tests.support.servers import Thriftpy2Server, thriftpy2_server
+from tests.support.hold import Hold, held_server
+from tests.support.servers import Thriftpy2Server
 from tests.support.sidecar import SidecarThread, base_config, merged
 
 BASE: dict[str, Any] = {
@@ -24,13 +24,8 @@ BASE: dict[str, Any] = {
 
 @pytest.fixture
 def upstream() -> Iterator[tuple[Thriftpy2Server, Hold]]:
-    hold = Hold()
-    with thriftpy2_server("framed") as server:
-        server.hook = hold
-        try:
-            yield server, hold
-        finally:
-            hold.release()
+    with held_server() as upstream:
+        yield upstream
 
 
 def _load(tmp_path: Path, raw: dict[str, Any]) -> SidecarConfig:
