@@ -106,6 +106,41 @@ def _succeed() -> None:
     return None
 
 
+class LocalStorage(pybreaker.CircuitBreakerStorage):
+    """One breaker's pybreaker state in this process, in plain attributes.
+
+    What ``pybreaker.CircuitMemoryStorage`` keeps, without its properties: a
+    property is an interpreted call on every read, and `Breaker` reads the state
+    and the failure counter on every call. The class attributes shadow the base
+    class's properties, so pybreaker's reads and writes are attribute accesses.
+    Nothing but this breaker's pybreaker changes it (unlike a shared storage).
+    """
+
+    state: str = STATE_CLOSED
+    counter: int = 0
+    success_counter: int = 0
+    opened_at: datetime | None = None
+
+    def __init__(self) -> None:
+        super().__init__("memory")
+        self.state = STATE_CLOSED
+        self.counter = 0
+        self.success_counter = 0
+        self.opened_at = None
+
+    def increment_counter(self) -> None:
+        self.counter += 1
+
+    def reset_counter(self) -> None:
+        self.counter = 0
+
+    def increment_success_counter(self) -> None:
+        self.success_counter += 1
+
+    def reset_success_counter(self) -> None:
+        self.success_counter = 0
+
+
 class _TransitionListener(pybreaker.CircuitBreakerListener):
     """Passes pybreaker's state changes on, saying which were adopted from the storage.
 
@@ -160,7 +195,10 @@ class Breaker:
     ) -> None:
         self.name = name
         self._clock = clock
-        self._storage = storage or pybreaker.CircuitMemoryStorage(STATE_CLOSED)
+        self._storage = storage or LocalStorage()
+        # A shared storage may change in another process: `admit` then has pybreaker
+        # catch up. A local one changes only through this breaker's pybreaker.
+        self._shared = storage is not None and not isinstance(storage, LocalStorage)
         listeners = [_TransitionListener(on_transition, self._storage)] if on_transition else []
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
@@ -253,7 +291,7 @@ class Breaker:
         """May a call go to the upstream now? None means no: treat the circuit as open."""
         cb = self._cb
         state = self._storage.state  # the storage pybreaker reads (``state_storage``)
-        if state != cb._state.name:
+        if self._shared and state != cb._state.name:
             # Changed elsewhere (a shared storage): pybreaker's ``state`` catches up
             # and tells its listeners. Otherwise it would return the cached state as is.
             state = cb.state.name

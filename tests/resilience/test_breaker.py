@@ -23,6 +23,7 @@ from sidecar.resilience.breaker import (
     STATE_VALUES,
     Admission,
     Breaker,
+    LocalStorage,
 )
 
 LONG = 3600.0  # a reset timeout no test lets pass by accident
@@ -432,6 +433,39 @@ def test_recording_matches_plain_pybreaker(
         assert breaker.success_counter == plain.success_counter
         assert breaker.probes_in_flight == 0
     assert ours_t.calls == plain_t.calls
+
+
+def _drive(cb: pybreaker.CircuitBreaker, step: str) -> None:
+    if step == "ok":
+        with contextlib.suppress(pybreaker.CircuitBreakerError):
+            cb.call(lambda: None)
+    elif step == "fail":
+        with contextlib.suppress(ValueError, pybreaker.CircuitBreakerError):
+            cb.call(_raise_value_error)
+    else:
+        getattr(cb, step)()  # open, half_open, close
+
+
+def _raise_value_error() -> None:
+    raise ValueError
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from(["ok", "fail", "open", "half_open", "close"]), max_size=30))
+def test_local_storage_keeps_what_pybreakers_memory_storage_keeps(steps: list[str]) -> None:
+    """The default storage (plain attributes) against pybreaker's own, step by step."""
+    ours = pybreaker.CircuitBreaker(fail_max=3, reset_timeout=LONG, state_storage=LocalStorage())
+    theirs = pybreaker.CircuitBreaker(
+        fail_max=3, reset_timeout=LONG, state_storage=pybreaker.CircuitMemoryStorage(STATE_CLOSED)
+    )
+    for step in steps:
+        _drive(ours, step)
+        _drive(theirs, step)
+        assert ours.current_state == theirs.current_state
+        assert ours.fail_counter == theirs.fail_counter
+        assert ours.success_counter == theirs.success_counter
+        assert (ours._state_storage.opened_at is None) == (theirs._state_storage.opened_at is None)
+    assert isinstance(make(fail_max=3)._storage, LocalStorage)
 
 
 def test_shortcut_leaves_counters_and_storage_alone() -> None:
