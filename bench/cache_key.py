@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sidecar.fallback.store import cache_key
+from sidecar.fallback.key import cache_key
 
 SIZES = (64, 16384)
 NAME = "Bench:echo"

@@ -69,6 +69,7 @@ COMPILED: tuple[str, ...] = (
     "sidecar.proxy.timeouts",
     "sidecar.proxy.translate",
     "sidecar.proxy.upstream",
+    "sidecar.fallback.key",
     "sidecar.fallback.service",
     "sidecar.fallback.static",
 )

@@ -23,8 +23,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
 
+from sidecar.fallback.key import cache_key
 from sidecar.fallback.static import StaticReply
-from sidecar.fallback.store import CachedReply, FallbackStore, cache_key
+from sidecar.fallback.store import CachedReply, FallbackStore
 from sidecar.protocol.compact import PROTOCOL_ID, parse_compact_header
 from sidecar.protocol.envelope import MessageType, encode_header, write_seqid
 from sidecar.protocol.envelope import Protocol as WireProtocol

@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
+import xxhash
 
-from sidecar.fallback import store as store_module
+from sidecar.fallback.key import cache_key
 from sidecar.fallback.service import (
     BREAKER_OPEN,
     COPY_ARGS_BYTES,
@@ -26,7 +26,7 @@ from sidecar.fallback.service import (
 )
 from sidecar.fallback.sqlite import SqliteStore
 from sidecar.fallback.static import StaticReply
-from sidecar.fallback.store import CachedReply, FallbackStore, MemoryStore, cache_key
+from sidecar.fallback.store import CachedReply, FallbackStore, MemoryStore
 from sidecar.protocol.envelope import MessageType, encode_header, parse_header
 from sidecar.protocol.message import Message
 from sidecar.resilience.outcome import Outcome
@@ -121,9 +121,8 @@ def find(fb: Fallbacks, c: Message) -> bytes | None:
 def test_a_colliding_key_never_serves_another_calls_reply(
     store: tuple[FallbackStore, FakeClock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        store_module, "xxhash", SimpleNamespace(xxh3_128_hexdigest=lambda data: "0" * 32)
-    )
+    # On the library itself: the compiled key module binds its import of xxhash.
+    monkeypatch.setattr(xxhash, "xxh3_128_hexdigest", lambda data: "0" * 32)
     assert cache_key(NAME, call(1).body()) == cache_key(NAME, call(2).body())  # every key collides
     s, clock = store
     fb = fallbacks(s, clock)
@@ -141,9 +140,8 @@ def test_a_colliding_key_never_serves_another_calls_reply(
 def test_a_colliding_call_within_the_fresh_window_is_not_served_the_stored_reply(
     store: tuple[FallbackStore, FakeClock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(
-        store_module, "xxhash", SimpleNamespace(xxh3_128_hexdigest=lambda data: "f" * 32)
-    )
+    # On the library itself: the compiled key module binds its import of xxhash.
+    monkeypatch.setattr(xxhash, "xxh3_128_hexdigest", lambda data: "f" * 32)
     s, clock = store
     fb = fallbacks(s, clock)
     fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)

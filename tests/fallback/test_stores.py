@@ -35,6 +35,7 @@ import pytest
 
 from sidecar.errors import ConfigError
 from sidecar.fallback import sqlite as sqlite_module
+from sidecar.fallback.key import cache_key
 from sidecar.fallback.sqlite import SqliteStore
 from sidecar.fallback.sqlite_file import open_file
 from sidecar.fallback.sqlite_writer import PUT, STOP, TOUCH, Op, SqliteWriter
@@ -44,7 +45,6 @@ from sidecar.fallback.store import (
     FallbackStore,
     MemoryStore,
     StoreStats,
-    cache_key,
 )
 from tests.support.wait import wait_until
 
@@ -167,8 +167,7 @@ def test_cache_key_is_the_same_in_every_process() -> None:
     """Unseeded xxh3-128: SQLite files and a fleet's Redis hold keys made by other processes."""
     args = b"\x0a\x00\x01" + (7).to_bytes(8, "big") + b"\x00"
     script = (
-        "from sidecar.fallback.store import cache_key; "
-        f"print(cache_key('Interop:getItem', {args!r}))"
+        f"from sidecar.fallback.key import cache_key; print(cache_key('Interop:getItem', {args!r}))"
     )
     other = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
