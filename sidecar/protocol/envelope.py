@@ -253,9 +253,10 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         strict = False
     try:
         # Valid UTF-8 (the usual name) decodes to the same str either way; the
-        # default codec needs no lookup of its name or of the error handler's.
-        name = raw.decode()
-    except (UnicodeDecodeError, AttributeError):  # not UTF-8, or a memoryview's slice
+        # default codec needs no lookup of its name or of the error handler's, and
+        # on a value known to be bytes the compiled build calls it without a lookup.
+        name = raw.decode() if isinstance(raw, bytes) else bytes(raw).decode()
+    except UnicodeDecodeError:
         name = str(raw, "utf-8", NAME_ERRORS)
     message_type = TYPE_BY_VALUE[mtype]
     if message_type is None:
