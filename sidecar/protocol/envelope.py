@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import struct
 from enum import IntEnum, StrEnum
-from typing import Any, Final
+from typing import Final
 
 from librt.strings import read_i32_be
 
@@ -199,7 +199,7 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
     first: int
     name_len: int
     seqid: int
-    raw: Any  # the name's bytes: bytes, bytearray or a memoryview's slice
+    raw: bytes | bytearray | memoryview  # the name's bytes
     if end - start >= 8 and isinstance(data, bytes):
         # What the event loop hands over, read in place: librt's readers take bytes
         # only, and the compiled build makes each a load (`unpack_from` is a method
