@@ -71,6 +71,8 @@ COMPILED: tuple[str, ...] = (
     "sidecar.proxy.upstream",
     "sidecar.fallback.key",
     "sidecar.fallback.service",
+    "sidecar.fallback.idl",
+    "sidecar.fallback.idl_values",
     "sidecar.fallback.static",
 )
 

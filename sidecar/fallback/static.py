@@ -18,26 +18,23 @@ by its first field id alone.
 The health check's probe arguments (``health_check.arguments``) are typed the
 same way, with the method's argument struct, and encoded once
 (`health_arguments`); without an IDL only an empty argument list can be sent.
+
+Reading the IDL and finding a method in it is idl.py's job; checking a YAML
+value against a Thrift type and encoding it, idl_values.py's. This module
+applies them to the config's keys (`load_idl_parts`).
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-import re
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType
 from typing import Any, Final
 
-import thriftpy2
-from thriftpy2.protocol import TBinaryProtocolFactory
 from thriftpy2.thrift import TType
-from thriftpy2.utils import serialize
 
 from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
+from sidecar.fallback.idl import find_method, load_idl, services
+from sidecar.fallback.idl_values import convert, encode
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,66 +59,9 @@ class ExceptionIds:
     failures: dict[str, frozenset[int]]
 
 
-_INT_RANGES: Final = {
-    TType.BYTE: (-(2**7), 2**7 - 1, "byte"),
-    TType.I16: (-(2**15), 2**15 - 1, "i16"),
-    TType.I32: (-(2**31), 2**31 - 1, "i32"),
-    TType.I64: (-(2**63), 2**63 - 1, "i64"),
-}
-_module_ids: Final = itertools.count()
-
-
 # The arguments of a call without any: an empty struct (its STOP byte, in the
 # binary and the compact protocol alike).
 EMPTY_ARGUMENTS: Final = b"\x00"
-
-# A namespace with annotations, as Apache's ThriftTest.thrift has:
-# ``namespace xsd test (uri = 'http://thrift.apache.org/ns/ThriftTest')``.
-# The Apache compiler accepts it; thriftpy2's grammar does not, and the sidecar
-# needs no namespace: the annotation is dropped before parsing.
-_ANNOTATED_NAMESPACE: Final = re.compile(r"^(\s*namespace\s+\S+\s+\S+)\s*\([^)]*\)", re.MULTILINE)
-
-
-def load_idl(path: str) -> ModuleType:
-    """Parse an IDL file with thriftpy2.
-
-    Namespace annotations are dropped first (thriftpy2 cannot parse them);
-    includes are still found beside the file.
-
-    Raises:
-        ConfigError: the file cannot be read or parsed; the message names the
-            line and a way around it.
-    """
-    stem = "".join(c if c.isalnum() else "_" for c in Path(path).stem)
-    module_name = f"sidecar_idl_{stem}_{next(_module_ids)}_thrift"
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"idl: cannot read {path}: {exc}") from None
-    cleaned = _ANNOTATED_NAMESPACE.sub(r"\1", text)
-    try:
-        if cleaned == text:
-            return thriftpy2.load(path, module_name=module_name)
-        with tempfile.TemporaryDirectory(prefix="sidecar-idl-") as tmp:
-            copy = Path(tmp) / Path(path).name
-            copy.write_text(cleaned, encoding="utf-8")
-            return thriftpy2.load(
-                str(copy), module_name=module_name, include_dirs=[str(Path(path).parent)]
-            )
-    except Exception as exc:  # thriftpy2 raises several unrelated types for bad input
-        raise ConfigError(
-            f"idl: cannot load {path}: {exc}. The sidecar reads the IDL with thriftpy2, whose "
-            "grammar is narrower than the Apache compiler's (annotations in some places, for "
-            "one): give idl: a copy without the construct at that line; the sidecar needs "
-            "only the services, their methods and types"
-        ) from None
-
-
-def services(module: ModuleType) -> dict[str, Any]:
-    """Service classes of a loaded IDL by name."""
-    return {
-        name: value for name, value in vars(module).items() if hasattr(value, "thrift_services")
-    }
 
 
 def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
@@ -170,7 +110,7 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
     unions = set(getattr(module, "__thrift_meta__", {}).get("unions", []))
     static: dict[str, StaticReply] = {}
     for name, fallback in wanted.items():
-        service, method = _find_method(found, name, config.idl)
+        service, method = find_method(found, name, config.idl)
         result_cls = getattr(service, f"{method}_result")
         key = f"methods.{name}.fallback"
         if fallback.static_exception is not None:
@@ -222,7 +162,7 @@ def health_arguments(
         if method in svc.thrift_services and (not sep or name == service_name)
     ]
     if not services_with_it:
-        _find_method(found, check.method, idl, key="health_check.method")  # raises
+        find_method(found, check.method, idl, key="health_check.method")  # raises
     encoded = set()
     for service in services_with_it:  # a bare name may be in several services: same args?
         if getattr(getattr(service, f"{method}_result", None), "oneway", False):
@@ -231,43 +171,16 @@ def health_arguments(
                 "so a probe could never pass; name a method that answers (such as ping)"
             )
         args_cls = getattr(service, f"{method}_args")
-        value = _convert(
+        value = convert(
             TType.STRUCT, args_cls, check.arguments or {}, "health_check.arguments", unions
         )
-        encoded.add(_encode(value))
+        encoded.add(encode(value))
     if len(encoded) > 1:
         raise ConfigError(
             f"health_check.method: several services of {idl} define {method} with different "
             "arguments; name one as Service:method"
         )
     return encoded.pop()
-
-
-def _find_method(
-    found: dict[str, Any], name: str, idl: str, key: str | None = None
-) -> tuple[Any, str]:
-    """The service and method a config name (``method`` or ``Service:method``) means.
-
-    Raises:
-        ConfigError: no or several such methods; the message names ``key``
-            (``methods.<name>`` unless given).
-    """
-    key = key or f"methods.{name}"
-    service_name, sep, method = name.rpartition(":")
-    candidates = [
-        (svc_name, svc)
-        for svc_name, svc in found.items()
-        if method in svc.thrift_services and (not sep or svc_name == service_name)
-    ]
-    if not candidates:
-        listed = ", ".join(
-            f"{s}.{m}" for s, svc in sorted(found.items()) for m in svc.thrift_services
-        )
-        raise ConfigError(f"{key}: no such method in {idl} (methods there: {listed or 'none'})")
-    if len(candidates) > 1:
-        names = ", ".join(f"{s}:{method}" for s, _ in candidates)
-        raise ConfigError(f"{key}: several services define {method}; use one of {names} instead")
-    return candidates[0][1], method
 
 
 def _declared(result_cls: Any) -> dict[str, int]:
@@ -320,7 +233,7 @@ def exception_ids(config: SidecarConfig, found: dict[str, Any], idl: str) -> Exc
             if method in svc.thrift_services and (not sep or s == service_name)
         }
         if not per_service:
-            _find_method(found, key, idl)  # raises: no such method
+            find_method(found, key, idl)  # raises: no such method
         declared = {n for names_of in per_service.values() for n in names_of}
         unknown = [n for n in names if n not in declared]
         if unknown:
@@ -356,9 +269,9 @@ def _value_result(result_cls: Any, value: Any, key: str, unions: set[Any]) -> by
     if spec is None:  # void
         if value not in ({}, None):
             raise ConfigError(f"{key}: the method returns void; write {{}} (got {value!r})")
-        return _encode(result_cls())
-    converted = _convert(spec[0], spec[2] if len(spec) == 4 else None, value, key, unions)
-    return _encode(result_cls(success=converted))
+        return encode(result_cls())
+    converted = convert(spec[0], spec[2] if len(spec) == 4 else None, value, key, unions)
+    return encode(result_cls(success=converted))
 
 
 def _exception_result(result_cls: Any, static_exc: Any, key: str, unions: set[Any]) -> bytes:
@@ -374,123 +287,5 @@ def _exception_result(result_cls: Any, static_exc: Any, key: str, unions: set[An
             f"(declared: {', '.join(sorted(declared)) or 'none'})"
         )
     spec = next(s for s in result_cls.thrift_spec.values() if s[1] == field)
-    exc = _convert(TType.STRUCT, spec[2], static_exc.value, f"{key}.static_exception.value", unions)
-    return _encode(result_cls(**{field: exc}))
-
-
-def _encode(result: Any) -> bytes:
-    """The binary-protocol bytes of a result struct."""
-    factory = TBinaryProtocolFactory()  # type: ignore[no-untyped-call]
-    return bytes(serialize(result, factory))
-
-
-def _type_name(ttype: int, args: Any) -> str:
-    names = {
-        TType.BOOL: "bool",
-        TType.DOUBLE: "double",
-        TType.STRING: "string",
-        TType.BINARY: "binary",
-        TType.LIST: "list",
-        TType.SET: "set",
-        TType.MAP: "map",
-    }
-    if ttype in _INT_RANGES:
-        return "enum " + args.__name__ if args is not None else _INT_RANGES[ttype][2]
-    if ttype == TType.STRUCT:
-        return f"struct {args.__name__}"
-    return names.get(ttype, f"type {ttype}")
-
-
-def _split(spec: Any) -> tuple[int, Any]:
-    """A container's element spec: ``TType`` or ``(TType, args)``."""
-    if isinstance(spec, tuple):
-        return spec[0], spec[1]
-    return spec, None
-
-
-def _convert(ttype: int, args: Any, value: Any, key: str, unions: set[Any]) -> Any:
-    """A YAML value as the Python value thriftpy2 encodes for (ttype, args); checked."""
-
-    def bad(expected: str) -> ConfigError:
-        return ConfigError(f"{key}: expected {expected}, got {value!r}")
-
-    if ttype == TType.BOOL:
-        if not isinstance(value, bool):
-            raise bad("bool (true or false)")
-        return value
-    if ttype in _INT_RANGES:
-        low, high, name = _INT_RANGES[ttype]
-        if args is not None:  # an enum
-            members = args._NAMES_TO_VALUES
-            if isinstance(value, str) and value in members:
-                return members[value]
-            if (
-                isinstance(value, int)
-                and not isinstance(value, bool)
-                and value in args._VALUES_TO_NAMES
-            ):
-                return value
-            raise bad(f"one of {', '.join(members)} (enum {args.__name__})")
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise bad(f"an integer that fits {name}")
-        return value
-    if ttype == TType.DOUBLE:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise bad("a number (double)")
-        if not math.isfinite(float(value)):
-            raise bad("a finite number")
-        return float(value)
-    if ttype == TType.STRING:
-        if not isinstance(value, str):
-            raise bad("a string")
-        return value
-    if ttype == TType.BINARY:
-        if not isinstance(value, str):
-            raise bad("a string (binary values are written as UTF-8 text)")
-        return value.encode("utf-8")
-    if ttype in (TType.LIST, TType.SET):
-        etype, eargs = _split(args)
-        if not isinstance(value, list):
-            raise bad(f"a sequence ({_type_name(ttype, args)})")
-        items = [_convert(etype, eargs, v, f"{key}[{i}]", unions) for i, v in enumerate(value)]
-        if ttype == TType.SET:
-            try:
-                return set(items)
-            except TypeError:
-                raise bad("a set of hashable values") from None
-        return items
-    if ttype == TType.MAP:
-        (ktype, kargs), (vtype, vargs) = _split(args[0]), _split(args[1])
-        if not isinstance(value, dict):
-            raise bad("a mapping (map)")
-        return {
-            _convert(ktype, kargs, k, f"{key}[{k!r}]", unions): _convert(
-                vtype, vargs, v, f"{key}[{k!r}]", unions
-            )
-            for k, v in value.items()
-        }
-    if ttype == TType.STRUCT:
-        if not isinstance(value, dict):
-            raise bad(f"a mapping of the fields of {args.__name__}")
-        fields = {spec[1]: spec for spec in args.thrift_spec.values()}
-        unknown = sorted(set(value) - set(fields))
-        if unknown:
-            raise ConfigError(
-                f"{key}.{unknown[0]}: {args.__name__} has no such field "
-                f"(fields: {', '.join(fields)})"
-            )
-        kwargs: dict[str, Any] = {}
-        for fname, spec in fields.items():
-            required = spec[-1] is True
-            if value.get(fname) is None:  # absent, or YAML null: the field is not set
-                if required:
-                    raise ConfigError(
-                        f"{key}.{fname}: required field of {args.__name__} is missing"
-                    )
-                continue
-            fargs = spec[2] if len(spec) == 4 else None
-            kwargs[fname] = _convert(spec[0], fargs, value[fname], f"{key}.{fname}", unions)
-        if args in unions and len(kwargs) != 1:
-            raise ConfigError(f"{key}: union {args.__name__} needs exactly one field set")
-        return args(**kwargs)
-    raise bad(_type_name(ttype, args))
+    exc = convert(TType.STRUCT, spec[2], static_exc.value, f"{key}.static_exception.value", unions)
+    return encode(result_cls(**{field: exc}))

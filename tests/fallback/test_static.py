@@ -17,7 +17,8 @@ from thriftpy2.utils import deserialize
 
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
-from sidecar.fallback.static import StaticReply, load_idl, load_idl_parts
+from sidecar.fallback.idl import load_idl
+from sidecar.fallback.static import StaticReply, load_idl_parts
 from tests.support.idl import canonical, load_thriftpy2_interop
 
 INTEROP_IDL = Path(__file__).resolve().parents[2] / "idl" / "interop.thrift"

@@ -409,7 +409,8 @@ def idl_config(tmp_path: Path, data: dict[str, Any]) -> SidecarConfig:
 
 
 def resolved_table(config: SidecarConfig) -> PolicyTable:
-    from sidecar.fallback.static import exception_ids, load_idl, services
+    from sidecar.fallback.idl import load_idl, services
+    from sidecar.fallback.static import exception_ids
 
     assert config.idl is not None
     ids = exception_ids(config, services(load_idl(config.idl)), config.idl)
