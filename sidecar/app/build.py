@@ -1,8 +1,11 @@
-"""Building the sidecar's parts from a config: stores, breakers, pools, the call context.
+"""Building the sidecar's parts from a config: stores, breakers, the call context, the listener.
 
 Functions only, no state of their own: `sidecar.app.lifecycle` calls them at
 start-up and `sidecar.app.reload` calls `call_context` again with a new
-config. Nothing here opens a socket; `make_store` may open the SQLite file.
+config. What reaches the upstream (pools, TLS to it, health checks) is built
+in `sidecar.app.upstreams`, and what limits the calls sent to it (retry
+budget, hedging, concurrency limit) in `sidecar.app.limits`. Nothing here
+opens a socket; `make_store` may open the SQLite file.
 """
 
 from __future__ import annotations
@@ -10,12 +13,12 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.admin import AdminServer, ControlServer
-from sidecar.config import SidecarConfig, split_address
+from sidecar.app.limits import ALONE, hedging, limiter
+from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
 from sidecar.fallback.shared import SharedStore
@@ -27,19 +30,16 @@ from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.framing import Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.context import CallContext
-from sidecar.proxy.health import HealthChecker, HealthSettings
+from sidecar.proxy.health import HealthChecker
 from sidecar.proxy.hedge import Hedging
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import PolicyTable
 from sidecar.proxy.server import Server, ServerSettings
 from sidecar.proxy.timeouts import Timeouts
-from sidecar.proxy.tls import ClientTls, UpstreamTls, server_context, upstream_context
-from sidecar.proxy.upstream import UpstreamPool
+from sidecar.proxy.tls import ClientTls, UpstreamTls, server_context
 from sidecar.resilience.breaker import Breaker, TransitionCallback
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.budget import RetryBudget
-from sidecar.resilience.ejection import EjectionTracker
-from sidecar.resilience.gradient import GradientLimit, GradientSettings
 from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.window import RateSettings
@@ -175,200 +175,6 @@ def breakers(
     return BreakerSet(make, upstream_name(config), b.scope == "method")
 
 
-def pool_maker(
-    config: SidecarConfig,
-    timeouts: Timeouts,
-    loop: asyncio.AbstractEventLoop,
-    tls: UpstreamTls | None,
-    size: int,
-    on_stray: Callable[[str], None] | None = None,
-) -> Callable[[str, Transport, Protocol], UpstreamPool]:
-    """What opens a pool of ``size`` connections to one address, transport and protocol."""
-    u = config.upstream
-
-    def pool(address: str, transport: Transport, protocol: Protocol) -> UpstreamPool:
-        host, port = split_address(address)
-        return UpstreamPool(
-            address,
-            host,
-            port,
-            transport,
-            size=size,
-            connect_timeout=u.connect_timeout,
-            max_message_size=config.max_frame_size,
-            timeouts=timeouts,
-            loop=loop,
-            protocol=protocol,
-            tls=tls,
-            on_stray=on_stray,
-        )
-
-    return pool
-
-
-def upstreams(
-    config: SidecarConfig,
-    timeouts: Timeouts,
-    loop: asyncio.AbstractEventLoop,
-    tls: UpstreamTls | None = None,
-    metrics: SidecarMetrics | None = None,
-) -> UpstreamSet:
-    """The upstream's addresses, with passive ejection; pools are opened on first use."""
-    u = config.upstream
-    on_stray = None
-    if metrics is not None:
-        strays = metrics.upstream_stray_replies
-
-        def on_stray(address: str) -> None:
-            strays.labels(address).inc()
-
-    pool = pool_maker(config, timeouts, loop, tls, u.pool_size, on_stray)
-    tracker = EjectionTracker(
-        list(u.addresses),
-        consecutive_failures=u.ejection.consecutive_failures,
-        base_time=u.ejection.base_time,
-        max_time=u.ejection.max_time,
-        max_percent=u.ejection.max_percent,
-    )
-    return UpstreamSet(u.addresses, pool, tracker, loop.time)
-
-
-def health_settings(config: SidecarConfig, arguments: bytes) -> HealthSettings | None:
-    """``health_check`` resolved (``arguments``: the probe's encoded argument struct);
-    None while health checks are off."""
-    check = config.health_check
-    if check is None:
-        return None
-    u = config.upstream
-    return HealthSettings(
-        method=check.method,
-        arguments=arguments,
-        interval=check.interval,
-        timeout=check.timeout,
-        healthy_threshold=check.healthy_threshold,
-        unhealthy_threshold=check.unhealthy_threshold,
-        transport=None if u.transport == "same" else Transport(u.transport),
-        protocol=None if u.protocol == "same" else Protocol(u.protocol),
-    )
-
-
-def health_checker(
-    settings: HealthSettings,
-    config: SidecarConfig,
-    *,
-    upstream_set: UpstreamSet,
-    breaker_set: BreakerSet,
-    timeouts: Timeouts,
-    loop: asyncio.AbstractEventLoop,
-    metrics: SidecarMetrics,
-    tls: UpstreamTls | None = None,
-) -> HealthChecker:
-    """The health checker of the upstream, with a pool of one connection per address."""
-    probe_pool = pool_maker(config, timeouts, loop, tls, 1)
-    return HealthChecker(
-        settings,
-        upstreams=upstream_set,
-        breakers=breaker_set,
-        make_pool=probe_pool,
-        metrics=metrics,
-        loop=loop,
-    )
-
-
-def budget(config: SidecarConfig, workers: int = 1) -> RetryBudget:
-    """The upstream's retry budget, this process's share of it with ``workers`` workers.
-
-    The budget allows ``ratio`` retries per call plus ``min_retries_per_second``.
-    Each worker earns the ratio on its own calls, so their sum is the ratio of
-    all calls; the floor is split between them, so together they never retry more
-    than one process would (docs/workers.md, "Retry budget").
-    """
-    b = config.retry.budget
-    return RetryBudget(b.ratio, b.min_retries_per_second / workers, b.window)
-
-
-def gradient_settings(config: SidecarConfig) -> GradientSettings | None:
-    """The adaptive limit's settings (``upstream.adaptive_concurrency``), or None."""
-    a = config.upstream.adaptive_concurrency
-    if a is None:
-        return None
-    return GradientSettings(
-        min_concurrency=a.min_concurrency,
-        max_concurrency=a.max_concurrency,
-        update_interval=a.update_interval,
-        sample_percentile=a.sample_percentile,
-        min_rtt_interval=a.min_rtt_interval,
-        min_rtt_requests=a.min_rtt_requests,
-        min_rtt_buffer=a.min_rtt_buffer,
-        jitter=a.jitter,
-    )
-
-
-# (this worker's index, how many workers): the one process of a sidecar without workers.
-ALONE = (0, 1)
-
-
-def worker_share(total: int, index: int, count: int) -> int:
-    """Worker ``index``'s part of ``total`` split over ``count`` workers: the parts add
-    up to ``total`` (the first ``total % count`` workers take one more), at least 1 each."""
-    return max(1, total // count + (1 if index < total % count else 0))
-
-
-def limiter(config: SidecarConfig, worker: tuple[int, int] = ALONE) -> ConcurrencyLimit:
-    """The upstream's limit of calls in flight (``max_in_flight``, ``adaptive_concurrency``)."""
-    limit = ConcurrencyLimit()
-    reconfigure_limiter(limit, config, worker)
-    return limit
-
-
-def reconfigure_limiter(
-    limit: ConcurrencyLimit, config: SidecarConfig, worker: tuple[int, int] = ALONE
-) -> None:
-    """Apply ``config``'s limits; an adaptive limit with unchanged settings keeps its state.
-
-    With ``workers: N`` each worker takes its share of ``max_in_flight``, so the
-    upstream sees at most the limit from all of them together (at least one per
-    worker: a limit below N allows N). The adaptive limit is each worker's own:
-    it follows the latency the upstream shows, which all workers' calls make.
-    """
-    settings = gradient_settings(config)
-    adaptive = limit.adaptive
-    if settings is None:
-        adaptive = None
-    elif adaptive is None or adaptive.settings != settings:
-        adaptive = GradientLimit(settings, random.Random())
-    fixed = config.upstream.max_in_flight
-    index, count = worker
-    if fixed is not None and count > 1:
-        limit.share_note = f", this worker's share of {fixed}"
-        fixed = worker_share(fixed, index, count)
-    else:
-        limit.share_note = ""
-    limit.configure(fixed, adaptive)
-
-
-def hedging(config: SidecarConfig, current: Hedging | None = None) -> Hedging:
-    """The hedge budget and answer-time windows: ``current``'s windows kept on a reload,
-    its budget too unless hedge.budget changed."""
-    h = config.hedge
-    b = h.budget
-    if current is None:
-        return Hedging(
-            RetryBudget(b.ratio, b.min_hedges_per_second, b.window),
-            h.latency_samples,
-            h.min_samples,
-            h.initial_delay,
-        )
-    budget = current.budget
-    if (budget.ratio, budget.floor, budget.window) != (
-        b.ratio,
-        b.min_hedges_per_second * b.window,
-        b.window,
-    ):
-        budget = RetryBudget(b.ratio, b.min_hedges_per_second, b.window)
-    return current.reconfigured(budget, h.latency_samples, h.min_samples, h.initial_delay)
-
-
 def fallbacks(config: SidecarConfig, store: FallbackStore) -> Fallbacks:
     """What to remember and serve, over ``store``."""
     return Fallbacks(
@@ -454,11 +260,3 @@ def client_tls(
     if context is None:
         return None
     return ClientTls(context, metrics, loop, max_handshakes=min(config.max_connections, 1024))
-
-
-def upstream_tls(config: SidecarConfig, metrics: SidecarMetrics) -> UpstreamTls | None:
-    """TLS to the upstream (``upstream.tls``), or None for plaintext."""
-    context = upstream_context(config)
-    if context is None or config.upstream.tls is None:
-        return None
-    return UpstreamTls(context, config.upstream.tls, metrics)

@@ -19,7 +19,7 @@ from typing import Any
 
 from sidecar import __version__
 from sidecar.admin import AdminServer, ControlServer, Readiness
-from sidecar.app import build
+from sidecar.app import build, limits, upstreams
 from sidecar.app.build import Parts
 from sidecar.app.gauges import Gauges, transition_listener
 from sidecar.app.memory import return_large_blocks
@@ -163,14 +163,14 @@ class Sidecar:
         on_transition = transition_listener(self.metrics, lambda: self.config.breaker.reset_timeout)
         breakers = build.breakers(config, self.metrics, fleet, on_transition, table)
         client_tls = build.client_tls(config, self.metrics, loop)
-        upstream_tls = build.upstream_tls(config, self.metrics)
+        upstream_tls = upstreams.upstream_tls(config, self.metrics)
         oneway = OnewayMethods()
         context = build.call_context(
             config,
             loop=loop,
-            upstream_set=build.upstreams(config, timeouts, loop, upstream_tls, self.metrics),
+            upstream_set=upstreams.upstreams(config, timeouts, loop, upstream_tls, self.metrics),
             breaker_set=breakers,
-            retry_budget=build.budget(config, self.worker_count),
+            retry_budget=limits.budget(config, self.worker_count),
             store=store,
             metrics=self.metrics,
             labels=self.labels,
@@ -235,9 +235,9 @@ class Sidecar:
             self.parts = None
             raise
         parts.housekeeping = loop.create_task(self._housekeep())
-        health = build.health_settings(config, self.health_arguments)
+        health = upstreams.health_settings(config, self.health_arguments)
         if health is not None:
-            parts.health = build.health_checker(
+            parts.health = upstreams.health_checker(
                 health,
                 config,
                 upstream_set=context.upstreams,

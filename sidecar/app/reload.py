@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sidecar.app import build
+from sidecar.app import build, limits, upstreams
 from sidecar.app.gauges import Gauges
 from sidecar.config import SidecarConfig, redact
 from sidecar.errors import ConfigError
@@ -147,8 +147,8 @@ def apply(
     current = parts.server.context
     budget = current.budget
     if new.retry.budget != old.retry.budget:
-        budget = build.budget(new, sidecar.worker_count)
-    build.reconfigure_limiter(
+        budget = limits.budget(new, sidecar.worker_count)
+    limits.reconfigure_limiter(
         current.limiter, new, sidecar.worker_slot
     )  # calls in flight keep counting
     if static_replies is not None:
@@ -195,7 +195,7 @@ def apply(
 
 def apply_health_check(sidecar: Reloadable, parts: build.Parts, new: SidecarConfig) -> None:
     """Turn health checks on or off, or give them new settings."""
-    settings = build.health_settings(new, sidecar.health_arguments)
+    settings = upstreams.health_settings(new, sidecar.health_arguments)
     checker = parts.health
     if settings is None:
         if checker is not None:
@@ -206,7 +206,7 @@ def apply_health_check(sidecar: Reloadable, parts: build.Parts, new: SidecarConf
         checker.configure(settings)
         return
     context = parts.server.context
-    parts.health = build.health_checker(
+    parts.health = upstreams.health_checker(
         settings,
         new,
         upstream_set=context.upstreams,

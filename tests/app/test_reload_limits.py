@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from sidecar.app import build
+from sidecar.app import limits
 from sidecar.app.reload import kept_for_restart
 from sidecar.config import SidecarConfig, load_config
 from tests.support.sidecar import base_config, merged
@@ -51,17 +51,17 @@ def test_adaptive_settings_apply_on_reload_and_unchanged_ones_keep_their_state(
     adaptive = {"upstream": {"adaptive_concurrency": {"min_concurrency": 2}}}
     new, ignored = kept_for_restart(old, _load(tmp_path, merged(raw, adaptive), "new.yaml"))
     assert ignored == []
-    limit = build.limiter(old)
+    limit = limits.limiter(old)
     assert limit.adaptive is None
-    build.reconfigure_limiter(limit, new)
+    limits.reconfigure_limiter(limit, new)
     gradient = limit.adaptive
     assert gradient is not None
     assert gradient.settings.min_concurrency == 2
     gradient.advance(0.0)  # measuring: some state to keep
-    build.reconfigure_limiter(limit, new)  # the same settings: the same controller
+    limits.reconfigure_limiter(limit, new)  # the same settings: the same controller
     assert limit.adaptive is gradient
     other = _load(tmp_path, merged(raw, {"upstream": {"adaptive_concurrency": {}}}), "3.yaml")
-    build.reconfigure_limiter(limit, other)  # other settings: measured afresh
+    limits.reconfigure_limiter(limit, other)  # other settings: measured afresh
     assert limit.adaptive is not gradient
-    build.reconfigure_limiter(limit, old)
+    limits.reconfigure_limiter(limit, old)
     assert limit.adaptive is None

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.app.build import budget, limiter, worker_share
+from sidecar.app.limits import budget, limiter, worker_share
 from sidecar.config import load_config
 from sidecar.config.model import worker_count
 from tests.config.files import error_of, write
