@@ -8,7 +8,7 @@
         (or a task that opens or waits for one), send with a per-try timeout
     after the attempt: classify; record in the address's ejection tracker
         an answer (ok, declared or application exception)
-            -> record success in the breaker, remember it, finish with it
+            -> record success in the breaker, finish with it, then remember it
         else `RetryPolicy.decide` (one pure function: probe, circuit opened
              meanwhile, retry_on, attempts, safe to repeat, deadline, budget)
             retry   -> take a budget token, timer (full jitter), attempt again
@@ -544,9 +544,11 @@ class Call:
                 reply = self._for_client(reply)
                 if reply is None:
                     return
+            self._finish(label, self._to_client_wire(reply))
+            # Remembered once the answer is written: the client does not wait for the
+            # cache (the key's hash, the copy it may store).
             if policy.cacheable:  # else remember() would keep nothing
                 ctx.fallbacks.remember(policy, self._message, reply, outcome)
-            self._finish(label, self._to_client_wire(reply))
             return
         hedger = self._hedger
         if hedger is not None:

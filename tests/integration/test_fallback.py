@@ -173,6 +173,47 @@ def test_cached_replies_are_byte_identical_while_the_breaker_is_open(
         assert upstream.calls["listItems"] == 1
 
 
+class HoldingStore:
+    """The sidecar's store behind a `put` that waits until the test has its reply (at most
+    `HOLD` seconds; the event loop waits with it)."""
+
+    HOLD = 3.0
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.reply_seen = threading.Event()
+        self.waited_out = False
+        self.puts = 0
+
+    def put(self, key: str, reply: Any) -> None:
+        self.waited_out = not self.reply_seen.wait(self.HOLD)
+        self.inner.put(key, reply)
+        self.puts += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_a_reply_is_written_before_it_is_remembered() -> None:
+    """The client does not wait for the cache: its reply goes out, then a copy is stored."""
+    with (
+        thriftpy2_server("framed") as upstream,
+        thread_sidecar(base_config([upstream.address])) as st,
+    ):
+        assert st.sidecar is not None
+        assert st.sidecar.parts is not None
+        fallbacks = st.sidecar.parts.server.context.fallbacks
+        holding = HoldingStore(fallbacks.store)
+        st.call(lambda: setattr(fallbacks, "store", holding))
+        with client("thriftpy2", st.address, "framed") as c:
+            assert c.getItem(7).name == "item-7"  # while the store's put still waits
+        holding.reply_seen.set()
+        wait_until(lambda: holding.puts == 1, timeout=10.0, message="the reply stored")
+        assert not holding.waited_out
+        flush(st)
+        assert entries(st) == 1
+
+
 def test_cache_keys_tell_multiplexed_services_apart_and_static_replies_fit_them() -> None:
     """Interop:serviceName and Echo:serviceName share arguments (none) but not replies."""
     config = base_config(
