@@ -134,7 +134,9 @@ class UpstreamConnection(asyncio.Protocol):
             pool.transport_kind, pool.protocol, pool.max_message_size
         )
         self.transport: asyncio.Transport | None = None
-        self._waiting: deque[_Waiting] = deque()
+        # Calls sent and not answered, oldest first: a list, read and popped at its head by
+        # native code in the compiled build (a deque's are method calls); rarely more than one.
+        self._waiting: list[_Waiting] = []
         self._spare: _Waiting | None = None  # the entry of the call answered last
         self._oneways: deque[int] = deque(maxlen=MAX_ONEWAY_SEQIDS)
         self._seqid = 0
@@ -215,9 +217,10 @@ class UpstreamConnection(asyncio.Protocol):
             if header.type is not _REPLY and header.type is not _EXCEPTION:
                 self._fail(self._protocol_error(f"sent a {header.type.name} message as a reply"))
                 return False
-            first = waiting.popleft()
+            first = waiting.pop(0)
             self.pool.timeouts.remove(first.bucket, first)
-            self._oneways.clear()  # earlier oneway calls will not be answered now
+            if self._oneways:
+                self._oneways.clear()  # earlier oneway calls will not be answered now
             if not waiting and not self.closed:
                 self.pool.release(self, True)  # closed instead if `ending`
             handler, first.handler = first.handler, _NOBODY
@@ -257,7 +260,7 @@ class UpstreamConnection(asyncio.Protocol):
     def _not_answered(self, count: int) -> None:
         """The first ``count`` waiting calls were passed over by a later reply: oneway."""
         for _ in range(count):
-            skipped = self._waiting.popleft()
+            skipped = self._waiting.pop(0)
             self.pool.timeouts.remove(skipped.bucket, skipped)
             skipped.handler.on_no_reply()
 
