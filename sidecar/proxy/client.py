@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol, cast
@@ -193,9 +194,7 @@ class ClientConnection(asyncio.Protocol):
             self._direct = self._decoder
         self._walk_due = False  # `_walk_on` is scheduled
         self._transport: asyncio.Transport | None = None
-        # Messages received and not started, oldest first (at most MAX_QUEUED_MESSAGES):
-        # a list, read and popped at its head by native code in the compiled build.
-        self._queue: list[Message | ProtocolError] = []
+        self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
         self._call: ProxiedCall | None = None  # the call in flight
         self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
@@ -363,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
                         if chain is None and self._call.waits_to_send():
                             self._call.when_sent(self._sent)  # look again once it is sent
                         break
-                item = queue.pop(0)
+                item = queue.popleft()
                 if isinstance(item, ProtocolError):
                     self._protocol_error(item)
                     return
