@@ -9,6 +9,11 @@ port first. `free_port` picks below that range, where nothing gets a port
 without asking for it by number, and gives each of the runs sharing the
 machine its own share of it: ``THRIFT_SIDECAR_PORT_BLOCK=I/N`` (block I
 of N, from 0; scripts/test sets it per suite), all of it when unset.
+
+A process is not handed a port it was handed lately (the last half of its
+block, at most `RECENT` ports): two picks for one config (``listen`` and
+``metrics.listen``) were sometimes the same port, and the sidecar refuses
+that config.
 """
 
 from __future__ import annotations
@@ -23,6 +28,9 @@ LOWEST = 10000
 PORT_BLOCK_VARIABLE = "THRIFT_SIDECAR_PORT_BLOCK"
 _ATTEMPTS = 200
 _RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Most ports a process remembers having handed out (oldest forgotten first).
+RECENT = 1000
+_handed: dict[int, None] = {}  # in the order handed out
 
 
 def ephemeral_low(range_file: Path = _RANGE_FILE) -> int:
@@ -57,12 +65,21 @@ def free_port(host: str = "127.0.0.1") -> int:
     if len(ports) >= 100:
         for _ in range(_ATTEMPTS):
             port = random.choice(ports)
+            if port in _handed:
+                continue
             with socket.socket() as sock:
                 try:
                     sock.bind((host, port))
                 except OSError:
                     continue
-                return port
+            return _hand_out(port, min(RECENT, len(ports) // 2))
     with socket.socket() as sock:  # no room below the kernel's range: its pick
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _hand_out(port: int, remembered: int) -> int:
+    _handed[port] = None
+    while len(_handed) > remembered:
+        del _handed[next(iter(_handed))]
+    return port

@@ -58,6 +58,18 @@ def test_the_ephemeral_range_is_read_from_the_kernel_or_defaulted(tmp_path: Path
     assert ports.ephemeral_low(tmp_path / "missing") == 32768
 
 
+def test_a_process_is_not_handed_a_port_it_was_handed_lately(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Two picks for one config must differ: from a block of 400, 200 picks are distinct
+    (random picks would repeat about 50 times)."""
+    monkeypatch.setattr(ports, "ephemeral_low", lambda: ports.LOWEST + 400)
+    monkeypatch.delenv(ports.PORT_BLOCK_VARIABLE, raising=False)
+    picked = [ports.free_port() for _ in range(200)]
+    assert len(set(picked)) == len(picked)
+    assert all(ports.LOWEST <= port < ports.LOWEST + 400 for port in picked)
+
+
 def test_without_room_below_the_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(ports, "ephemeral_low", lambda: ports.LOWEST + 50)
     monkeypatch.delenv(ports.PORT_BLOCK_VARIABLE, raising=False)
