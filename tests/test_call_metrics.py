@@ -75,12 +75,12 @@ class Both:
     def known(self, label: str, addresses: Iterable[str]) -> None:
         """Series at zero, as `SidecarMetrics.init_method` makes them."""
         stats = self.calls.method(label)
-        stats.requests.setdefault("ok", 0)
+        stats.show_request("ok")
         service, method = split_name(label)
         self.ref.requests.labels(service, method, "ok")
         self.ref.duration.labels(service, method)
         for address in addresses:
-            stats.attempts.setdefault((address, "ok"), 0)
+            stats.show_attempt(address, "ok")
             self.ref.attempts.labels(address, label, "ok")
 
 
@@ -208,3 +208,16 @@ def test_out_of_range_values_land_where_prometheus_client_puts_them(seconds: flo
     both = Both()
     both.request("add", "ok", seconds)
     assert_same_exposition(both)
+
+
+def test_showing_a_series_again_keeps_its_count() -> None:
+    """A reload makes the known series again (`SidecarMetrics.init_method`): counts stay."""
+    both = Both()
+    both.known("add", ["10.0.0.1:9090"])
+    both.request("add", "ok", 0.001)
+    both.attempt("add", "10.0.0.1:9090", "ok")
+    both.known("add", ["10.0.0.1:9090", "10.0.0.2:9090"])
+    exported = assert_same_exposition(both)
+    attempts = exported[PREFIX + "upstream_attempts"]
+    key = (ATTEMPTS, (("method", "add"), ("result", "ok"), ("upstream", "10.0.0.1:9090")))
+    assert attempts[key] == 1

@@ -7,9 +7,8 @@ registered in the `SidecarMetrics` registry.
 
 from __future__ import annotations
 
-from bisect import bisect_left
 from collections.abc import Iterator
-from typing import ClassVar, Final
+from typing import ClassVar, Final, NamedTuple
 
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -39,6 +38,21 @@ LATENCY_BUCKETS: Final[tuple[float, ...]] = (
 )
 
 
+class Count:
+    """One counter: a plain int the compiled build increments in place.
+
+    A dict of ``str -> int`` costs a lookup, a boxed int and a store per
+    update; a dict of ``Count`` costs the lookup only, and the store goes to a
+    native attribute. A scrape reads ``value`` from another thread: each read
+    is of one whole int.
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0
+
+
 class MethodStats:
     """The per-call figures of one method label (see `CallMetrics`)."""
 
@@ -47,23 +61,80 @@ class MethodStats:
     def __init__(self, label: str) -> None:
         self.label = label
         self.service, self.method = split_name(label)
-        self.requests: dict[str, int] = {}
-        self.attempts: dict[tuple[str, str], int] = {}
-        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # the last one is +Inf
+        self.requests: dict[str, Count] = {}
+        # upstream address -> result -> count: two lookups of str keys, no tuple
+        # to build and hash on each attempt.
+        self.attempts: dict[str, dict[str, Count]] = {}
+        # One per bound, and the last one for +Inf.
+        self.buckets = [Count() for _ in range(len(LATENCY_BUCKETS) + 1)]
         self.duration_sum = 0.0
 
     def request(self, outcome: str, seconds: float) -> None:
         """One call answered, with the outcome the client saw, after ``seconds``."""
-        requests = self.requests
-        requests[outcome] = requests.get(outcome, 0) + 1
-        self.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        count = self.requests.get(outcome)
+        if count is None:
+            count = self.requests[outcome] = Count()
+        count.value += 1
+        # bisect_left by hand, from the bottom: most calls land in the first
+        # few buckets, and the compiled build compares unboxed floats here
+        # where bisect would be a call into C comparing float objects.
+        bounds = LATENCY_BUCKETS
+        last = len(bounds)
+        i = 0
+        while i < last and bounds[i] < seconds:
+            i += 1
+        self.buckets[i].value += 1
         self.duration_sum += seconds
 
     def attempt(self, address: str, result: str) -> None:
         """One attempt made on an upstream address."""
-        key = (address, result)
-        attempts = self.attempts
-        attempts[key] = attempts.get(key, 0) + 1
+        results = self.attempts.get(address)
+        if results is None:
+            results = self.attempts[address] = {}
+        count = results.get(result)
+        if count is None:
+            count = results[result] = Count()
+        count.value += 1
+
+    def show_request(self, outcome: str) -> None:
+        """Export the ``outcome`` series of requests_total from now on, at zero until counted."""
+        if outcome not in self.requests:
+            self.requests[outcome] = Count()
+
+    def show_attempt(self, address: str, result: str) -> None:
+        """Export the (``address``, ``result``) series of upstream_attempts_total from now on."""
+        results = self.attempts.setdefault(address, {})
+        if result not in results:
+            results[result] = Count()
+
+    def copy(self) -> MethodFigures:
+        """The figures as plain numbers, read while the loop may go on counting.
+
+        Scrapes run on a render thread (`sidecar.admin.render`) while the loop
+        updates these containers. Each container is first copied by one call
+        into C (``list`` of a builtin dict's items or of a list), which CPython
+        runs without letting another thread in, so no copy sees a dict change
+        size; the counts are then read one by one. Figures of one method may be
+        a few calls apart, as with any scrape of figures kept apart.
+        """
+        requests = {outcome: count.value for outcome, count in list(self.requests.items())}
+        buckets = tuple(count.value for count in list(self.buckets))
+        attempts = {
+            (address, result): count.value
+            for address, results in list(self.attempts.items())
+            for result, count in list(results.items())
+        }
+        return MethodFigures(self, requests, buckets, self.duration_sum, attempts)
+
+
+class MethodFigures(NamedTuple):
+    """One method's figures copied for a scrape (`MethodStats.copy`)."""
+
+    stats: MethodStats
+    requests: dict[str, int]
+    buckets: tuple[int, ...]
+    duration_sum: float
+    attempts: dict[tuple[str, str], int]
 
 
 class CallMetrics(Collector):
@@ -73,8 +144,9 @@ class CallMetrics(Collector):
     ``upstream_attempts_total`` are updated two or three times per call.
     prometheus_client's Counter and Histogram take a lock and several method
     calls per update, about 1 µs per call in all (measured); here an update is
-    a dict increment and a bisect, on the event loop's thread, without a
-    lock; a scrape on the render thread reads copies (`_copies`). The
+    a dict lookup or two and an increment of a `Count`, on the event loop's
+    thread, without a lock; a scrape on the render thread reads copies
+    (`MethodStats.copy`). The
     exposition is the same as prometheus_client's own types would give.
     """
 
@@ -116,24 +188,9 @@ class CallMetrics(Collector):
         yield durations
         yield attempts
 
-    def _copies(
-        self,
-    ) -> list[
-        tuple[MethodStats, dict[str, int], tuple[int, ...], float, dict[tuple[str, str], int]]
-    ]:
-        """Each method's figures, copied so that the loop may go on counting meanwhile.
-
-        Scrapes run on a render thread (`sidecar.admin.render`) while the loop
-        updates these dicts. Each copy is one call into C (``list``, ``dict``,
-        ``tuple`` of a builtin container with str keys), which CPython runs
-        without letting another thread in, so no copy sees a dict change size.
-        Figures of different methods may be a few calls apart, as with any
-        scrape; the figures of one container are consistent.
-        """
-        return [
-            (s, dict(s.requests), tuple(s.buckets), s.duration_sum, dict(s.attempts))
-            for s in list(self._methods.values())
-        ]
+    def _copies(self) -> list[MethodFigures]:
+        """Each method's figures, copied so that the loop may go on counting meanwhile."""
+        return [stats.copy() for stats in list(self._methods.values())]
 
     @classmethod
     def _families(cls) -> tuple[CounterMetricFamily, HistogramMetricFamily, CounterMetricFamily]:

@@ -350,9 +350,9 @@ class SidecarMetrics:
         """The series of one known method label: ``ok`` calls and attempts, the latency
         histogram, the fallback sources it can be served from, and its hedge counters."""
         stats = self.calls.method(label)
-        stats.requests.setdefault("ok", 0)
+        stats.show_request("ok")
         for address in addresses:
-            stats.attempts.setdefault((address, "ok"), 0)
+            stats.show_attempt(address, "ok")
         for source in fallback_sources:
             self.fallback_replies.labels(label, source)
         if hedged:
