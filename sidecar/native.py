@@ -61,7 +61,6 @@ COMPILED: tuple[str, ...] = (
     "sidecar.proxy.call",
     "sidecar.proxy.client",
     "sidecar.proxy.context",
-    "sidecar.proxy.guards",
     "sidecar.proxy.hedge",
     "sidecar.proxy.hedger",
     "sidecar.proxy.oneway",

@@ -37,10 +37,11 @@ the event loop's I/O callbacks, with no task, future or extra loop iteration
 used where waiting is unavoidable and rare: opening a connection, waiting for
 a free one, and a fallback lookup in a store that does I/O.
 
-Entry points, each behind the one guard `guarded` (`sidecar.proxy.guards`):
-`start`, `on_reply`, `on_error`, the callbacks of a task or timer
-(`_acquired`, `_retry_due`, `_fallback_found`), and a hedged call's
-(`hedge_due`, `hedge_connected`, `on_hedge_reply`, `on_hedge_error`). A bug
+Entry points (`ENTRY_POINTS`): `start`, `on_reply`, `on_error`,
+`on_no_reply`, the callbacks of a task or timer (`_acquired`, `_retry_due`,
+`_fallback_found`), and a hedged call's (`hedge_due`, `hedge_connected`,
+`on_hedge_reply`, `on_hedge_error`). Each runs its body inside ``try: ...
+except Exception: self._crashed()`` (docs/architecture.md, "Guards"): a bug
 anywhere below one of them answers this call with INTERNAL_ERROR and
 touches nothing else. `cancel` only releases what the call holds.
 
@@ -70,7 +71,6 @@ from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
-from sidecar.proxy.guards import guarded
 from sidecar.proxy.hedge import HedgeAttempt
 from sidecar.proxy.hedger import Hedger
 from sidecar.proxy.policy import MethodPolicy
@@ -123,6 +123,23 @@ REQUEST_OUTCOMES: Final = (
 )
 # Final outcomes whose latency, after one attempt, is a sample for an adaptive limit.
 _SAMPLED: Final = frozenset(_LABELS[o] for o in (*ANSWERS, Outcome.TIMEOUT))
+
+# The methods by which other objects and the loop enter a `Call`; each one's body
+# runs inside ``try: ... except Exception: self._crashed()``
+# (tests/proxy/test_guards.py checks the form).
+ENTRY_POINTS: Final = (
+    "start",
+    "on_reply",
+    "on_error",
+    "on_no_reply",
+    "_acquired",
+    "_retry_due",
+    "_fallback_found",
+    "hedge_due",
+    "hedge_connected",
+    "on_hedge_reply",
+    "on_hedge_error",
+)
 
 
 class Call:
@@ -238,123 +255,133 @@ class Call:
 
     # entry points
 
-    @guarded
     def start(self) -> None:
         """Begin: admission, then the first attempt (or a fallback or an error)."""
-        ctx = self._ctx
-        header = self._message.header
-        mtype = header.type
-        if mtype is not _CALL and mtype is not _ONEWAY:
-            self._finish(
-                BAD_REQUEST,
-                self._error(
-                    ApplicationExceptionType.INVALID_MESSAGE_TYPE,
-                    f"the sidecar accepts only CALL and ONEWAY messages, got {mtype.name}",
-                ),
-            )
-            return
-        policy = self._policy
-        self._oneway = mtype is _ONEWAY or policy.oneway or policy.name in ctx.oneway.learned
-        if self._shown is None and ctx.validate_framed:
-            try:
-                self._shown = check_body(self._message, ctx.max_depth, CHECK_STEPS)
-            except ProtocolError as exc:
-                self._refuse_malformed(exc, "it was not sent upstream")
-                return
-        deadline = policy.retry.deadline
-        message = self._message
-        if message.theader is not None:  # a THeader client may give its own timeout
-            given = client_timeout(message, ctx.timeout_header)
-            if given is not None and given < deadline:
-                deadline = given
-        self._deadline_at = self._started + deadline
-        # upstream_transport(), inline: THeader stays THeader; else as configured.
-        client_transport = self._client_transport
-        configured = ctx.upstream_transport
-        self._transport = (
-            client_transport if configured is None or client_transport is _THEADER else configured
-        )
-        protocol = self._protocol = ctx.upstream_protocol or header.protocol
-        if protocol is header.protocol and (header.strict or protocol is not _BINARY):
-            self._outgoing = message  # the common case: sent as it came
-        else:
-            try:
-                self._outgoing = for_upstream(
-                    message, protocol, max_size=ctx.max_message_size, max_depth=ctx.max_depth
-                )
-            except ProtocolError as exc:  # it cannot be sent in the upstream's protocol
+        try:
+            ctx = self._ctx
+            header = self._message.header
+            mtype = header.type
+            if mtype is not _CALL and mtype is not _ONEWAY:
                 self._finish(
                     BAD_REQUEST,
-                    self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
+                    self._error(
+                        ApplicationExceptionType.INVALID_MESSAGE_TYPE,
+                        f"the sidecar accepts only CALL and ONEWAY messages, got {mtype.name}",
+                    ),
                 )
                 return
-        limiter = ctx.limiter
-        if not limiter.try_acquire(self._t0):
-            self._shed(limiter)
-            return
-        self._limiter = limiter
-        self._breaker = breaker = ctx.breakers.for_label(policy.label)
-        self._admission = breaker.admit()
-        if self._admission is None:
-            ctx.metrics.breaker_rejections.labels(breaker.name).inc()
-            shown = ctx.upstream_shown
-            self._unanswered(
-                BREAKER_OPEN,
-                CIRCUIT_OPEN,
-                f"circuit open for {shown or 'upstream ' + breaker.name}",
+            policy = self._policy
+            self._oneway = mtype is _ONEWAY or policy.oneway or policy.name in ctx.oneway.learned
+            if self._shown is None and ctx.validate_framed:
+                try:
+                    self._shown = check_body(self._message, ctx.max_depth, CHECK_STEPS)
+                except ProtocolError as exc:
+                    self._refuse_malformed(exc, "it was not sent upstream")
+                    return
+            deadline = policy.retry.deadline
+            message = self._message
+            if message.theader is not None:  # a THeader client may give its own timeout
+                given = client_timeout(message, ctx.timeout_header)
+                if given is not None and given < deadline:
+                    deadline = given
+            self._deadline_at = self._started + deadline
+            # upstream_transport(), inline: THeader stays THeader; else as configured.
+            client_transport = self._client_transport
+            configured = ctx.upstream_transport
+            self._transport = (
+                client_transport
+                if configured is None or client_transport is _THEADER
+                else configured
             )
-            return
-        ctx.budget.deposit(self._started)
-        if policy.hedge is not None and not self._oneway:
-            self._hedger = Hedger(
-                self,
-                ctx,
-                policy,
-                policy.hedge,
-                self._outgoing,
-                self._transport,
-                protocol,
-                self._deadline_at,
-                self._tried,
-                self._admission is Admission.PROBE,
-                self._started,
-            )
-        self._next_attempt()
+            protocol = self._protocol = ctx.upstream_protocol or header.protocol
+            if protocol is header.protocol and (header.strict or protocol is not _BINARY):
+                self._outgoing = message  # the common case: sent as it came
+            else:
+                try:
+                    self._outgoing = for_upstream(
+                        message, protocol, max_size=ctx.max_message_size, max_depth=ctx.max_depth
+                    )
+                except ProtocolError as exc:  # it cannot be sent in the upstream's protocol
+                    self._finish(
+                        BAD_REQUEST,
+                        self._error(ApplicationExceptionType.PROTOCOL_ERROR, f"sidecar: {exc}"),
+                    )
+                    return
+            limiter = ctx.limiter
+            if not limiter.try_acquire(self._t0):
+                self._shed(limiter)
+                return
+            self._limiter = limiter
+            self._breaker = breaker = ctx.breakers.for_label(policy.label)
+            self._admission = breaker.admit()
+            if self._admission is None:
+                ctx.metrics.breaker_rejections.labels(breaker.name).inc()
+                shown = ctx.upstream_shown
+                self._unanswered(
+                    BREAKER_OPEN,
+                    CIRCUIT_OPEN,
+                    f"circuit open for {shown or 'upstream ' + breaker.name}",
+                )
+                return
+            ctx.budget.deposit(self._started)
+            if policy.hedge is not None and not self._oneway:
+                self._hedger = Hedger(
+                    self,
+                    ctx,
+                    policy,
+                    policy.hedge,
+                    self._outgoing,
+                    self._transport,
+                    protocol,
+                    self._deadline_at,
+                    self._tried,
+                    self._admission is Admission.PROBE,
+                    self._started,
+                )
+            self._next_attempt()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def on_reply(self, reply: Message) -> None:
         """`ReplyHandler`: the upstream answered."""
-        self._conn = None
-        oneway = self._ctx.oneway
-        name = self._policy.name
-        if name not in oneway.two_way:
-            oneway.answered(name)
-        header = reply.header
-        outcome = classify_reply(
-            header.type, reply.buf, header.protocol, reply.start + header.body_offset
-        )
-        self._after_attempt(outcome, reply, None, True)
+        try:
+            self._conn = None
+            oneway = self._ctx.oneway
+            name = self._policy.name
+            if name not in oneway.two_way:
+                oneway.answered(name)
+            header = reply.header
+            outcome = classify_reply(
+                header.type, reply.buf, header.protocol, reply.start + header.body_offset
+            )
+            self._after_attempt(outcome, reply, None, True)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def on_error(self, error: UpstreamError) -> None:
         """`ReplyHandler`: the attempt failed."""
-        self._conn = None
-        self._after_attempt(classify_error(error), None, error, error.sent)
+        try:
+            self._conn = None
+            self._after_attempt(classify_error(error), None, error, error.sent)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def on_no_reply(self) -> None:
         """`ReplyHandler`: a call sent later on the connection was answered first: oneway."""
-        self._conn = None
-        policy = self._policy
-        self._ctx.oneway.unanswered(policy.name)
-        self._oneway = True
-        log.info(
-            "learned that %s is oneway: a later call was answered first; its calls are "
-            "sent without waiting for a reply from now on",
-            policy.display_name,
-            extra={"method": shown_name(policy.name)},
-        )
-        self._after_attempt(Outcome.OK, None, None, True)
+        try:
+            self._conn = None
+            policy = self._policy
+            self._ctx.oneway.unanswered(policy.name)
+            self._oneway = True
+            log.info(
+                "learned that %s is oneway: a later call was answered first; its calls are "
+                "sent without waiting for a reply from now on",
+                policy.display_name,
+                extra={"method": shown_name(policy.name)},
+            )
+            self._after_attempt(Outcome.OK, None, None, True)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def cut(self, reason: str) -> Wire | None:
         """Abandon the call as `cancel` does; returns the error reply the client should get."""
@@ -373,57 +400,69 @@ class Call:
         self._finished = True
         self._release()
 
-    @guarded
     def _acquired(self, task: asyncio.Task[UpstreamConnection]) -> None:
         """A connection was opened or freed for the attempt (or not)."""
-        self._task = None
-        if task.cancelled():
-            return
-        error = task.exception()
-        if self._finished:  # cancelled meanwhile
+        try:
+            self._task = None
+            if task.cancelled():
+                return
+            error = task.exception()
+            if self._finished:  # cancelled meanwhile
+                if error is None:
+                    self._pool.release(task.result(), True)
+                return
             if error is None:
-                self._pool.release(task.result(), True)
-            return
-        if error is None:
-            self._send(task.result())
-        elif isinstance(error, UpstreamError):
-            self._after_attempt(classify_error(error), None, error, error.sent)
-        else:
-            raise error
+                self._send(task.result())
+            elif isinstance(error, UpstreamError):
+                self._after_attempt(classify_error(error), None, error, error.sent)
+            else:
+                raise error
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def _retry_due(self) -> None:
         """The backoff timer fired."""
-        self._next_attempt()
+        try:
+            self._next_attempt()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     # entry points of a hedged call (sidecar.proxy.hedger)
 
-    @guarded
     def hedge_due(self) -> None:
         """`HedgedCall`: the hedge timer fired."""
-        if self._hedger is not None:
-            self._hedger.due(self._conn is not None)
+        try:
+            if self._hedger is not None:
+                self._hedger.due(self._conn is not None)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def hedge_connected(self, hedge: HedgeAttempt, task: asyncio.Task[UpstreamConnection]) -> None:
         """`HedgedCall`: a connection for a hedge was opened or freed (or not)."""
-        if self._hedger is not None:
-            self._hedger.connected(hedge, task)
+        try:
+            if self._hedger is not None:
+                self._hedger.connected(hedge, task)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def on_hedge_reply(self, hedge: HedgeAttempt, reply: Message) -> None:
         """`HedgeOwner`: an extra attempt was answered."""
-        if self._hedger is not None:
-            self._hedger.ended(hedge)
-        outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
-        self._after_attempt(outcome, reply, None, True, hedge)
+        try:
+            if self._hedger is not None:
+                self._hedger.ended(hedge)
+            outcome = classify_reply(reply.header.type, reply.body(), reply.header.protocol)
+            self._after_attempt(outcome, reply, None, True, hedge)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def on_hedge_error(self, hedge: HedgeAttempt, error: UpstreamError) -> None:
         """`HedgeOwner`: an extra attempt failed (or could not be sent)."""
-        if self._hedger is not None:
-            self._hedger.ended(hedge)
-        self._after_attempt(classify_error(error), None, error, error.sent, hedge)
+        try:
+            if self._hedger is not None:
+                self._hedger.ended(hedge)
+            self._after_attempt(classify_error(error), None, error, error.sent, hedge)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     # the steps
 
@@ -728,21 +767,25 @@ class Call:
         self._task = task
         task.add_done_callback(functools.partial(self._fallback_found, otherwise))
 
-    @guarded
     def _fallback_found(
         self, otherwise: Callable[[], None], task: asyncio.Task[Served | None]
     ) -> None:
         """The store lookup ended: serve what it found, else run ``otherwise``."""
-        self._task = None
-        if task.cancelled() or self._finished:
-            return
-        served = task.result()
-        if served is None:
-            otherwise()
-            return
-        self._ctx.metrics.fallback_replies.labels(self._policy.label, served.source).inc()
-        self._served_by = served.source
-        self._finish(FALLBACK, frame_reply(served.message, self._message, self._client_transport))
+        try:
+            self._task = None
+            if task.cancelled() or self._finished:
+                return
+            served = task.result()
+            if served is None:
+                otherwise()
+                return
+            self._ctx.metrics.fallback_replies.labels(self._policy.label, served.source).inc()
+            self._served_by = served.source
+            self._finish(
+                FALLBACK, frame_reply(served.message, self._message, self._client_transport)
+            )
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def _for_client(self, reply: Message) -> Message | None:
         """The reply in the client's protocol; None (the call answered) when it cannot be."""

@@ -21,9 +21,10 @@ A client that closes its side still has every call it sent executed (oneway
 calls included), unless a drain timeout cuts them off; the server keeps such
 a connection in its books until its calls are done.
 
-Every asyncio callback of this class runs behind the guard of
-`sidecar.proxy.guards` (`guarded`): a bug closes this connection only,
-counted as a protocol error of kind ``internal``.
+Every way in, the asyncio callbacks and the callbacks a call or the loop
+runs later (`ENTRY_POINTS`), runs its body inside ``try: ... except
+Exception: self._crashed()``: a bug closes this connection only, counted as
+a protocol error of kind ``internal`` (docs/architecture.md, "Guards").
 """
 
 from __future__ import annotations
@@ -47,7 +48,6 @@ from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
 from sidecar.proxy.call import Done, Wire
 from sidecar.proxy.context import CallContext
-from sidecar.proxy.guards import guarded
 from sidecar.proxy.upstream import UpstreamConnection
 
 log: Final = logging.getLogger("sidecar.server")
@@ -165,6 +165,21 @@ class _Behind:
             self.wire = wire
 
 
+# The methods by which the loop and a call enter a `ClientConnection`: asyncio's
+# callbacks and the ones it registers itself. Each one's body runs inside
+# ``try: ... except Exception: self._crashed()`` (tests/proxy/test_guards.py).
+ENTRY_POINTS: Final = (
+    "connection_made",
+    "data_received",
+    "eof_received",
+    "connection_lost",
+    "resume_writing",
+    "_walk_on",
+    "_sent",
+    "_answer",
+)
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection."""
 
@@ -212,41 +227,47 @@ class ClientConnection(asyncio.Protocol):
 
     # asyncio callbacks
 
-    @guarded
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport, hence the cast.
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
-        if isinstance(peer, tuple) and len(peer) >= 2:
-            self.peer = f"{peer[0]}:{peer[1]}"
-        if not self._server.admit(self):
-            self._transport.abort()
+        try:
+            # uvloop's transports do not subclass asyncio.Transport, hence the cast.
+            self._transport = cast(asyncio.Transport, transport)
+            peer = transport.get_extra_info("peername")
+            if isinstance(peer, tuple) and len(peer) >= 2:
+                self.peer = f"{peer[0]}:{peer[1]}"
+            if not self._server.admit(self):
+                self._transport.abort()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def data_received(self, data: bytes) -> None:
-        direct = self._direct
-        self._decode((self._decoder if direct is None else direct).receive_data, data)
+        try:
+            direct = self._direct
+            self._decode((self._decoder if direct is None else direct).receive_data, data)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def _walk_on(self) -> None:
         """The next turn of a buffered walk stopped for its step budget."""
-        self._walk_due = False
-        decoder = self._decoder
-        if self._aborted or decoder.error is not None:
-            return
-        self._decode(lambda _: decoder.resume(), b"")
-        if decoder.walk_pending or decoder.error is not None:
-            return
-        if self._eof:  # the end came while the walk was behind
-            self._end_of_input()
-            return
-        if (
-            self._reading_paused
-            and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
-            and self._queued_bytes <= MAX_QUEUED_BYTES // 2
-        ):
-            self._resume_reading()
-        self._pump()  # a connection lost meanwhile may be through now
+        try:
+            self._walk_due = False
+            decoder = self._decoder
+            if self._aborted or decoder.error is not None:
+                return
+            self._decode(lambda _: decoder.resume(), b"")
+            if decoder.walk_pending or decoder.error is not None:
+                return
+            if self._eof:  # the end came while the walk was behind
+                self._end_of_input()
+                return
+            if (
+                self._reading_paused
+                and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
+                and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+            ):
+                self._resume_reading()
+            self._pump()  # a connection lost meanwhile may be through now
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def _decode(self, decode: Callable[[bytes], list[Message]], data: bytes) -> None:
         """Queue the messages ``decode(data)`` completes (and an error), and run them."""
@@ -300,12 +321,15 @@ class ClientConnection(asyncio.Protocol):
             return decoder.inner
         return decoder
 
-    @guarded
-    def eof_received(self) -> bool:
-        self._eof = True
-        if not self._decoder.walk_pending:  # else once the walk is through (`_walk_on`)
-            self._end_of_input()
-        return True  # keep our side open to write the pending replies
+    def eof_received(self) -> bool | None:
+        try:
+            self._eof = True
+            if not self._decoder.walk_pending:  # else once the walk is through (`_walk_on`)
+                self._end_of_input()
+            return True  # keep our side open to write the pending replies
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
+            return None
 
     def _end_of_input(self) -> None:
         """The client sent its last byte: an unfinished message is an error."""
@@ -316,21 +340,25 @@ class ClientConnection(asyncio.Protocol):
                 self._queue.append(exc.with_traceback(None))  # frees the buffer (above)
         self._pump()
 
-    @guarded
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        self._account(gone=True)
-        self._writable = True
-        self._server.forget(self)
-        self._pump()  # what was accepted still runs (oneway calls included)
+        try:
+            self.lost = True
+            self._account(gone=True)
+            self._writable = True
+            self._server.forget(self)
+            self._pump()  # what was accepted still runs (oneway calls included)
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def pause_writing(self) -> None:
         self._writable = False
 
-    @guarded
     def resume_writing(self) -> None:
-        self._writable = True
-        self._pump()
+        try:
+            self._writable = True
+            self._pump()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     # running the queue
 
@@ -393,31 +421,35 @@ class ClientConnection(asyncio.Protocol):
             if self.lost:
                 server.finished(self)
 
-    @guarded
     def _sent(self) -> None:
         """The call in flight went upstream: the next one may go behind it now."""
-        self._pump()
+        try:
+            self._pump()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
-    @guarded
     def _answer(self, reply: Wire | None) -> None:
         """The first call in flight finished (`Call` done callback)."""
-        call, self._call = self._call, None
-        self.last_active = self._loop.time()
-        if reply is not None and not self.lost and self._transport is not None:  # `_write`
-            self._transport.write(reply)
-        if self._held:  # queued messages may have gone to calls since it was counted
-            self._account()
-        if call is not None and call.malformed and self._too_many_malformed():
-            return
-        behind, self._behind = self._behind, None
-        if behind is not None:  # the call sent behind it is first now
-            if behind.finished:
-                self._write(behind.wire)
-            else:
-                self._call = behind.call
-                behind.first = True
-        if self._queue or self._eof or self.lost or self._server.draining:
-            self._pump()  # else it would find nothing to start and no reason to close
+        try:
+            call, self._call = self._call, None
+            self.last_active = self._loop.time()
+            if reply is not None and not self.lost and self._transport is not None:  # `_write`
+                self._transport.write(reply)
+            if self._held:  # queued messages may have gone to calls since it was counted
+                self._account()
+            if call is not None and call.malformed and self._too_many_malformed():
+                return
+            behind, self._behind = self._behind, None
+            if behind is not None:  # the call sent behind it is first now
+                if behind.finished:
+                    self._write(behind.wire)
+                else:
+                    self._call = behind.call
+                    behind.first = True
+            if self._queue or self._eof or self.lost or self._server.draining:
+                self._pump()  # else it would find nothing to start and no reason to close
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def _write(self, reply: Wire | None) -> None:
         if reply is not None and not self.lost and self._transport is not None:

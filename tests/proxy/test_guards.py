@@ -1,120 +1,144 @@
-"""The guard of `Call` and `ClientConnection` (`sidecar.proxy.guards`).
+"""The guard of every way into a `Call` or a `ClientConnection`: a bug stops where it came in.
 
-What a bug costs each of them is tested with a running sidecar
-(tests/proxy/test_call.py, tests/proxy/test_client.py); here, the guard
-itself: what a guarded method returns, that a bug reaches the object's
-``_crashed`` with the exception still current, and that methods of up to two
-arguments get a wrapper of their own arity (no ``*args`` packing per call).
+What a bug costs each of them is tested with a running sidecar, one planted
+bug per entry point (tests/proxy/test_call.py, tests/proxy/test_client.py).
+Here, the form: each method a module lists in ``ENTRY_POINTS`` runs its whole
+body inside ``try: ... except Exception: self._crashed()``, and every method
+the class hands out as a callback (``self.method`` used as a value, not
+called) is listed, so a new callback cannot go unguarded.
 """
 
 from __future__ import annotations
 
-import inspect
-import sys
-from typing import Any
+import ast
+from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from sidecar.metrics.calls import MethodStats
-from sidecar.protocol.envelope import parse_header
-from sidecar.proxy.guards import guarded, positional_count
+from sidecar.proxy import call, client
+
+CLASSES = [(call, "Call"), (client, "ClientConnection")]
+ROOT = Path(__file__).resolve().parents[2]
 
 
-class Bug(RuntimeError):
-    """A bug, planted by the test."""
+def methods_of(module: ModuleType, name: str) -> dict[str, ast.FunctionDef]:
+    # Read from the checkout: a compiled module has no source for inspect to find.
+    source = ROOT.joinpath(*module.__name__.split(".")).with_suffix(".py").read_text()
+    tree = ast.parse(source)
+    [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
+    return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
 
 
-class Owner:
-    """An object with guarded ways in, of every arity the guard knows."""
-
-    def __init__(self) -> None:
-        self.crashes: list[BaseException | None] = []
-
-    def _crashed(self) -> None:
-        self.crashes.append(sys.exc_info()[1])
-
-    @guarded
-    def none(self) -> str:
-        """No argument."""
-        return "none"
-
-    @guarded
-    def one(self, a: int) -> int:
-        return a
-
-    @guarded
-    def two(self, a: int, b: int) -> int:
-        return a + b
-
-    @guarded
-    def three(self, a: int, b: int, c: int) -> int:
-        return a + b + c
-
-    @guarded
-    def keyword(self, a: int, *, b: int = 1) -> int:
-        return a * b
-
-    @guarded
-    def broken(self, a: int) -> int:
-        raise Bug(str(a))
+def is_guard(handler: ast.ExceptHandler) -> bool:
+    """``except Exception:`` whose body calls ``self._crashed()`` (and at most returns None)."""
+    if not (isinstance(handler.type, ast.Name) and handler.type.id == "Exception"):
+        return False
+    first, *rest = handler.body
+    calls_crashed = (
+        isinstance(first, ast.Expr)
+        and isinstance(first.value, ast.Call)
+        and ast.unparse(first.value) == "self._crashed()"
+    )
+    returns_none = all(
+        isinstance(s, ast.Return) and (s.value is None or ast.unparse(s.value) == "None")
+        for s in rest
+    )
+    return calls_crashed and returns_none
 
 
-def test_a_guarded_method_returns_what_it_returns() -> None:
-    owner = Owner()
-    assert owner.none() == "none"
-    assert owner.one(1) == 1
-    assert owner.two(1, 2) == 3
-    assert owner.three(1, 2, 3) == 6
-    assert owner.keyword(2, b=3) == 6
-    assert owner.crashes == []
+def unguarded_reason(function: ast.FunctionDef) -> str | None:
+    """Why ``function`` is not guarded, or None when its whole body is."""
+    body = function.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+    if len(body) != 1 or not isinstance(body[0], ast.Try):
+        return "its body is not one try statement"
+    statement = body[0]
+    if statement.finalbody or statement.orelse:
+        return "its try has else or finally"
+    if not any(is_guard(h) for h in statement.handlers):
+        return "no `except Exception: self._crashed()`"
+    if not is_guard(statement.handlers[-1]):
+        return "the guard is not its last handler"
+    return None
 
 
-def test_a_bug_goes_to_crashed_with_the_exception_current() -> None:
-    owner = Owner()
-    assert owner.broken(7) is None
-    [crash] = owner.crashes
-    assert isinstance(crash, Bug)
-    assert str(crash) == "7"
+@pytest.mark.parametrize(("module", "name"), CLASSES, ids=[n for _, n in CLASSES])
+def test_every_entry_point_runs_its_body_inside_the_guard(module: ModuleType, name: str) -> None:
+    methods = methods_of(module, name)
+    assert module.ENTRY_POINTS, "no entry points listed"
+    problems = {}
+    for entry in module.ENTRY_POINTS:
+        assert entry in methods, f"{name}.{entry} is listed but not defined"
+        reason = unguarded_reason(methods[entry])
+        if reason is not None:
+            problems[entry] = reason
+    assert problems == {}
 
 
-def test_the_guard_keeps_the_docstring() -> None:
-    assert Owner.none.__doc__ == "No argument."
+@pytest.mark.parametrize(("module", "name"), CLASSES, ids=[n for _, n in CLASSES])
+def test_every_method_handed_out_as_a_callback_is_an_entry_point(
+    module: ModuleType, name: str
+) -> None:
+    methods = methods_of(module, name)
+    called = set()
+    for node in ast.walk(ast.Module(body=list(methods.values()), type_ignores=[])):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+            called.add(id(node.func))
+    handed_out = {
+        node.attr
+        for node in ast.walk(ast.Module(body=list(methods.values()), type_ignores=[]))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id == "self"
+        and node.attr in methods
+        and isinstance(node.ctx, ast.Load)
+        and id(node) not in called
+    }
+    assert handed_out, "found no callbacks: the walk is broken"
+    assert handed_out <= set(module.ENTRY_POINTS), handed_out - set(module.ENTRY_POINTS)
 
 
-@pytest.mark.pure_python("reads the wrapper's signature; a compiled wrapper has none to read")
-@pytest.mark.parametrize(("name", "arity"), [("none", 1), ("one", 2), ("two", 3), ("three", 3)])
-def test_up_to_two_arguments_get_a_wrapper_of_their_own_arity(name: str, arity: int) -> None:
-    wrapper = getattr(Owner, name)
-    if name == "three":  # three arguments after self: the general wrapper
-        assert inspect.getfullargspec(wrapper).varargs == "args"
-        return
-    assert positional_count(wrapper) == arity
-
-
-@pytest.mark.parametrize(
-    ("function", "count"),
-    [
-        (lambda: None, 0),
-        (lambda self: None, 1),
-        (lambda self, a, /: None, 2),
-        (lambda self, a, b: None, 3),
-        (lambda self, a=1: None, -1),
-        (lambda self, *args: None, -1),
-        (lambda self, *, a: None, -1),
-        (lambda self, **kwargs: None, -1),
-        (len, 1),  # a builtin, read from its text signature
-        (bytearray.find, -1),  # a builtin without one
-    ],
-)
-def test_positional_count(function: Any, count: int) -> None:
-    assert positional_count(function) == count
-
-
-@pytest.mark.parametrize(
-    ("function", "count"),
-    [(MethodStats.request, 3), (MethodStats.attempt, 3), (parse_header, -1)],
-)
-def test_positional_count_of_the_sidecars_own_functions(function: Any, count: int) -> None:
-    """In the compiled build these have no code object: their counts come from the
-    signatures mypyc gives them, or every guard there would pack ``*args``."""
-    assert positional_count(function) == count
+def test_the_form_check_tells_an_unguarded_method() -> None:
+    """The check itself: each way of getting the guard wrong is reported."""
+    source = '''
+class C:
+    def plain(self):
+        self.x = 1
+    def swallowed(self):
+        try:
+            self.x = 1
+        except Exception:
+            pass
+    def narrow(self):
+        try:
+            self.x = 1
+        except ValueError:
+            self._crashed()
+    def half(self):
+        self.y = 2
+        try:
+            self.x = 1
+        except Exception:
+            self._crashed()
+    def good(self):
+        """Doc."""
+        try:
+            self.x = 1
+        except OSError:
+            return None
+        except Exception:
+            self._crashed()
+            return None
+'''
+    [cls] = ast.parse(source).body
+    assert isinstance(cls, ast.ClassDef)
+    found = {f.name: unguarded_reason(f) for f in cls.body if isinstance(f, ast.FunctionDef)}
+    assert found == {
+        "plain": "its body is not one try statement",
+        "swallowed": "no `except Exception: self._crashed()`",
+        "narrow": "no `except Exception: self._crashed()`",
+        "half": "its body is not one try statement",
+        "good": None,
+    }
