@@ -209,6 +209,7 @@ def call_context(
     u = config.upstream
     return CallContext(
         loop=loop,
+        clock=loop.time,
         upstreams=upstream_set,
         upstream_transport=None if u.transport == "same" else Transport(u.transport),
         upstream_protocol=None if u.protocol == "same" else Protocol(u.protocol),

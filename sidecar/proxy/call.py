@@ -208,7 +208,7 @@ class Call:
         self._hedger: Hedger | None = None  # a hedged method's timer and extra attempts
         self._attempt = 0
         self._tried: list[str] = []
-        self._started = ctx.loop.time()  # deadlines and timers: the loop's clock
+        self._started = ctx.clock()  # deadlines and timers: the loop's clock
         self._t0 = perf_counter()  # the latency metric: the loop's clock moves in 1 ms steps
         self._policy: MethodPolicy = ctx.policies.for_name(message.header.name)
 
@@ -484,7 +484,7 @@ class Call:
         self._pool = pool
         self._tried.append(pool.address)
         self._attempt += 1
-        now = ctx.loop.time()
+        now = ctx.clock()
         timeout = self._policy.retry.per_try_timeout
         if self._deadline_at - now < timeout:  # near the deadline: what is left of it
             timeout = self._deadline_at - now
@@ -511,7 +511,7 @@ class Call:
         timeout = self._expires - self._started_try  # per_try_timeout, or less near the deadline
         outgoing = self._outgoing
         if outgoing.theader is not None:
-            left = self._deadline_at - self._ctx.loop.time()
+            left = self._deadline_at - self._ctx.clock()
             # This copy's number: the call's attempts and the hedges written before it.
             hedger = self._hedger
             copy = self._attempt + (hedger.hedges_sent if hedger is not None else 0)
@@ -670,7 +670,7 @@ class Call:
     def _decide(self, outcome: Outcome, sent: bool, exception_id: int | None) -> Retry | GiveUp:
         """Retry or give up after a failed attempt; a retry takes its budget token here."""
         ctx = self._ctx
-        now = ctx.loop.time()
+        now = ctx.clock()
         decision = self._policy.retry.decide(
             attempt=self._attempt,
             outcome=outcome,

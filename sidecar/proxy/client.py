@@ -186,6 +186,7 @@ class ClientConnection(asyncio.Protocol):
     def __init__(self, server: Host) -> None:
         self._server = server
         self._loop = server.loop
+        self._clock = server.loop.time  # bound once (`CallContext.clock`)
         settings = server.settings
         self._decoder: AutoDecoder | Decoder
         if settings.transport == "auto":
@@ -223,7 +224,7 @@ class ClientConnection(asyncio.Protocol):
         self._held = 0  # bytes reported to the server's memory budget
         self.partial_since: float | None = None  # when the unfinished message began
         self.peer = "?"
-        self.last_active = self._loop.time()
+        self.last_active = self._clock()
 
     # asyncio callbacks
 
@@ -292,7 +293,7 @@ class ClientConnection(asyncio.Protocol):
         if not messages and error is None:
             self._account()  # bytes that complete no message are not activity (slowloris)
             return
-        self.last_active = self._loop.time()
+        self.last_active = self._clock()
         self._queue.extend(messages)
         for message in messages:
             self._queued_bytes += len(message.buf)
@@ -432,7 +433,7 @@ class ClientConnection(asyncio.Protocol):
         """The first call in flight finished (`Call` done callback)."""
         try:
             call, self._call = self._call, None
-            self.last_active = self._loop.time()
+            self.last_active = self._clock()
             if reply is not None and not self.lost and self._transport is not None:  # `_write`
                 self._transport.write(reply)
             if self._held:  # queued messages may have gone to calls since it was counted
@@ -464,7 +465,7 @@ class ClientConnection(asyncio.Protocol):
             if held and not buffered:
                 self.partial_since = None
             elif buffered and self.partial_since is None:
-                self.partial_since = self._loop.time()
+                self.partial_since = self._clock()
             delta, self._held = held - self._held, held
             self._server.hold(self, delta)
 

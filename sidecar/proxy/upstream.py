@@ -389,6 +389,7 @@ class UpstreamPool:
         self.timeouts = timeouts
         # Kept, not looked up: asyncio.get_running_loop() costs a getpid() system call.
         self.loop = loop
+        self._clock = loop.time  # bound once (`CallContext.clock`)
         self.host = host
         self.port = port
         self.transport_kind = transport_kind
@@ -530,7 +531,7 @@ class UpstreamPool:
             if not waiter.done():
                 waiter.set_result(conn)
                 return
-        conn.idle_since = self.loop.time()
+        conn.idle_since = self._clock()
         self._idle.append(conn)
 
     def _pass_on(self, waiter: asyncio.Future[UpstreamConnection | None]) -> None:
