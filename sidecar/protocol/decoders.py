@@ -48,7 +48,7 @@ _I32: Final = struct.Struct(">i")
 class DecoderBase:
     """What every decoder shares: the buffer, the size limit, the error that broke it."""
 
-    __slots__ = ("_buf", "_parse", "error", "max_size", "protocol")
+    __slots__ = ("_buf", "error", "max_size", "protocol")
 
     # Only a buffered walk stops before the bytes run out (`BufferedDecoder`).
     walk_pending = False
@@ -60,11 +60,23 @@ class DecoderBase:
     def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
         self.max_size = max_size
         self.protocol = protocol
-        self._parse = PARSERS[protocol]
         self._buf = bytearray()
         # The error that broke this decoder, if any (every later call raises it). A
         # plain attribute, not a property: it is read after every read of a connection.
         self.error: RemoteProtocolError | None = None
+
+    def _read_header(
+        self, data: bytes | bytearray | memoryview, start: int
+    ) -> MessageHeader | None:
+        """The envelope at ``data[start]`` in this decoder's protocol (`PARSERS`).
+
+        Both parsers called by name: the compiled build calls each directly,
+        where a parser kept in an attribute was called through its Python
+        signature (twice per proxied call).
+        """
+        if self.protocol is Protocol.COMPACT:
+            return parse_compact_header(data, start)
+        return parse_header(data, start)
 
     @property
     def buffered_bytes(self) -> int:
@@ -80,7 +92,7 @@ class DecoderBase:
         """The envelope of the unfinished message being received, when readable."""
         start = 4 if isinstance(self, FramedDecoder) else 0
         try:
-            return self._parse(self._buf, start) if self._buf else None
+            return self._read_header(self._buf, start) if self._buf else None
         except RemoteProtocolError:
             return None
 
@@ -110,7 +122,7 @@ class FramedDecoder(DecoderBase):
         buf = self._buf
         if not data:
             if buf:
-                raise self._fail(_truncated(buf, 4, self._parse))
+                raise self._fail(_truncated(buf, 4, self._read_header))
             return []
         if (
             not buf
@@ -122,7 +134,7 @@ class FramedDecoder(DecoderBase):
             # pending (read in place, as `parse_header` reads bytes). Anything unusual
             # (too big, bad envelope, a bytearray) takes the general path below.
             try:
-                header = self._parse(data, 4) if len(data) - 4 <= self.max_size else None
+                header = self._read_header(data, 4) if len(data) - 4 <= self.max_size else None
             except RemoteProtocolError:
                 header = None
             if header is not None and header.body_offset < len(data) - 4:
@@ -150,7 +162,7 @@ class FramedDecoder(DecoderBase):
                     f"frame of {length} bytes exceeds the {max_size}-byte limit",
                     kind="oversized",
                 )
-                _identify(error, buf, pos + 4, self._parse)
+                _identify(error, buf, pos + 4, self._read_header)
                 raise self._fail(error)
             if length <= 0:
                 raise self._fail(
@@ -162,7 +174,7 @@ class FramedDecoder(DecoderBase):
             msg = self._take(pos, stop)
             buf = self._buf if msg is buf else buf
             try:
-                header = self._parse(msg, 4)
+                header = self._read_header(msg, 4)
             except RemoteProtocolError as exc:
                 raise self._fail(exc) from None
             if header is None or header.body_offset >= length:
@@ -220,7 +232,7 @@ class BufferedDecoder(DecoderBase):
             raise self.error
         if not data:
             if self._buf:
-                raise self._fail(_truncated(self._buf, 0, self._parse, self._header))
+                raise self._fail(_truncated(self._buf, 0, self._read_header, self._header))
             return []
         self._buf += data
         if self.walk_pending:  # `resume` walks on; these bytes wait their turn
@@ -243,7 +255,7 @@ class BufferedDecoder(DecoderBase):
         try:
             while True:
                 if header is None:
-                    header = self._parse(self._buf, start)
+                    header = self._read_header(self._buf, start)
                     if header is None:
                         break
                     buf = self._buf
