@@ -17,7 +17,6 @@ Which outcomes are retried and which trip the breaker is configuration
 
 from __future__ import annotations
 
-import struct
 from enum import StrEnum
 from typing import Final
 
@@ -34,7 +33,6 @@ from sidecar.protocol.envelope import MessageType, Protocol
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.skip import FIXED_SIZE, TType
 
-_I16: Final = struct.Struct(">h")
 # Type ids a field may have on the wire (skip.py's table); any other first byte is garbage.
 _FIELD_TYPES = frozenset(FIXED_SIZE) | {
     TType.STRING,
@@ -89,7 +87,9 @@ def classify_reply(
             return _OK
         if size < 3 or first not in _FIELD_TYPES:
             return Outcome.PROTOCOL_ERROR
-        return _OK if _I16.unpack_from(body, at + 1)[0] == 0 else _DECLARED
+        # The field id, big-endian, is 0 (the success field) when both its bytes
+        # are: two reads, where struct would be a method call and a tuple.
+        return _OK if body[at + 1] == 0 and body[at + 2] == 0 else _DECLARED
     if at:
         body = memoryview(body)[at:]
     if mtype == _REPLY:
