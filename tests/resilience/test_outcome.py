@@ -160,6 +160,26 @@ def test_any_positive_first_field_id_is_a_declared_exception(field_id: int, ftyp
     assert classify_reply(MessageType.REPLY, body) is Outcome.DECLARED_EXCEPTION
 
 
+@given(
+    field_id=st.integers(min_value=-(2**15), max_value=2**15 - 1),
+    ftype=st.sampled_from([8, 11, 12]),
+    at=st.integers(min_value=0, max_value=5),
+)
+@settings(max_examples=300, deadline=None)
+def test_only_field_id_zero_is_ok_whatever_its_bytes_and_offset(
+    field_id: int, ftype: int, at: int
+) -> None:
+    """The field id read as its two bytes: negative ids and ids with one zero byte
+    (256, 1, -256) are declared exceptions like any other but 0, read in place too."""
+    values = {8: b"\x00\x00\x00\x05", 11: b"\x00\x00\x00\x01x", 12: b"\x00"}
+    body = bytes((ftype,)) + field_id.to_bytes(2, "big", signed=True) + values[ftype] + b"\x00"
+    want = Outcome.OK if field_id == 0 else Outcome.DECLARED_EXCEPTION
+    for data in (body, bytearray(body), memoryview(body)):
+        assert classify_reply(MessageType.REPLY, data) is want
+        padded = bytearray(b"\xff" * at) + body
+        assert classify_reply(MessageType.REPLY, padded, at=at) is want
+
+
 # app_exception and internal_error
 
 
