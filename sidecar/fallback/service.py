@@ -207,4 +207,4 @@ def _with_seqid(cached: CachedReply, seqid: int) -> bytearray:
     assert header is not None, "a cached reply has a whole envelope"
     reply = Message(header, message, 0)
     reply.set_seqid(seqid)  # a varint: its length may change
-    return reply.buf
+    return reply.owned()

@@ -138,7 +138,7 @@ class FramedDecoder(DecoderBase):
             except RemoteProtocolError:
                 header = None
             if header is not None and header.body_offset < len(data) - 4:
-                return [Message(header, bytearray(data), 4)]
+                return [Message(header, data, 4)]  # the read's own bytes (`Message`)
         buf += data
         out: list[Message] = []
         try:

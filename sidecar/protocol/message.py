@@ -1,9 +1,14 @@
 """One complete message as the decoders return it, and how it goes back on the wire.
 
-A `Message` owns its bytes in a ``bytearray`` so that its seqid can be patched
-in place; when it arrived framed, the frame prefix is kept in front of it and
-it can be forwarded framed without another copy. A compact seqid is a varint:
-patching it may change the message's length, and the frame prefix follows.
+A `Message` keeps the bytes it arrived in: the ``bytes`` of the read itself
+when the read held it whole (no copy, and the compiled build reads ``bytes``
+natively: validation and a reply's classification read them), else the
+decoder's own ``bytearray``. Its seqid is patched in place, in a
+``bytearray`` of its own made on the first patch (`Message.owned`): the copy
+is made where it was always needed. When it arrived framed, the frame prefix
+is kept in front of it and it can be forwarded framed without another copy.
+A compact seqid is a varint: patching it may change the message's length,
+and the frame prefix follows.
 A message that arrived in a THeader frame keeps the frame's header
 (`THeaderFrame`: info headers, transforms) beside its payload.
 """
@@ -49,7 +54,8 @@ class Message:
 
     Attributes:
         header: the envelope as it arrived (its offsets follow any seqid patch).
-        buf: the bytes; owned by this message and safe to patch.
+        buf: the bytes: as they arrived (``bytes``, never changed) until the
+            first seqid patch, then a ``bytearray`` of this message's own.
         start: 4 when ``buf`` begins with the frame length prefix, else 0.
         theader: the THeader frame's header when the message came in one.
     """
@@ -59,7 +65,7 @@ class Message:
     def __init__(
         self,
         header: MessageHeader,
-        buf: bytearray,
+        buf: bytes | bytearray,
         start: int,
         theader: THeaderFrame | None = None,
     ) -> None:
@@ -93,19 +99,29 @@ class Message:
         """Length of the message without any frame prefix."""
         return len(self.buf) - self.start
 
+    def owned(self) -> bytearray:
+        """The bytes in a ``bytearray`` of this message's own, to patch: copied the first time."""
+        buf = self.buf
+        if isinstance(buf, bytearray):
+            return buf
+        owned = bytearray(buf)
+        self.buf = owned
+        return owned
+
     def set_seqid(self, seqid: int) -> None:
         """Patch the seqid in place (``header.seqid`` keeps the one that arrived)."""
         header = self.header
+        buf = self.owned()
         if header.protocol is _COMPACT:
-            grown = replace_seqid(self.buf, header, self.start, seqid)
+            grown = replace_seqid(buf, header, self.start, seqid)
             if grown:
                 self.header = header.replaced(
                     seqid_size=header.seqid_size + grown, body_offset=header.body_offset + grown
                 )
                 if self.start == 4:
-                    _I32.pack_into(self.buf, 0, len(self.buf) - 4)
+                    _I32.pack_into(buf, 0, len(buf) - 4)
         else:
-            _I32.pack_into(self.buf, self.start + header.seqid_offset, seqid)
+            _I32.pack_into(buf, self.start + header.seqid_offset, seqid)
         if self.theader is not None:
             self.theader.seqid = seqid
 
@@ -117,9 +133,10 @@ class Message:
         header = self.header
         if header.protocol is not _COMPACT and self.theader is None:
             start = self.start
-            _I32.pack_into(self.buf, start + header.seqid_offset, seqid)
+            buf = self.owned()
+            _I32.pack_into(buf, start + header.seqid_offset, seqid)
             if (start == 4 and transport is _FRAMED) or (start == 0 and transport is _BUFFERED):
-                return self.buf
+                return buf
         else:
             self.set_seqid(seqid)
         return self.to_wire(transport, outer_framed)

@@ -82,14 +82,24 @@ def classify_reply(
         size = len(body) - at
         if size <= 0:
             return Outcome.PROTOCOL_ERROR
-        first = body[at]
+        # The field id, big-endian, is 0 (the success field) when both its bytes
+        # are: two reads, where struct would be a method call and a tuple. On
+        # bytes (a reply as the event loop handed it over) the compiled build
+        # reads each byte as a load; on the other buffers, through the object:
+        # the same reads, written twice so that the first are typed bytes.
+        first: int
+        zero_id: bool
+        if isinstance(body, bytes):
+            first = body[at]
+            zero_id = size >= 3 and body[at + 1] == 0 and body[at + 2] == 0
+        else:
+            first = body[at]
+            zero_id = size >= 3 and body[at + 1] == 0 and body[at + 2] == 0
         if first == TType.STOP:
             return _OK
         if size < 3 or first not in _FIELD_TYPES:
             return Outcome.PROTOCOL_ERROR
-        # The field id, big-endian, is 0 (the success field) when both its bytes
-        # are: two reads, where struct would be a method call and a tuple.
-        return _OK if body[at + 1] == 0 and body[at + 2] == 0 else _DECLARED
+        return _OK if zero_id else _DECLARED
     if at:
         body = memoryview(body)[at:]
     if mtype == _REPLY:

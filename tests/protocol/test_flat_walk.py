@@ -83,3 +83,23 @@ def test_what_it_declines() -> None:
     assert flat_struct_end(two, 0, len(two), 3) == len(two)
     assert skipper_end(two, 0, len(two), 2) is None
     assert skipper_end(two, 0, len(two), 3) == len(two)
+
+
+@given(
+    st.one_of(struct_bodies(), flat_bodies, st.binary(max_size=48)),
+    st.binary(max_size=6),
+    st.data(),
+)
+def test_bytes_bytearray_and_memoryview_are_walked_alike(
+    body: bytes, head: bytes, data: st.DataObject
+) -> None:
+    """Bytes take a loop of their own (`_flat_struct_end_of_bytes`): it answers as the
+    general one does, for any bytes, cut anywhere, with any step budget."""
+    whole = head + body
+    end = data.draw(st.integers(len(head), len(whole)))
+    steps = data.draw(st.integers(0, 64))
+    answers = {
+        kind.__name__: flat_struct_end(kind(whole), len(head), end, steps)
+        for kind in (bytes, bytearray, memoryview)
+    }
+    assert len(set(answers.values())) == 1, answers
