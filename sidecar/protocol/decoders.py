@@ -48,7 +48,7 @@ _I32: Final = struct.Struct(">i")
 class DecoderBase:
     """What every decoder shares: the buffer, the size limit, the error that broke it."""
 
-    __slots__ = ("_buf", "error", "max_size", "protocol")
+    __slots__ = ("_buf", "_compact", "error", "max_size", "protocol")
 
     # Only a buffered walk stops before the bytes run out (`BufferedDecoder`).
     walk_pending = False
@@ -60,6 +60,8 @@ class DecoderBase:
     def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
         self.max_size = max_size
         self.protocol = protocol
+        # A plain bool: reading an enum member (Protocol.COMPACT) is a call per read.
+        self._compact = protocol is Protocol.COMPACT
         self._buf = bytearray()
         # The error that broke this decoder, if any (every later call raises it). A
         # plain attribute, not a property: it is read after every read of a connection.
@@ -74,7 +76,7 @@ class DecoderBase:
         where a parser kept in an attribute was called through its Python
         signature (twice per proxied call).
         """
-        if self.protocol is Protocol.COMPACT:
+        if self._compact:
             return parse_compact_header(data, start)
         return parse_header(data, start)
 
