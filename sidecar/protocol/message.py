@@ -104,7 +104,10 @@ class Message:
         buf = self.buf
         if isinstance(buf, bytearray):
             return buf
-        owned = bytearray(buf)
+        # Written as a slice of bytes: the compiled build makes that one C call
+        # (PyByteArray_FromStringAndSize), where bytearray(buf) is a call of the
+        # type; in the pure build buf[:] is buf itself.
+        owned = bytearray(buf[:])
         self.buf = owned
         return owned
 
