@@ -21,7 +21,9 @@ from sidecar.protocol.envelope import (
     TYPE_BY_VALUE,
     MessageHeader,
     MessageType,
+    NameCache,
     Protocol,
+    decode_name,
 )
 
 PROTOCOL_ID: Final = 0x82
@@ -85,9 +87,11 @@ def _signed32(value: int) -> int:
 
 
 def parse_compact_header(
-    data: bytes | bytearray | memoryview, start: int = 0
+    data: bytes | bytearray | memoryview, start: int = 0, names: NameCache | None = None
 ) -> MessageHeader | None:
     """Read the compact envelope of the message that begins at ``data[start]``.
+
+    ``names``: the reading connection's last name (`NameCache`), or None.
 
     Returns:
         The header (offsets relative to ``start``, ``protocol`` COMPACT, ``strict``
@@ -124,7 +128,10 @@ def parse_compact_header(
     if end < body_at:
         return None
     # Any bytes, as `sidecar.protocol.envelope.parse_header` reads them (its docstring).
-    name = str(data[name_at:body_at], "utf-8", "surrogateescape")
+    raw = data[name_at:body_at]
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    name = decode_name(raw) if names is None else names.decode(raw)
     message_type = TYPE_BY_VALUE[version_type >> TYPE_SHIFT]
     if message_type is None:
         raise RemoteProtocolError(

@@ -28,7 +28,7 @@ from librt.strings import read_i32_be
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.compact import parse_compact_header
 from sidecar.protocol.compact_skip import CompactSkipper
-from sidecar.protocol.envelope import MessageHeader, Protocol, identify, parse_header
+from sidecar.protocol.envelope import MessageHeader, NameCache, Protocol, identify, parse_header
 from sidecar.protocol.message import Message
 from sidecar.protocol.skip import DEFAULT_MAX_DEPTH, UNBOUNDED, StructSkipper, flat_struct_end
 
@@ -48,7 +48,7 @@ _I32: Final = struct.Struct(">i")
 class DecoderBase:
     """What every decoder shares: the buffer, the size limit, the error that broke it."""
 
-    __slots__ = ("_buf", "_compact", "error", "max_size", "protocol")
+    __slots__ = ("_buf", "_compact", "_names", "error", "max_size", "protocol")
 
     # Only a buffered walk stops before the bytes run out (`BufferedDecoder`).
     walk_pending = False
@@ -62,6 +62,7 @@ class DecoderBase:
         self.protocol = protocol
         # A plain bool: reading an enum member (Protocol.COMPACT) is a call per read.
         self._compact = protocol is Protocol.COMPACT
+        self._names = NameCache()  # the last method name read: the next one is mostly the same
         self._buf = bytearray()
         # The error that broke this decoder, if any (every later call raises it). A
         # plain attribute, not a property: it is read after every read of a connection.
@@ -77,8 +78,8 @@ class DecoderBase:
         signature (twice per proxied call).
         """
         if self._compact:
-            return parse_compact_header(data, start)
-        return parse_header(data, start)
+            return parse_compact_header(data, start, self._names)
+        return parse_header(data, start, self._names)
 
     @property
     def buffered_bytes(self) -> int:

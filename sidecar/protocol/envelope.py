@@ -179,12 +179,15 @@ class MessageHeader:
 _BINARY: Final = Protocol.BINARY
 
 
-def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> MessageHeader | None:
+def parse_header(
+    data: bytes | bytearray | memoryview, start: int = 0, names: NameCache | None = None
+) -> MessageHeader | None:
     """Read the envelope of the message that begins at ``data[start]``.
 
     Args:
         data: bytes received so far.
         start: offset of the first byte of the message.
+        names: the reading connection's last name (`NameCache`), or None.
 
     Returns:
         The header with offsets relative to ``start``, or None when more bytes
@@ -251,13 +254,9 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
         seqid = _I32.unpack_from(data, seqid_at)[0]
         raw = data[name_at:name_end]
         strict = False
-    try:
-        # Valid UTF-8 (the usual name) decodes to the same str either way; the
-        # default codec needs no lookup of its name or of the error handler's, and
-        # on a value known to be bytes the compiled build calls it without a lookup.
-        name = raw.decode() if isinstance(raw, bytes) else bytes(raw).decode()
-    except UnicodeDecodeError:
-        name = str(raw, "utf-8", NAME_ERRORS)
+    if not isinstance(raw, bytes):
+        raw = bytes(raw)
+    name = decode_name(raw) if names is None else names.decode(raw)
     message_type = TYPE_BY_VALUE[mtype]
     if message_type is None:
         raise RemoteProtocolError(
@@ -266,6 +265,43 @@ def parse_header(data: bytes | bytearray | memoryview, start: int = 0) -> Messag
     return MessageHeader(
         name, message_type, seqid, strict, seqid_at - start, seqid_at + 4 - start, _BINARY, 4
     )
+
+
+def decode_name(raw: bytes) -> str:
+    """A method name's bytes as the parsers read them (the module docstring)."""
+    try:
+        # Valid UTF-8 (the usual name) decodes to the same str either way; the
+        # default codec needs no lookup of its name or of the error handler's, and
+        # on a value known to be bytes the compiled build calls it without a lookup.
+        return raw.decode()
+    except UnicodeDecodeError:
+        return str(raw, "utf-8", NAME_ERRORS)
+
+
+class NameCache:
+    """The method name one connection's parser read last, with its bytes.
+
+    The calls on a connection mostly repeat one name. When the next does, the
+    parser hands back the same ``str`` for a comparison of bytes: no decode and
+    no new object, and the hash that the first lookup by name computed is kept
+    with it (a new ``str`` is hashed again by each dict it is looked up in).
+    Holds one name, at most `MAX_NAME_LENGTH` bytes.
+    """
+
+    __slots__ = ("name", "raw")
+
+    def __init__(self) -> None:
+        self.raw = b""
+        self.name = ""
+
+    def decode(self, raw: bytes) -> str:
+        """``raw`` read as `decode_name` reads it."""
+        if raw == self.raw:
+            return self.name
+        name = decode_name(raw)
+        self.raw = raw
+        self.name = name
+        return name
 
 
 def _bad_name_length(name_len: int) -> RemoteProtocolError:

@@ -13,10 +13,12 @@ from thriftpy2.transport.memory import TMemoryBuffer
 
 from sidecar.errors import RemoteProtocolError
 from sidecar.protocol.appexc import encode_application_exception
+from sidecar.protocol.compact import encode_varint, parse_compact_header
 from sidecar.protocol.envelope import (
     MAX_NAME_LENGTH,
     MessageHeader,
     MessageType,
+    NameCache,
     encode_header,
     name_bytes,
     parse_header,
@@ -419,3 +421,59 @@ def test_corrupted_envelope_raises_only_remote_protocol_error(
     cut = data.draw(st.integers(0, len(buf)))
     with contextlib.suppress(RemoteProtocolError):
         parse_header(bytes(buf[:cut]))
+
+
+# The names a connection repeats: UTF-8, invalid UTF-8, empty, and one long.
+_POOL = [b"ping", b"Calc:add", b"caf\xc3", b"", b"\xff\xfe", "naïve".encode(), b"n" * 300]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    picks=st.lists(
+        st.tuples(
+            st.sampled_from(_POOL),
+            st.sampled_from(["strict", "nonstrict", "compact"]),
+            st.sampled_from([bytes, bytearray, memoryview]),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_a_name_cache_reads_every_envelope_as_without_it(
+    picks: list[tuple[bytes, str, type]],
+) -> None:
+    """One cache across a run of envelopes: the same headers as each read alone, and a
+    name read right after the same bytes is the same object (no decode, hash kept)."""
+    names = NameCache()
+    previous: tuple[bytes, MessageHeader] | None = None
+    for raw, form, kind in picks:
+        if form == "compact":
+            data = kind(_compact(raw))
+            cached = parse_compact_header(data, 0, names)
+            alone = parse_compact_header(data, 0)
+        else:
+            make = _strict if form == "strict" else _nonstrict
+            data = kind(make(MessageType.CALL, raw, 7))
+            cached = parse_header(data, 0, names)
+            alone = parse_header(data, 0)
+        assert cached == alone
+        assert cached is not None
+        assert name_bytes(cached.name) == raw
+        if previous is not None and previous[0] == raw:
+            assert cached.name is previous[1].name
+        previous = (raw, cached)
+
+
+def _compact(raw: bytes) -> bytes:
+    """A compact CALL envelope with seqid 7 and the name's bytes as they are."""
+    return bytes([0x82, 0x21, 7 << 1]) + encode_varint(len(raw)) + raw
+
+
+def test_a_decoder_hands_a_repeated_name_back_as_one_object() -> None:
+    """Two calls of one method on a connection: the second's name is the first's str."""
+    decoder = make_decoder(Transport.FRAMED)
+    wire = frame(encode_header("Calculator:add", MessageType.CALL, 1) + BODY, Transport.FRAMED)
+    (first,) = decoder.receive_data(wire)
+    (second,) = decoder.receive_data(wire)
+    assert second.header.name == "Calculator:add"
+    assert second.header.name is first.header.name
