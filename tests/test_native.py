@@ -143,9 +143,14 @@ REPLACEABLE = {
 
 
 def is_type_alias(value: ast.expr) -> bool:
-    """``X = Callable[...]``, ``X = A | B``, ``X = SomeClass``, ``T = TypeVar(...)``."""
-    if isinstance(value, ast.Subscript | ast.BinOp):
+    """``X = Callable[...]``, ``X = A | B``, ``X = SomeClass``, ``T = TypeVar(...)``.
+
+    A union counts only when each side is a type (``frozenset(A) | {b}`` is a value).
+    """
+    if isinstance(value, ast.Subscript):
         return True
+    if isinstance(value, ast.BinOp):
+        return isinstance(value.op, ast.BitOr) and _is_type(value.left) and _is_type(value.right)
     if isinstance(value, ast.Name):
         return value.id[:1].isupper() and not value.id.isupper()
     return (
@@ -153,6 +158,15 @@ def is_type_alias(value: ast.expr) -> bool:
         and isinstance(value.func, ast.Name)
         and value.func.id in {"TypeVar", "ParamSpec"}
     )
+
+
+def _is_type(node: ast.expr) -> bool:
+    """One side of a union type: ``int``, ``None``, ``list[int]``, ``mod.Class``, ``A | B``."""
+    if isinstance(node, ast.Constant):
+        return node.value is None
+    if isinstance(node, ast.BinOp):
+        return isinstance(node.op, ast.BitOr) and _is_type(node.left) and _is_type(node.right)
+    return isinstance(node, ast.Name | ast.Attribute | ast.Subscript)
 
 
 def constants_not_final(source: str, module: str) -> list[str]:
@@ -196,8 +210,11 @@ def test_the_final_check_finds_a_constant_that_is_not() -> None:
         "Alias = int | None\n"
         "T = TypeVar('T')\n"
         "__all__ = ['A']\n"
+        "D = frozenset(A) | {4}\n"
+        "E = A | 8\n"
+        "Wide = int | list[str] | mod.Cls | None\n"
     )
-    assert constants_not_final(source, "m") == ["m:3 B", "m:4 C"]
+    assert constants_not_final(source, "m") == ["m:3 B", "m:4 C", "m:8 D", "m:9 E"]
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,9 @@ from sidecar.protocol.envelope import Protocol
 from sidecar.protocol.skip import FIXED_SIZE, TType
 
 _I16: Final = struct.Struct(">h")
-_BINARY_FIELD_TYPES = frozenset(FIXED_SIZE) | {
+# Type ids a binary field may have on the wire (skip.py's table); any other first byte
+# of a struct is garbage.
+BINARY_FIELD_TYPES: Final = frozenset(FIXED_SIZE) | {
     TType.STRING,
     TType.STRUCT,
     TType.MAP,
@@ -93,7 +95,7 @@ def first_field_id(
         return None if found is None else found[0]
     if body[0] == TType.STOP:
         return None
-    if body[0] not in _BINARY_FIELD_TYPES:
+    if body[0] not in BINARY_FIELD_TYPES:
         raise RemoteProtocolError(f"unknown field type {body[0]}", kind="garbage")
     if len(body) < 3:
         raise RemoteProtocolError("field header cut short", kind="truncated")

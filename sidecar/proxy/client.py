@@ -53,7 +53,7 @@ from sidecar.proxy.upstream import UpstreamConnection
 log: Final = logging.getLogger("sidecar.server")
 
 MAX_QUEUED_MESSAGES: Final = 64
-MAX_QUEUED_BYTES = 8 << 20
+MAX_QUEUED_BYTES = 8 << 20  # read by each connection as it opens (tests lower it)
 # Steps of a buffered message's walk per turn of the loop (`BufferedDecoder`).
 # A step is about 0.1 µs, and a message can cost one per byte (a list of
 # empty structs): a connection holds the loop about half a millisecond at a
@@ -212,6 +212,9 @@ class ClientConnection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
+        # The module's limit, read once: a module name that is not Final is looked up
+        # by name on every use in the compiled build.
+        self._max_queued_bytes = MAX_QUEUED_BYTES
         self._call: ProxiedCall | None = None  # the call in flight
         self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
         self._pumping = False
@@ -263,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
             if (
                 self._reading_paused
                 and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
-                and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+                and self._queued_bytes <= self._max_queued_bytes // 2
             ):
                 self._resume_reading()
             self._pump()  # a connection lost meanwhile may be through now
@@ -301,7 +304,7 @@ class ClientConnection(asyncio.Protocol):
             self._queue.append(error)
             self._pause_reading()
         elif (
-            len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > MAX_QUEUED_BYTES
+            len(self._queue) > MAX_QUEUED_MESSAGES or self._queued_bytes > self._max_queued_bytes
         ) and not self._reading_paused:
             self._pause_reading()
         self._pump()
@@ -387,12 +390,14 @@ class ClientConnection(asyncio.Protocol):
                     if self._behind is not None:
                         break
                     chain = self._call.chain_target()
-                    if chain is None or isinstance(queue[0], ProtocolError):
+                    if chain is None or not isinstance(queue[0], Message):  # an error
                         if chain is None and self._call.waits_to_send():
                             self._call.when_sent(self._sent)  # look again once it is sent
                         break
                 item = queue.popleft()
-                if isinstance(item, ProtocolError):
+                # A message, or the protocol error that ended the input (a class of the
+                # compiled build: a native type check, where ProtocolError is a lookup).
+                if not isinstance(item, Message):
                     self._protocol_error(item)
                     return
                 self._queued_bytes -= len(item.buf)
@@ -401,7 +406,7 @@ class ClientConnection(asyncio.Protocol):
                     and self._decoder.error is None  # after a protocol error: never again
                     and not self._decoder.walk_pending  # `_walk_on` resumes then
                     and len(queue) <= MAX_QUEUED_MESSAGES // 2
-                    and self._queued_bytes <= MAX_QUEUED_BYTES // 2
+                    and self._queued_bytes <= self._max_queued_bytes // 2
                 ):
                     self._resume_reading()
                 assert self._kind is not None

@@ -30,17 +30,8 @@ from sidecar.errors import (
 )
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import MessageType, Protocol
-from sidecar.protocol.fields import first_field_id
-from sidecar.protocol.skip import FIXED_SIZE, TType
-
-# Type ids a field may have on the wire (skip.py's table); any other first byte is garbage.
-_FIELD_TYPES = frozenset(FIXED_SIZE) | {
-    TType.STRING,
-    TType.STRUCT,
-    TType.MAP,
-    TType.SET,
-    TType.LIST,
-}
+from sidecar.protocol.fields import BINARY_FIELD_TYPES, first_field_id
+from sidecar.protocol.skip import TType
 
 
 class Outcome(StrEnum):
@@ -97,7 +88,7 @@ def classify_reply(
             zero_id = size >= 3 and body[at + 1] == 0 and body[at + 2] == 0
         if first == TType.STOP:
             return _OK
-        if size < 3 or first not in _FIELD_TYPES:
+        if size < 3 or first not in BINARY_FIELD_TYPES:
             return Outcome.PROTOCOL_ERROR
         return _OK if zero_id else _DECLARED
     if at:
