@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import sidecar
+from tests.support.source import parse_source
 
 SIDECAR = Path(sidecar.__file__).resolve().parent
 
@@ -49,7 +50,7 @@ def room_of(module: str) -> str:
 
 def imports_of(path: Path, *, annotations: bool = False) -> set[str]:
     """The sidecar modules ``path`` imports (under ``if TYPE_CHECKING:`` too if ``annotations``)."""
-    tree = ast.parse(path.read_text(), str(path))
+    tree = parse_source(path.read_text(), str(path))
     skipped: set[int] = set()
     for node in ast.walk(tree):
         if not annotations and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.dump(node.test):

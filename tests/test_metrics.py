@@ -31,6 +31,7 @@ from tests.support.ops import IDL, PREFIX, label_sets, rig, sample, scrape, send
 from tests.support.raw import encode_call, raw_call, raw_calls
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import REPO_ROOT, SidecarThread, base_config, run_sidecar
+from tests.support.source import parse_source
 from tests.support.wait import wait_until
 
 TAE = thriftpy2.thrift.TApplicationException
@@ -497,7 +498,7 @@ def test_protocol_error_kinds_cover_the_code() -> None:
     """Every ``kind="..."`` raised in sidecar/ is a documented, pre-initialised kind."""
     found = set()
     for path in (REPO_ROOT / "sidecar").rglob("*.py"):
-        for node in ast.walk(ast.parse(Path(path).read_text())):
+        for node in ast.walk(parse_source(Path(path).read_text())):
             if isinstance(node, ast.Call):
                 for kw in node.keywords:
                     if kw.arg == "kind" and isinstance(kw.value, ast.Constant):

@@ -23,6 +23,7 @@ import sidecar
 from sidecar import native
 from tests.conftest import pure_suite_only
 from tests.support.sidecar import REPO_ROOT, free_port, http_get, run_sidecar
+from tests.support.source import parse_source
 
 # The packages every call runs through: a module added to them is compiled
 # unless it is named here with the reason it is not.
@@ -71,7 +72,7 @@ def compiled_classes() -> dict[tuple[str, str], str]:
     found = {}
     for name in native.COMPILED:
         path = (REPO_ROOT / Path(*name.split("."))).with_suffix(".py")
-        for node in ast.parse(path.read_text()).body:
+        for node in parse_source(path.read_text()).body:
             if isinstance(node, ast.ClassDef):
                 found[(name, node.name)] = f"{path.relative_to(REPO_ROOT)}:{node.lineno}"
     return found
@@ -92,7 +93,7 @@ def interpreted_subclasses_of_compiled_classes(
         module = ".".join(shown.with_suffix("").parts)
         if module in native.COMPILED:
             continue
-        tree = ast.parse(path.read_text())
+        tree = parse_source(path.read_text())
         names: dict[str, tuple[str, str]] = {}
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom) and node.module:
@@ -176,7 +177,7 @@ def constants_not_final(source: str, module: str) -> list[str]:
     module's dict, by name, on every use in a compiled function.
     """
     found = []
-    for node in ast.parse(source).body:
+    for node in parse_source(source).body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1:
             target, value, annotation = node.targets[0], node.value, ""
         elif isinstance(node, ast.AnnAssign) and node.value is not None:
@@ -240,7 +241,7 @@ def test_the_compiled_suite_skips_what_only_the_pure_suite_runs(
 def test_the_wheel_tests_run_in_one_suite_only() -> None:
     """They build the image's wheel (about 100 s of both cores); once per CI run is enough."""
     source = (REPO_ROOT / "tests" / "deploy" / "test_image.py").read_text()
-    tree = ast.parse(source)
+    tree = parse_source(source)
     users = [
         node
         for node in tree.body
@@ -276,7 +277,7 @@ def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -
 
 
 def test_setup_py_reads_the_list_without_importing_the_package() -> None:
-    tree = ast.parse((REPO_ROOT / "sidecar" / "native.py").read_text())
+    tree = parse_source((REPO_ROOT / "sidecar" / "native.py").read_text())
     imported = [
         node.module if isinstance(node, ast.ImportFrom) else alias.name
         for node in ast.walk(tree)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import sidecar
+from tests.support.source import parse_source
 
 SIDECAR = Path(sidecar.__file__).resolve().parent
 SANS_IO_DIRS = ["protocol", "resilience"]
@@ -17,7 +18,7 @@ FORBIDDEN = frozenset({"asyncio", "socket", "time", "random", "threading", "sele
 def forbidden_imports(source: str, filename: str = "<test>") -> list[tuple[int, str]]:
     """(line, module) of every forbidden import in ``source``, however it is spelled."""
     found: list[tuple[int, str]] = []
-    for node in ast.walk(ast.parse(source, filename)):
+    for node in ast.walk(parse_source(source, filename)):
         names: list[str] = []
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]

@@ -17,6 +17,7 @@ from types import ModuleType
 import pytest
 
 from sidecar.proxy import call, client
+from tests.support.source import parse_source
 
 CLASSES = [(call, "Call"), (client, "ClientConnection")]
 ROOT = Path(__file__).resolve().parents[2]
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def methods_of(module: ModuleType, name: str) -> dict[str, ast.FunctionDef]:
     # Read from the checkout: a compiled module has no source for inspect to find.
     source = ROOT.joinpath(*module.__name__.split(".")).with_suffix(".py").read_text()
-    tree = ast.parse(source)
+    tree = parse_source(source)
     [cls] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name]
     return {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef)}
 
@@ -132,7 +133,7 @@ class C:
             self._crashed()
             return None
 '''
-    [cls] = ast.parse(source).body
+    [cls] = parse_source(source).body
     assert isinstance(cls, ast.ClassDef)
     found = {f.name: unguarded_reason(f) for f in cls.body if isinstance(f, ast.FunctionDef)}
     assert found == {

@@ -35,6 +35,7 @@ from sidecar.protocol.appexc import (
 from sidecar.protocol.envelope import MessageType, Protocol, parse_header
 from sidecar.protocol.skip import TType
 from sidecar.resilience.outcome import Outcome, classify_reply
+from tests.support.source import parse_source
 
 IDL = """
 exception NotFound { 1: string what }
@@ -321,7 +322,7 @@ def table_rows() -> dict[str, bool]:
     """outcome → "breaker failure" column, read from outcome.py's docstring."""
     # From the source: a compiled module keeps no docstring.
     source = Path(outcome_module.__file__ or "").with_name("outcome.py")
-    doc = ast.get_docstring(ast.parse(source.read_text())) or ""
+    doc = ast.get_docstring(parse_source(source.read_text())) or ""
     rows = re.findall(r"^\|\s*([a-z_]+)\s*\|[^|]*\|\s*(yes|no)\s*\|$", doc, re.MULTILINE)
     return {name: flag == "yes" for name, flag in rows}
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from tests.support.sidecar import REPO_ROOT
+from tests.support.source import parse_source
 
 PACKAGE = REPO_ROOT / "sidecar"
 
@@ -20,7 +21,7 @@ PACKAGE = REPO_ROOT / "sidecar"
 def imported_modules(path: Path) -> set[str]:
     """Every module a file imports, at any depth of its code (lazy imports included)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(parse_source(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
