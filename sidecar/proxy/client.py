@@ -46,7 +46,7 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Done, Wire
+from sidecar.proxy.call import Call, Done, Wire
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.upstream import UpstreamConnection
 
@@ -124,16 +124,35 @@ class ProxiedCall(Protocol):
 CallFactory = Callable[[CallContext, Message, Transport, Done], ProxiedCall]
 
 
+class ServerState:
+    """What a connection reads of its server for each call: one object all share.
+
+    The server stays interpreted (server.py), so each read of one of its
+    attributes is a lookup by name in the compiled build; it keeps these here
+    (`Server.state`), and a connection reads each directly.
+
+    Attributes:
+        context: what new calls start with (`Server.use_context` replaces it).
+        call_factory: makes a call for a message; None: the sidecar's `Call`,
+            made directly (a factory is a call through Python's calling
+            convention: argument parsing and a generic call of the class).
+        draining: the server is draining: a connection closes once it is idle.
+    """
+
+    def __init__(self, context: CallContext, call_factory: CallFactory | None = None) -> None:
+        self.context = context
+        self.call_factory = call_factory
+        self.draining = False
+
+
 class Host(Protocol):
     """What a connection needs of the server that accepted it (`sidecar.proxy.server.Server`)."""
 
     loop: asyncio.AbstractEventLoop
     settings: ServerSettings
-    context: CallContext
-    call_factory: CallFactory
+    state: ServerState
     metrics: SidecarMetrics
     protocol_log: RateLimitedLog
-    draining: bool
 
     def admit(self, conn: ClientConnection) -> bool: ...
 
@@ -185,6 +204,7 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(self, server: Host) -> None:
         self._server = server
+        self._state = server.state
         self._loop = server.loop
         self._clock = server.loop.time  # bound once (`CallContext.clock`)
         settings = server.settings
@@ -409,23 +429,30 @@ class ClientConnection(asyncio.Protocol):
                     and self._queued_bytes <= self._max_queued_bytes // 2
                 ):
                     self._resume_reading()
-                assert self._kind is not None
                 if chain is None:
-                    call = server.call_factory(server.context, item, self._kind, self._answer)
+                    call = self._make_call(item, self._answer)
                     self._call = call
                 else:
                     behind = self._behind = _Behind(self)
-                    call = server.call_factory(server.context, item, self._kind, behind.done)
+                    call = self._make_call(item, behind.done)
                     behind.call = call
                     call.chain_after(chain)
                 call.start()
         finally:
             self._pumping = False
         if self._call is None and not queue and not self._walk_due:
-            if self._eof or self.lost or server.draining:
+            if self._eof or self.lost or self._state.draining:
                 self.close()
             if self.lost:
                 server.finished(self)
+
+    def _make_call(self, message: Message, done: Done) -> ProxiedCall:
+        state = self._state
+        factory = state.call_factory
+        assert self._kind is not None
+        if factory is None:
+            return Call(state.context, message, self._kind, done)
+        return factory(state.context, message, self._kind, done)
 
     def _sent(self) -> None:
         """The call in flight went upstream: the next one may go behind it now."""
@@ -452,7 +479,7 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     self._call = behind.call
                     behind.first = True
-            if self._queue or self._eof or self.lost or self._server.draining:
+            if self._queue or self._eof or self.lost or self._state.draining:
                 self._pump()  # else it would find nothing to start and no reason to close
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()

@@ -32,7 +32,7 @@ import resource
 from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.call import Call
-from sidecar.proxy.client import CallFactory, ClientConnection, ServerSettings
+from sidecar.proxy.client import CallFactory, ClientConnection, ServerSettings, ServerState
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.tls import ClientTls, TlsListener
 
@@ -97,17 +97,16 @@ class Server:
         call_factory: CallFactory = Call,
         tls: ClientTls | None = None,
     ) -> None:
-        self.context = context
+        # What every connection reads per call: the context, the factory, draining.
+        self.state = ServerState(context, None if call_factory is Call else call_factory)
         self.settings = settings
         self.metrics = metrics
         self.loop = loop
-        self.call_factory = call_factory
         self.tls = tls
         self.connections: set[ClientConnection] = set()
         self.held = 0  # bytes held on behalf of clients (limits.max_buffered_bytes)
         # Connections closed by their client whose calls still run.
         self.finishing: set[ClientConnection] = set()
-        self.draining = False
         # Lines a peer can cause at will are rate-limited (counters stay exact).
         self.protocol_log = RateLimitedLog(log, what="protocol error lines")
         self.refusal_log = RateLimitedLog(log, what="refused-connection lines")
@@ -116,9 +115,33 @@ class Server:
         self.fd_cap: int | None = None
         self._changed: asyncio.Event | None = None  # set while draining, on each change
 
+    @property
+    def context(self) -> CallContext:
+        """What new calls start with."""
+        return self.state.context
+
+    @property
+    def call_factory(self) -> CallFactory:
+        """What makes a call for a message (`Call` unless another was given)."""
+        factory = self.state.call_factory
+        return Call if factory is None else factory
+
+    @call_factory.setter
+    def call_factory(self, factory: CallFactory) -> None:
+        self.state.call_factory = None if factory is Call else factory
+
+    @property
+    def draining(self) -> bool:
+        """No new connections; each open one closes once its calls are answered."""
+        return self.state.draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self.state.draining = value
+
     def use_context(self, context: CallContext) -> None:
         """Calls that start from now on use ``context``; calls in flight keep theirs."""
-        self.context = context
+        self.state.context = context
 
     async def listen(
         self, host: str, port: int, upstream_fds: int = 0, *, reuse_port: bool = False
