@@ -57,6 +57,15 @@ class DecoderBase:
         """Go on with a walk stopped for its step budget (`BufferedDecoder.resume`)."""
         return []
 
+    def receive_data(self, data: bytes | bytearray) -> list[Message]:
+        """Feed bytes; return the messages they complete (each decoder's own).
+
+        Declared here so that a caller holding any decoder as a `DecoderBase`
+        calls it directly in the compiled build (a union of the decoders, or a
+        bound method kept as a callable, is a call through Python).
+        """
+        raise NotImplementedError
+
     def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
         self.max_size = max_size
         self.protocol = protocol

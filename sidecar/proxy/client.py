@@ -42,6 +42,7 @@ from sidecar.logs import RateLimitedLog
 from sidecar.metrics import SidecarMetrics
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.auto import EVERYTHING, AutoDecoder, Decoder, make_decoder
+from sidecar.protocol.decoders import DecoderBase
 from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
@@ -218,7 +219,7 @@ class ClientConnection(asyncio.Protocol):
             )
             self._kind: Transport | None = None
             # The decoder detection built, read directly once there (`_detected`).
-            self._direct: Decoder | None = None
+            self._direct: DecoderBase | None = None
         else:
             self._kind = Transport(settings.transport)
             self._decoder = make_decoder(
@@ -265,8 +266,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            direct = self._direct
-            self._decode((self._decoder if direct is None else direct).receive_data, data)
+            self._decode(data)
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
 
@@ -277,7 +277,7 @@ class ClientConnection(asyncio.Protocol):
             decoder = self._decoder
             if self._aborted or decoder.error is not None:
                 return
-            self._decode(lambda _: decoder.resume(), b"")
+            self._decode(None)
             if decoder.walk_pending or decoder.error is not None:
                 return
             if self._eof:  # the end came while the walk was behind
@@ -293,11 +293,17 @@ class ClientConnection(asyncio.Protocol):
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
 
-    def _decode(self, decode: Callable[[bytes], list[Message]], data: bytes) -> None:
-        """Queue the messages ``decode(data)`` completes (and an error), and run them."""
+    def _decode(self, data: bytes | None) -> None:
+        """Queue the messages ``data`` completes (None: the walk's next turn), and any
+        error, and run them."""
         error: ProtocolError | None
         try:
-            messages = decode(data)
+            direct = self._direct
+            if direct is None:  # not detected yet
+                auto = self._decoder
+                messages = auto.resume() if data is None else auto.receive_data(data)
+            else:
+                messages = direct.resume() if data is None else direct.receive_data(data)
         except ProtocolError as exc:
             # Without its traceback: its frames hold the decoder's buffer (megabytes of
             # an unfinished message) for as long as the error is kept.
@@ -330,7 +336,7 @@ class ClientConnection(asyncio.Protocol):
         self._pump()
         self._account()
 
-    def _detected(self) -> AutoDecoder | Decoder:
+    def _detected(self) -> AutoDecoder | DecoderBase:
         """The decoder to read (the one detection built, once it has), after a decode."""
         direct = self._direct
         if direct is not None:
