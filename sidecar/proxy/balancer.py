@@ -38,6 +38,9 @@ class UpstreamSet:
         self._make_pool = make_pool
         self._clock = clock
         self._pools: dict[tuple[str, Transport, Protocol], UpstreamPool] = {}
+        # The pool `pick` returned last, with one address: the next call mostly wants
+        # it again, found by two identity checks instead of a tuple key's lookup.
+        self._last: UpstreamPool | None = None
         self._next = 0
 
     def pool(
@@ -69,8 +72,11 @@ class UpstreamSet:
         addresses = self.addresses
         n = len(addresses)
         if n == 1:
-            pool = self._pools.get((addresses[0], transport, protocol))
-            return self.pool(addresses[0], transport, protocol) if pool is None else pool
+            last = self._last
+            if last is not None and last.transport_kind is transport and last.protocol is protocol:
+                return last
+            self._last = pool = self.pool(addresses[0], transport, protocol)
+            return pool
         start = self._next
         now = self._clock()
         second_choice: int | None = None

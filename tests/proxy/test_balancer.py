@@ -60,6 +60,7 @@ class Rig:
             max_message_size=1 << 20,
             timeouts=self.timeouts,
             loop=self.loop,
+            protocol=protocol,
         )
 
     def picks(self, n: int, tried: list[str] | None = None) -> list[str]:
@@ -120,6 +121,25 @@ def test_when_every_address_was_tried_the_first_in_rotation_is_picked_again(
     r = rig([A, B, C])
     assert r.upstreams.pick(FRAMED, [A, B, C]).address == A
     assert r.upstreams.pick(FRAMED, [C, A, B]).address == B
+
+
+def test_a_lone_address_gives_the_pool_of_the_transport_and_protocol_asked(rig: Build) -> None:
+    """Whatever the pick before asked for (`pick` keeps the last pool of a lone address)."""
+    r = rig([A])
+    asks = [
+        (FRAMED, Protocol.BINARY),
+        (FRAMED, Protocol.COMPACT),
+        (BUFFERED, Protocol.COMPACT),
+        (BUFFERED, Protocol.BINARY),
+        (FRAMED, Protocol.BINARY),
+        (FRAMED, Protocol.BINARY),
+        (BUFFERED, Protocol.BINARY),
+    ]
+    for transport, protocol in asks:
+        picked = r.upstreams.pick(transport, protocol=protocol)
+        assert picked is r.upstreams.pool(A, transport, protocol)
+        assert (picked.address, picked.transport_kind, picked.protocol) == (A, transport, protocol)
+    assert len(r.upstreams.pools()) == 4
 
 
 def test_ejected_addresses_are_skipped_until_their_time_is_up(rig: Build) -> None:
