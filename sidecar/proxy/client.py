@@ -237,8 +237,6 @@ class ClientConnection(asyncio.Protocol):
         # by name on every use in the compiled build.
         self._max_queued_bytes = MAX_QUEUED_BYTES
         self._call: ProxiedCall | None = None  # the call in flight
-        # Its done callback, bound once: a bound method is a new object at each use.
-        self._answer_done: Done = self._answer
         self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
         self._pumping = False
         self._reading_paused = False
@@ -438,7 +436,9 @@ class ClientConnection(asyncio.Protocol):
                 ):
                     self._resume_reading()
                 if chain is None:
-                    call = self._make_call(item, self._answer_done)
+                    # Bound per call, not kept: a bound method kept on the connection would
+                    # make it a cycle, freed only by a collection, buffers and all.
+                    call = self._make_call(item, self._answer)
                     self._call = call
                 else:
                     behind = self._behind = _Behind(self)

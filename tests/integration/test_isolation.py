@@ -10,6 +10,7 @@ the client; a connection that keeps sending such calls is closed.
 
 from __future__ import annotations
 
+import gc
 import socket
 import struct
 
@@ -21,13 +22,14 @@ import thriftpy2.transport
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.protocol.framing import BufferedDecoder, FramedDecoder
 from sidecar.proxy.call import CHECK_STEPS
+from sidecar.proxy.client import ClientConnection
 from tests.integration import reply_parts
 from tests.protocol.test_walk_budget import empty_structs_call
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.raw import encode_call
 from tests.support.redis import SilentServer
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import run_sidecar
+from tests.support.sidecar import SidecarThread, base_config, run_sidecar
 from tests.support.wait import wait_until
 
 CONFIG = {
@@ -231,3 +233,29 @@ def test_a_frame_with_a_hidden_message_is_refused_before_it_reaches_the_upstream
         assert "not sent upstream" in (parts.exc_message or "")
         assert upstream.calls["ping"] == 0
         assert upstream.calls["sleepMs"] == 0
+
+
+def test_a_closed_connection_is_freed_at_once_without_a_collection() -> None:
+    """A closed connection, its decoder's buffer and its queue go as soon as the
+    server forgets it: nothing holds it in a reference cycle, which only the cyclic
+    collector would free, at a time of its own (long after, for an old connection)."""
+    with (
+        thriftpy2_server("framed") as upstream,
+        SidecarThread(base_config([upstream.address])) as st,
+    ):
+        assert st.sidecar is not None
+        server = st.sidecar.server
+        gc.collect()
+        gc.disable()
+        try:
+            for i in range(5):
+                with thriftpy2_client(st.address, "framed") as client:
+                    assert client.add(i, 1) == i + 1
+            wait_until(
+                lambda: st.call(lambda: not server.connections and not server.finishing),
+                message="every connection closed and forgotten",
+            )
+            alive = [o for o in gc.get_objects() if isinstance(o, ClientConnection)]
+            assert alive == []
+        finally:
+            gc.enable()
