@@ -62,9 +62,10 @@ class DecoderBase:
 
         Declared here so that a caller holding any decoder as a `DecoderBase`
         calls it directly in the compiled build (a union of the decoders, or a
-        bound method kept as a callable, is a call through Python).
+        bound method kept as a callable, is a call through Python). Every
+        decoder defines its own; this one is never called.
         """
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no receive_data")
 
     def __init__(self, max_size: int, protocol: Protocol = Protocol.BINARY) -> None:
         self.max_size = max_size

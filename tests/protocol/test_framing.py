@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.errors import RemoteProtocolError
+from sidecar.protocol.decoders import DecoderBase
 from sidecar.protocol.envelope import MessageType, encode_header, parse_header
 from sidecar.protocol.framing import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -556,3 +557,14 @@ def test_set_seqid_then_forward_either_way(msgs: list[Sent], new_seqid: int) -> 
             patched = Sent(want.name, want.mtype, new_seqid, want.strict, want.body)
             assert bytes(msg.to_wire(FRAMED)) == patched.wire(FRAMED)
             assert bytes(msg.to_wire(BUFFERED)) == patched.wire(BUFFERED)
+
+
+def test_every_decoder_reads_bytes_with_a_receive_data_of_its_own() -> None:
+    """`DecoderBase` declares `receive_data` so that a connection holding any decoder
+    calls it directly; each decoder must define it (the base's only says it was not)."""
+    decoders = DecoderBase.__subclasses__()
+    assert {d.__name__ for d in decoders} == {"FramedDecoder", "BufferedDecoder", "THeaderDecoder"}
+    for decoder in decoders:
+        assert decoder.receive_data is not DecoderBase.receive_data, decoder.__name__
+    with pytest.raises(NotImplementedError, match="DecoderBase defines no receive_data"):
+        DecoderBase(1024).receive_data(b"x")
