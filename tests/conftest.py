@@ -7,6 +7,12 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+# Imported before any test runs. A run with no property test would otherwise import
+# it in hypothesis's terminal summary, where pytest's assertion rewriting parses it
+# while the run's garbage is collected, and CPython 3.11's ast.parse can then fail with
+# "AST constructor recursion depth mismatch" (python/cpython#106905; seen running
+# tests/proxy/test_tls.py alone; tests/support/source.py).
+import hypothesis  # noqa: F401
 import prometheus_client
 import prometheus_client.metrics
 import pytest
