@@ -18,7 +18,9 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# The checkout this script is in, after PYTHONPATH: a `sidecar` named there comes
+# first (speed.py runs this script from the compiled build that way).
+sys.path.append(str(Path(__file__).resolve().parents[1]))
 
 from sidecar.app import Sidecar
 from sidecar.cli.serving import run_async
@@ -38,6 +40,7 @@ async def serve(listen: str, upstream: str, metrics_listen: str) -> None:
             ("listen",): listen,
             ("upstream", "addresses"): [upstream],
             ("metrics", "listen"): metrics_listen,
+            ("control", "listen"): "127.0.0.1:0",  # a port of its own beside other sidecars
             ("log", "level"): "warning",
         },
     )

@@ -30,6 +30,13 @@ HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
   runs, docs/compiled.md). Measured only when that directory holds a
   complete compiled build (``sidecar.native.build()`` says ``mypyc``);
   otherwise the report says why not.
+- ``passthrough-mypyc``: `passthrough.py` from the compiled build: the same
+  compiled server, decoders, upstream pool and seqid rewrite with the call's
+  pipeline replaced by one bare forward (no breaker, budget, retry, cache or
+  per-call metrics). Not a goal's target: the floor of this design in
+  Python, so that the distance from ``cached-mypyc`` to it is what the
+  pipeline costs, and the distance from it to HAProxy what the Python
+  connections, uvloop and the kernel do, in the same run.
 
 Cases (the issue's list; ``--cases`` changes it): closed loop at 16
 connections framed, 64 connections framed and 16 connections buffered, each
@@ -96,6 +103,7 @@ fallback:
     backend: memory
 """
 WORKERS_LINE = "workers: 2\n"
+PASSTHROUGH = Path(__file__).resolve().parent / "passthrough.py"
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,8 @@ class Variant:
     tree: bool = False
     # True: run from the compiled build (--compiled), not from --source.
     compiled: bool = False
+    # What follows ``python``: the sidecar itself unless a script is named.
+    program: tuple[str, ...] = ("-m", "sidecar", "run", "--log-level", "warning")
 
 
 VARIANTS = (
@@ -116,6 +126,7 @@ VARIANTS = (
     Variant("cached-w2", CACHE_CONFIG + WORKERS_LINE, tree=True),
     Variant("cached-mypyc", CACHE_CONFIG, compiled=True),
     Variant("cached-mypyc-w2", CACHE_CONFIG + WORKERS_LINE, tree=True, compiled=True),
+    Variant("passthrough-mypyc", None, compiled=True, program=(str(PASSTHROUGH),)),
 )
 # The variant whose figures the issue's goals are about.
 MAIN = "cached"
@@ -190,7 +201,7 @@ def variant_target(
     variant: Variant, workdir: Path, upstream_port: int, source: Path
 ) -> Iterator[Target]:
     """One sidecar variant from ``source``, run as users run it."""
-    program = ["-m", "sidecar", "run", "--log-level", "warning"]
+    program = list(variant.program)
     if variant.config is not None:
         path = workdir / f"{variant.name}.yaml"
         path.write_text(variant.config)

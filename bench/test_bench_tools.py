@@ -889,7 +889,38 @@ def test_speed_runs_the_mypyc_rows_only_from_a_compiled_build(tmp_path: Path) ->
 
     from sidecar import native
 
-    assert {v.name for v in VARIANTS if v.compiled} == {"cached-mypyc", "cached-mypyc-w2"}
+    assert {v.name for v in VARIANTS if v.compiled} == {
+        "cached-mypyc",
+        "cached-mypyc-w2",
+        "passthrough-mypyc",
+    }
     expected = os.environ.get("THRIFT_SIDECAR_EXPECT_BUILD") or native.build()
     assert build_of(REPO_ROOT) == expected
     assert build_of(tmp_path) != "mypyc"  # nothing compiled there
+
+
+def test_passthrough_runs_the_sidecar_that_pythonpath_names(tmp_path: Path) -> None:
+    # speed.py's passthrough-mypyc row runs passthrough.py with the compiled build
+    # first on PYTHONPATH: the script must import that build, not its own checkout's.
+    import os
+    import subprocess
+    import sys
+
+    from speed import PASSTHROUGH, VARIANTS
+
+    stub = tmp_path / "sidecar"
+    stub.mkdir()
+    (stub / "__init__.py").write_text("raise SystemExit('the sidecar on PYTHONPATH')\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, str(PASSTHROUGH), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "the sidecar on PYTHONPATH" in done.stderr
+    (row,) = [v for v in VARIANTS if v.program[0] == str(PASSTHROUGH)]
+    assert row.compiled
+    assert row.config is None
