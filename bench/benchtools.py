@@ -252,6 +252,7 @@ def sidecar_process(
     log: Path,
     timeout: float = START_TIMEOUT,
     source: Path = REPO_ROOT,
+    pythonpath: Sequence[Path] = (),
 ) -> Iterator[SidecarProcess]:
     """Run a sidecar in front of the upstream on 127.0.0.1:``upstream_port``.
 
@@ -264,6 +265,7 @@ def sidecar_process(
         timeout: seconds it gets for ``/readyz`` to answer 200.
         source: the checkout whose ``sidecar`` package runs (this one by
             default; another one to compare two versions).
+        pythonpath: directories put on ``PYTHONPATH`` after ``source``.
 
     Free ports are picked for ``--listen`` and ``--metrics-listen``; the
     checkout is put first on ``PYTHONPATH`` and is the working directory. The process is stopped
@@ -275,7 +277,9 @@ def sidecar_process(
     """
     port, admin = free_port(), free_port()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(source), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(source), *map(str, pythonpath), env.get("PYTHONPATH")])
+    )
     if _has_control_listener(source):
         # Each sidecar its own control port (the default, 127.0.0.1:9465, is one per machine).
         env["SIDECAR_CONTROL__LISTEN"] = f"{HOST}:{free_port()}"

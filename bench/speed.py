@@ -30,13 +30,14 @@ HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
   runs, docs/compiled.md). Measured only when that directory holds a
   complete compiled build (``sidecar.native.build()`` says ``mypyc``);
   otherwise the report says why not.
-- ``passthrough-mypyc``: `passthrough.py` from the compiled build: the same
-  compiled server, decoders, upstream pool and seqid rewrite with the call's
-  pipeline replaced by one bare forward (no breaker, budget, retry, cache or
-  per-call metrics). Not a goal's target: the floor of this design in
-  Python, so that the distance from ``cached-mypyc`` to it is what the
-  pipeline costs, and the distance from it to HAProxy what the Python
-  connections, uvloop and the kernel do, in the same run.
+- ``passthrough-mypyc``: `passthrough.py` from the compiled build, with its
+  bare forward (`forward.py`) compiled by mypyc here: the same compiled
+  server, decoders, upstream pool and seqid rewrite with the call's
+  pipeline replaced by one exchange (no breaker, budget, retry, cache or
+  per-call metrics). Not a goal's target: the floor under the pipeline in
+  this design, so that the distance from ``cached-mypyc`` to it is what the
+  pipeline costs, and the distance from it to HAProxy what the connections
+  in Python, uvloop and the kernel cost, in the same run.
 
 Cases (the issue's list; ``--cases`` changes it): closed loop at 16
 connections framed, 64 connections framed and 16 connections buffered, each
@@ -55,6 +56,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +106,7 @@ fallback:
 """
 WORKERS_LINE = "workers: 2\n"
 PASSTHROUGH = Path(__file__).resolve().parent / "passthrough.py"
+FORWARD = Path(__file__).resolve().parent / "forward.py"
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,8 @@ class Variant:
     compiled: bool = False
     # What follows ``python``: the sidecar itself unless a script is named.
     program: tuple[str, ...] = ("-m", "sidecar", "run", "--log-level", "warning")
+    # True: `forward.py` compiled by mypyc goes on its PYTHONPATH (passthrough.py imports it).
+    compiled_forward: bool = False
 
 
 VARIANTS = (
@@ -126,7 +131,13 @@ VARIANTS = (
     Variant("cached-w2", CACHE_CONFIG + WORKERS_LINE, tree=True),
     Variant("cached-mypyc", CACHE_CONFIG, compiled=True),
     Variant("cached-mypyc-w2", CACHE_CONFIG + WORKERS_LINE, tree=True, compiled=True),
-    Variant("passthrough-mypyc", None, compiled=True, program=(str(PASSTHROUGH),)),
+    Variant(
+        "passthrough-mypyc",
+        None,
+        compiled=True,
+        program=(str(PASSTHROUGH),),
+        compiled_forward=True,
+    ),
 )
 # The variant whose figures the issue's goals are about.
 MAIN = "cached"
@@ -196,9 +207,44 @@ def build_of(source: Path) -> str:
     return probe.stdout.strip()
 
 
+def compile_forward(compiled: Path, workdir: Path) -> tuple[Path | None, str]:
+    """`forward.py` compiled by mypyc against the compiled build's modules.
+
+    Returns the directory that holds the extension, or None and why not.
+    """
+    out = workdir / "forward"
+    out.mkdir()
+    shutil.copy(FORWARD, out / FORWARD.name)
+    # The plugin the project's mypy settings name: it reads the config models.
+    (out / "mypy.ini").write_text(
+        "[mypy]\nplugins = pydantic.mypy\nignore_missing_imports = True\n"
+        "explicit_package_bases = True\n"  # the module is `forward`, wherever `out` is
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mypyc", FORWARD.name],
+            cwd=out,
+            env={**os.environ, "MYPYPATH": str(compiled)},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    except subprocess.TimeoutExpired:
+        return None, "mypyc took over 600 s on forward.py"
+    built = [p for p in out.iterdir() if p.name.startswith("forward.") and p.suffix == ".so"]
+    if done.returncode != 0 or not built:
+        last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
+        return None, f"mypyc could not compile forward.py ({last[0]})"
+    return out, ""
+
+
 @contextlib.contextmanager
 def variant_target(
-    variant: Variant, workdir: Path, upstream_port: int, source: Path
+    variant: Variant,
+    workdir: Path,
+    upstream_port: int,
+    source: Path,
+    pythonpath: tuple[Path, ...] = (),
 ) -> Iterator[Target]:
     """One sidecar variant from ``source``, run as users run it."""
     program = list(variant.program)
@@ -207,7 +253,9 @@ def variant_target(
         path.write_text(variant.config)
         program += ["--config", str(path)]
     log = workdir / f"{variant.name}.log"
-    with sidecar_process(program, upstream_port, log, timeout=20.0, source=source) as running:
+    with sidecar_process(
+        program, upstream_port, log, timeout=20.0, source=source, pythonpath=pythonpath
+    ) as running:
         yield Target(variant.name, running.port, running.proc)
 
 
@@ -456,7 +504,14 @@ def main(argv: list[str] | None = None) -> int:
                         f"`{variant.name}`: this checkout's config refuses it ({why})"
                     )
                     continue
-            target = stack.enter_context(variant_target(variant, tmp, up_port, where))
+            extra: tuple[Path, ...] = ()
+            if variant.compiled_forward:
+                forward_dir, why = compile_forward(compiled, tmp)
+                if forward_dir is None:
+                    meta["not_measured"].append(f"`{variant.name}`: {why}")
+                    continue
+                extra = (forward_dir,)
+            target = stack.enter_context(variant_target(variant, tmp, up_port, where, extra))
             live[variant.name] = target
             tree_of[variant.name] = variant.tree
             assert target.proc is not None

@@ -924,3 +924,39 @@ def test_passthrough_runs_the_sidecar_that_pythonpath_names(tmp_path: Path) -> N
     (row,) = [v for v in VARIANTS if v.program[0] == str(PASSTHROUGH)]
     assert row.compiled
     assert row.config is None
+
+
+@pytest.mark.slow
+def test_the_passthrough_row_forwards_through_its_forward_compiled(
+    tools: dict[str, Path], upstream_port: int, tmp_path: Path
+) -> None:
+    # The passthrough-mypyc row is the compiled build with a compiled bare forward:
+    # speed.py compiles forward.py with mypyc against the build, and the process it
+    # starts has that extension loaded and answers calls through it.
+    import os
+
+    from benchtools import REPO_ROOT
+    from speed import VARIANTS, compile_forward, variant_target
+
+    from sidecar import native
+
+    if (os.environ.get("THRIFT_SIDECAR_EXPECT_BUILD") or native.build()) != "mypyc":
+        pytest.skip("the row runs from a compiled build: checked in the compiled suite")
+    forward_dir, why = compile_forward(REPO_ROOT, tmp_path)
+    assert forward_dir is not None, why
+    (extension,) = forward_dir.glob("forward.*.so")
+    (variant,) = [v for v in VARIANTS if v.compiled_forward]
+    with variant_target(variant, tmp_path, upstream_port, REPO_ROOT, (forward_dir,)) as target:
+        assert target.proc is not None
+        assert str(extension) in Path(f"/proc/{target.proc.pid}/maps").read_text()
+        report = run_loadgen(
+            tools["loadgen"],
+            target.port,
+            conns=4,
+            payload=64,
+            transport="framed",
+            duration=0.3,
+            warmup=0.1,
+        )
+    assert report["errors"] == 0, report
+    assert report["calls"] > 0

@@ -1,0 +1,110 @@
+"""The pass-through's stand-in for `Call`: a call reduced to one exchange.
+
+`passthrough.py` installs it as the server's call factory. Written typed, so
+that `speed.py` can compile it with mypyc beside the compiled build: the
+``passthrough-mypyc`` row then measures the compiled server and connections
+with a compiled forward, the floor under the pipeline in that build.
+Interpreted (as `pipeline.py` runs it) it costs about what the compiled
+pipeline does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from sidecar.errors import UpstreamError
+from sidecar.protocol.envelope import MessageType
+from sidecar.protocol.framing import Message, Transport
+from sidecar.proxy.balancer import UpstreamSet
+from sidecar.proxy.call import Done
+from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
+
+_ONEWAY = MessageType.ONEWAY
+
+
+class Forward:
+    """The reply handler of one forwarded call: the reply goes back under the client's seqid."""
+
+    def __init__(self, seqid: int, client_transport: Transport, done: Done) -> None:
+        self.client_transport = client_transport
+        self.done = done
+        self.seqid = seqid
+
+    def on_reply(self, reply: Message) -> None:
+        reply.set_seqid(self.seqid)
+        self.done(reply.to_wire(self.client_transport))
+
+    def on_error(self, error: UpstreamError) -> None:
+        self.done(None)
+
+    def on_no_reply(self) -> None:
+        self.done(None)
+
+
+class Started:
+    """One call: written to an idle upstream connection, nothing else (no retry, no breaker)."""
+
+    malformed = False  # a bare forward never checks a call
+
+    def __init__(
+        self,
+        upstreams: UpstreamSet,
+        timeout: float,
+        message: Message,
+        client_transport: Transport,
+        done: Done,
+    ) -> None:
+        self.upstreams = upstreams
+        self.timeout = timeout
+        self.message = message
+        self.client_transport = client_transport
+        self.done = done
+
+    def start(self) -> None:
+        pool = self.upstreams.pick(self.client_transport)
+        conn = pool.idle()
+        if conn is None:  # fill the pool once; the benchmark warms up first
+            task = asyncio.get_running_loop().create_task(pool.acquire(self.timeout))
+            task.add_done_callback(lambda t: self.send(pool, t.result()))
+        else:
+            self.send(pool, conn)
+
+    def send(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
+        timeout = self.timeout
+        expires = pool.loop.time() + timeout
+        message = self.message
+        if message.header.type is _ONEWAY:
+            conn.send(message, None, expires, timeout)
+            pool.release(conn, True)
+            self.done(None)
+        else:
+            handler = Forward(message.header.seqid, self.client_transport, self.done)
+            conn.send(message, handler, expires, timeout)
+
+    def cancel(self) -> None:
+        pass
+
+    def cut(self, reason: str) -> None:
+        return None
+
+    def chain_target(self) -> None:
+        """Never sends a call behind another (the full sidecar may, for a oneway)."""
+        return None
+
+    def waits_to_send(self) -> bool:
+        return False
+
+    def chain_after(self, conn: UpstreamConnection) -> None:
+        raise AssertionError("never chained: chain_target is None")
+
+
+def call_factory(
+    upstreams: UpstreamSet, timeout: float
+) -> Callable[[object, Message, Transport, Done], Started]:
+    """The server's call factory: every call a `Started` on ``upstreams``."""
+
+    def call(_ctx: object, message: Message, client_transport: Transport, done: Done) -> Started:
+        return Started(upstreams, timeout, message, client_transport, done)
+
+    return call
