@@ -24,7 +24,7 @@ import struct
 from enum import IntEnum, StrEnum
 from typing import Final
 
-from librt.strings import read_i32_be
+from librt.strings import BytesWriter, read_i32_be
 
 from sidecar.errors import ProtocolError, RemoteProtocolError
 
@@ -356,6 +356,24 @@ def encode_header(name: str, mtype: MessageType, seqid: int, strict: bool = True
 def write_seqid(buf: bytearray, offset: int, seqid: int) -> None:
     """Overwrite the seqid at ``offset`` (a header's seqid_offset plus the message start)."""
     _I32.pack_into(buf, offset, seqid)
+
+
+def with_seqid(data: bytes, offset: int, seqid: int) -> bytes:
+    """A copy of ``data`` with ``seqid`` written at ``offset``; ``data`` is left as it is.
+
+    Made in a librt ``BytesWriter``: the compiled build copies the bytes in
+    and stores the four bytes natively, where a ``bytearray`` copy and
+    ``struct.pack_into`` cost about twice the instructions (argument parsing,
+    a buffer export). It copies twice (in, and out as ``bytes``): for small
+    messages only (`Message.wire_with_seqid`).
+    """
+    writer = BytesWriter()
+    writer.write(data)
+    writer[offset] = (seqid >> 24) & 0xFF
+    writer[offset + 1] = (seqid >> 16) & 0xFF
+    writer[offset + 2] = (seqid >> 8) & 0xFF
+    writer[offset + 3] = seqid & 0xFF
+    return writer.getvalue()
 
 
 def identify(error: ProtocolError, header: MessageHeader) -> None:

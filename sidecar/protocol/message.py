@@ -25,10 +25,14 @@ from sidecar.protocol.compact import (
     read_varint,
     replace_seqid,
 )
-from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header
+from sidecar.protocol.envelope import MessageHeader, Protocol, parse_header, with_seqid
 from sidecar.protocol.theader import THeaderFrame, encode_theader
 
 _I32: Final = struct.Struct(">i")
+# Up to this size `wire_with_seqid` writes a patched copy of a message's bytes
+# (copied twice, natively) rather than patching a bytearray copy in place: past
+# it, the second copy costs more than the call to struct it saves.
+SMALL_WIRE_BYTES: Final = 4096
 
 
 class Transport(StrEnum):
@@ -131,14 +135,24 @@ class Message:
     def wire_with_seqid(
         self, seqid: int, transport: Transport, outer_framed: bool | None = None
     ) -> bytes | bytearray | memoryview:
-        """`set_seqid`, then `to_wire`: one step for the usual message (binary, no THeader
-        frame, already in the form ``transport`` writes), done once for each way of a call."""
+        """The bytes `set_seqid`, then `to_wire`, give: one step for the usual message
+        (binary, no THeader frame, already in the form ``transport`` writes), done once
+        for each way of a call. A small one still in the bytes of its read gets a patched
+        copy, and keeps its own bytes as they came; any other is patched in place."""
         header = self.header
         if header.protocol is not _COMPACT and self.theader is None:
             start = self.start
+            in_form = (start == 4 and transport is _FRAMED) or (
+                start == 0 and transport is _BUFFERED
+            )
+            data = self.buf
+            if in_form and isinstance(data, bytes) and len(data) <= SMALL_WIRE_BYTES:
+                # The bytes of the read, small: a patched copy to write, the message
+                # left as it came (the cheaper copy; `with_seqid`).
+                return with_seqid(data, start + header.seqid_offset, seqid)
             buf = self.owned()
             _I32.pack_into(buf, start + header.seqid_offset, seqid)
-            if (start == 4 and transport is _FRAMED) or (start == 0 and transport is _BUFFERED):
+            if in_form:
                 return buf
         else:
             self.set_seqid(seqid)

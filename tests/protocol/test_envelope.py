@@ -23,6 +23,7 @@ from sidecar.protocol.envelope import (
     name_bytes,
     parse_header,
     shown_name,
+    with_seqid,
     write_seqid,
 )
 from sidecar.protocol.framing import Transport, frame, make_decoder
@@ -477,3 +478,16 @@ def test_a_decoder_hands_a_repeated_name_back_as_one_object() -> None:
     (second,) = decoder.receive_data(wire)
     assert second.header.name == "Calculator:add"
     assert second.header.name is first.header.name
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=4, max_size=300), st.data(), seqids)
+def test_with_seqid_is_a_patched_copy(data: bytes, draw: st.DataObject, seqid: int) -> None:
+    # The copy `Message.wire_with_seqid` writes for a small message: the bytes
+    # struct.pack_into would leave in a bytearray copy; the bytes given unchanged.
+    offset = draw.draw(st.integers(0, len(data) - 4), label="offset")
+    given_bytes = bytes(data)
+    expected = bytearray(data)
+    struct.pack_into(">i", expected, offset, seqid)
+    assert with_seqid(data, offset, seqid) == bytes(expected)
+    assert data == given_bytes

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from sidecar.protocol.framing import (
     frame,
     make_decoder,
 )
+from sidecar.protocol.message import SMALL_WIRE_BYTES
 from tests.protocol.thrift_strategies import (
     chunks,
     encode_envelope_thriftpy2,
@@ -538,12 +540,20 @@ def test_a_framed_decoder_reads_bytes_and_bytearrays_alike(
 @settings(max_examples=100, deadline=None)
 @given(all_messages, seqids)
 def test_wire_with_seqid_is_set_seqid_then_to_wire(msg: Sent, new_seqid: int) -> None:
-    for arrived in (FRAMED, BUFFERED):
-        for transport in (FRAMED, BUFFERED, Transport.THEADER):
-            [one] = make_decoder(arrived).receive_data(msg.wire(arrived))
-            [two] = make_decoder(arrived).receive_data(msg.wire(arrived))
-            two.set_seqid(new_seqid)
-            assert bytes(one.wire_with_seqid(new_seqid, transport)) == bytes(two.to_wire(transport))
+    for arrived, transport, read_as in itertools.product(
+        (FRAMED, BUFFERED), (FRAMED, BUFFERED, Transport.THEADER), (bytes, bytearray)
+    ):
+        [one] = make_decoder(arrived).receive_data(read_as(msg.wire(arrived)))
+        [two] = make_decoder(arrived).receive_data(read_as(msg.wire(arrived)))
+        two.set_seqid(new_seqid)
+        came = one.buf
+        assert bytes(one.wire_with_seqid(new_seqid, transport)) == bytes(two.to_wire(transport))
+        in_form = (arrived, transport) in ((FRAMED, FRAMED), (BUFFERED, BUFFERED))
+        if in_form and isinstance(came, bytes) and len(came) <= SMALL_WIRE_BYTES:
+            # A small message in the bytes of its read: written as a patched copy,
+            # its own bytes left as they came.
+            assert one.buf is came
+        else:  # patched in place
             assert one == two
 
 
@@ -568,3 +578,19 @@ def test_every_decoder_reads_bytes_with_a_receive_data_of_its_own() -> None:
         assert decoder.receive_data is not DecoderBase.receive_data, decoder.__name__
     with pytest.raises(NotImplementedError, match="DecoderBase defines no receive_data"):
         DecoderBase(1024).receive_data(b"x")
+
+
+def test_a_large_message_is_patched_in_place_and_a_small_one_copied() -> None:
+    # Past SMALL_WIRE_BYTES the second copy would cost more than struct's call:
+    # the message's bytes become its own bytearray, patched; below, a patched copy.
+    for size, copied in ((SMALL_WIRE_BYTES - 100, True), (SMALL_WIRE_BYTES + 1, False)):
+        body = b"\x0b\x00\x01" + struct.pack(">i", size) + b"x" * size + b"\x00"
+        wire = Sent("echo", 1, 7, True, body).wire(FRAMED)
+        [message] = make_decoder(FRAMED).receive_data(wire)
+        came = message.buf
+        sent = message.wire_with_seqid(99, FRAMED)
+        [read_back] = make_decoder(FRAMED).receive_data(bytes(sent))
+        assert read_back.header.seqid == 99
+        assert bytes(read_back.body()) == body
+        assert (message.buf is came) is copied
+        assert (sent is message.buf) is not copied
