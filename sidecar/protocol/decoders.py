@@ -247,6 +247,21 @@ class BufferedDecoder(DecoderBase):
             if self._buf:
                 raise self._fail(_truncated(self._buf, 0, self._read_header, self._header))
             return []
+        if not self._buf and self._flat and isinstance(data, bytes):
+            # The common case: one whole message, a flat struct, in the bytes of one
+            # read, nothing pending (nothing buffered means no header or walk pending
+            # either): read in place, as `FramedDecoder` reads a whole frame, and kept
+            # as those bytes. Anything else (more or less than one message, a nested
+            # struct, too many steps, garbage) takes the walk below, which says why.
+            try:
+                header = self._read_header(data, 0)
+            except RemoteProtocolError:
+                header = None
+            if header is not None:
+                end = len(data)
+                stop = flat_struct_end(data, header.body_offset, end, self.walk_steps)
+                if stop == end and stop <= self.max_size:
+                    return [Message(header, data, 0)]  # the read's own bytes (`Message`)
         self._buf += data
         if self.walk_pending:  # `resume` walks on; these bytes wait their turn
             return []

@@ -27,6 +27,7 @@ from sidecar.protocol.framing import (
     make_decoder,
 )
 from sidecar.protocol.message import SMALL_WIRE_BYTES
+from sidecar.protocol.skip import UNBOUNDED
 from tests.protocol.thrift_strategies import (
     chunks,
     encode_envelope_thriftpy2,
@@ -535,6 +536,63 @@ def test_a_framed_decoder_reads_bytes_and_bytearrays_alike(
     assert _decoded(pieces) == _decoded([bytearray(piece) for piece in pieces])
     frames = [m.wire(FRAMED) for m in msgs]  # one whole frame per read: the fast path
     assert _decoded(frames) == _decoded([bytearray(f) for f in frames])
+
+
+def _decoded_unframed(
+    pieces: list[bytes] | list[bytearray], walk_steps: int
+) -> tuple[list[Message], object]:
+    """What a buffered decoder makes of ``pieces`` (walking on while it says a walk is
+    pending, as a connection does): the messages, then the error if any."""
+    decoder = BufferedDecoder(1000, walk_steps=walk_steps)
+    out: list[Message] = []
+    try:
+        for piece in pieces:
+            out += decoder.receive_data(piece)
+            for _ in range(10_000):  # bounded: each resume walks at least one step
+                if not decoder.walk_pending:
+                    break
+                out += decoder.resume()
+    except RemoteProtocolError as exc:
+        return out, (exc.kind, str(exc), exc.seqid)
+    return out, None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(all_messages, min_size=1, max_size=3), st.data())
+def test_a_buffered_decoder_reads_bytes_and_bytearrays_alike(
+    msgs: list[Sent], data: st.DataObject
+) -> None:
+    """A read that is one whole message in bytes takes the in-place path, anything else
+    the walk over the buffer; the messages and errors are the same, garbage and a
+    bounded walk included."""
+    walk_steps = data.draw(st.sampled_from([UNBOUNDED, 1, 2, 5]), label="walk_steps")
+    wire = bytearray(b"".join(m.wire(BUFFERED) for m in msgs))
+    if data.draw(st.booleans(), label="corrupt"):
+        at = data.draw(st.integers(0, len(wire) - 1), label="at")
+        wire[at] = data.draw(st.integers(0, 255), label="byte")
+    cuts = data.draw(split_points(len(wire)), label="cuts")
+    pieces = chunks(bytes(wire), cuts)
+    assert _decoded_unframed(pieces, walk_steps) == _decoded_unframed(
+        [bytearray(piece) for piece in pieces], walk_steps
+    )
+    whole = [m.wire(BUFFERED) for m in msgs]  # one whole message per read: in place
+    assert _decoded_unframed(whole, walk_steps) == _decoded_unframed(
+        [bytearray(w) for w in whole], walk_steps
+    )
+
+
+def test_a_buffered_decoder_keeps_a_whole_message_in_the_bytes_of_its_read() -> None:
+    # No copy into the decoder's buffer and out again: the message is the read's
+    # bytes, as a framed decoder's is; a read of a message and a half is walked.
+    one = Sent("echo", 1, 7, True, b"\x0b\x00\x01\x00\x00\x00\x02hi\x00").wire(BUFFERED)
+    decoder = BufferedDecoder(1000)
+    [message] = decoder.receive_data(one)
+    assert message.buf is one
+    assert message.header.seqid == 7
+    [first] = decoder.receive_data(one + one[:5])
+    assert bytes(first.buf) == one
+    [second] = decoder.receive_data(one[5:])
+    assert bytes(second.buf) == one
 
 
 @settings(max_examples=100, deadline=None)
