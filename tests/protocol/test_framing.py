@@ -508,13 +508,22 @@ def test_auto_decoder_splits_anyhow(
         assert detect_transport(msgs[0].wire(transport)[:n]) in (None, transport)
 
 
-def _decoded(pieces: list[bytes] | list[bytearray]) -> tuple[list[Message], object]:
-    """What a framed decoder makes of ``pieces``: the messages, then the error if any."""
-    decoder = FramedDecoder(1000)
+def _decoded(
+    pieces: list[bytes] | list[bytearray],
+    make: Callable[[], FramedDecoder | BufferedDecoder] = lambda: FramedDecoder(1000),
+) -> tuple[list[Message], object]:
+    """What a new decoder (framed unless ``make`` says) makes of ``pieces``, walking on
+    while a buffered one says a walk is pending (as a connection does): the messages,
+    then the error if any."""
+    decoder = make()
     out: list[Message] = []
     try:
         for piece in pieces:
             out += decoder.receive_data(piece)
+            for _ in range(10_000):  # bounded: each resume walks at least one step
+                if not (isinstance(decoder, BufferedDecoder) and decoder.walk_pending):
+                    break
+                out += decoder.resume()
     except RemoteProtocolError as exc:
         return out, (exc.kind, str(exc), exc.seqid)
     return out, None
@@ -538,25 +547,6 @@ def test_a_framed_decoder_reads_bytes_and_bytearrays_alike(
     assert _decoded(frames) == _decoded([bytearray(f) for f in frames])
 
 
-def _decoded_unframed(
-    pieces: list[bytes] | list[bytearray], walk_steps: int
-) -> tuple[list[Message], object]:
-    """What a buffered decoder makes of ``pieces`` (walking on while it says a walk is
-    pending, as a connection does): the messages, then the error if any."""
-    decoder = BufferedDecoder(1000, walk_steps=walk_steps)
-    out: list[Message] = []
-    try:
-        for piece in pieces:
-            out += decoder.receive_data(piece)
-            for _ in range(10_000):  # bounded: each resume walks at least one step
-                if not decoder.walk_pending:
-                    break
-                out += decoder.resume()
-    except RemoteProtocolError as exc:
-        return out, (exc.kind, str(exc), exc.seqid)
-    return out, None
-
-
 @settings(max_examples=200, deadline=None)
 @given(st.lists(all_messages, min_size=1, max_size=3), st.data())
 def test_a_buffered_decoder_reads_bytes_and_bytearrays_alike(
@@ -572,13 +562,13 @@ def test_a_buffered_decoder_reads_bytes_and_bytearrays_alike(
         wire[at] = data.draw(st.integers(0, 255), label="byte")
     cuts = data.draw(split_points(len(wire)), label="cuts")
     pieces = chunks(bytes(wire), cuts)
-    assert _decoded_unframed(pieces, walk_steps) == _decoded_unframed(
-        [bytearray(piece) for piece in pieces], walk_steps
-    )
+
+    def make() -> BufferedDecoder:
+        return BufferedDecoder(1000, walk_steps=walk_steps)
+
+    assert _decoded(pieces, make) == _decoded([bytearray(piece) for piece in pieces], make)
     whole = [m.wire(BUFFERED) for m in msgs]  # one whole message per read: in place
-    assert _decoded_unframed(whole, walk_steps) == _decoded_unframed(
-        [bytearray(w) for w in whole], walk_steps
-    )
+    assert _decoded(whole, make) == _decoded([bytearray(w) for w in whole], make)
 
 
 def test_a_buffered_decoder_keeps_a_whole_message_in_the_bytes_of_its_read() -> None:
