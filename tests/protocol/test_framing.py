@@ -509,10 +509,9 @@ def test_auto_decoder_splits_anyhow(
 
 
 def _decoded(
-    pieces: list[bytes] | list[bytearray],
-    make: Callable[[], FramedDecoder | BufferedDecoder] = lambda: FramedDecoder(1000),
+    pieces: list[bytes] | list[bytearray], make: Callable[[], FramedDecoder | BufferedDecoder]
 ) -> tuple[list[Message], object]:
-    """What a new decoder (framed unless ``make`` says) makes of ``pieces``, walking on
+    """What a new decoder from ``make`` makes of ``pieces``, walking on
     while a buffered one says a walk is pending (as a connection does): the messages,
     then the error if any."""
     decoder = make()
@@ -529,45 +528,32 @@ def _decoded(
     return out, None
 
 
+@pytest.mark.parametrize("transport", [FRAMED, BUFFERED])
 @settings(max_examples=200, deadline=None)
 @given(st.lists(all_messages, min_size=1, max_size=3), st.data())
-def test_a_framed_decoder_reads_bytes_and_bytearrays_alike(
-    msgs: list[Sent], data: st.DataObject
+def test_a_decoder_reads_bytes_and_bytearrays_alike(
+    transport: Transport, msgs: list[Sent], data: st.DataObject
 ) -> None:
-    """Bytes take the one-whole-frame path (read in place), bytearrays the general one;
-    the messages and errors are the same, garbage included."""
-    wire = bytearray(b"".join(m.wire(FRAMED) for m in msgs))
-    if data.draw(st.booleans(), label="corrupt"):
-        at = data.draw(st.integers(0, len(wire) - 1), label="at")
-        wire[at] = data.draw(st.integers(0, 255), label="byte")
-    cuts = data.draw(split_points(len(wire)), label="cuts")
-    pieces = chunks(bytes(wire), cuts)
-    assert _decoded(pieces) == _decoded([bytearray(piece) for piece in pieces])
-    frames = [m.wire(FRAMED) for m in msgs]  # one whole frame per read: the fast path
-    assert _decoded(frames) == _decoded([bytearray(f) for f in frames])
+    """A read that is one whole message in bytes takes the in-place path (a whole
+    frame, or a flat message walked where it lies), anything else the general one; the
+    messages and errors are the same, garbage and, unframed, a bounded walk included."""
+    walk_steps = UNBOUNDED
+    if transport is BUFFERED:
+        walk_steps = data.draw(st.sampled_from([UNBOUNDED, 1, 2, 5]), label="walk_steps")
 
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(all_messages, min_size=1, max_size=3), st.data())
-def test_a_buffered_decoder_reads_bytes_and_bytearrays_alike(
-    msgs: list[Sent], data: st.DataObject
-) -> None:
-    """A read that is one whole message in bytes takes the in-place path, anything else
-    the walk over the buffer; the messages and errors are the same, garbage and a
-    bounded walk included."""
-    walk_steps = data.draw(st.sampled_from([UNBOUNDED, 1, 2, 5]), label="walk_steps")
-    wire = bytearray(b"".join(m.wire(BUFFERED) for m in msgs))
-    if data.draw(st.booleans(), label="corrupt"):
-        at = data.draw(st.integers(0, len(wire) - 1), label="at")
-        wire[at] = data.draw(st.integers(0, 255), label="byte")
-    cuts = data.draw(split_points(len(wire)), label="cuts")
-    pieces = chunks(bytes(wire), cuts)
-
-    def make() -> BufferedDecoder:
+    def make() -> FramedDecoder | BufferedDecoder:
+        if transport is FRAMED:
+            return FramedDecoder(1000)
         return BufferedDecoder(1000, walk_steps=walk_steps)
 
+    wire = bytearray(b"".join(m.wire(transport) for m in msgs))
+    if data.draw(st.booleans(), label="corrupt"):
+        at = data.draw(st.integers(0, len(wire) - 1), label="at")
+        wire[at] = data.draw(st.integers(0, 255), label="byte")
+    cuts = data.draw(split_points(len(wire)), label="cuts")
+    pieces = chunks(bytes(wire), cuts)
     assert _decoded(pieces, make) == _decoded([bytearray(piece) for piece in pieces], make)
-    whole = [m.wire(BUFFERED) for m in msgs]  # one whole message per read: in place
+    whole = [m.wire(transport) for m in msgs]  # one whole message per read: in place
     assert _decoded(whole, make) == _decoded([bytearray(w) for w in whole], make)
 
 
