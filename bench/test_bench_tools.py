@@ -410,6 +410,15 @@ def _state(admin_url: str) -> dict[str, Any]:
     return state
 
 
+def _short_clean_run(loadgen: Path, port: int) -> None:
+    """A short load generator run (4 connections, 64 B, framed): calls made, no errors."""
+    report = run_loadgen(
+        loadgen, port, conns=4, payload=64, transport="framed", duration=0.3, warmup=0.1
+    )
+    assert report["errors"] == 0, report
+    assert report["calls"] > 0
+
+
 @pytest.mark.parametrize(("variant", "entries"), [("sidecar", 0), ("cached", 1)])
 def test_speed_cached_variant_stores_every_reply(
     tools: dict[str, Path], upstream_port: int, tmp_path: Path, variant: str, entries: int
@@ -427,17 +436,7 @@ def test_speed_cached_variant_stores_every_reply(
         program += ["--config", str(tmp_path / "c.yaml")]
     with sidecar_process(program, upstream_port, tmp_path / "s.log", source=REPO_ROOT) as sc:
         assert _state(sc.admin_url)["fallback_store"]["entries"] == 0
-        report = run_loadgen(
-            tools["loadgen"],
-            sc.port,
-            conns=4,
-            payload=64,
-            transport="framed",
-            duration=0.3,
-            warmup=0.1,
-        )
-        assert report["errors"] == 0, report
-        assert report["calls"] > 0
+        _short_clean_run(tools["loadgen"], sc.port)
         assert _state(sc.admin_url)["fallback_store"]["entries"] == entries
 
 
@@ -944,14 +943,4 @@ def test_the_passthrough_row_forwards_through_its_forward_compiled(
     with variant_target(variant, tmp_path, upstream_port, REPO_ROOT, (forward_dir,)) as target:
         assert target.proc is not None
         assert str(extension) in Path(f"/proc/{target.proc.pid}/maps").read_text()
-        report = run_loadgen(
-            tools["loadgen"],
-            target.port,
-            conns=4,
-            payload=64,
-            transport="framed",
-            duration=0.3,
-            warmup=0.1,
-        )
-    assert report["errors"] == 0, report
-    assert report["calls"] > 0
+        _short_clean_run(tools["loadgen"], target.port)
