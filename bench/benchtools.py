@@ -46,7 +46,7 @@ HOST = "127.0.0.1"
 # -O2 is what a distribution would build with; -pthread for the upstream's
 # optional worker threads.
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-pthread"]
-TOOLS = ("loadgen", "upstream")
+TOOLS = ("loadgen", "upstream", "loopback")
 # Seconds a freshly started process gets to report that it is listening.
 START_TIMEOUT = 15.0
 # Seconds a process gets to exit after SIGTERM before SIGKILL.
@@ -61,7 +61,7 @@ def build_tools(bin_dir: Path = BIN_DIR) -> dict[str, Path]:
     concurrent build or run never sees half a file.
 
     Returns:
-        ``{"loadgen": path, "upstream": path}``.
+        ``{"loadgen": path, "upstream": path, "loopback": path}``.
 
     Raises:
         RuntimeError: gcc is missing or the build failed (its output is in

@@ -368,6 +368,33 @@ def test_open_loop_times_calls_from_when_they_were_due(tools: dict[str, Path]) -
     assert lat["p50"] >= 20_000, lat
 
 
+# --- loopback.py: the kernel's floor under a call ---
+
+
+def test_loopback_times_both_ways_of_calling_for_each_size(tools: dict[str, Path]) -> None:
+    from loopback import measure, table
+
+    results = {size: measure(tools["loopback"], size, 500, 2) for size in (64, 16384)}
+    for got in results.values():
+        assert set(got) == {"write_read_us", "sendto_recvfrom_us"}
+        assert all(0 < us < 10_000 for us in got.values()), got
+    lines = table(results).splitlines()
+    assert len(lines) == 4
+    assert lines[2].startswith("| 64 |")
+    assert lines[3].startswith("| 16,384 |")
+    assert f"{2 * results[64]['write_read_us']:.1f} |" in lines[2]
+
+
+def test_loopback_refuses_a_size_it_cannot_hold(tools: dict[str, Path]) -> None:
+    import subprocess
+
+    done = subprocess.run(
+        [str(tools["loopback"]), str(1 << 20), "10"], capture_output=True, text=True, timeout=30
+    )
+    assert done.returncode == 2
+    assert "SIZE must be" in done.stderr
+
+
 # --- speed.py: issue 12's figures (cache-on sidecar, fixed rate, process trees) ---
 
 
