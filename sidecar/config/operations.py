@@ -62,10 +62,11 @@ class LimitsConfig(Section):
         48 << 20,
         ge=1 << 20,
         description="Bytes held on behalf of all clients together: messages received but not "
-        "yet finished or run. Past it the connections holding the oldest unfinished messages "
-        "are closed (PROTOCOL_ERROR where a seqid is readable), and one whose finished calls "
-        "wait has its reading paused. 48 MiB: three messages of the default max_frame_size, "
-        "a fifth of a 256 MiB container.",
+        "yet finished or run, and replies a client has not taken. Past it the connections that "
+        "held bytes without progress the longest (an unfinished message that stopped growing: "
+        "PROTOCOL_ERROR where a seqid is readable; replies left unread: cut off) are closed, and "
+        "one whose finished calls wait has its reading paused. 48 MiB: three messages of the "
+        "default max_frame_size, a fifth of a 256 MiB container.",
     )
     validate_framed_calls: bool = Field(
         True,

@@ -12,7 +12,9 @@ flight.
 Flow control: reading pauses while more than `MAX_QUEUED_MESSAGES` messages
 or `MAX_QUEUED_BYTES` bytes wait, and resumes below half of that; no next
 call starts while the client's socket buffer is full (``pause_writing``
-until ``resume_writing``).
+until ``resume_writing``), and the replies it has not taken meanwhile count
+against the server's memory budget. A connection starts at most
+`CALLS_PER_TURN` calls in a turn of the loop, then yields to the others.
 
 A client that breaks the protocol gets the replies to the calls it sent
 before, then a ``TApplicationException(PROTOCOL_ERROR)`` where a seqid is
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,12 +57,23 @@ from sidecar.proxy.upstream import UpstreamConnection
 log: Final = logging.getLogger("sidecar.server")
 
 MAX_QUEUED_MESSAGES: Final = 64
+# Calls a connection starts in one turn of the loop. Most wait for the upstream
+# and the next starts when the reply comes; but a call answered at once (a oneway
+# call, a fallback, an error) lets the next one start, and a read can hold
+# thousands: after this many the connection yields until the next turn, and every
+# other connection (the admin port's too) gets its turn first (`_take_turn`).
+CALLS_PER_TURN: Final = 64
 MAX_QUEUED_BYTES = 8 << 20  # read by each connection as it opens (tests lower it)
 # Steps of a buffered message's walk per turn of the loop (`BufferedDecoder`).
 # A step is about 0.1 µs, and a message can cost one per byte (a list of
 # empty structs): a connection holds the loop about half a millisecond at a
 # time, and every other connection runs in between.
 WALK_STEPS: Final = 4096
+# An unfinished message makes progress when this many more of its bytes arrive (or
+# a new message begins): the memory budget closes the connections that made none
+# for the longest first (`ClientConnection.stalled_since`), and a client that
+# trickles a byte at a time does not look busy.
+PROGRESS_BYTES: Final = 4096
 # Malformed calls (found so after they failed upstream) a connection may send
 # before it is closed: one is a bug, three in a row are a client to stop.
 MAX_MALFORMED_CALLS: Final = 3
@@ -193,8 +207,10 @@ ENTRY_POINTS: Final = (
     "data_received",
     "eof_received",
     "connection_lost",
+    "pause_writing",
     "resume_writing",
     "_walk_on",
+    "_turn_on",
     "_sent",
     "_answer",
 )
@@ -230,6 +246,7 @@ class ClientConnection(asyncio.Protocol):
             )
             self._direct = self._decoder
         self._walk_due = False  # `_walk_on` is scheduled
+        self._turn_due = False  # `_turn_on` is scheduled
         self._transport: asyncio.Transport | None = None
         self._queue: deque[Message | ProtocolError] = deque()
         self._queued_bytes = 0
@@ -246,7 +263,14 @@ class ClientConnection(asyncio.Protocol):
         self._aborted = False
         self._malformed = 0
         self._held = 0  # bytes reported to the server's memory budget
-        self.partial_since: float | None = None  # when the unfinished message began
+        # When the unfinished message last made progress (`PROGRESS_BYTES`), and its
+        # size then; time.monotonic(), finer than the loop's clock.
+        self.partial_since: float | None = None
+        self._progress_mark = 0
+        # Replies written but not taken by the client, past the transport's high-water
+        # mark (`pause_writing`), and since when.
+        self._unsent = 0
+        self.unsent_since: float | None = None
         self.peer = "?"
         self.last_active = self._clock()
 
@@ -283,12 +307,7 @@ class ClientConnection(asyncio.Protocol):
             if self._eof:  # the end came while the walk was behind
                 self._end_of_input()
                 return
-            if (
-                self._reading_paused
-                and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
-                and self._queued_bytes <= self._max_queued_bytes // 2
-            ):
-                self._resume_reading()
+            self._read_on_if_short()
             self._pump()  # a connection lost meanwhile may be through now
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
@@ -375,20 +394,37 @@ class ClientConnection(asyncio.Protocol):
             self.lost = True
             self._account(gone=True)
             self._writable = True
+            self._unsent = 0
+            self.unsent_since = None
             self._server.forget(self)
             self._pump()  # what was accepted still runs (oneway calls included)
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
 
     def pause_writing(self) -> None:
-        self._writable = False
+        try:
+            self._writable = False
+            self.unsent_since = time.monotonic()
+            self._count_unsent()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def resume_writing(self) -> None:
         try:
             self._writable = True
+            self.unsent_since = None
+            self._unsent = 0
+            self._account()
             self._pump()
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
+
+    def _count_unsent(self) -> None:
+        """While the client does not take its replies, they count against the memory
+        budget: the transport's buffer, refreshed as more replies go in."""
+        transport = self._transport
+        self._unsent = 0 if transport is None else transport.get_write_buffer_size()
+        self._account()
 
     # running the queue
 
@@ -409,8 +445,12 @@ class ClientConnection(asyncio.Protocol):
         self._pumping = True
         queue = self._queue
         server = self._server
+        started = 0
         try:
             while queue and self._writable and not self._aborted:
+                if started == CALLS_PER_TURN:
+                    self._take_turn()
+                    break
                 chain = None
                 if self._call is not None:
                     if self._behind is not None:
@@ -427,14 +467,8 @@ class ClientConnection(asyncio.Protocol):
                     self._protocol_error(item)
                     return
                 self._queued_bytes -= len(item.buf)
-                if (
-                    self._reading_paused
-                    and self._decoder.error is None  # after a protocol error: never again
-                    and not self._decoder.walk_pending  # `_walk_on` resumes then
-                    and len(queue) <= MAX_QUEUED_MESSAGES // 2
-                    and self._queued_bytes <= self._max_queued_bytes // 2
-                ):
-                    self._resume_reading()
+                if self._reading_paused:
+                    self._read_on_if_short()
                 if chain is None:
                     # Bound per call, not kept: a bound method kept on the connection would
                     # make it a cycle, freed only by a collection, buffers and all.
@@ -446,13 +480,48 @@ class ClientConnection(asyncio.Protocol):
                     behind.call = call
                     call.chain_after(chain)
                 call.start()
+                started += 1
         finally:
             self._pumping = False
-        if self._call is None and not queue and not self._walk_due:
+        if self._call is None and not queue and not self._walk_due and not self._turn_due:
             if self._eof or self.lost or self._state.draining:
                 self.close()
             if self.lost:
                 server.finished(self)
+
+    def _read_on_if_short(self) -> None:
+        """Read again, when reading is paused for the queue's length and it is down to
+        half the limits, and nothing else holds it paused."""
+        if (
+            self._reading_paused
+            and self._decoder.error is None  # after a protocol error: never again
+            and not self._decoder.walk_pending  # `_walk_on` resumes then
+            and not self._turn_due  # `_turn_on` resumes then
+            and len(self._queue) <= MAX_QUEUED_MESSAGES // 2
+            and self._queued_bytes <= self._max_queued_bytes // 2
+        ):
+            self._resume_reading()
+
+    def _take_turn(self) -> None:
+        """`CALLS_PER_TURN` calls started: read no more, and go on after the other
+        connections' turn (the loop's next round; `_turn_on`)."""
+        if not self._turn_due:
+            self._turn_due = True
+            self._pause_reading()
+            self._loop.call_soon(self._turn_on)
+
+    def _turn_on(self) -> None:
+        """This connection's next turn: more of its queue, and reading again once it
+        is short (`_pump`)."""
+        try:
+            self._turn_due = False
+            if self._aborted:
+                return
+            self._pump()
+            self._read_on_if_short()
+            self._account()
+        except Exception:  # a bug: it stops here (`_crashed`)
+            self._crashed()
 
     def _make_call(self, message: Message, done: Done) -> ProxiedCall:
         state = self._state
@@ -476,7 +545,9 @@ class ClientConnection(asyncio.Protocol):
             self.last_active = self._clock()
             if reply is not None and not self.lost and self._transport is not None:  # `_write`
                 self._transport.write(reply)
-            if self._held:  # queued messages may have gone to calls since it was counted
+            if not self._writable:  # the reply waits with those the client has not taken
+                self._count_unsent()
+            elif self._held:  # queued messages may have gone to calls since it was counted
                 self._account()
             if call is not None and call.malformed and self._too_many_malformed():
                 return
@@ -500,19 +571,37 @@ class ClientConnection(asyncio.Protocol):
         """Tell the server how many bytes this connection holds now (0 once it is gone)."""
         direct = self._direct
         buffered = (self._decoder if direct is None else direct).buffered_bytes
-        held = 0 if gone else buffered + self._queued_bytes
+        held = 0 if gone else buffered + self._queued_bytes + self._unsent
         if held != self._held:
-            if held and not buffered:
+            if not buffered or gone:
                 self.partial_since = None
-            elif buffered and self.partial_since is None:
-                self.partial_since = self._clock()
+            elif (
+                self.partial_since is None
+                or buffered < self._progress_mark
+                or buffered >= self._progress_mark + PROGRESS_BYTES
+            ):
+                self.partial_since = time.monotonic()
+                self._progress_mark = buffered
             delta, self._held = held - self._held, held
             self._server.hold(self, delta)
 
     @property
     def held(self) -> int:
-        """Bytes of unfinished and queued messages this connection holds."""
+        """Bytes this connection holds: unfinished and queued messages, and replies past
+        the transport's high-water mark that the client has not taken."""
         return self._held
+
+    @property
+    def stalled_since(self) -> float | None:
+        """Since when it holds bytes without progress (time.monotonic()): the
+        unfinished message's last progress or the first reply it did not take, the
+        earlier; None when it holds neither."""
+        partial, unsent = self.partial_since, self.unsent_since
+        if partial is None:
+            return unsent
+        if unsent is None:
+            return partial
+        return min(partial, unsent)
 
     @property
     def waiting_bytes(self) -> int:
@@ -520,7 +609,11 @@ class ClientConnection(asyncio.Protocol):
         return self._queued_bytes
 
     def shed(self) -> None:
-        """Over the memory budget with an unfinished message: answer, count, close."""
+        """Over the memory budget: count and close; an unfinished message is answered
+        first, but a client that does not take its replies gets none: it is cut off."""
+        if self.unsent_since is not None:
+            self._cut_off_unread()
+            return
         decoder = self._decoder
         error = RemoteProtocolError(
             f"the sidecar's memory budget for client messages (limits.max_buffered_bytes) is "
@@ -536,6 +629,27 @@ class ClientConnection(asyncio.Protocol):
         # The unfinished message goes now.
         self._decoder = self._direct = make_decoder(Transport.FRAMED, 4)
         self._account(gone=True)
+
+    def _cut_off_unread(self) -> None:
+        self._server.metrics.protocol_errors.labels("memory").inc()
+        self._server.protocol_log.warning(
+            "closing client %s: it has not taken %d bytes of replies for %.1fs and the "
+            "sidecar's memory budget for clients (limits.max_buffered_bytes) is used up",
+            self.peer,
+            self._unsent,
+            time.monotonic() - (self.unsent_since or 0.0),
+            extra={"peer": self.peer, "kind": "memory"},
+        )
+        self.abort()
+        self._account(gone=True)
+
+    def expire(self) -> None:
+        """Idle for ``idle_timeout``: closed; cut off if replies it has not taken would
+        hold the connection open (a close waits for them to be written)."""
+        if self._transport is not None and self._transport.get_write_buffer_size():
+            self.abort()
+        else:
+            self.close()
 
     def hold_back(self) -> None:
         """Over the memory budget with whole messages waiting: read no more for now."""
@@ -636,7 +750,11 @@ class ClientConnection(asyncio.Protocol):
     def idle(self) -> bool:
         """Nothing in flight, queued or being walked (a partly received message is not work)."""
         return (
-            self._call is None and self._behind is None and not self._queue and not self._walk_due
+            self._call is None
+            and self._behind is None
+            and not self._queue
+            and not self._walk_due
+            and not self._turn_due
         )
 
     def close(self) -> None:

@@ -231,9 +231,11 @@ class Server:
         """A connection holds ``delta`` more bytes (or fewer); past the budget, shed.
 
         The budget is ``limits.max_buffered_bytes`` for all client connections
-        together: the connections with the oldest unfinished messages are closed
-        first (`ClientConnection.shed`), then those with whole messages waiting
-        stop reading until their calls catch up (`ClientConnection.hold_back`).
+        together: the connections that have held bytes without progress the longest
+        (an unfinished message that stopped growing, replies the client does not
+        take) are closed first (`ClientConnection.shed`), then those with whole
+        messages waiting stop reading until their calls catch up
+        (`ClientConnection.hold_back`).
         """
         self.held += delta
         if delta > 0 and self.held > self.settings.max_buffered_bytes:
@@ -241,11 +243,13 @@ class Server:
 
     def _over_budget(self) -> None:
         limit = self.settings.max_buffered_bytes
-        unfinished = sorted(
-            (c for c in self.connections if c.partial_since is not None),
-            key=lambda c: c.partial_since or 0.0,
+        # Those that have held bytes without progress the longest go first: an
+        # unfinished message that stopped growing, replies its client does not take.
+        stalled = sorted(
+            (c for c in self.connections if c.stalled_since is not None),
+            key=lambda c: c.stalled_since or 0.0,
         )
-        for conn in unfinished:
+        for conn in stalled:
             if self.held <= limit:
                 return
             conn.shed()  # counted as protocol_errors_total{kind="memory"}
@@ -269,7 +273,7 @@ class Server:
                 "closing client %s: idle for more than %gs", conn.peer, self.settings.idle_timeout
             )
             self.metrics.client_idle_closes.inc()
-            conn.close()
+            conn.expire()
         return len(stale)
 
     def calls_in_flight(self) -> bool:

@@ -212,6 +212,20 @@ def split_replies(data: bytes, transport: TransportName | Transport) -> list[byt
     return messages
 
 
+def framed_replies(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
+    """Read ``count`` framed replies from ``sock`` (fewer if it ends first), without
+    their frame prefix."""
+    sock.settimeout(timeout)
+    decoder = make_decoder(Transport.FRAMED, _MAX_REPLY)
+    out: list[bytes] = []
+    while len(out) < count:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        out.extend(bytes(m.payload()) for m in decoder.receive_data(data))
+    return out
+
+
 @dataclass(frozen=True)
 class ReplyParts:
     """What a raw reply says: its header and, for EXCEPTION messages, type and text."""

@@ -11,6 +11,7 @@ the client; a connection that keeps sending such calls is closed.
 from __future__ import annotations
 
 import gc
+import signal
 import socket
 import struct
 
@@ -20,10 +21,10 @@ import thriftpy2.thrift
 import thriftpy2.transport
 
 from sidecar.protocol.appexc import ApplicationExceptionType
-from sidecar.protocol.framing import BufferedDecoder, FramedDecoder
+from sidecar.protocol.framing import BufferedDecoder
 from sidecar.proxy.call import CHECK_STEPS
-from sidecar.proxy.client import ClientConnection
-from tests.integration import reply_parts
+from sidecar.proxy.client import CALLS_PER_TURN, ClientConnection
+from tests.integration import framed_replies, reply_parts
 from tests.protocol.test_walk_budget import empty_structs_call
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.raw import encode_call
@@ -44,18 +45,6 @@ def cut_short(seqid: int) -> bytes:
     return struct.pack(">i", len(body)) + body
 
 
-def answers(sock: socket.socket, count: int, timeout: float = 10.0) -> list[bytes]:
-    sock.settimeout(timeout)
-    decoder = FramedDecoder(1 << 20)
-    out: list[bytes] = []
-    while len(out) < count:
-        data = sock.recv(65536)
-        if not data:
-            break
-        out.extend(bytes(m.payload()) for m in decoder.receive_data(data))
-    return out
-
-
 @pytest.mark.parametrize("validate", [True, False], ids=["checked-before", "checked-after"])
 def test_malformed_calls_never_open_the_breaker_nor_get_retried(validate: bool) -> None:
     """Checked before sending (the default) they never reach the upstream; checked only
@@ -70,7 +59,7 @@ def test_malformed_calls_never_open_the_breaker_nor_get_retried(validate: bool) 
         for i in range(6):
             with socket.create_connection(split_address(sc.address)) as sock:
                 sock.sendall(cut_short(100 + i))
-                [reply] = answers(sock, 1)
+                [reply] = framed_replies(sock, 1)
             parts = reply_parts(reply)
             assert parts.header.seqid == 100 + i
             assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
@@ -98,7 +87,7 @@ def test_a_connection_that_keeps_sending_malformed_calls_is_closed() -> None:
     ):
         for i in range(3):
             sock.sendall(cut_short(200 + i))
-            [reply] = answers(sock, 1)
+            [reply] = framed_replies(sock, 1)
             assert reply_parts(reply).exc_type == ApplicationExceptionType.PROTOCOL_ERROR
         sock.settimeout(10.0)
         assert sock.recv(1) == b""  # closed after the third
@@ -162,7 +151,7 @@ def test_a_failed_call_too_costly_to_check_is_neither_retried_nor_counted() -> N
     ):
         breaker = f"127.0.0.1:{silent.port}"
         sock.sendall(struct.pack(">i", len(big)) + big)
-        [reply] = answers(sock, 1)
+        [reply] = framed_replies(sock, 1)
         parts = reply_parts(reply)
         assert parts.header.seqid == 5
         assert parts.exc_type == ApplicationExceptionType.INTERNAL_ERROR
@@ -174,7 +163,7 @@ def test_a_failed_call_too_costly_to_check_is_neither_retried_nor_counted() -> N
 
         small = empty_structs_call(0, seqid=6)
         sock.sendall(struct.pack(">i", len(small)) + small)
-        [reply] = answers(sock, 1)
+        [reply] = framed_replies(sock, 1)
         assert reply_parts(reply).header.seqid == 6
         assert sc.metrics().value("thrift_sidecar_breaker_state", breaker=breaker) == 2
 
@@ -204,7 +193,7 @@ def test_a_message_hidden_in_a_frame_never_fails_another_clients_call() -> None:
         socket.create_connection(split_address(sc.address)) as sock,
     ):
         sock.sendall(struct.pack(">i", len(first) + len(hidden)) + first + hidden)
-        [reply] = answers(sock, 1)
+        [reply] = framed_replies(sock, 1)
         assert reply_parts(reply).header.seqid == 41
         wait_until(lambda: upstream.calls["sleepMs"] == 1, message="the hidden call runs")
         assert bystander.add(2, 3) == 5  # sent on the connection the stray comes back on
@@ -225,7 +214,7 @@ def test_a_frame_with_a_hidden_message_is_refused_before_it_reaches_the_upstream
         socket.create_connection(split_address(sc.address)) as sock,
     ):
         sock.sendall(struct.pack(">i", len(first) + len(hidden)) + first + hidden)
-        [reply] = answers(sock, 1)
+        [reply] = framed_replies(sock, 1)
         parts = reply_parts(reply)
         assert parts.header.seqid == 41
         assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
@@ -259,3 +248,61 @@ def test_a_closed_connection_is_freed_at_once_without_a_collection() -> None:
             assert alive == []
         finally:
             gc.enable()
+
+
+def test_a_flood_of_calls_answered_at_once_takes_turns_with_other_clients() -> None:
+    """A client that pipelines thousands of oneway calls gets a turn of the loop like any
+    other, not the loop: another client's call ready at the same time goes upstream
+    after at most a turn's worth of the flood. Before, a connection ran every call of a
+    read (thousands: each finishes at once) and read on, up to 32 reads a turn on
+    uvloop; the rest of the process, other clients and the admin port, waited.
+
+    The sidecar is stopped (SIGSTOP) while the flood fills its socket buffer and the
+    other client's call follows, then continued: both connections are ready in the
+    same turn, the flood's first."""
+    notify = encode_call("notify", {"tag": "x"})
+    framed_notify = struct.pack(">i", len(notify)) + notify
+    add = encode_call("add", {"a": 2, "b": 3}, seqid=7)
+    seen_at_add: list[int] = []
+    with thriftpy2_server("framed") as upstream:
+
+        def hook(name: str) -> None:
+            if name == "add":
+                seen_at_add.append(upstream.calls["notify"])
+
+        upstream.state.hook = hook
+        with (
+            # One upstream connection: the upstream sees the calls in the order they
+            # were sent (one thread each connection, side by side, would blur it).
+            run_sidecar([upstream.address], config={"upstream": {"pool_size": 1}}) as sc,
+            socket.create_connection(split_address(sc.address)) as bystander,
+            socket.create_connection(split_address(sc.address)) as flooder,
+        ):
+            bystander.sendall(struct.pack(">i", len(add)) + add)
+            assert len(framed_replies(bystander, 1)) == 1  # an upstream connection is open
+            seen_at_add.clear()
+            sc.proc.send_signal(signal.SIGSTOP)
+            try:
+                flooder.setblocking(False)
+                chunk = framed_notify * 1000
+                sent = 0
+                for _ in range(10_000):  # until the socket buffers are full
+                    try:
+                        sent += flooder.send(chunk)
+                    except BlockingIOError:
+                        break
+                bystander.sendall(struct.pack(">i", len(add)) + add)
+            finally:
+                sc.proc.send_signal(signal.SIGCONT)
+            assert len(framed_replies(bystander, 1)) == 1
+            flooder.setblocking(True)
+            rest = sent % len(framed_notify)  # a message the last send cut
+            if rest:
+                flooder.sendall(framed_notify[rest:])
+            flood = -(-sent // len(framed_notify))
+            wait_until(
+                lambda: upstream.calls["notify"] == flood, timeout=60, message="the whole flood"
+            )
+    [at_add] = seen_at_add
+    assert flood > 1000
+    assert at_add <= 4 * CALLS_PER_TURN, f"the other call went upstream after {at_add} of {flood}"

@@ -64,9 +64,13 @@ class FakeTransport:
         self.closed = False
         self.aborted = False
         self.lost = False
+        self.unsent = 0  # what `get_write_buffer_size` says: written, not taken by the peer
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         return self._peer if name == "peername" else default
+
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
 
     def write(self, data: Wire) -> None:
         assert not self.closed, "write after close"
