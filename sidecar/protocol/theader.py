@@ -47,7 +47,9 @@ class THeaderFrame:
         protocol: the payload's protocol.
         transforms: transform ids, in the order the sender listed them.
         headers: the key/value info headers, in arrival order.
-        other_info: info sections of other types, raw, written back as they came.
+        other_info: info sections of other types, raw, written back as they came: to
+            the header's end, padding and all (a section's own last zero bytes cannot
+            be told from padding without knowing its type).
         outer_framed: the frame came inside another frame length.
     """
 
@@ -117,7 +119,7 @@ def parse_theader(
     while pos < end:
         info_type, after = _varint(frame, pos, end)
         if info_type != INFO_KEY_VALUE:
-            other = bytes(frame[pos:end]).rstrip(b"\x00")
+            other = bytes(frame[pos:end])
             break
         pairs, pos = _varint(frame, after, end)
         for _ in range(pairs):

@@ -150,11 +150,27 @@ def test_unknown_info_sections_are_carried_through() -> None:
     payload = encode_application_exception("m", 5, 1, "x")
     wire = encode_theader(info, payload)
     parsed, body = parse_theader(wire[4:], 1 << 20)
-    assert (parsed.headers, parsed.other_info, bytes(body)) == (
-        {b"k": b"v"},
-        info.other_info,
-        payload,
-    )
+    assert (parsed.headers, bytes(body)) == ({b"k": b"v"}, payload)
+    # What follows the key-value sections is kept to the header's end, its padding too.
+    kept = parsed.other_info
+    assert kept.startswith(info.other_info)
+    assert kept[len(info.other_info) :] == b"\x00" * (len(kept) - len(info.other_info))
+
+
+@pytest.mark.parametrize("key_size", [1, 2, 3, 4])
+def test_an_unknown_info_section_ending_in_zero_bytes_is_carried_whole(key_size: int) -> None:
+    """fbthrift's persistent headers (info type 2) whose last value is empty end in a
+    0x00: it was stripped as if it were padding, and where the header then needed
+    none, the section came out cut short and the upstream could not read the frame."""
+    section = b"\x02\x01\x01p\x00"  # one key "p" with an empty value
+    original = THeaderFrame(seqid=5, headers={b"k" * key_size: b"v"}, other_info=section)
+    payload = encode_application_exception("m", 5, 1, "x")
+    parsed, _ = parse_theader(encode_theader(original, payload)[4:], 1 << 20)
+    again = encode_theader(parsed, payload)
+    words = struct.unpack_from(">H", again, 4 + 8)[0]
+    header = again[4 + 10 : 4 + 10 + 4 * words]
+    assert section in header
+    assert parse_theader(again[4:], 1 << 20)[0].other_info.startswith(section)
 
 
 # ----------------------------------------------------------------------------- refusals
