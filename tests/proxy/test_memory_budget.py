@@ -23,11 +23,16 @@ from sidecar.protocol.framing import FramedDecoder
 from tests.integration import framed_replies, reply_parts
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import run_sidecar
+from tests.support.sidecar import SidecarProcess, run_sidecar
 from tests.support.wait import wait_until
 
 MIB = 1 << 20
 FRAME = 3 * MIB
+
+
+def memory_closes(sc: SidecarProcess) -> float:
+    """Connections closed for the memory budget so far."""
+    return sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory")
 
 
 def half_frame(seqid: int) -> bytes:
@@ -52,12 +57,7 @@ def test_the_longest_stalled_unfinished_messages_go_first_and_others_are_served(
                 sock.sendall(half_frame(500 + i))
                 socks.append(sock)
                 assert good.add(i, 1) == i + 1  # served throughout
-            wait_until(
-                lambda: (
-                    sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory") >= 1
-                ),
-                message="a connection shed",
-            )
+            wait_until(lambda: memory_closes(sc) >= 1, message="a connection shed")
             # The first (oldest) connection was the one closed, told why with its seqid.
             decoder = FramedDecoder(MIB)
             replies: list[bytes] = []
@@ -72,12 +72,7 @@ def test_the_longest_stalled_unfinished_messages_go_first_and_others_are_served(
             assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
             assert "limits.max_buffered_bytes" in (parts.exc_message or "")
             # 12 MiB against 8: the first two connections went, the last two stay.
-            wait_until(
-                lambda: (
-                    sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory") == 2
-                ),
-                message="two shed",
-            )
+            wait_until(lambda: memory_closes(sc) == 2, message="two shed")
             for sock in socks[2:]:
                 sock.setblocking(False)
                 with contextlib.suppress(BlockingIOError):  # open, nothing to read: good
@@ -137,12 +132,7 @@ def test_replies_a_client_does_not_take_count_against_the_budget() -> None:
                     lambda i=i: upstream.calls["echoBinary"] == i + 1, message="the echo ran"
                 )
                 assert good.add(i, 1) == i + 1  # served throughout
-            wait_until(
-                lambda: (
-                    sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory") >= 1
-                ),
-                message="a client that does not read cut off",
-            )
+            wait_until(lambda: memory_closes(sc) >= 1, message="a non-reader cut off")
             first = ended(socks[0], size)
             assert first is not None, "the oldest non-reader is still connected"
             assert first < size + 64, "it was cut off, not answered in full"
@@ -200,12 +190,7 @@ def test_a_client_whose_message_arrived_whole_is_not_shed_for_it() -> None:
                 sock.sendall(half_frame(810 + i))
                 socks.append(sock)
                 assert barrier.add(i, 1) == i + 1
-            wait_until(
-                lambda: (
-                    sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory") >= 1
-                ),
-                message="a connection shed",
-            )
+            wait_until(lambda: memory_closes(sc) >= 1, message="a connection shed")
             early.sendall(echo_call(801, 10))
             [reply] = framed_replies(early, 1)
             assert reply_parts(reply).header.seqid == 801
@@ -240,12 +225,7 @@ def test_a_message_still_arriving_outlasts_those_that_stopped() -> None:
             sock = socket.create_connection(split_address(sc.address), timeout=10.0)
             sock.sendall(half_frame(912))  # 10 MiB: one 3 MiB holder must go
             socks.append(sock)
-            wait_until(
-                lambda: (
-                    sc.metrics().value("thrift_sidecar_protocol_errors_total", kind="memory") >= 1
-                ),
-                message="a connection shed",
-            )
+            wait_until(lambda: memory_closes(sc) >= 1, message="a connection shed")
             [shed] = framed_replies(socks[0], 1)
             assert reply_parts(shed).header.seqid == 910  # the one stalled longest
             uploader.sendall(call[MIB + 64 * 1024 :])
