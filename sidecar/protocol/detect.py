@@ -194,7 +194,7 @@ def _nonstrict_call_at(prefix: bytes | bytearray, at: int, frame_length: int | N
     if len(prefix) < at + 4:
         return None
     name_len = _I32.unpack_from(prefix, at)[0]
-    if not 0 < name_len <= MAX_NAME_LENGTH:
+    if not 0 <= name_len <= MAX_NAME_LENGTH:  # an empty name is legal, and answered
         return False
     if frame_length is not None and name_len + 9 > frame_length:
         return False  # the envelope would not fit in the frame

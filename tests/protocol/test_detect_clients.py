@@ -201,3 +201,16 @@ def test_theader_frame_too_short_for_its_header_is_refused_at_once(prefix: bytes
     with pytest.raises(RemoteProtocolError) as info:
         AutoDecoder(accept=EVERYTHING).receive_data(prefix)
     assert info.value.kind == "garbage"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_non_strict_call_with_an_empty_name_is_read_whole(transport: str) -> None:
+    """Non-strict binary with an empty method name (name length 0, legal on the wire;
+    an upstream answers it). Framed, detection took the frame length for a buffered
+    name length and waited for bytes that never come; buffered, it was garbage."""
+    body = b"\x00\x00\x00\x00" + bytes([MessageType.CALL]) + b"\x00\x00\x00\x07" + b"\x00"
+    wire = (len(body).to_bytes(4, "big") + body) if transport == "framed" else body
+    decoder = AutoDecoder()
+    [message] = decoder.receive_data(wire)
+    assert (message.header.name, message.header.seqid) == ("", 7)
+    assert detect(wire) == Detected(Transport(transport), Protocol.BINARY)
