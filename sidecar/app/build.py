@@ -22,7 +22,7 @@ from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.fallback.service import Fallbacks
 from sidecar.fallback.shared import SharedStore
-from sidecar.fallback.static import ExceptionIds, StaticReply
+from sidecar.fallback.static import ArgumentTypes, ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore, MemoryStore
 from sidecar.fleet import Fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
@@ -200,6 +200,7 @@ def call_context(
     learned_oneway: OnewayMethods,
     rng: random.Random | None = None,
     exception_ids: ExceptionIds | None = None,
+    argument_types: dict[str, ArgumentTypes] | None = None,
     concurrency: ConcurrencyLimit | None = None,
     hedge_state: Hedging | None = None,
     worker: tuple[int, int] = ALONE,
@@ -223,6 +224,7 @@ def call_context(
             service_of,
             oneway_methods,
             exception_ids,
+            argument_types,
         ),
         breakers=breaker_set,
         budget=retry_budget,

@@ -27,7 +27,7 @@ from sidecar.app.reload import Reloader, Reloads, apply
 from sidecar.app.state import state_document
 from sidecar.app.worker import WorkerRole
 from sidecar.config import SidecarConfig, require_upstream, split_address
-from sidecar.fallback.static import EMPTY_ARGUMENTS, ExceptionIds, StaticReply
+from sidecar.fallback.static import EMPTY_ARGUMENTS, ArgumentTypes, ExceptionIds, StaticReply
 from sidecar.fallback.store import FallbackStore
 from sidecar.fleet import Fleet, make_fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
@@ -55,6 +55,8 @@ class Sidecar:
         exception_ids: the declared exceptions the config names, as field ids (from the IDL).
         health_arguments: the health check probe's argument struct, encoded (from the
             IDL); None: no arguments.
+        argument_types: each method's declared argument types (from the IDL), by
+            wire name.
         metrics: the metrics to count into (a fresh registry by default).
         worker: this process's role when it is one of ``workers: N``
             (`sidecar.app.supervisor` starts it); None for a sidecar of one process.
@@ -72,6 +74,7 @@ class Sidecar:
         oneway_methods: list[str] | None = None,
         exception_ids: ExceptionIds | None = None,
         health_arguments: bytes | None = None,
+        argument_types: dict[str, ArgumentTypes] | None = None,
         metrics: SidecarMetrics | None = None,
         worker: WorkerRole | None = None,
     ) -> None:
@@ -80,6 +83,7 @@ class Sidecar:
         self.health_arguments = health_arguments or EMPTY_ARGUMENTS
         self.oneway_methods = frozenset(oneway_methods or ())
         self.exception_ids = exception_ids or ExceptionIds({}, {})
+        self.argument_types = argument_types or {}
         self.config = config
         self.config_version = 1
         self.metrics = metrics or SidecarMetrics()
@@ -178,6 +182,7 @@ class Sidecar:
             service_of=self.service_of,
             oneway_methods=self.oneway_methods,
             exception_ids=self.exception_ids,
+            argument_types=self.argument_types,
             learned_oneway=oneway,
             worker=self.worker_slot,
         )
@@ -352,13 +357,14 @@ class Sidecar:
         static_replies: dict[str, StaticReply] | None = None,
         exception_ids: ExceptionIds | None = None,
         health_arguments: bytes | None = None,
+        argument_types: dict[str, ArgumentTypes] | None = None,
     ) -> list[str]:
         """Apply a new config without closing any connection; see `sidecar.app.reload`.
 
         Returns:
             The keys whose change needs a restart (not applied).
         """
-        return apply(self, new, static_replies, exception_ids, health_arguments)
+        return apply(self, new, static_replies, exception_ids, health_arguments, argument_types)
 
 
 async def _bound(

@@ -25,7 +25,7 @@ from sidecar.app import build, limits, upstreams
 from sidecar.app.gauges import Gauges
 from sidecar.config import SidecarConfig, redact
 from sidecar.errors import ConfigError
-from sidecar.fallback.static import ExceptionIds, StaticReply
+from sidecar.fallback.static import ArgumentTypes, ExceptionIds, StaticReply
 from sidecar.logs import configure_logging
 from sidecar.metrics import MethodLabels, SidecarMetrics
 from sidecar.proxy.context import CallContext
@@ -42,6 +42,7 @@ class Reloadable(Protocol):
     config_version: int
     static_replies: dict[str, StaticReply]
     exception_ids: ExceptionIds
+    argument_types: dict[str, ArgumentTypes]
     health_arguments: bytes
     labels: MethodLabels
     metrics: SidecarMetrics
@@ -68,6 +69,7 @@ class Reloadable(Protocol):
         static_replies: dict[str, StaticReply] | None = None,
         exception_ids: ExceptionIds | None = None,
         health_arguments: bytes | None = None,
+        argument_types: dict[str, ArgumentTypes] | None = None,
     ) -> list[str]: ...
 
 
@@ -119,6 +121,7 @@ def apply(
     static_replies: dict[str, StaticReply] | None = None,
     exception_ids: ExceptionIds | None = None,
     health_arguments: bytes | None = None,
+    argument_types: dict[str, ArgumentTypes] | None = None,
 ) -> list[str]:
     """Apply ``new`` to a running sidecar.
 
@@ -157,6 +160,8 @@ def apply(
         sidecar.exception_ids = exception_ids
     if health_arguments is not None:
         sidecar.health_arguments = health_arguments
+    if argument_types is not None:
+        sidecar.argument_types = argument_types
     sidecar.labels.add_known(new.methods)
     context = build.call_context(
         new,
@@ -173,6 +178,7 @@ def apply(
         learned_oneway=parts.oneway,
         rng=current.rng,
         exception_ids=sidecar.exception_ids,
+        argument_types=sidecar.argument_types,
         concurrency=current.limiter,
         hedge_state=current.hedging,
     )
@@ -299,6 +305,7 @@ def apply_loaded(sidecar: Reloadable, new: SidecarConfig, parts: dict[str, Any])
             static_replies=parts.get("static_replies"),
             exception_ids=parts.get("exception_ids"),
             health_arguments=parts.get("health_arguments"),
+            argument_types=parts.get("argument_types"),
         )
     except Exception as exc:  # a bug while applying: the running config stays
         reload_failed(sidecar, exc)

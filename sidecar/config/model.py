@@ -74,8 +74,10 @@ class SidecarConfig(Section):
     )
     idl: str | None = Field(
         None,
-        description="The upstream's Thrift IDL (optional): checks method names and "
-        "encodes static replies. Relative to this file.",
+        description="The upstream's Thrift IDL (optional): checks method names, encodes "
+        "static replies, and tells a failed call whose arguments have other types than "
+        "it declares (the client's doing: not counted against the upstream). Relative to "
+        "this file.",
     )
     tls: ServerTlsConfig | None = Field(
         None, description="TLS on the listener (listen); null means plaintext."

@@ -59,6 +59,24 @@ class ExceptionIds:
     failures: dict[str, frozenset[int]]
 
 
+@dataclass(frozen=True, slots=True)
+class ArgumentTypes:
+    """A method's arguments as its IDL declares them: field id -> binary type id and
+    name. What a failed call's arguments are compared with: one whose argument
+    has another type was the client's doing, not the upstream's (`Call`)."""
+
+    types: dict[int, int]
+    names: dict[int, str]
+
+
+def _argument_types(args_cls: Any) -> ArgumentTypes:
+    spec = args_cls.thrift_spec
+    return ArgumentTypes(
+        {fid: int(field[0]) for fid, field in spec.items()},
+        {fid: str(field[1]) for fid, field in spec.items()},
+    )
+
+
 # The arguments of a call without any: an empty struct (its STOP byte, in the
 # binary and the compact protocol alike).
 EMPTY_ARGUMENTS: Final = b"\x00"
@@ -70,8 +88,10 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
     Returns:
         Keyword arguments for `sidecar.app.Sidecar`: ``static_replies``,
         ``known_methods``, ``oneway_methods`` (bare and ``Service:method``),
-        ``exception_ids`` (`ExceptionIds`) and ``health_arguments`` (the
-        probe's argument struct, binary protocol).
+        ``exception_ids`` (`ExceptionIds`), ``health_arguments`` (the
+        probe's argument struct, binary protocol) and ``argument_types``
+        (`ArgumentTypes` by ``Service:method``, and by bare name where every
+        service that has the method declares the same).
 
     Raises:
         ConfigError: a static reply or probe arguments without an IDL, a method
@@ -95,18 +115,28 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
             "oneway_methods": [],
             "exception_ids": exception_ids(config, {}, ""),  # refuses names without an IDL
             "health_arguments": health_arguments(config, {}, "", set()),
+            "argument_types": {},
         }
     module = load_idl(config.idl)
     found = services(module)
     declared_ids = exception_ids(config, found, config.idl)
     known: list[str] = []
     oneway: list[str] = []
+    arguments: dict[str, ArgumentTypes] = {}
+    differ: set[str] = set()  # bare names whose services declare different arguments
     for service_name, service in found.items():
         for method in service.thrift_services:
             names = (method, f"{service_name}:{method}")
             known.extend(names)
             if getattr(getattr(service, f"{method}_result", None), "oneway", False):
                 oneway.extend(names)
+            args_cls = getattr(service, f"{method}_args", None)
+            if args_cls is not None:
+                declared = arguments[names[1]] = _argument_types(args_cls)
+                if arguments.setdefault(method, declared).types != declared.types:
+                    differ.add(method)
+    for method in differ:
+        del arguments[method]
     unions = set(getattr(module, "__thrift_meta__", {}).get("unions", []))
     static: dict[str, StaticReply] = {}
     for name, fallback in wanted.items():
@@ -125,6 +155,7 @@ def load_idl_parts(config: SidecarConfig) -> dict[str, Any]:
         "oneway_methods": sorted(set(oneway)),
         "exception_ids": declared_ids,
         "health_arguments": health_arguments(config, found, config.idl, unions),
+        "argument_types": arguments,
     }
 
 

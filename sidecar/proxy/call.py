@@ -67,7 +67,7 @@ from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Serv
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
 from sidecar.protocol.envelope import MessageType, shown_name
 from sidecar.protocol.envelope import Protocol as WireProtocol
-from sidecar.protocol.fields import first_field_id
+from sidecar.protocol.fields import TYPE_NAMES, first_field_id, mistyped_field
 from sidecar.protocol.framing import Message, Transport, frame_reply
 from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
@@ -111,6 +111,8 @@ _LABELS: Final = {outcome: outcome.value for outcome in Outcome}
 # Most steps spent checking a failed framed call's body (`check_body`): about
 # 5 ms at worst (a step per byte); a body that needs more is not checked.
 CHECK_STEPS: Final = 50_000
+# What a failed call the client is to blame for is told (`_refuse_malformed`).
+_NOT_COUNTED: Final = "it was not retried and does not count against the upstream"
 
 # Values of requests_total{outcome} besides the attempt outcomes (`Outcome`).
 CIRCUIT_OPEN: Final = "circuit_open"
@@ -621,25 +623,44 @@ class Call:
 
         True: the call is well formed (buffered ones were walked on the way
         in, framed ones by `start` unless limits.validate_framed_calls is
-        off, and then here, so that a good call pays nothing): the failure is
-        the upstream's. None: it is malformed, and answered here with
+        off, and then here, so that a good call pays nothing), and with an
+        IDL its arguments have the types it declares: the failure is the
+        upstream's. None: it is malformed or mistyped, and answered here with
         PROTOCOL_ERROR: not the upstream's failure (no breaker or ejection
         count), never retried. False: too costly to check (`CHECK_STEPS`):
         treated as `_unshown`.
         """
-        if self._shown is not None:
-            return self._shown
-        try:
-            self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
-        except ProtocolError as exc:
-            self._refuse_malformed(
-                exc, "it was not retried and does not count against the upstream"
-            )
-            return None
-        return self._shown
+        shown = self._shown
+        if shown is None:
+            try:
+                shown = self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
+            except ProtocolError as exc:
+                self._refuse_malformed(exc, _NOT_COUNTED)
+                return None
+        declared = self._policy.arguments
+        if shown and declared is not None:
+            message = self._message
+            found = mistyped_field(message.body(), message.header.protocol, declared.types)
+            if found is not None:
+                fid, sent = found
+                want = declared.types[fid]
+                self._refuse_malformed(
+                    ProtocolError(
+                        f"argument {fid} ({declared.names[fid]}) of "
+                        f"{self._policy.display_name} has type {TYPE_NAMES.get(sent, sent)}, the "
+                        f"IDL declares {TYPE_NAMES.get(want, want)}"
+                    ),
+                    _NOT_COUNTED,
+                    "does not match the IDL",
+                )
+                return None
+        return shown
 
-    def _refuse_malformed(self, exc: ProtocolError, what: str) -> None:
-        """The client's call is malformed: PROTOCOL_ERROR (nothing for oneway), counted on it."""
+    def _refuse_malformed(
+        self, exc: ProtocolError, what: str, problem: str = "is malformed"
+    ) -> None:
+        """The client's call is malformed (or ``problem``): PROTOCOL_ERROR (nothing for
+        oneway), counted on it."""
         self.malformed = True
         if self._admission is not None:
             self._breaker.cancel(self._admission)
@@ -648,7 +669,7 @@ class Call:
         if not self._oneway:
             wire = self._error(
                 ApplicationExceptionType.PROTOCOL_ERROR,
-                f"sidecar: the call is malformed ({exc}); {what}",
+                f"sidecar: the call {problem} ({exc}); {what}",
             )
         self._finish(BAD_REQUEST, wire)
 

@@ -24,7 +24,7 @@ from typing import TypeVar
 
 from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_any, method_overrides
 from sidecar.config.hedge import parse_hedge_delay
-from sidecar.fallback.static import ExceptionIds, StaticReply
+from sidecar.fallback.static import ArgumentTypes, ExceptionIds, StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
 from sidecar.protocol.envelope import shown_name
 from sidecar.proxy.hedge import HedgePlan
@@ -59,6 +59,9 @@ class MethodPolicy:
     failure_exceptions: frozenset[int] = frozenset()
     # Hedged calls (idempotent two-way methods only); None: this method never hedges.
     hedge: HedgePlan | None = None
+    # The arguments the IDL declares (None without an IDL, or for a name it does not
+    # have): a failed call whose argument has another type is the client's doing.
+    arguments: ArgumentTypes | None = None
 
     @property
     def classifies_exceptions(self) -> bool:
@@ -78,11 +81,14 @@ class PolicyTable:
         service_of: dict[str, str] | None = None,
         oneway_methods: frozenset[str] = frozenset(),
         exception_ids: ExceptionIds | None = None,
+        argument_types: dict[str, ArgumentTypes] | None = None,
     ) -> None:
         """Args: ``service_of`` names the one IDL service of a bare method name, for messages;
         ``oneway_methods`` the IDL's oneway methods (bare and ``Service:method``);
-        ``exception_ids`` the declared exceptions the config names, resolved by the IDL."""
+        ``exception_ids`` the declared exceptions the config names, resolved by the IDL;
+        ``argument_types`` each method's declared arguments, by wire name."""
         self._config = config
+        self._arguments = argument_types or {}
         self._exceptions = exception_ids or ExceptionIds({}, {})
         self._oneway = oneway_methods
         self._service_of = service_of or {}
@@ -145,6 +151,7 @@ class PolicyTable:
             oneway=oneway,
             failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
+            arguments=self._arguments.get(name) or self._arguments.get(method),
         )
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:

@@ -19,6 +19,7 @@ from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import ConfigError
 from sidecar.fallback.idl import load_idl
 from sidecar.fallback.static import StaticReply, load_idl_parts
+from sidecar.protocol.skip import TType
 from tests.support.idl import canonical, load_thriftpy2_interop
 
 INTEROP_IDL = Path(__file__).resolve().parents[2] / "idl" / "interop.thrift"
@@ -270,3 +271,26 @@ def test_an_idl_thriftpy2_cannot_parse_is_a_config_error_that_says_what_to_do(
     assert f"idl: cannot load {idl}" in message
     assert "line 2" in message  # thriftpy2's own words name the place
     assert "give idl: a copy without the construct at that line" in message
+
+
+def test_argument_types_by_method_from_the_idl() -> None:
+    """What a failed call's arguments are compared with (`Call`): each method's, by
+    ``Service:method`` and by bare name; none without an IDL."""
+    found = parts({})["argument_types"]
+    for name in ("getItem", "Interop:getItem"):
+        assert found[name].types == {1: TType.I64}
+        assert found[name].names == {1: "id"}
+    assert found["Echo:echo"].types == {1: TType.STRING}
+    assert found["ping"].types == {}  # in both services, without arguments
+    assert parts({}, with_idl=False)["argument_types"] == {}
+
+
+def test_a_bare_name_whose_services_declare_different_arguments_has_none(
+    tmp_path: Path,
+) -> None:
+    idl = tmp_path / "two.thrift"
+    idl.write_text("service A { void put(1: i64 key) }\nservice B { void put(1: string key) }\n")
+    found = load_idl_parts(SidecarConfig.model_validate({"idl": str(idl)}))["argument_types"]
+    assert found["A:put"].types == {1: TType.I64}
+    assert found["B:put"].types == {1: TType.STRING}
+    assert "put" not in found

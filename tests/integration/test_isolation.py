@@ -21,12 +21,14 @@ import thriftpy2.thrift
 import thriftpy2.transport
 
 from sidecar.protocol.appexc import ApplicationExceptionType
+from sidecar.protocol.envelope import MessageType, encode_header
 from sidecar.protocol.framing import BufferedDecoder
 from sidecar.proxy.call import CHECK_STEPS
 from sidecar.proxy.client import CALLS_PER_TURN, ClientConnection
 from tests.integration import framed_replies, reply_parts
 from tests.protocol.test_walk_budget import empty_structs_call
 from tests.support.clients import split_address, thriftpy2_client
+from tests.support.idl import INTEROP_IDL
 from tests.support.raw import encode_call
 from tests.support.redis import SilentServer
 from tests.support.servers import thriftpy2_server
@@ -306,3 +308,35 @@ def test_a_flood_of_calls_answered_at_once_takes_turns_with_other_clients() -> N
     [at_add] = seen_at_add
     assert flood > 1000
     assert at_add <= 4 * CALLS_PER_TURN, f"the other call went upstream after {at_add} of {flood}"
+
+
+def test_a_call_whose_arguments_do_not_match_the_idl_never_opens_the_breaker() -> None:
+    """getItem with its i64 argument sent as a string is well formed: it went upstream,
+    the upstream's handler failed on it (INTERNAL_ERROR) and three such calls opened the
+    breaker for every client. With an IDL, a failed call's arguments are compared with
+    the types it declares: a mismatch is the client's doing, answered PROTOCOL_ERROR,
+    neither retried nor counted against the upstream."""
+    config = {**CONFIG, "idl": str(INTEROP_IDL)}
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=config) as sc,
+        thriftpy2_client(sc.address, "framed") as bystander,
+    ):
+        assert bystander.getItem(1).id == 1
+        for i in range(6):
+            body = (
+                encode_header("getItem", MessageType.CALL, 300 + i)
+                + b"\x0b\x00\x01\x00\x00\x00\x03abc\x00"
+            )
+            with socket.create_connection(split_address(sc.address)) as sock:
+                sock.sendall(struct.pack(">i", len(body)) + body)
+                [reply] = framed_replies(sock, 1)
+            parts = reply_parts(reply)
+            assert parts.header.seqid == 300 + i
+            assert parts.exc_type == ApplicationExceptionType.PROTOCOL_ERROR
+            said = parts.exc_message or ""
+            assert "does not match the IDL" in said
+            assert "argument 1 (id) of Interop.getItem has type string" in said
+            assert "the IDL declares i64" in said
+            assert bystander.getItem(2).id == 2  # served all along
+        assert sc.metrics().value("thrift_sidecar_breaker_state") == 0  # closed
