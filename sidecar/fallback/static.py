@@ -59,7 +59,7 @@ class ExceptionIds:
     failures: dict[str, frozenset[int]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # hashed by identity (in MethodPolicy)
 class ArgumentTypes:
     """A method's arguments as its IDL declares them: field id -> binary type id and
     name. What a failed call's arguments are compared with: one whose argument

@@ -151,7 +151,7 @@ class PolicyTable:
             oneway=oneway,
             failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
-            arguments=self._arguments.get(name) or self._arguments.get(method),
+            arguments=self._arguments.get(name),  # bare and Service:method names are keys
         )
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:

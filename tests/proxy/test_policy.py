@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from sidecar.config import SidecarConfig, load_config
+from sidecar.fallback.static import ArgumentTypes
 from sidecar.metrics import OTHER, MethodLabels
 from sidecar.proxy import policy as policy_module
 from sidecar.proxy.oneway import OnewayMethods
@@ -581,3 +582,20 @@ def test_learned_oneway_names_are_shown_as_text_in_state() -> None:
     learned.unanswered(str(b"log\xff", "utf-8", "surrogateescape"))
     learned.unanswered("logEvent")
     assert learned.describe()["learned_oneway"] == ["logEvent", "log\\xff"]
+
+
+def test_argument_types_go_to_the_names_the_idl_gives_them() -> None:
+    """A bare name and its ``Service:method`` form get the IDL's arguments; a
+    multiplexed name of a service the IDL does not have gets none (not the bare
+    name's: another service may declare other arguments)."""
+    declared = ArgumentTypes({1: 10}, {1: "id"})
+    config = SidecarConfig.model_validate({"upstream": {"addresses": ["127.0.0.1:1"]}})
+    t = PolicyTable(
+        config,
+        MethodLabels([], 200),
+        argument_types={"getItem": declared, "Interop:getItem": declared},
+    )
+    assert t.for_name("getItem").arguments is declared
+    assert t.for_name("Interop:getItem").arguments is declared
+    assert t.for_name("Other:getItem").arguments is None
+    assert t.for_name("listItems").arguments is None
