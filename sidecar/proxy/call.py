@@ -73,6 +73,7 @@ from sidecar.protocol.validate import check_body
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.hedge import HedgeAttempt
 from sidecar.proxy.hedger import Hedger
+from sidecar.proxy.oneway_probe import OnewayProbe
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import (
     client_timeout,
@@ -171,6 +172,7 @@ class Call:
         "_outgoing",
         "_policy",
         "_pool",
+        "_probe",
         "_protocol",
         "_served_by",
         "_shown",
@@ -211,6 +213,7 @@ class Call:
         self._on_sent: Callable[[], None] | None = None
         self._task: asyncio.Task[Any] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._probe: OnewayProbe | None = None  # armed behind a CALL that may be oneway
         self._hedger: Hedger | None = None  # a hedged method's timer and extra attempts
         self._attempt = 0
         self._tried: list[str] = []
@@ -352,6 +355,8 @@ class Call:
         """`ReplyHandler`: the upstream answered."""
         try:
             self._conn = None
+            if self._probe is not None:
+                self._stop_probe()
             oneway = self._ctx.oneway
             name = self._policy.name
             if name not in oneway.two_way:
@@ -368,6 +373,8 @@ class Call:
         """`ReplyHandler`: the attempt failed."""
         try:
             self._conn = None
+            if self._probe is not None:
+                self._stop_probe()
             self._after_attempt(classify_error(error), None, error, error.sent)
         except Exception:  # a bug: it stops here (`_crashed`)
             self._crashed()
@@ -376,6 +383,8 @@ class Call:
         """`ReplyHandler`: a call sent later on the connection was answered first: oneway."""
         try:
             self._conn = None
+            if self._probe is not None:
+                self._stop_probe()
             policy = self._policy
             self._ctx.oneway.unanswered(policy.name)
             self._oneway = True
@@ -529,6 +538,14 @@ class Call:
             return
         self._conn = conn
         conn.send(outgoing, self, self._expires, timeout)
+        policy = self._policy
+        if (
+            policy.oneway_unknown
+            and self._message.header.type is _CALL
+            and policy.name not in self._ctx.oneway.two_way
+            and self._well_formed()
+        ):
+            self._probe = OnewayProbe(self._ctx.loop, conn, self, policy.service, timeout)
         if self._hedger is not None:
             self._hedger.sent(self._attempt, self._started_try)
         if self._on_sent is not None:
@@ -927,9 +944,31 @@ class Call:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._probe is not None:
+            self._stop_probe()
         if self._admission is not None:
             self._breaker.cancel(self._admission)
             self._admission = None
+
+    def _well_formed(self) -> bool:
+        """Is the call known to be whole and well formed (checked here if it was not)?
+
+        Only such a call gets a oneway probe behind it: an upstream that reads a
+        call cut short on into the next frame would take the probe's bytes for the
+        rest of it. A malformed one is left for `_request_shown_well_formed`.
+        """
+        if self._shown is None:
+            try:
+                self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
+            except ProtocolError:
+                return False
+        return self._shown is True
+
+    def _stop_probe(self) -> None:
+        """The attempt the oneway probe was armed for is over: no probe now."""
+        probe, self._probe = self._probe, None
+        if probe is not None:
+            probe.cancel()
 
     def _crashed(self) -> None:
         """A bug in the sidecar: answer this call with INTERNAL_ERROR and log it."""

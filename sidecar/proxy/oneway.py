@@ -9,7 +9,8 @@ even when a client marked it ONEWAY. So a method is oneway when
 - it was learned: a Thrift server answers one connection's calls in order, so
   a reply to a later call on the same upstream connection proves that an
   earlier unanswered CALL was oneway (`sidecar.proxy.upstream` tells the call,
-  the call tells this table).
+  the call tells this table). The later call is the client's next one, or,
+  when none comes soon, the sidecar's probe (`sidecar.proxy.oneway_probe`).
 
 A method that has been answered once is two-way for good. Learned names are
 bounded (`MAX_NAMES`): names come from the wire. The table outlives reloads.

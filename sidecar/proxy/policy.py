@@ -54,6 +54,9 @@ class MethodPolicy:
     stats: MethodStats
     display_name: str  # ``Service.method`` for messages to people (text: `shown_name`)
     oneway: bool = False  # declared oneway (IDL or methods.<name>.oneway)
+    # Neither the IDL nor methods.<name>.oneway says whether it is oneway: a CALL
+    # of it left unanswered is probed (`sidecar.proxy.oneway_probe`).
+    oneway_unknown: bool = False
     # Result field ids of declared exceptions that count as breaker failures
     # (breaker.failure_exceptions); the retried ones are in retry.retry_exceptions.
     failure_exceptions: frozenset[int] = frozenset()
@@ -134,7 +137,9 @@ class PolicyTable:
         cacheable = idempotent and _first((e.fallback.cache for e in entries), by_default)
         static = self._static.get(name) or self._static.get(method)
         label = self._labels.label(name)
-        oneway = _first((e.oneway for e in entries), name in self._oneway)
+        configured = _first((e.oneway for e in entries), None)
+        oneway = name in self._oneway if configured is None else configured
+        arguments = self._arguments.get(name)  # bare and Service:method names are keys
         return MethodPolicy(
             name=name,
             service=service,
@@ -151,7 +156,8 @@ class PolicyTable:
             oneway=oneway,
             failure_exceptions=failures.get(name) or failures.get(method, frozenset()),
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
-            arguments=self._arguments.get(name),  # bare and Service:method names are keys
+            arguments=arguments,
+            oneway_unknown=configured is None and not oneway and arguments is None,
         )
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:

@@ -21,7 +21,8 @@ calls in order, which gives two more rules:
   ONEWAY: servers answer it anyway) is recognised by its seqid and dropped,
   never taken for the next call's reply (`MAX_ONEWAY_SEQIDS` remembered);
 - a second call may be sent behind one that is still waiting (a client's
-  next call behind a CALL that may be oneway, `sidecar.proxy.client`); when
+  next call behind a CALL that may be oneway, `sidecar.proxy.client`, or
+  the sidecar's own probe, `sidecar.proxy.oneway_probe`); when
   the later one is answered first, the earlier one was oneway and is told so
   (`ReplyHandler.on_no_reply`).
 
@@ -155,6 +156,11 @@ class UpstreamConnection(asyncio.Protocol):
     def waiting(self) -> int:
         """Calls waiting for a reply on this connection."""
         return len(self._waiting)
+
+    def sent_last(self, handler: ReplyHandler) -> bool:
+        """Is ``handler``'s call waiting here, with nothing sent behind it?"""
+        waiting = self._waiting
+        return bool(waiting) and waiting[-1].handler is handler
 
     def send(
         self, message: Message, handler: ReplyHandler | None, expires: float, timeout: float

@@ -66,7 +66,9 @@ CONFIG: dict[str, Any] = {
     "hedge": {"delay": "100ms", "budget": {"min_hedges_per_second": 100}},
     "retry": {"max_attempts": 1, "per_try_timeout": "20s", "deadline": "30s"},
     "breaker": {"fail_max": 1000},
-    "methods": {"placeOrder": {"idempotent": False}},
+    # Declared two-way: a held placeOrder is never answered before, and the oneway
+    # probe that would go behind it would keep its connection from the calls here.
+    "methods": {"placeOrder": {"idempotent": False, "oneway": False}},
 }
 
 

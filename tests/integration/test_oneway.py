@@ -4,7 +4,8 @@
   the upstream sends nothing back. The sidecar must not wait for a reply,
   must not write the client one it is not waiting for, and must not hold the
   connection's next call behind it. Without an IDL it learns the method from
-  the wire (the next call's reply comes first); with one, it knows.
+  the wire (the next call's reply comes first, or, when no next call comes,
+  the reply to a probe the sidecar sends behind it); with one, it knows.
 - A two-way method sent as ONEWAY: the upstream answers anyway. That reply
   must never be read as the answer to another client's call on the same
   pooled upstream connection (issue 13, finding 2).
@@ -12,20 +13,24 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
 import time
 from typing import Any
 
+import pytest
 import thriftpy2.protocol
 import thriftpy2.thrift
 import thriftpy2.transport
 
 from sidecar.app.state import state_document
-from tests.integration import reply_parts
+from sidecar.protocol.framing import Transport, encode_frame, frame, make_decoder
+from tests.integration import framed_replies, raw_connection, reply_parts
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import INTEROP_IDL, load_thriftpy2_interop
 from tests.support.raw import decode_reply, encode_call, raw_calls
-from tests.support.servers import thriftpy2_server
+from tests.support.servers import Library, TransportName, thriftpy2_server, upstream_server
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
 from tests.support.wait import wait_until
 
@@ -35,15 +40,38 @@ ONEWAY = thriftpy2.thrift.TMessageType.ONEWAY
 SLOW = {"retry": {"per_try_timeout": "20s", "deadline": "30s"}}
 
 
-def message(method: str, args: dict[str, Any], seqid: int, mtype: int) -> bytes:
-    """A call of the interop IDL with the message type given, whatever the method is."""
+def message(
+    method: str, args: dict[str, Any], seqid: int, mtype: int, name: str | None = None
+) -> bytes:
+    """A call of the interop IDL with the message type given, whatever the method is
+    (``name``: the name on the wire, ``Interop:notify`` for a multiplexed server)."""
     service = load_thriftpy2_interop().Interop
     buf = thriftpy2.transport.TCyMemoryBuffer()
     proto = thriftpy2.protocol.TCyBinaryProtocol(buf)
-    proto.write_message_begin(method, mtype, seqid)
+    proto.write_message_begin(name or method, mtype, seqid)
     proto.write_struct(getattr(service, method + "_args")(**args))
     proto.write_message_end()
     return bytes(buf.getvalue())
+
+
+def raw_replies(sock: socket.socket, transport: TransportName, count: int) -> list[bytes]:
+    """``count`` replies read off ``sock`` in ``transport`` (each message without framing),
+    within the socket's timeout for each read and 10 s in all."""
+    decoder = make_decoder(Transport(transport), 1 << 20)
+    deadline = time.monotonic() + 10.0
+    out: list[bytes] = []
+    while len(out) < count and time.monotonic() < deadline:
+        chunk = sock.recv(1 << 16)
+        assert chunk, f"connection closed after {len(out)} of {count} replies"
+        out.extend(bytes(m.payload()) for m in decoder.receive_data(chunk))
+    assert len(out) >= count, f"{len(out)} of {count} replies within 10 s"
+    return out
+
+
+def attempt_results(sc: SidecarThread) -> list[tuple[str, str, float]]:
+    """``upstream_attempts_total`` as (method, result, count), sorted."""
+    attempts = sc.metrics().matching("thrift_sidecar_upstream_attempts_total")
+    return sorted((dict(k)["method"], dict(k)["result"], v) for k, v in attempts.items())
 
 
 def test_a_oneway_sent_as_call_is_learned_from_the_next_call() -> None:
@@ -82,6 +110,94 @@ def test_a_oneway_sent_as_call_is_learned_from_the_next_call() -> None:
         assert [reply_parts(r).header.seqid for r in replies] == [9, 10]
         assert [decode_reply("add", r) for r in replies] == [4, 5]
         wait_until(lambda: upstream.notifications == ["first", "second"], message="delivered")
+
+
+@pytest.mark.parametrize(
+    ("library", "transport", "multiplexed"),
+    [
+        ("thriftpy2", "framed", False),
+        ("thriftpy2", "buffered", False),
+        ("apache", "framed", False),
+        ("apache", "framed", True),
+    ],
+)
+def test_a_lone_oneway_sent_as_call_is_learned_from_a_probe(
+    library: Library, transport: TransportName, multiplexed: bool
+) -> None:
+    """No next call follows it (a Go client notifying now and then): the probe's
+    answer comes first, so the client never gets a reply it did not ask for."""
+    service = "Interop:" if multiplexed else ""
+    with (
+        upstream_server(library, transport, multiplexed) as upstream,
+        SidecarThread(base_config([upstream.address], **SLOW)) as sc,
+        raw_connection(sc.address, timeout=10.0) as sock,
+    ):
+        notify = message("notify", {"tag": "alone"}, 7, CALL, name=service + "notify")
+        sock.sendall(frame(notify, Transport(transport)))
+        wait_until(
+            lambda: sc.call(lambda: state_document(sc.sidecar))["oneway"]["learned_oneway"],
+            message="notify learned to be oneway well before the 20 s per-try timeout",
+        )
+        assert upstream.notifications == ["alone"]
+        add = encode_call("add", {"a": 1, "b": 2}, seqid=8, multiplexed=multiplexed)
+        sock.sendall(frame(add, Transport(transport)))
+        reply = raw_replies(sock, transport, 1)[0]
+        assert reply_parts(reply).header.seqid == 8  # add's: nothing came before it
+        assert decode_reply("add", reply) == 3
+        # The probe is nobody's call: counted nowhere; notify's one attempt went well.
+        assert attempt_results(sc) == [
+            (service + "add", "ok", 1.0),
+            (service + "notify", "ok", 1.0),
+        ]
+        assert sc.metrics().value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
+
+
+def test_two_oneways_sent_as_call_in_a_row_are_both_learned_from_one_probe() -> None:
+    """The second goes behind the first; the probe goes behind the second, the last
+    one sent, and its answer passes over both."""
+    with (
+        thriftpy2_server("framed") as upstream,
+        SidecarThread(base_config([upstream.address], **SLOW)) as sc,
+        raw_connection(sc.address, timeout=10.0) as sock,
+    ):
+        sock.sendall(
+            encode_frame(message("notify", {"tag": "one"}, 1, CALL))
+            + encode_frame(message("notify", {"tag": "two"}, 2, CALL))
+        )
+        wait_until(
+            lambda: sc.call(lambda: state_document(sc.sidecar))["oneway"]["learned_oneway"],
+            message="notify learned to be oneway well before the 20 s per-try timeout",
+        )
+        wait_until(lambda: upstream.notifications == ["one", "two"], message="both delivered")
+        sock.sendall(encode_frame(encode_call("add", {"a": 1, "b": 1}, seqid=3)))
+        (reply,) = framed_replies(sock, 1)
+        assert reply_parts(reply).header.seqid == 3
+        assert decode_reply("add", reply) == 2
+        assert attempt_results(sc) == [("add", "ok", 1.0), ("notify", "ok", 2.0)]
+
+
+def test_a_slow_two_way_call_is_not_taken_for_oneway_by_the_probe(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="sidecar.pipeline")
+    with (
+        thriftpy2_server("framed") as upstream,
+        SidecarThread(base_config([upstream.address], **SLOW)) as sc,
+        raw_connection(sc.address, timeout=10.0) as sock,
+    ):
+        # Four times the probe's delay: the probe goes behind it and waits its turn.
+        sock.sendall(encode_frame(encode_call("sleepMs", {"ms": 200}, seqid=5)))
+        (reply,) = framed_replies(sock, 1)
+        assert reply_parts(reply).header.seqid == 5
+        assert decode_reply("sleepMs", reply) == 200
+        sock.sendall(encode_frame(encode_call("add", {"a": 2, "b": 2}, seqid=6)))
+        (reply,) = framed_replies(sock, 1)
+        assert decode_reply("add", reply) == 4
+        state = sc.call(lambda: state_document(sc.sidecar))["oneway"]
+        assert state["learned_oneway"] == []
+        assert state["answered_methods"] == 2  # sleepMs and add: two-way for good
+    probes = [r for r in caplog.records if r.getMessage().startswith("sent a oneway probe")]
+    assert len(probes) == 1  # behind sleepMs; add was answered before its probe was due
 
 
 def test_with_an_idl_a_oneway_sent_as_call_never_waits() -> None:

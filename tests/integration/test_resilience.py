@@ -270,7 +270,9 @@ def test_slow_reply_is_abandoned_on_time_and_never_delivered_late() -> None:
             "per_try_timeout": f"{per_try}s",
             "deadline": "5s",
         },
-        "methods": {"add": {"idempotent": True}},
+        # placeOrder declared two-way: a oneway probe behind its slow first call would
+        # be one more late reply at the proxy (see test_oneway.py for the probe).
+        "methods": {"add": {"idempotent": True}, "placeOrder": {"oneway": False}},
         **NO_BREAKER,
     }
     steps: list[Any] = []

@@ -599,3 +599,25 @@ def test_argument_types_go_to_the_names_the_idl_gives_them() -> None:
     assert t.for_name("Interop:getItem").arguments is declared
     assert t.for_name("Other:getItem").arguments is None
     assert t.for_name("listItems").arguments is None
+
+
+def test_only_a_method_neither_idl_nor_config_calls_oneway_or_not_is_probed() -> None:
+    """`MethodPolicy.oneway_unknown`: what the IDL or ``methods.<name>.oneway`` says
+    (true or false) is known; only a name both are silent on is probed."""
+    config = config_of({"methods": {"notify": {"oneway": True}, "sleepMs": {"oneway": False}}})
+    t = PolicyTable(
+        config,
+        MethodLabels([], 200),
+        oneway_methods=frozenset({"log"}),
+        argument_types={"getItem": ArgumentTypes({1: 10}, {1: "id"})},
+    )
+    assert [
+        (name, t.for_name(name).oneway, t.for_name(name).oneway_unknown)
+        for name in ("notify", "sleepMs", "log", "getItem", "add")
+    ] == [
+        ("notify", True, False),
+        ("sleepMs", False, False),
+        ("log", True, False),
+        ("getItem", False, False),
+        ("add", False, True),
+    ]

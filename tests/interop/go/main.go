@@ -5,9 +5,14 @@
 // Runs the scenario of tests/interop/test_clients.py on one connection, then a
 // second one, printing one JSON line per check; stops with status 1 at the
 // first check that fails (a broken connection would fail the rest slowly).
+//
+// With INTEROP_SCENARIO=lone-oneway it runs tests/interop/test_go_oneway.py's
+// instead: notify (sent as CALL, as this library sends oneway methods), then
+// nothing until a line comes on stdin, then add on the same connection.
 package main
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"crypto/tls"
@@ -324,6 +329,14 @@ func main() {
 	report("connect", err)
 	c := cn.client
 	tag := "go-" + strconv.Itoa(os.Getpid()) + "-" + strings.Join([]string{protocol, transport, os.Args[5]}, "-")
+	if os.Getenv("INTEROP_SCENARIO") == "lone-oneway" {
+		report("loneOneway", c.Notify(ctx, tag))
+		if _, err := bufio.NewReader(os.Stdin).ReadString('\n'); err != nil {
+			report("wait", err)
+		}
+		report("callAfterLoneOneway", checkAdd(ctx, c, 40, 2, 42))
+		return
+	}
 	report("add", func() error {
 		if err := checkAdd(ctx, c, math.MaxInt64-1, 1, math.MaxInt64); err != nil {
 			return err
