@@ -70,8 +70,10 @@ class MethodConfig(Section):
     oneway: bool | None = Field(
         None,
         description="true: a oneway method, which clients may send as CALL (the Go library "
-        "does): forwarded without waiting for a reply, none is sent back. Also read from the "
-        "IDL's oneway, and learned from the wire when neither says.",
+        "does): forwarded without waiting for a reply, none is sent back. false: two-way. "
+        "Also read from the IDL. When neither says, learned from the wire: a CALL left "
+        "unanswered 50 ms with no call behind it gets a probe call "
+        "(thrift_sidecar_oneway_probe) behind it on its upstream connection.",
     )
     retry_on_exceptions: tuple[str, ...] | None = Field(
         None,
