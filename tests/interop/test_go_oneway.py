@@ -16,24 +16,40 @@ import json
 import os
 import select
 import subprocess
+import time
 from typing import Any
 
+import pytest
+
 from tests.interop.conftest import Clients
+from tests.interop.matrix import Wire
+from tests.interop.upstream import WireUpstream
 from tests.support.clients import split_address
-from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import SidecarProcess, run_sidecar
 from tests.support.wait import wait_until
 
 REQUESTS = "thrift_sidecar_requests_total"
 
 
-def check_line(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    """The client's next check line, within ``timeout`` s."""
+def check_lines(proc: subprocess.Popen[str], count: int, timeout: float) -> list[dict[str, Any]]:
+    """The client's next ``count`` check lines, within ``timeout`` s (read off its stdout
+    a byte at a time: a buffered read could take a line the next call waits for)."""
     assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, f"no line from the Go client within {timeout}s"
-    line: dict[str, Any] = json.loads(proc.stdout.readline())
-    return line
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    lines: list[dict[str, Any]] = []
+    line = b""
+    while len(lines) < count:
+        ready, _, _ = select.select([fd], [], [], max(deadline - time.monotonic(), 0))
+        assert ready, f"{len(lines)} of {count} lines from the Go client within {timeout}s"
+        byte = os.read(fd, 1)
+        assert byte, f"the Go client ended after {len(lines)} of {count} lines"
+        if byte == b"\n":
+            lines.append(json.loads(line))
+            line = b""
+        else:
+            line += byte
+    return lines
 
 
 def settled(sidecar: SidecarProcess) -> bool:
@@ -43,16 +59,27 @@ def settled(sidecar: SidecarProcess) -> bool:
     return bool(learned or timed_out)
 
 
-def test_a_go_client_silent_after_a_oneway_call_gets_its_next_reply(clients: Clients) -> None:
+# Every plaintext wire: the probe goes in the upstream's protocol and transport.
+WIRES = [
+    Wire(protocol, transport, False)
+    for protocol in ("binary", "compact")
+    for transport in ("framed", "buffered", "header")
+]
+
+
+@pytest.mark.parametrize("wire", WIRES, ids=str)
+def test_a_go_client_silent_after_a_oneway_call_gets_its_next_reply(
+    clients: Clients, wire: Wire
+) -> None:
     command = clients.command("go")  # a build failure is not the sidecar's
     config = {"retry": {"per_try_timeout": "1s", "deadline": "2s"}}
     with (
-        thriftpy2_server("framed") as upstream,
+        WireUpstream(wire) as upstream,
         run_sidecar([upstream.address], config=config) as sidecar,
     ):
         host, port = split_address(sidecar.address)
         proc = subprocess.Popen(
-            [*command, host, str(port), "binary", "framed", "off", "-"],
+            [*command, host, str(port), wire.protocol, wire.transport, "off", "-"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -60,8 +87,10 @@ def test_a_go_client_silent_after_a_oneway_call_gets_its_next_reply(clients: Cli
             env={**os.environ, "INTEROP_SCENARIO": "lone-oneway"},
         )
         try:
-            assert check_line(proc, 60.0) == {"lang": "go", "check": "connect", "ok": True}
-            assert check_line(proc, 30.0) == {"lang": "go", "check": "loneOneway", "ok": True}
+            assert check_lines(proc, 2, 60.0) == [
+                {"lang": "go", "check": "connect", "ok": True},
+                {"lang": "go", "check": "loneOneway", "ok": True},
+            ]
             wait_until(lambda: len(upstream.notifications) == 1, message="notify delivered")
             # The client stays silent until the sidecar has made up its mind about the
             # notify: learned it (with the probe, at once) or failed it (without, 1 s on).
