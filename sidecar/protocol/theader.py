@@ -34,6 +34,8 @@ FIXED_SIZE: Final = 14
 
 _FIXED: Final = struct.Struct(">iHHiH")
 _HEAD: Final = struct.Struct(">HHiH")
+# The flag by which a client tells the server it may answer its calls out of order.
+SUPPORT_OUT_OF_ORDER: Final = 0x0001
 _I32: Final = struct.Struct(">i")
 
 
@@ -69,6 +71,11 @@ class THeaderFrame:
     def set_header(self, name: str, value: str) -> None:
         """Add or replace info header ``name``."""
         self.headers[name.encode("utf-8")] = value.encode("utf-8")
+
+    @property
+    def out_of_order(self) -> bool:
+        """Does the sender let the server answer out of order (`SUPPORT_OUT_OF_ORDER`)?"""
+        return bool(self.flags & SUPPORT_OUT_OF_ORDER)
 
 
 def _varint(data: bytes | bytearray | memoryview, pos: int, end: int) -> tuple[int, int]:

@@ -240,6 +240,7 @@ class Call:
             or self._finished
             or self._message.header.type is not _CALL
             or self._ctx.oneway.is_two_way(self._policy.name)
+            or not self._answered_in_turn()
         ):
             return None
         return conn
@@ -544,6 +545,7 @@ class Call:
             and self._message.header.type is _CALL
             and policy.name not in self._ctx.oneway.two_way
             and self._well_formed()
+            and self._answered_in_turn()
         ):
             self._probe = OnewayProbe(self._ctx.loop, conn, self, policy.service, timeout)
         if self._hedger is not None:
@@ -963,6 +965,18 @@ class Call:
             except ProtocolError:
                 return False
         return self._shown is True
+
+    def _answered_in_turn(self) -> bool:
+        """Will the upstream answer this call before the calls sent behind it?
+
+        Not when a THeader client lets the server answer it out of order (its
+        frame's `SUPPORT_OUT_OF_ORDER` flag, as fbthrift clients may set): a
+        later call answered first would prove nothing, so none is sent behind
+        it to learn whether it is oneway (neither the client's next call nor a
+        probe).
+        """
+        theader = self._message.theader
+        return theader is None or not theader.out_of_order
 
     def _stop_probe(self) -> None:
         """The attempt the oneway probe was armed for is over: no probe now."""

@@ -25,8 +25,12 @@ import thriftpy2.thrift
 import thriftpy2.transport
 
 from sidecar.app.state import state_document
-from sidecar.protocol.framing import Transport, encode_frame, frame, make_decoder
+from sidecar.protocol.appexc import ApplicationExceptionType
+from sidecar.protocol.framing import Transport, decoder_for, encode_frame, frame
+from sidecar.protocol.theader import SUPPORT_OUT_OF_ORDER, THeaderFrame, encode_theader
 from tests.integration import framed_replies, raw_connection, reply_parts
+from tests.interop.matrix import Wire
+from tests.interop.upstream import WireUpstream
 from tests.support.clients import thriftpy2_client
 from tests.support.idl import INTEROP_IDL, load_thriftpy2_interop
 from tests.support.raw import decode_reply, encode_call, raw_calls
@@ -54,10 +58,10 @@ def message(
     return bytes(buf.getvalue())
 
 
-def raw_replies(sock: socket.socket, transport: TransportName, count: int) -> list[bytes]:
+def raw_replies(sock: socket.socket, transport: Transport | str, count: int) -> list[bytes]:
     """``count`` replies read off ``sock`` in ``transport`` (each message without framing),
     within the socket's timeout for each read and 10 s in all."""
-    decoder = make_decoder(Transport(transport), 1 << 20)
+    decoder = decoder_for(Transport(transport), max_size=1 << 20)
     deadline = time.monotonic() + 10.0
     out: list[bytes] = []
     while len(out) < count and time.monotonic() < deadline:
@@ -198,6 +202,55 @@ def test_a_slow_two_way_call_is_not_taken_for_oneway_by_the_probe(
         assert state["answered_methods"] == 2  # sleepMs and add: two-way for good
     probes = [r for r in caplog.records if r.getMessage().startswith("sent a oneway probe")]
     assert len(probes) == 1  # behind sleepMs; add was answered before its probe was due
+
+
+@pytest.mark.parametrize("out_of_order", [False, True], ids=["in-order", "out-of-order"])
+def test_a_theader_call_the_server_may_answer_out_of_order_gets_no_probe(
+    out_of_order: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A THeader client that sets SUPPORT_OUT_OF_ORDER lets the server answer a probe
+    before a slow two-way call: that would prove nothing, so none is sent."""
+    caplog.set_level(logging.DEBUG, logger="sidecar.pipeline")
+    with (
+        WireUpstream(Wire("binary", "header", False)) as upstream,
+        SidecarThread(base_config([upstream.address], **SLOW)) as sc,
+        raw_connection(sc.address, timeout=10.0) as sock,
+    ):
+        flags = SUPPORT_OUT_OF_ORDER if out_of_order else 0
+        call = encode_call("sleepMs", {"ms": 200}, seqid=5)
+        sock.sendall(encode_theader(THeaderFrame(flags=flags, seqid=5), call))
+        (reply,) = raw_replies(sock, Transport.THEADER, 1)
+        assert decode_reply("sleepMs", reply) == 200
+        # The reply came 150 ms after a probe would have been due.
+        probes = [r for r in caplog.records if r.getMessage().startswith("sent a oneway probe")]
+        assert len(probes) == (0 if out_of_order else 1)
+        assert sc.call(lambda: state_document(sc.sidecar))["oneway"]["learned_oneway"] == []
+
+
+def test_a_call_the_server_may_answer_out_of_order_has_no_call_sent_behind_it() -> None:
+    """The client's next call is not sent right behind it either: answered first, it
+    would prove nothing. So a oneway sent as CALL by such a client, with no IDL, is not
+    learned and times out (README: name it in the config)."""
+    config = base_config(
+        [], retry={"per_try_timeout": "500ms", "deadline": "5s", "max_attempts": 1}
+    )
+    with WireUpstream(Wire("binary", "header", False)) as upstream:
+        config["upstream"]["addresses"] = [upstream.address]
+        with (
+            SidecarThread(config) as sc,
+            raw_connection(sc.address, timeout=10.0) as sock,
+        ):
+            out_of_order = THeaderFrame(flags=SUPPORT_OUT_OF_ORDER, seqid=1)
+            notify = message("notify", {"tag": "ooo"}, 1, CALL)
+            add = encode_call("add", {"a": 1, "b": 1}, seqid=2)
+            sock.sendall(
+                encode_theader(out_of_order, notify)
+                + encode_theader(THeaderFrame(flags=SUPPORT_OUT_OF_ORDER, seqid=2), add)
+            )
+            timed_out, added = raw_replies(sock, Transport.THEADER, 2)
+            assert reply_parts(timed_out).exc_type == ApplicationExceptionType.INTERNAL_ERROR
+            assert decode_reply("add", added) == 2
+            assert sc.call(lambda: state_document(sc.sidecar))["oneway"]["learned_oneway"] == []
 
 
 def test_with_an_idl_a_oneway_sent_as_call_never_waits() -> None:
