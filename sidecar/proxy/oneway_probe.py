@@ -20,7 +20,9 @@ it was a slow two-way call and the probe's answer is read and dropped before
 the connection goes back to the pool. Either way nothing reaches the client
 and nothing is counted. Only a call known to be well formed is probed
 (`Call._well_formed`): an upstream that reads a call cut short on into the
-next frame would take the probe for the rest of it. The README ("Oneway calls whatever their message
+next frame would take the probe for the rest of it. Nor is a call the
+server may answer out of order (`Call._answered_in_turn`): the probe's
+answer coming first would prove nothing. The README ("Oneway calls whatever their message
 type") says what the upstream sees.
 """
 
