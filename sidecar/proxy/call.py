@@ -284,7 +284,7 @@ class Call:
             self._oneway = mtype is _ONEWAY or policy.oneway or policy.name in ctx.oneway.learned
             if self._shown is None and ctx.validate_framed:
                 try:
-                    self._shown = check_body(self._message, ctx.max_depth, CHECK_STEPS)
+                    self._check_body()
                 except ProtocolError as exc:
                     self._refuse_malformed(exc, "it was not sent upstream")
                     return
@@ -649,13 +649,11 @@ class Call:
         count), never retried. False: too costly to check (`CHECK_STEPS`):
         treated as `_unshown`.
         """
-        shown = self._shown
-        if shown is None:
-            try:
-                shown = self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
-            except ProtocolError as exc:
-                self._refuse_malformed(exc, _NOT_COUNTED)
-                return None
+        try:
+            shown = self._check_body()
+        except ProtocolError as exc:
+            self._refuse_malformed(exc, _NOT_COUNTED)
+            return None
         declared = self._policy.arguments
         if shown and declared is not None:
             message = self._message
@@ -952,6 +950,18 @@ class Call:
             self._breaker.cancel(self._admission)
             self._admission = None
 
+    def _check_body(self) -> bool:
+        """Is the call's body well formed (`check_body`, run once a call)? False: too
+        costly to tell (`CHECK_STEPS`).
+
+        Raises:
+            ProtocolError: it is not.
+        """
+        shown = self._shown
+        if shown is None:
+            shown = self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
+        return shown
+
     def _well_formed(self) -> bool:
         """Is the call known to be whole and well formed (checked here if it was not)?
 
@@ -959,12 +969,10 @@ class Call:
         call cut short on into the next frame would take the probe's bytes for the
         rest of it. A malformed one is left for `_request_shown_well_formed`.
         """
-        if self._shown is None:
-            try:
-                self._shown = check_body(self._message, self._ctx.max_depth, CHECK_STEPS)
-            except ProtocolError:
-                return False
-        return self._shown is True
+        try:
+            return self._check_body()
+        except ProtocolError:
+            return False
 
     def _answered_in_turn(self) -> bool:
         """Will the upstream answer this call before the calls sent behind it?
