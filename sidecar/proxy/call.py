@@ -390,8 +390,9 @@ class Call:
             self._ctx.oneway.unanswered(policy.name)
             self._oneway = True
             log.info(
-                "learned that %s is oneway: a later call was answered first; its calls are "
-                "sent without waiting for a reply from now on",
+                "learned that %s is oneway: a call sent after it on its upstream connection "
+                "(the client's next call, or the sidecar's probe) was answered first; its "
+                "calls are sent without waiting for a reply from now on",
                 policy.display_name,
                 extra={"method": shown_name(policy.name)},
             )

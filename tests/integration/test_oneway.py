@@ -126,10 +126,14 @@ def test_a_oneway_sent_as_call_is_learned_from_the_next_call() -> None:
     ],
 )
 def test_a_lone_oneway_sent_as_call_is_learned_from_a_probe(
-    library: Library, transport: TransportName, multiplexed: bool
+    library: Library,
+    transport: TransportName,
+    multiplexed: bool,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """No next call follows it (a Go client notifying now and then): the probe's
     answer comes first, so the client never gets a reply it did not ask for."""
+    caplog.set_level(logging.INFO, logger="sidecar.pipeline")
     service = "Interop:" if multiplexed else ""
     with (
         upstream_server(library, transport, multiplexed) as upstream,
@@ -154,6 +158,13 @@ def test_a_lone_oneway_sent_as_call_is_learned_from_a_probe(
             (service + "notify", "ok", 1.0),
         ]
         assert sc.metrics().value("thrift_sidecar_breaker_state", breaker=upstream.address) == 0
+    learned = [r.getMessage() for r in caplog.records if r.getMessage().startswith("learned")]
+    shown = "Interop.notify" if multiplexed else "notify"
+    assert learned == [
+        f"learned that {shown} is oneway: a call sent after it on its upstream connection "
+        "(the client's next call, or the sidecar's probe) was answered first; its calls are "
+        "sent without waiting for a reply from now on"
+    ]
 
 
 def test_two_oneways_sent_as_call_in_a_row_are_both_learned_from_one_probe() -> None:
