@@ -29,7 +29,8 @@ class MetricsConfig(Section):
     max_method_labels: int = Field(
         200,
         ge=1,
-        description="Most distinct method label values; further names are counted as `other`.",
+        description="Most distinct method label values; further names are counted as `other`. "
+        "Names the upstream has not answered (invented ones) take half of them at most.",
     )
 
 

@@ -5,7 +5,12 @@ Method names arrive on the wire, so their label values are capped
 label, other names get one until ``max_method_labels`` distinct names are in
 use, and everything after that is `OTHER`. Every metric with a ``method``
 label (and the per-method breakers) uses these values, so a client cannot
-blow up the series count. `LABEL_DOCS` feeds ``docs/metrics-reference.md``.
+blow up the series count. Names the upstream has not yet answered (invented
+ones never are) may hold at most half the slots, so that a client inventing
+names cannot leave the upstream's real methods sharing `OTHER` and its
+breaker (docs/robustness.md, "Method labels: names the
+upstream refuses take half at most"). `LABEL_DOCS` feeds
+``docs/metrics-reference.md``.
 """
 
 from __future__ import annotations
@@ -88,7 +93,10 @@ LABEL_DOCS: Final[dict[str, str]] = {
     "method": "The method name. In `requests_total` and `request_duration_seconds` the bare "
     "method (the service has its own label); elsewhere the name as sent, `Service:method` "
     "for multiplexed calls. Capped: names from the config and the IDL, then new names until "
-    "`metrics.max_method_labels` are in use, then `other`. Only identifiers get a label of "
+    "`metrics.max_method_labels` are in use, then `other`. A name the upstream has not yet "
+    "answered gets its own value on first sight only while such names hold under half "
+    "the values; otherwise it is `other` until the upstream answers it (with anything but "
+    "`UNKNOWN_METHOD`). Only identifiers get a label of "
     "their own: any other name (one that is not UTF-8 on the wire among them) is `other`.",
     "outcome": "What the client got: the last attempt's outcome (`ok`, `declared_exception`, "
     "`app_exception`, `internal_error`, `connect_error`, `connection_closed`, `timeout`, "
@@ -155,8 +163,19 @@ class MethodLabels:
     exactly one IDL service defines is labelled ``Service:method`` (``service_of``),
     like its multiplexed form. Names known from the config or the IDL
     (``known``, and `add_known` on a reload) always get their own value.
-    Other names get one on first sight while fewer than ``limit`` values are
-    in use, if they are identifiers; everything else is `OTHER`.
+    Other names are identifiers or `OTHER`, and an identifier gets its own
+    value while fewer than ``limit`` are in use:
+
+    - on first sight, while the names the upstream has not answered yet hold
+      fewer than half the values (``limit // 2``);
+    - else when the upstream answers it (`confirm`; the caller decides what
+      counts as an answer: a reply, or an exception other than
+      UNKNOWN_METHOD).
+
+    So names the upstream refuses (a client inventing them) can never take
+    more than half the values, and a real method met after them still gets
+    its own value (and, with ``breaker.scope: method``, its own breaker) once
+    the upstream has answered it once.
     """
 
     def __init__(
@@ -165,7 +184,10 @@ class MethodLabels:
         self._service_of = dict(service_of or {})
         self._labels: dict[str, str] = {}  # wire name -> label value
         self._values: set[str] = set()
+        # Values given on first sight that the upstream has not answered yet.
+        self._unanswered: set[str] = set()
         self._limit = limit
+        self._unanswered_limit = limit // 2
         self.configured: list[str] = []  # label values of the known names
         for name in known:
             self._know(name)
@@ -185,6 +207,7 @@ class MethodLabels:
     def _know(self, name: str) -> bool:
         label = self._canonical(name)
         self._labels[name] = label
+        self._unanswered.discard(label)
         if label in self._values:
             return False
         self._values.add(label)
@@ -199,11 +222,39 @@ class MethodLabels:
         if not _IDENTIFIER.match(name):
             return OTHER
         label = self._canonical(name)
-        if label in self._values or len(self._values) < self._limit:
+        if label in self._values:
+            self._labels[name] = label
+            return label
+        if len(self._values) < self._limit and len(self._unanswered) < self._unanswered_limit:
             self._labels[name] = label
             self._values.add(label)
+            self._unanswered.add(label)
             return label
         return OTHER
+
+    def awaits_answer(self, name: str, label: str) -> bool:
+        """Would the upstream's answer to a call of ``name`` (labelled ``label``) change
+        anything here? Its value was given unanswered, or it is `OTHER` and could still
+        get one."""
+        if label == OTHER:
+            return len(self._values) < self._limit and bool(_IDENTIFIER.match(name))
+        return label in self._unanswered
+
+    def confirm(self, name: str) -> bool:
+        """The upstream answered a call of ``name`` as a method it has.
+
+        Returns:
+            True when the name's label value changed (from `OTHER` to its own).
+        """
+        label = self._canonical(name)
+        if label in self._values:
+            self._unanswered.discard(label)
+            return False
+        if len(self._values) >= self._limit or not _IDENTIFIER.match(name):
+            return False
+        self._labels[name] = label
+        self._values.add(label)
+        return True
 
     def add_known(self, names: Iterable[str]) -> list[str]:
         """Give configured names their own label, past the limit if need be (a reload).

@@ -567,6 +567,8 @@ class Call:
         if self._finished:
             return
         ctx = self._ctx
+        if self._policy.label_awaits_answer:  # a name not yet answered (labels.py)
+            ctx.policies.answered(self._policy, outcome, reply)
         failed = outcome in ctx.trip_on
         if failed and sent:
             shown = self._request_shown_well_formed()

@@ -24,15 +24,22 @@ from typing import TypeVar
 
 from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_any, method_overrides
 from sidecar.config.hedge import parse_hedge_delay
+from sidecar.errors import ProtocolError
 from sidecar.fallback.static import ArgumentTypes, ExceptionIds, StaticReply
 from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
+from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import shown_name
+from sidecar.protocol.message import Message
 from sidecar.proxy.hedge import HedgePlan
 from sidecar.resilience.backoff import Backoff
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.retry import RetryPolicy
 
 T = TypeVar("T")
+
+# Outcomes that show the upstream has the method called (with APP_EXCEPTION,
+# unless its type is UNKNOWN_METHOD).
+_ANSWERS = frozenset((Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.INTERNAL_ERROR))
 
 # Most method names remembered; enough for any real service, small enough
 # that a client inventing names cannot grow the process.
@@ -65,6 +72,8 @@ class MethodPolicy:
     # The arguments the IDL declares (None without an IDL, or for a name it does not
     # have): a failed call whose argument has another type is the client's doing.
     arguments: ArgumentTypes | None = None
+    # The upstream's first answer to this name matters to its label (`PolicyTable.answered`).
+    label_awaits_answer: bool = False
 
     @property
     def classifies_exceptions(self) -> bool:
@@ -158,7 +167,30 @@ class PolicyTable:
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
             arguments=arguments,
             oneway_unknown=configured is None and not oneway and arguments is None,
+            label_awaits_answer=self._labels.awaits_answer(name, label),
         )
+
+    def answered(self, policy: MethodPolicy, outcome: Outcome, reply: Message | None) -> None:
+        """The upstream answered a call of ``policy``'s method (``reply``; None: it was
+        learned oneway), for a policy whose `MethodPolicy.label_awaits_answer`.
+
+        An answer that shows the upstream has the method (anything but a missing or
+        garbled reply, or UNKNOWN_METHOD) gives the name its own label if one is free
+        (`MethodLabels.confirm`); the name's policy is resolved again on its next call.
+        """
+        if outcome is Outcome.APP_EXCEPTION and reply is not None:
+            header = reply.header
+            body = memoryview(reply.buf)[reply.start + header.body_offset :]
+            try:
+                exc_type, _ = parse_application_exception(body, header.protocol)
+            except ProtocolError:
+                return
+            if exc_type == ApplicationExceptionType.UNKNOWN_METHOD:
+                return
+        elif outcome not in _ANSWERS:
+            return
+        self._labels.confirm(policy.name)
+        self._cache.pop(policy.name, None)
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:
         """Field ids from the most specific ``methods`` entry that names exceptions to retry."""

@@ -29,7 +29,7 @@ from tests.integration import framed_replies, reply_parts
 from tests.protocol.test_walk_budget import empty_structs_call
 from tests.support.clients import split_address, thriftpy2_client
 from tests.support.idl import INTEROP_IDL
-from tests.support.raw import encode_call
+from tests.support.raw import encode_call, raw_calls
 from tests.support.redis import SilentServer
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
@@ -340,3 +340,41 @@ def test_a_call_whose_arguments_do_not_match_the_idl_never_opens_the_breaker() -
             assert "the IDL declares i64" in said
             assert bystander.getItem(2).id == 2  # served all along
         assert sc.metrics().value("thrift_sidecar_breaker_state") == 0  # closed
+
+
+def test_invented_method_names_never_leave_real_methods_sharing_a_breaker() -> None:
+    """With breaker.scope: method and no IDL, a client calling invented names (the
+    upstream answers UNKNOWN_METHOD) used to fill metrics.max_method_labels; real
+    methods met after them were all `other`, one breaker, so one failing method
+    cut off the rest. Now unanswered names hold at most half the labels, and a
+    real method gets its own label and breaker once the upstream has answered it."""
+    config = {
+        "metrics": {"max_method_labels": 6},
+        "breaker": {"scope": "method", "fail_max": 2, "reset_timeout": "1h"},
+        "retry": {"max_attempts": 1, "per_try_timeout": "5s", "deadline": "10s"},
+    }
+    invented = [encode_call("ping", seqid=i, name=f"madeUp{i}") for i in range(20)]
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], config=config) as sc,
+        thriftpy2_client(sc.address, "framed") as client,
+    ):
+        for reply in raw_calls(sc.address, invented, "framed", timeout=10):
+            assert reply_parts(reply).exc_type == ApplicationExceptionType.UNKNOWN_METHOD
+        # crash() fails in the upstream's handler (INTERNAL_ERROR): its breaker opens.
+        for _ in range(4):
+            with pytest.raises(thriftpy2.thrift.TApplicationException):
+                client.crash()
+        assert [client.add(1, i) for i in range(3)] == [1, 2, 3]
+        metrics = sc.metrics()
+    breaker = upstream.address
+    assert metrics.value("thrift_sidecar_breaker_state", breaker=f"{breaker}/crash") == 2
+    assert metrics.value("thrift_sidecar_breaker_state", breaker=f"{breaker}/add") == 0
+    assert metrics.value("thrift_sidecar_requests_total", method="add", outcome="ok") >= 2
+    # Three invented names took the unanswered half of the six labels; the rest got none.
+    invented_labels = {
+        dict(labels)["method"]
+        for labels in metrics.matching("thrift_sidecar_requests_total")
+        if dict(labels)["method"].startswith("madeUp")
+    }
+    assert len(invented_labels) == 3

@@ -47,8 +47,24 @@ def test_names_that_are_not_utf8_are_labelled_other(raw: bytes) -> None:
 
 
 def test_identifiers_take_slots_until_the_limit() -> None:
-    labels = MethodLabels(["known"], limit=3)
+    labels = MethodLabels(["known"], limit=5)
+    # On first sight, while unanswered names hold fewer than half (2) of the slots.
     assert [labels.label(n) for n in ("a", "b", "c", "a")] == ["a", "b", OTHER, "a"]
     assert labels.in_use() == 3
+    # Answered ones take the rest, up to the limit.
+    assert [labels.confirm(n) for n in ("c", "d", "e")] == [True, True, False]
+    assert [labels.label(n) for n in ("c", "d", "e")] == ["c", "d", OTHER]
+    assert labels.in_use() == 5
     assert labels.add_known(["late"]) == ["late"]  # configured names pass the limit
     assert labels.label("late") == "late"
+
+
+def test_an_answered_name_stops_counting_as_unanswered() -> None:
+    labels = MethodLabels([], limit=4)
+    assert [labels.label(n) for n in ("a", "b", "c")] == ["a", "b", OTHER]
+    assert labels.awaits_answer("a", "a")
+    assert labels.awaits_answer("c", OTHER)
+    assert labels.confirm("a") is False  # it had its label already
+    assert not labels.awaits_answer("a", "a")
+    assert labels.label("c") == "c"  # the freed share
+    assert not labels.awaits_answer("not an identifier", OTHER)

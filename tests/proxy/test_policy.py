@@ -11,6 +11,9 @@ import pytest
 from sidecar.config import SidecarConfig, load_config
 from sidecar.fallback.static import ArgumentTypes
 from sidecar.metrics import OTHER, MethodLabels
+from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
+from sidecar.protocol.decoders import FramedDecoder
+from sidecar.protocol.message import Message, encode_frame
 from sidecar.proxy import policy as policy_module
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.policy import MAX_CACHED_NAMES, MethodPolicy, PolicyTable
@@ -367,8 +370,10 @@ def test_labels_more_known_names_than_the_limit() -> None:
 def test_label_set_stays_bounded_under_invented_names() -> None:
     labels = MethodLabels(["getItem"], limit=50)
     seen = {labels.label(f"Svc:invented{i}") for i in range(5_000)}
-    assert len(seen) == 50  # 49 admitted names and "other"
+    assert len(seen) == 26  # 25 names not yet answered (half the limit) and "other"
     assert OTHER in seen
+    for i in range(5_000):  # names the upstream answers take the rest, and no more
+        labels.confirm(f"Svc:answered{i}")
     assert len(labels.known()) == 50
 
 
@@ -377,9 +382,72 @@ def test_policies_carry_capped_labels() -> None:
     labels = MethodLabels(sorted(config.methods), limit=3)
     t = PolicyTable(config, labels)
     got: list[MethodPolicy] = [t.for_name(n) for n in ("getItem", "x1", "x2", "x3", "x4")]
-    assert [p.label for p in got] == ["getItem", "x1", "x2", OTHER, OTHER]
+    # One slot of three may go to a name the upstream has not answered yet.
+    assert [p.label for p in got] == ["getItem", "x1", OTHER, OTHER, OTHER]
     assert got[3].name == "x3"  # the name itself is kept; only the label is capped
     assert t.for_name("x1").label == "x1"
+    assert [p.label_awaits_answer for p in got] == [False, True, True, True, True]
+
+
+def exception_reply(exc_type: ApplicationExceptionType) -> Message:
+    wire = encode_application_exception("x2", 7, exc_type, "no")
+    messages = FramedDecoder(1 << 20).receive_data(encode_frame(wire))
+    assert len(messages) == 1
+    return messages[0]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "exc_type", "takes_label"),
+    [
+        (Outcome.OK, None, True),
+        (Outcome.DECLARED_EXCEPTION, None, True),
+        (Outcome.INTERNAL_ERROR, None, True),
+        (Outcome.APP_EXCEPTION, ApplicationExceptionType.WRONG_METHOD_NAME, True),
+        (Outcome.APP_EXCEPTION, ApplicationExceptionType.UNKNOWN_METHOD, False),
+        (Outcome.TIMEOUT, None, False),
+        (Outcome.CONNECT_ERROR, None, False),
+        (Outcome.PROTOCOL_ERROR, None, False),
+    ],
+)
+def test_a_name_past_the_unanswered_share_gets_its_label_when_the_upstream_answers_it(
+    outcome: Outcome, exc_type: ApplicationExceptionType | None, takes_label: bool
+) -> None:
+    """Invented names (answered UNKNOWN_METHOD) hold at most half the slots; a real
+    method met after them gets its own label once the upstream has answered it."""
+    t = PolicyTable(config_of({}), MethodLabels([], limit=4))
+    assert [t.for_name(n).label for n in ("made_up1", "made_up2")] == ["made_up1", "made_up2"]
+    first = t.for_name("x2")
+    assert first.label == OTHER
+    assert first.label_awaits_answer
+    reply = None if exc_type is None else exception_reply(exc_type)
+    t.answered(first, outcome, reply)
+    again = t.for_name("x2")
+    assert again.label == ("x2" if takes_label else OTHER)
+    assert again.label_awaits_answer is not takes_label
+
+
+def test_an_answered_name_frees_its_share_of_unanswered_slots() -> None:
+    labels = MethodLabels([], limit=4)
+    t = PolicyTable(config_of({}), labels)
+    first = t.for_name("real")
+    assert first.label == "real"
+    assert first.label_awaits_answer
+    t.answered(first, Outcome.OK, None)
+    assert not t.for_name("real").label_awaits_answer  # resolved again, settled
+    # "real" no longer counts as unanswered: two invented names still fit beside it.
+    assert [labels.label(n) for n in ("made_up1", "made_up2", "made_up3")] == [
+        "made_up1",
+        "made_up2",
+        OTHER,
+    ]
+
+
+def test_once_every_label_is_taken_no_name_awaits_an_answer() -> None:
+    labels = MethodLabels(["a", "b"], limit=2)
+    t = PolicyTable(config_of({}), labels)
+    late = t.for_name("late")
+    assert late.label == OTHER
+    assert not late.label_awaits_answer
 
 
 # Declared exceptions by name: resolved against the IDL once, carried as field ids
