@@ -253,6 +253,19 @@ def test_the_wheel_tests_run_in_one_suite_only() -> None:
         assert any(m.startswith("pytest.mark.one_build(") for m in marks), node.name
 
 
+def test_the_forward_compile_runs_in_one_suite_only() -> None:
+    """It compiles bench/forward.py with mypyc (about a minute); once per CI run is enough."""
+    tree = parse_source((REPO_ROOT / "bench" / "test_bench_tools.py").read_text())
+    (node,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef)
+        and node.name == "test_the_passthrough_row_forwards_through_its_forward_compiled"
+    ]
+    marks = [ast.unparse(d) for d in node.decorator_list]
+    assert any(m.startswith("pytest.mark.one_build(") for m in marks)
+
+
 def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -> None:
     # setup.py reads the list from sidecar/native.py's source; ask it directly.
     code = (

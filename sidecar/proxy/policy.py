@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_any, method_overrides
 from sidecar.config.hedge import parse_hedge_delay
@@ -39,7 +39,7 @@ T = TypeVar("T")
 
 # Outcomes that show the upstream has the method called (with APP_EXCEPTION,
 # unless its type is UNKNOWN_METHOD).
-_ANSWERS = frozenset((Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.INTERNAL_ERROR))
+_ANSWERS: Final = frozenset((Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.INTERNAL_ERROR))
 
 # Most method names remembered; enough for any real service, small enough
 # that a client inventing names cannot grow the process.
