@@ -413,6 +413,9 @@ def test_help_texts_explain_themselves() -> None:
     assert rc == 0
     for part in ("run", "check-config", "retrying, circuit-breaking", "--version"):
         assert part in out
+    # It names every wire the sidecar takes, not only the first ones it took.
+    flowed = " ".join(out.split())
+    assert "binary or compact protocol; framed, buffered or THeader; plaintext or TLS" in flowed
     rc, out, _ = sidecar("run", "--help")
     assert rc == 0
     for flag in (

@@ -57,11 +57,11 @@ def _print_version(ctx: click.Context, _param: click.Parameter, value: bool) -> 
 def main() -> None:
     """thrift-sidecar: a retrying, circuit-breaking proxy for Thrift services.
 
-    Point unchanged Thrift clients (binary protocol, framed or buffered) at the
-    sidecar; it forwards each call to the upstream service, retries what is
-    safe to retry, opens a circuit breaker when the upstream is sick, serves
-    cached or static fallback replies while it is, and exports Prometheus
-    metrics.
+    Point unchanged Thrift clients (binary or compact protocol; framed, buffered
+    or THeader; plaintext or TLS) at the sidecar; it forwards each call to the
+    upstream service, retries what is safe to retry, opens a circuit breaker
+    when the upstream is sick, serves cached or static fallback replies while
+    it is, and exports Prometheus metrics.
 
     Start with `sidecar run --upstream HOST:PORT`; see `sidecar run --help`.
     Every config key is listed with its default in config/sidecar.yaml and
