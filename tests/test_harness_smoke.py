@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import re
+import signal
 import tempfile
 from pathlib import Path
 
@@ -10,6 +13,7 @@ import pytest
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import SidecarThread, base_config, run_sidecar
+from tests.support.zygote import ForkedProcess
 
 
 def test_subprocess_sidecar_forwards_and_exits_zero() -> None:
@@ -50,3 +54,53 @@ def test_thread_sidecar_from_a_dict_leaves_no_config_file_behind(
     ):
         assert client.add(1, 1) == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# The zygote (tests/support/zygote.py): a forked sidecar is the command as it would run.
+
+
+def descriptor_kinds(pid: int) -> list[str]:
+    """What a process's descriptors are (``socket``, ``pipe``, ``anon_inode:[eventfd]``, a
+    file's name), sorted."""
+    kinds = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        target = os.readlink(fd)
+        kinds.append(target.split(":[")[0] if target[:1] != "/" else Path(target).name)
+    return sorted(kinds)
+
+
+def test_a_forked_sidecar_is_the_zygotes_child_and_the_command_as_run() -> None:
+    with thriftpy2_server("framed") as upstream, run_sidecar([upstream.address]) as sc:
+        assert isinstance(sc.proc, ForkedProcess)
+        status = Path(f"/proc/{sc.proc.pid}/status").read_text()
+        parent = int(re.search(r"^PPid:\s+(\d+)", status, re.M).group(1))  # type: ignore[union-attr]
+        assert parent != os.getpid()  # the zygote's, not this process's
+        # The same descriptors as the command started afresh: the zygote's are closed.
+        with run_sidecar([upstream.address], prefix=[]) as fresh:
+            assert not isinstance(fresh.proc, ForkedProcess)
+            forked, started = descriptor_kinds(sc.proc.pid), descriptor_kinds(fresh.proc.pid)
+        # (sockets come and go with the readiness checks' connections)
+        assert [k for k in forked if k != "socket"] == [k for k in started if k != "socket"]
+        assert set(forked) == set(started)
+        assert Path(f"/proc/{sc.proc.pid}/cwd").resolve() == sc.config_path.parent.resolve()
+        with thriftpy2_client(sc.address, "framed") as client:
+            assert client.add(1, 2) == 3
+        assert sc.proc.poll() is None
+        assert sc.stop() == 0
+
+
+def test_a_forked_sidecar_gets_the_exit_status_environment_and_limits_asked_for() -> None:
+    # A bad setting from the environment: the command exits 2 and says why, as it would.
+    with run_sidecar(
+        ["127.0.0.1:1"], env={"SIDECAR_RETRY__MAX_ATTEMPTS": "abc"}, wait_ready=False
+    ) as sc:
+        assert sc.proc.wait(30) == 2
+    assert "SIDECAR_RETRY__MAX_ATTEMPTS" in sc.log()
+    with (
+        thriftpy2_server("framed") as upstream,
+        run_sidecar([upstream.address], open_files=512) as sc,
+    ):
+        limits = Path(f"/proc/{sc.proc.pid}/limits").read_text()
+        assert re.search(r"^Max open files\s+512\s+512\s", limits, re.M), limits
+        sc.signal(signal.SIGKILL)
+        assert sc.proc.wait(10) == -signal.SIGKILL

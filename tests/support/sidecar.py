@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
@@ -37,6 +38,7 @@ from sidecar.app import Sidecar
 from sidecar.config import SidecarConfig, load_config
 from sidecar.testing import ports
 from tests.support.wait import wait_until
+from tests.support.zygote import ForkedProcess, Zygote
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -121,11 +123,34 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> None:
             into[key] = value
 
 
+def sidecar_environ() -> dict[str, str]:
+    """The environment a sidecar of `run_sidecar` starts with, before a test's own settings."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
+    environ["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + environ.get("PYTHONPATH", "")
+    return environ
+
+
+# Sidecars are forked from a zygote that has imported the sidecar (tests/support/zygote.py),
+# unless THRIFT_SIDECAR_TEST_FORK=0: then each is a fresh ``python -m sidecar``.
+FORK = os.environ.get("THRIFT_SIDECAR_TEST_FORK", "1") != "0"
+_zygotes: list[Zygote] = []
+_zygote_lock = threading.Lock()
+
+
+def _zygote() -> Zygote:
+    """The session's zygote, started on first use and ended when the session ends."""
+    with _zygote_lock:
+        if not _zygotes:
+            _zygotes.append(Zygote(sidecar_environ()))
+            atexit.register(_zygotes[0].close)
+        return _zygotes[0]
+
+
 @dataclass
 class SidecarProcess:
-    """A sidecar subprocess started by `run_sidecar`."""
+    """A sidecar process started by `run_sidecar`."""
 
-    proc: subprocess.Popen[str]
+    proc: subprocess.Popen[str] | ForkedProcess
     config: dict[str, Any]
     config_path: Path
     log_path: Path
@@ -212,8 +237,7 @@ def run_sidecar(
     config_path.write_text(yaml.safe_dump(full))
     log_path = workdir / "sidecar.log"
     log_file = log_path.open("w")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("SIDECAR_")}
-    environ["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + environ.get("PYTHONPATH", "")
+    environ = sidecar_environ()
     environ.update(env or {})
     cmd = [
         *(prefix or []),
@@ -230,15 +254,20 @@ def run_sidecar(
         if open_files is not None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (open_files, open_files))
 
-    proc = subprocess.Popen(
-        cmd,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        env=environ,
-        cwd=workdir,
-        text=True,
-        preexec_fn=limit_open_files if open_files is not None else None,
-    )
+    proc: subprocess.Popen[str] | ForkedProcess
+    if prefix is None and not any(k.startswith("PYTHON") for k in env or {}) and FORK:
+        args_ = cmd[cmd.index("sidecar") + 1 :]
+        proc = _zygote().fork(args_, environ, workdir, log_file.fileno(), open_files)
+    else:
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=environ,
+            cwd=workdir,
+            text=True,
+            preexec_fn=limit_open_files if open_files is not None else None,
+        )
     sidecar = SidecarProcess(proc, full, config_path, log_path, log_file)
     try:
         if wait_ready:
