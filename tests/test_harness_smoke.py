@@ -12,7 +12,7 @@ import pytest
 
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import SidecarThread, base_config, run_sidecar
+from tests.support.sidecar import FORK, SidecarThread, base_config, run_sidecar
 from tests.support.zygote import ForkedProcess
 
 
@@ -69,6 +69,7 @@ def descriptor_kinds(pid: int) -> list[str]:
     return sorted(kinds)
 
 
+@pytest.mark.skipif(not FORK, reason="THRIFT_SIDECAR_TEST_FORK=0: no zygote")
 def test_a_forked_sidecar_is_the_zygotes_child_and_the_command_as_run() -> None:
     with thriftpy2_server("framed") as upstream, run_sidecar([upstream.address]) as sc:
         assert isinstance(sc.proc, ForkedProcess)

@@ -137,7 +137,7 @@ _zygotes: list[Zygote] = []
 _zygote_lock = threading.Lock()
 
 
-def _zygote() -> Zygote:
+def zygote() -> Zygote:
     """The session's zygote, started on first use and ended when the session ends."""
     with _zygote_lock:
         if not _zygotes:
@@ -257,7 +257,7 @@ def run_sidecar(
     proc: subprocess.Popen[str] | ForkedProcess
     if prefix is None and not any(k.startswith("PYTHON") for k in env or {}) and FORK:
         args_ = cmd[cmd.index("sidecar") + 1 :]
-        proc = _zygote().fork(args_, environ, workdir, log_file.fileno(), open_files)
+        proc = zygote().fork(args_, environ, workdir, log_file.fileno(), open_files)
     else:
         proc = subprocess.Popen(
             cmd,

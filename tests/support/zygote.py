@@ -25,7 +25,8 @@ and the process's own settings differ between tests, and the sidecar reads
 those when it runs, not at import), and the hash seed. `run_sidecar` starts
 a real ``python -m sidecar`` when a test asks for a command prefix or an
 environment variable Python reads at start-up (``PYTHON*``). tests/test_cli.py
-and the image test run the command as users do, always.
+(but for its bad configs, which it forks: 80 runs that exit at once) and the image
+test run the command as users do.
 
 The zygote is single-threaded when it forks: a child of a threaded process
 could inherit a lock some other thread held. It learns of exits through
@@ -92,7 +93,7 @@ def _recv_request(sock: socket.socket) -> tuple[dict[str, Any], list[int]]:
 # The zygote
 
 
-def _run_child(request: dict[str, Any], output: int) -> None:
+def _run_child(request: dict[str, Any], output: int, errors: int) -> None:
     """In the forked child: become the requested ``sidecar`` command, then exit."""
     code = 1
     try:
@@ -101,7 +102,7 @@ def _run_child(request: dict[str, Any], output: int) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(output, 1)
-        os.dup2(output, 2)
+        os.dup2(errors, 2)
         os.closerange(3, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         limit = request.get("open_files")
         if limit is not None:
@@ -176,7 +177,7 @@ def main(path: str) -> None:
                 request, fds = _recv_request(conn)
                 pid = os.fork()
                 if pid == 0:
-                    _run_child(request, fds[0])
+                    _run_child(request, fds[0], fds[-1])
                 for fd in fds:
                     os.close(fd)
                 conn.sendall(_STATUS.pack(pid))
@@ -265,13 +266,16 @@ class Zygote:
         cwd: Path,
         output: int,
         open_files: int | None = None,
+        errors: int | None = None,
     ) -> ForkedProcess:
-        """``sidecar ARGS`` in a child of the zygote, its output to the descriptor ``output``."""
+        """``sidecar ARGS`` in a child of the zygote, its standard output to the descriptor
+        ``output``, its standard error to ``errors`` (None: ``output`` too)."""
         request = {"args": args, "env": env, "cwd": str(cwd), "open_files": open_files}
         conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         with self._lock:
             conn.connect(self.path)
-            _send_frame(conn, json.dumps(request).encode(), [output])
+            fds = [output] if errors is None else [output, errors]
+            _send_frame(conn, json.dumps(request).encode(), fds)
             (pid,) = _STATUS.unpack(_recv_exact(conn, _STATUS.size))
         return ForkedProcess(pid, conn, ["sidecar", *args])
 
