@@ -12,8 +12,7 @@ import pytest
 
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import FORK, SidecarThread, base_config, run_sidecar, zygote
-from tests.support.wait import wait_until
+from tests.support.sidecar import FORK, SidecarThread, base_config, run_sidecar
 from tests.support.zygote import ForkedProcess
 
 
@@ -106,14 +105,3 @@ def test_a_forked_sidecar_gets_the_exit_status_environment_and_limits_asked_for(
         assert re.search(r"^Max open files\s+512\s+512\s", limits, re.M), limits
         sc.signal(signal.SIGKILL)
         assert sc.proc.wait(10) == -signal.SIGKILL
-
-
-@pytest.mark.skipif(not FORK, reason="THRIFT_SIDECAR_TEST_FORK=0: no zygote")
-def test_a_zygote_that_died_is_started_again() -> None:
-    dead = zygote()
-    os.kill(dead.pid, signal.SIGKILL)
-    wait_until(lambda: not dead.alive(), timeout=10, message="the zygote exits")
-    with thriftpy2_server("framed") as upstream, run_sidecar([upstream.address]) as sc:
-        assert zygote() is not dead
-        with thriftpy2_client(sc.address, "framed") as client:
-            assert client.add(4, 5) == 9

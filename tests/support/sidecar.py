@@ -138,13 +138,12 @@ _zygote_lock = threading.Lock()
 
 
 def zygote() -> Zygote:
-    """The session's zygote, started on first use (and again if it died: one test's
-    accident must not fail the rest) and ended when the session ends."""
+    """The session's zygote, started on first use and ended when the session ends."""
     with _zygote_lock:
-        if not _zygotes or not _zygotes[-1].alive():
+        if not _zygotes:
             _zygotes.append(Zygote(sidecar_environ()))
-            atexit.register(_zygotes[-1].close)
-        return _zygotes[-1]
+            atexit.register(_zygotes[0].close)
+        return _zygotes[0]
 
 
 @dataclass

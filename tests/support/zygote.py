@@ -279,13 +279,6 @@ class Zygote:
             (pid,) = _STATUS.unpack(_recv_exact(conn, _STATUS.size))
         return ForkedProcess(pid, conn, ["sidecar", *args])
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
     def close(self) -> None:
         """End the zygote (it kills sidecars still running) and remove its socket."""
         if self._proc.stdin is not None:
