@@ -9,11 +9,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.support.clients import thriftpy2_client
 from tests.support.servers import thriftpy2_server
-from tests.support.sidecar import FORK, SidecarThread, base_config, run_sidecar
-from tests.support.zygote import ForkedProcess
+from tests.support.sidecar import FORK, SidecarThread, base_config, run_sidecar, sidecar_environ
+from tests.support.wait import wait_until
+from tests.support.zygote import ForkedProcess, Zygote
 
 
 def test_subprocess_sidecar_forwards_and_exits_zero() -> None:
@@ -105,3 +107,27 @@ def test_a_forked_sidecar_gets_the_exit_status_environment_and_limits_asked_for(
         assert re.search(r"^Max open files\s+512\s+512\s", limits, re.M), limits
         sc.signal(signal.SIGKILL)
         assert sc.proc.wait(10) == -signal.SIGKILL
+
+
+@pytest.mark.skipif(not FORK, reason="THRIFT_SIDECAR_TEST_FORK=0: no zygote")
+def test_sidecars_end_with_a_zygote_killed_outright(tmp_path: Path) -> None:
+    """A zygote of its own (the session's serves other tests' sidecars)."""
+    own = Zygote(sidecar_environ())
+    try:
+        config = tmp_path / "sidecar.yaml"
+        config.write_text(yaml.safe_dump(base_config(["127.0.0.1:1"])))
+        with (tmp_path / "log").open("w") as log:
+            child = own.fork(["run", "--config", str(config)], own.env, tmp_path, log.fileno())
+        wait_until(lambda: "listening" in (tmp_path / "log").read_text(), timeout=20)
+        os.kill(own.pid, signal.SIGKILL)
+        wait_until(lambda: not Path(f"/proc/{child.pid}").exists() or zombie(child.pid), 20)
+    finally:
+        own.close()
+
+
+def zombie(pid: int) -> bool:
+    """Has the process exited and not been reaped yet (its parent is gone too)?"""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -30,7 +30,9 @@ test run the command as users do.
 
 The zygote is single-threaded when it forks: a child of a threaded process
 could inherit a lock some other thread held. It learns of exits through
-SIGCHLD, with `signal.set_wakeup_fd` waking its `select`.
+SIGCHLD, with `signal.set_wakeup_fd` waking its `select`. Its children
+get SIGTERM when it dies (``PR_SET_PDEATHSIG``): it ends with the test
+session, and a zygote killed outright leaves no sidecar behind.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from __future__ import annotations
 import array
 import atexit
 import contextlib
+import ctypes
 import json
 import os
 import resource
@@ -55,6 +58,7 @@ from typing import Any
 # What ``sidecar run`` imports before it serves (its command module, the app and
 # the admin server); `main` imports them before it forks.
 PRELOAD = ("sidecar.cli", "sidecar.cli.serving", "sidecar.app", "sidecar.admin")
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 _LENGTH = struct.Struct(">I")
 _STATUS = struct.Struct(">i")
 
@@ -99,6 +103,10 @@ def _run_child(request: dict[str, Any], output: int, errors: int) -> None:
     try:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        # Ended with the zygote, whatever ends it (a SIGKILL leaves it no time to).
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != request["zygote"]:
+            os._exit(1)  # it died before the line above
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.dup2(output, 1)
@@ -175,6 +183,7 @@ def main(path: str) -> None:
             if listener in readable:
                 conn, _ = listener.accept()
                 request, fds = _recv_request(conn)
+                request["zygote"] = os.getpid()
                 pid = os.fork()
                 if pid == 0:
                     _run_child(request, fds[0], fds[-1])
@@ -278,6 +287,10 @@ class Zygote:
             _send_frame(conn, json.dumps(request).encode(), fds)
             (pid,) = _STATUS.unpack(_recv_exact(conn, _STATUS.size))
         return ForkedProcess(pid, conn, ["sidecar", *args])
+
+    @property
+    def pid(self) -> int:
+        return self._proc.pid
 
     def close(self) -> None:
         """End the zygote (it kills sidecars still running) and remove its socket."""
