@@ -66,7 +66,10 @@ def descriptor_kinds(pid: int) -> list[str]:
     file's name), sorted."""
     kinds = []
     for fd in Path(f"/proc/{pid}/fd").iterdir():
-        target = os.readlink(fd)
+        try:
+            target = os.readlink(fd)
+        except FileNotFoundError:  # closed since the listing (a readiness check's socket)
+            continue
         kinds.append(target.split(":[")[0] if target[:1] != "/" else Path(target).name)
     return sorted(kinds)
 
