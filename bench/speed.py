@@ -38,6 +38,12 @@ HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
   this design, so that the distance from ``cached-mypyc`` to it is what the
   pipeline costs, and the distance from it to HAProxy what the connections
   in Python, uvloop and the kernel cost, in the same run.
+- ``tcp-uvloop``: `tcp_floor.py`, a plain TCP proxy in Python on uvloop
+  (one upstream connection per client, every read written on as it came:
+  HAProxy's job, with none of the sidecar's). Not a goal's target: the floor
+  of the platform the sidecar is built on, so that the distance from
+  HAProxy to it is what CPython and uvloop cost per read, and the distance
+  from it to the sidecar what the sidecar's own work costs.
 
 Cases (the issue's list; ``--cases`` changes it): closed loop at 16
 connections framed, 64 connections framed and 16 connections buffered, each
@@ -107,6 +113,7 @@ fallback:
 WORKERS_LINE = "workers: 2\n"
 PASSTHROUGH = Path(__file__).resolve().parent / "passthrough.py"
 FORWARD = Path(__file__).resolve().parent / "forward.py"
+TCP_FLOOR = Path(__file__).resolve().parent / "tcp_floor.py"
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ VARIANTS = (
         program=(str(PASSTHROUGH),),
         compiled_forward=True,
     ),
+    Variant("tcp-uvloop", None, program=(str(TCP_FLOOR),)),
 )
 # The variant whose figures the issue's goals are about.
 MAIN = "cached"

@@ -976,3 +976,32 @@ def test_the_passthrough_row_forwards_through_its_forward_compiled(
         assert target.proc is not None
         assert str(extension) in Path(f"/proc/{target.proc.pid}/maps").read_text()
         _short_clean_run(tools["loadgen"], target.port)
+
+
+@pytest.mark.parametrize(("payload", "transport"), [(64, "framed"), (16384, "buffered")])
+def test_the_tcp_floor_row_forwards_every_byte(
+    tools: dict[str, Path], upstream_port: int, tmp_path: Path, payload: int, transport: str
+) -> None:
+    # speed.py's tcp-uvloop row: a plain TCP proxy on uvloop, without the sidecar. The
+    # load generator checks every reply byte for byte, framed and buffered; the
+    # process runs on uvloop, as the sidecar does.
+    from benchtools import REPO_ROOT
+    from speed import TCP_FLOOR, VARIANTS, variant_target
+
+    (variant,) = [v for v in VARIANTS if v.name == "tcp-uvloop"]
+    assert variant.program == (str(TCP_FLOOR),)
+    with variant_target(variant, tmp_path, upstream_port, REPO_ROOT) as target:
+        report = run_loadgen(
+            tools["loadgen"],
+            target.port,
+            conns=4,
+            payload=payload,
+            transport=transport,
+            duration=0.3,
+            warmup=0.1,
+        )
+        assert report["errors"] == 0, report
+        assert report["calls"] > 0
+        assert target.proc is not None
+        maps = Path(f"/proc/{target.proc.pid}/maps").read_text()
+        assert "/uvloop/loop." in maps
