@@ -29,15 +29,12 @@ Why mmap and flock, and the races this leaves: docs/workers.md.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import math
 import mmap
 import os
 import struct
-import tempfile
-import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,6 +43,7 @@ import pybreaker
 
 from sidecar.errors import ConfigError
 from sidecar.resilience.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
+from sidecar.workers.mapped import FileLock, create_file
 
 log = logging.getLogger("sidecar.breaker")
 
@@ -93,8 +91,7 @@ class BreakerTable:
         self.path = path
         self.slots = slots
         self._fd = fd
-        self._pid = os.getpid()
-        self._thread_lock = threading.Lock()
+        self.lock = FileLock(fd, f"breaker table {path}")
         self._map = mmap.mmap(fd, HEADER_SIZE + slots * SLOT_SIZE)
         self._bytes = memoryview(self._map)
         self._u64 = self._bytes.cast("Q")
@@ -116,18 +113,12 @@ class BreakerTable:
         if not 1 <= slots <= MAX_SLOTS:
             raise ValueError(f"slots must be between 1 and {MAX_SLOTS}, not {slots}")
         target = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-        replaced = False
+        header = HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots)
+        fd = create_file(target, HEADER_SIZE + slots * SLOT_SIZE, header)  # zeros: slots free
         try:
-            os.ftruncate(fd, HEADER_SIZE + slots * SLOT_SIZE)  # zeros: every slot free
-            os.pwrite(fd, HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots), 0)
-            os.replace(tmp, target)
-            replaced = True
             return cls(target, fd, slots)
         except BaseException:
             os.close(fd)
-            if not replaced:
-                os.unlink(tmp)
             raise
 
     @classmethod
@@ -157,7 +148,7 @@ class BreakerTable:
         """
         digest = _digest(name)
         start = int.from_bytes(digest[:8], "little") % self.slots
-        self._acquire()
+        self.lock.acquire()
         try:
             for i in range(self.slots):
                 slot = (start + i) % self.slots
@@ -168,7 +159,7 @@ class BreakerTable:
                 if self._bytes[base + _DIGEST : base + _DIGEST + DIGEST_BYTES] == digest:
                     return SlotStorage(self, slot, name)
         finally:
-            self._release()
+            self.lock.release()
         local = self._local.get(name)
         if local is None:
             log.warning(
@@ -209,22 +200,6 @@ class BreakerTable:
         self._bytes[base + _NAME : base + _NAME + len(short)] = short
         self._bytes[base + _NAME_LEN] = len(short)
         self._bytes[base + _TAKEN] = 1  # last: a taken slot is a whole slot
-
-    def _acquire(self) -> None:
-        if os.getpid() != self._pid:
-            raise RuntimeError(f"breaker table {self.path} was opened before fork: open it again")
-        self._thread_lock.acquire()
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
-        except BaseException:
-            self._thread_lock.release()
-            raise
-
-    def _release(self) -> None:
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-        finally:
-            self._thread_lock.release()
 
 
 def _check_header(path: Path, fd: int) -> int:
@@ -341,19 +316,19 @@ class SlotStorage(pybreaker.CircuitBreakerStorage):
         self._f64[self._opened_at_at] = math.nan if value is None else value.timestamp()
 
     def _add(self, index: int) -> None:
-        table = self._table
-        table._acquire()
+        lock = self._table.lock
+        lock.acquire()
         try:
             self._u64[index] += 1
         finally:
-            table._release()
+            lock.release()
 
     def _zero(self, index: int) -> None:
         if self._muted or self._u64[index] == 0:
             return  # muted: see observe; at 0: as if it came before any increment running now
-        table = self._table
-        table._acquire()
+        lock = self._table.lock
+        lock.acquire()
         try:
             self._u64[index] = 0
         finally:
-            table._release()
+            lock.release()
