@@ -44,6 +44,7 @@ from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome
 from sidecar.resilience.window import RateSettings
 from sidecar.workers.breaker_table import BreakerTable, SlotStorage
+from sidecar.workers.label_table import LabelTable
 
 
 @dataclass(slots=True)
@@ -63,6 +64,7 @@ class Parts:
     upstream_tls: UpstreamTls | None = None
     health: HealthChecker | None = None
     breaker_table: BreakerTable | None = None
+    label_table: LabelTable | None = None
 
 
 def upstream_name(config: SidecarConfig) -> str:

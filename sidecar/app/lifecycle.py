@@ -31,12 +31,14 @@ from sidecar.fallback.static import EMPTY_ARGUMENTS, ArgumentTypes, ExceptionIds
 from sidecar.fallback.store import FallbackStore
 from sidecar.fleet import Fleet, make_fleet
 from sidecar.metrics import MethodLabels, SidecarMetrics
+from sidecar.metrics.labels import LocalGrants
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.oneway import OnewayMethods
 from sidecar.proxy.server import Server
 from sidecar.proxy.timeouts import Timeouts
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.workers.breaker_table import BreakerTable
+from sidecar.workers.label_table import LabelTable
 
 log = logging.getLogger("sidecar")
 
@@ -157,6 +159,10 @@ class Sidecar:
         table = None
         if worker is not None and worker.shared_breakers:
             table = BreakerTable.open(worker.breaker_table)
+        label_table = None
+        if worker is not None:  # one method, one label value in every worker
+            label_table = LabelTable.open(worker.label_table)
+            self.labels.use(label_table)
         if worker is not None and worker.shared_store:
             shared = build.worker_store(config, worker.store_socket)
             await shared.start()  # connects to the supervisor's store (never raises)
@@ -195,6 +201,7 @@ class Sidecar:
             server,
             oneway,
             breaker_table=table,
+            label_table=label_table,
             client_tls=client_tls,
             upstream_tls=upstream_tls,
         )
@@ -312,6 +319,9 @@ class Sidecar:
             await parts.fleet.stop()
         if parts.breaker_table is not None:
             parts.breaker_table.close()
+        if parts.label_table is not None:
+            self.labels.use(LocalGrants(self.labels.limit))
+            parts.label_table.close()
 
     async def _housekeep(self) -> None:
         lag = self.metrics.event_loop_lag

@@ -45,7 +45,7 @@ from sidecar import __version__
 from sidecar.admin.workers import WorkersAdminServer, WorkersControlServer, WorkerView
 from sidecar.app import build
 from sidecar.app.lifecycle import signal_handlers
-from sidecar.app.worker import STORE_SOCKET, WORKER_ENV, WorkerRole
+from sidecar.app.worker import BREAKER_TABLE, LABEL_TABLE, STORE_SOCKET, WORKER_ENV, WorkerRole
 from sidecar.config import SidecarConfig, split_address
 from sidecar.config.base import KeyPath
 from sidecar.config.model import worker_count
@@ -53,6 +53,7 @@ from sidecar.fallback.shared_host import StoreHost
 from sidecar.fallback.store import FallbackStore
 from sidecar.proxy.bind import bind_address
 from sidecar.workers.breaker_table import BreakerTable
+from sidecar.workers.label_table import LabelTable
 
 log = logging.getLogger("sidecar")
 
@@ -228,6 +229,7 @@ class Supervisor:
         self.listen = ""
         self.run_dir = Path()
         self.table: BreakerTable | None = None
+        self.labels: LabelTable | None = None
         self.store: FallbackStore | None = None
         self.host: StoreHost | None = None
         self.workers = [WorkerProcess(self, i) for i in range(self.count)]
@@ -258,7 +260,9 @@ class Supervisor:
         self._reserved, self.listen = reserve_port(config.listen)
         self.run_dir = Path(tempfile.mkdtemp(prefix="thrift-sidecar-", dir=run_dir_base()))
         if config.state.redis_url is None:
-            self.table = BreakerTable.create(self.run_dir / "breakers")
+            self.table = BreakerTable.create(self.run_dir / BREAKER_TABLE)
+        limit = config.metrics.max_method_labels
+        self.labels = LabelTable.create(self.run_dir / LABEL_TABLE, limit)
         if config.fallback.cache.backend != "redis":
             self.store = build.make_store(config, None)
             self.host = StoreHost(self.store, self.run_dir / STORE_SOCKET)
@@ -348,6 +352,8 @@ class Supervisor:
             await self.store.close()
         if self.table is not None:
             self.table.close()
+        if self.labels is not None:
+            self.labels.close()
         if self._reserved is not None:
             self._reserved.close()
         if self.run_dir != Path():

@@ -30,6 +30,7 @@ log = logging.getLogger("sidecar")
 WORKER_ENV = "THRIFT_SIDECAR_WORKER"
 # Files in the supervisor's run directory.
 BREAKER_TABLE = "breakers"
+LABEL_TABLE = "labels"
 STORE_SOCKET = "cache.sock"
 # Workers' private admin and control listeners: loopback, any free port.
 PRIVATE_ADDRESS = "127.0.0.1:0"
@@ -89,6 +90,11 @@ class WorkerRole:
     def breaker_table(self) -> Path:
         """The shared breaker table's file."""
         return Path(self.run_dir) / BREAKER_TABLE
+
+    @property
+    def label_table(self) -> Path:
+        """The shared method label table's file."""
+        return Path(self.run_dir) / LABEL_TABLE
 
     @property
     def store_socket(self) -> Path:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from typing import Final
+from typing import Final, Protocol
 
 PREFIX: Final = "thrift_sidecar_"
 OTHER: Final = "other"
@@ -156,6 +156,73 @@ LABEL_DOCS: Final[dict[str, str]] = {
 _IDENTIFIER: Final = re.compile(r"(?:[A-Za-z_][A-Za-z0-9_.]*:)?[A-Za-z_][A-Za-z0-9_.]*\Z")
 
 
+# What `Grants.state` says of a label value.
+NOT_GRANTED: Final = 0
+UNANSWERED: Final = 1  # given on first sight; the upstream has not answered it yet
+ANSWERED: Final = 2
+
+
+class Grants(Protocol):
+    """Which label values have been given to names outside the config and the IDL.
+
+    `LocalGrants` keeps them in the process; with workers,
+    `sidecar.workers.label_table.LabelTable` keeps them in a file every worker
+    maps, so that one method gets one value in every worker and the workers
+    together give out no more than ``limit`` values. ``reserved`` is how many
+    values the names from the config and the IDL hold (every worker runs the
+    same config): given values and reserved ones share ``limit``, and given
+    values not yet answered may hold ``limit // 2`` at most.
+    """
+
+    def state(self, label: str) -> int:
+        """`NOT_GRANTED`, `UNANSWERED` or `ANSWERED`."""
+        ...
+
+    def grant(self, label: str, answered: bool, reserved: int) -> bool:
+        """Give ``label`` a value if the limits allow (or it has one); True if it has one.
+        ``answered``: the upstream has answered it (which also settles a value given
+        unanswered)."""
+        ...
+
+    def has_room(self, reserved: int) -> bool:
+        """Whether an answered name could still get a value."""
+        ...
+
+
+class LocalGrants:
+    """`Grants` in this process: one sidecar without workers."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._answered: dict[str, bool] = {}  # label -> answered
+        self._unanswered = 0
+
+    def state(self, label: str) -> int:
+        answered = self._answered.get(label)
+        if answered is None:
+            return NOT_GRANTED
+        return ANSWERED if answered else UNANSWERED
+
+    def grant(self, label: str, answered: bool, reserved: int) -> bool:
+        held = self._answered.get(label)
+        if held is not None:
+            if answered and not held:
+                self._answered[label] = True
+                self._unanswered -= 1
+            return True
+        if reserved + len(self._answered) >= self._limit:
+            return False
+        if not answered:
+            if self._unanswered >= self._limit // 2:
+                return False
+            self._unanswered += 1
+        self._answered[label] = answered
+        return True
+
+    def has_room(self, reserved: int) -> bool:
+        return reserved + len(self._answered) < self._limit
+
+
 class MethodLabels:
     """Maps wire method names to a bounded set of label values.
 
@@ -164,7 +231,7 @@ class MethodLabels:
     like its multiplexed form. Names known from the config or the IDL
     (``known``, and `add_known` on a reload) always get their own value.
     Other names are identifiers or `OTHER`, and an identifier gets its own
-    value while fewer than ``limit`` are in use:
+    value (from `Grants`) while fewer than ``limit`` are in use:
 
     - on first sight, while the names the upstream has not answered yet hold
       fewer than half the values (``limit // 2``);
@@ -175,7 +242,8 @@ class MethodLabels:
     So names the upstream refuses (a client inventing them) can never take
     more than half the values, and a real method met after them still gets
     its own value (and, with ``breaker.scope: method``, its own breaker) once
-    the upstream has answered it once.
+    the upstream has answered it once. With workers the values come from one
+    table all of them share (`use`), so the bounds hold for the sidecar.
     """
 
     def __init__(
@@ -183,11 +251,11 @@ class MethodLabels:
     ) -> None:
         self._service_of = dict(service_of or {})
         self._labels: dict[str, str] = {}  # wire name -> label value
-        self._values: set[str] = set()
-        # Values given on first sight that the upstream has not answered yet.
+        self._values: set[str] = set()  # values this process has met, configured or given
+        # Values this process met given but not yet answered.
         self._unanswered: set[str] = set()
         self._limit = limit
-        self._unanswered_limit = limit // 2
+        self._grants: Grants = LocalGrants(limit)
         self.configured: list[str] = []  # label values of the known names
         for name in known:
             self._know(name)
@@ -196,6 +264,15 @@ class MethodLabels:
     def limit(self) -> int:
         """``metrics.max_method_labels``."""
         return self._limit
+
+    def use(self, grants: Grants) -> None:
+        """Take label values from ``grants`` from now on (a worker's shared table, or
+        back to its own), handing it the values given so far."""
+        configured = set(self.configured)
+        for label in self._values:
+            if label not in configured:
+                grants.grant(label, label not in self._unanswered, len(self.configured))
+        self._grants = grants
 
     def _canonical(self, name: str) -> str:
         if ":" not in name:
@@ -207,7 +284,9 @@ class MethodLabels:
     def _know(self, name: str) -> bool:
         label = self._canonical(name)
         self._labels[name] = label
-        self._unanswered.discard(label)
+        if label in self._unanswered:
+            self._unanswered.discard(label)
+            self._grants.grant(label, True, len(self.configured))
         if label in self._values:
             return False
         self._values.add(label)
@@ -222,22 +301,24 @@ class MethodLabels:
         if not _IDENTIFIER.match(name):
             return OTHER
         label = self._canonical(name)
-        if label in self._values:
-            self._labels[name] = label
-            return label
-        if len(self._values) < self._limit and len(self._unanswered) < self._unanswered_limit:
-            self._labels[name] = label
+        if label not in self._values:
+            state = self._grants.state(label)
+            if state == NOT_GRANTED:
+                if not self._grants.grant(label, False, len(self.configured)):
+                    return OTHER
+                state = UNANSWERED
             self._values.add(label)
-            self._unanswered.add(label)
-            return label
-        return OTHER
+            if state == UNANSWERED:
+                self._unanswered.add(label)
+        self._labels[name] = label
+        return label
 
     def awaits_answer(self, name: str, label: str) -> bool:
         """Would the upstream's answer to a call of ``name`` (labelled ``label``) change
         anything here? Its value was given unanswered, or it is `OTHER` and could still
         get one."""
         if label == OTHER:
-            return len(self._values) < self._limit and bool(_IDENTIFIER.match(name))
+            return bool(_IDENTIFIER.match(name)) and self._grants.has_room(len(self.configured))
         return label in self._unanswered
 
     def confirm(self, name: str) -> bool:
@@ -248,9 +329,13 @@ class MethodLabels:
         """
         label = self._canonical(name)
         if label in self._values:
-            self._unanswered.discard(label)
+            if label in self._unanswered:
+                self._unanswered.discard(label)
+                self._grants.grant(label, True, len(self.configured))
             return False
-        if len(self._values) >= self._limit or not _IDENTIFIER.match(name):
+        if not _IDENTIFIER.match(name):
+            return False
+        if not self._grants.grant(label, True, len(self.configured)):
             return False
         self._labels[name] = label
         self._values.add(label)
@@ -265,11 +350,11 @@ class MethodLabels:
         return [self._canonical(name) for name in names if self._know(name)]
 
     def known(self) -> list[str]:
-        """Label values in use."""
+        """Label values this process has met (configured, or given and seen here)."""
         return sorted(self._values)
 
     def in_use(self) -> int:
-        """How many label values are in use (`OTHER` not counted)."""
+        """How many label values this process has met (`OTHER` not counted)."""
         return len(self._values)
 
 

@@ -26,8 +26,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.testing.catalog import CatalogServer
+from tests.integration import reply_parts
 from tests.support.clients import thriftpy2_client
 from tests.support.crowd import crowd
+from tests.support.raw import encode_call, raw_calls
 from tests.support.rig import Rig, rig
 from tests.support.servers import thriftpy2_server
 from tests.support.sidecar import http_get, run_sidecar
@@ -356,3 +358,42 @@ def test_the_shared_sqlite_stores_failures_are_counted_once(tmp_path: Path) -> N
         wait_until(counted, timeout=15, message="the deleted file counted")
         # The workers' own series (0: they hold no store) keep their label.
         assert counted() == {(("operation", "file"),): 1.0}
+
+
+def test_workers_give_method_labels_out_of_one_table() -> None:
+    """``metrics.max_method_labels`` bounds the sidecar, not each worker. Each worker
+    used to give label values on its own: invented names took half the values in
+    every worker (the merged /metrics held twice the bound), and a real method met
+    after them was `other` in each worker until that worker saw it answered. The
+    workers now share one table: invented names hold half the values in all, and a
+    method the upstream answered through one worker has its own value in the other
+    from its first call."""
+    limit, names = 4, 16
+    config = {**CONFIG, "metrics": {"max_method_labels": limit}}
+    with rig(config) as r:
+        # One connection a name: the kernel spreads them over both workers.
+        for i in range(names):
+            call = encode_call("ping", seqid=i, name=f"madeUp{i}")
+            (reply,) = raw_calls(r.sidecar.address, [call], "framed", timeout=10)
+            assert reply_parts(reply).exc_type == ApplicationExceptionType.UNKNOWN_METHOD
+        invented = r.metrics().matching(REQUESTS)
+        assert {dict(k)["worker"] for k in invented} == {"0", "1"}, "one worker got every name"
+        given = {dict(k)["method"] for k in invented} - {"other"}
+        assert len(given) == limit // 2, given
+        others = _others(r)
+        # getItem: `other` on its first call (the unanswered half is full), answered, and
+        # from then on its own value in both workers.
+        with client_per_worker(r) as clients:
+            for client in clients.values():
+                assert client.getItem(2).id == 2
+        assert _others(r) == others + 1
+        by_worker = {
+            dict(k)["worker"]: v
+            for k, v in r.metrics().matching(REQUESTS, method="getItem").items()
+        }
+        assert sorted(by_worker) == ["0", "1"]
+
+
+def _others(r: Rig) -> float:
+    """Calls counted as method `other`, in every worker."""
+    return sum(r.metrics().matching(REQUESTS, method="other").values())
