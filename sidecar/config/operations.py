@@ -30,7 +30,8 @@ class MetricsConfig(Section):
         200,
         ge=1,
         description="Most distinct method label values; further names are counted as `other`. "
-        "Names the upstream has not answered (invented ones) take half of them at most.",
+        "Names the upstream has not answered (invented ones) take half of them at most. "
+        "With workers, for all of them together.",
     )
 
 
