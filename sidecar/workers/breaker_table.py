@@ -43,7 +43,7 @@ import pybreaker
 
 from sidecar.errors import ConfigError
 from sidecar.resilience.breaker import STATE_CLOSED, STATE_HALF_OPEN, STATE_OPEN
-from sidecar.workers.mapped import FileLock, create_file
+from sidecar.workers.mapped import FileLock, create_file, owning
 
 log = logging.getLogger("sidecar.breaker")
 
@@ -115,11 +115,7 @@ class BreakerTable:
         target = Path(path)
         header = HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots)
         fd = create_file(target, HEADER_SIZE + slots * SLOT_SIZE, header)  # zeros: slots free
-        try:
-            return cls(target, fd, slots)
-        except BaseException:
-            os.close(fd)
-            raise
+        return owning(fd, lambda: cls(target, fd, slots))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> BreakerTable:
@@ -131,12 +127,7 @@ class BreakerTable:
         """
         target = Path(path)
         fd = os.open(target, os.O_RDWR)
-        try:
-            slots = _check_header(target, fd)
-            return cls(target, fd, slots)
-        except BaseException:
-            os.close(fd)
-            raise
+        return owning(fd, lambda: cls(target, fd, _check_header(target, fd)))
 
     def storage(self, name: str) -> SlotStorage | pybreaker.CircuitMemoryStorage:
         """The storage of the breaker called ``name``.

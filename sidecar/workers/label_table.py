@@ -37,7 +37,7 @@ from pathlib import Path
 
 from sidecar.errors import ConfigError
 from sidecar.metrics.labels import ANSWERED, NOT_GRANTED, UNANSWERED
-from sidecar.workers.mapped import FileLock, create_file
+from sidecar.workers.mapped import FileLock, create_file, owning
 
 MAGIC = b"SCLABTAB"
 VERSION = 1
@@ -88,11 +88,7 @@ class LabelTable:
         target = Path(path)
         header = HEADER.pack(MAGIC, VERSION, SLOT_SIZE, slots, limit)
         fd = create_file(target, HEADER_SIZE + slots * SLOT_SIZE, header)
-        try:
-            return cls(target, fd, slots, limit)
-        except BaseException:
-            os.close(fd)
-            raise
+        return owning(fd, lambda: cls(target, fd, slots, limit))
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> LabelTable:
@@ -104,12 +100,7 @@ class LabelTable:
         """
         target = Path(path)
         fd = os.open(target, os.O_RDWR)
-        try:
-            slots, limit = _check_header(target, fd)
-            return cls(target, fd, slots, limit)
-        except BaseException:
-            os.close(fd)
-            raise
+        return owning(fd, lambda: cls(target, fd, *_check_header(target, fd)))
 
     # `sidecar.metrics.labels.Grants`
 

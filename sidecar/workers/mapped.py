@@ -15,7 +15,11 @@ import fcntl
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def create_file(target: Path, size: int, header: bytes) -> int:
@@ -39,6 +43,15 @@ def create_file(target: Path, size: int, header: bytes) -> int:
         os.close(fd)
         if not replaced:
             os.unlink(tmp)
+        raise
+
+
+def owning(fd: int, make: Callable[[], T]) -> T:
+    """``make()``, the table that owns ``fd`` from then on; ``fd`` closed if it raises."""
+    try:
+        return make()
+    except BaseException:
+        os.close(fd)
         raise
 
 
