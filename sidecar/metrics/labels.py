@@ -96,7 +96,8 @@ LABEL_DOCS: Final[dict[str, str]] = {
     "`metrics.max_method_labels` are in use, then `other`. A name the upstream has not yet "
     "answered gets its own value on first sight only while such names hold under half "
     "the values; otherwise it is `other` until the upstream answers it (with anything but "
-    "`UNKNOWN_METHOD`). Only identifiers get a label of "
+    "`UNKNOWN_METHOD`). With workers, the cap and its half hold for all of them together. "
+    "Only identifiers get a label of "
     "their own: any other name (one that is not UTF-8 on the wire among them) is `other`.",
     "outcome": "What the client got: the last attempt's outcome (`ok`, `declared_exception`, "
     "`app_exception`, `internal_error`, `connect_error`, `connection_closed`, `timeout`, "
