@@ -266,6 +266,23 @@ def test_the_forward_compile_runs_in_one_suite_only() -> None:
     assert any(m.startswith("pytest.mark.one_build(") for m in marks)
 
 
+def test_the_store_bounds_test_runs_in_one_suite_only_while_no_store_is_compiled() -> None:
+    """test_100k_distinct_keys_stay_within_bounds (every store's) runs in the pure suite
+    only, since none of the code it tests is compiled; compiling a store would make
+    its compiled form untested there."""
+    from tests.fallback.test_stores import test_100k_distinct_keys_stay_within_bounds as test
+
+    assert any(mark.name == "one_build" for mark in test.pytestmark)
+    stores = [
+        f"sidecar.fallback.{path.stem}"
+        for path in (REPO_ROOT / "sidecar" / "fallback").glob("*.py")
+        if path.stem in ("store", "shared", "shared_host", "shared_wire", "redis", "redis_writer")
+        or path.stem.startswith("sqlite")
+    ]
+    assert len(stores) >= 8, stores
+    assert not set(stores) & set(native.COMPILED)
+
+
 def test_setup_py_compiles_exactly_the_listed_modules_and_nothing_by_default() -> None:
     # setup.py reads the list from sidecar/native.py's source; ask it directly.
     code = (

@@ -358,6 +358,10 @@ def test_close_is_idempotent_and_the_store_forgets_quietly_after(
     assert h.get(key(2)) is None
 
 
+@pytest.mark.one_build(
+    "the stores are none of the compiled modules (tests/test_native.py keeps it so): "
+    "100,000 puts a store, about 8 s each, cost the same in either suite"
+)
 @pytest.mark.parametrize(
     ("max_entries", "max_bytes", "size"),
     [(20_000, 256 * MiB, 256), (100_000, 8 * MiB, 256)],
