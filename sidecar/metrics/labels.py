@@ -189,6 +189,11 @@ class Grants(Protocol):
         """Whether an answered name could still get a value."""
         ...
 
+    def given(self) -> int:
+        """How many values have been given: a count that only grows. A name resolved
+        to `OTHER` is resolved again once it has (`MethodLabels.given`)."""
+        ...
+
 
 class LocalGrants:
     """`Grants` in this process: one sidecar without workers."""
@@ -222,6 +227,9 @@ class LocalGrants:
 
     def has_room(self, reserved: int) -> bool:
         return reserved + len(self._answered) < self._limit
+
+    def given(self) -> int:
+        return len(self._answered)
 
 
 class MethodLabels:
@@ -321,6 +329,13 @@ class MethodLabels:
         if label == OTHER:
             return bool(_IDENTIFIER.match(name)) and self._grants.has_room(len(self.configured))
         return label in self._unanswered
+
+    def given(self) -> int:
+        """How many values have been given, here or (with workers) in any worker: a
+        count that only grows. A name this process resolved to `OTHER` may have got a
+        value once it has grown (another worker saw the upstream answer it): the caller
+        resolves it again (`sidecar.proxy.policy.PolicyTable.for_name`)."""
+        return self._grants.given()
 
     def confirm(self, name: str) -> bool:
         """The upstream answered a call of ``name`` as a method it has.

@@ -26,7 +26,7 @@ from sidecar.config import MethodConfig, SidecarConfig, is_idempotent, matches_a
 from sidecar.config.hedge import parse_hedge_delay
 from sidecar.errors import ProtocolError
 from sidecar.fallback.static import ArgumentTypes, ExceptionIds, StaticReply
-from sidecar.metrics import CallMetrics, MethodLabels, MethodStats, split_name
+from sidecar.metrics import OTHER, CallMetrics, MethodLabels, MethodStats, split_name
 from sidecar.protocol.appexc import ApplicationExceptionType, parse_application_exception
 from sidecar.protocol.envelope import shown_name
 from sidecar.protocol.message import Message
@@ -74,6 +74,10 @@ class MethodPolicy:
     arguments: ArgumentTypes | None = None
     # The upstream's first answer to this name matters to its label (`PolicyTable.answered`).
     label_awaits_answer: bool = False
+    # For a name labelled `OTHER` that could still get a value of its own: how many
+    # values had been given when it was resolved (`MethodLabels.given`); -1 otherwise.
+    # Once more have been, in this worker or another, it is resolved again.
+    other_since_given: int = -1
 
     @property
     def classifies_exceptions(self) -> bool:
@@ -110,9 +114,16 @@ class PolicyTable:
         self._cache: dict[str, MethodPolicy] = {}
 
     def for_name(self, name: str) -> MethodPolicy:
-        """The policy for a wire method name."""
+        """The policy for a wire method name.
+
+        Kept once resolved, but for a name labelled `OTHER` that could still get a
+        value: resolved again when values have been given since (`MethodLabels.given`),
+        so that it takes the value another worker got it.
+        """
         policy = self._cache.get(name)
-        if policy is None:
+        if policy is None or (
+            policy.other_since_given >= 0 and policy.other_since_given != self._labels.given()
+        ):
             policy = self._resolve(name)
             if len(self._cache) < MAX_CACHED_NAMES:
                 self._cache[name] = policy
@@ -145,7 +156,9 @@ class PolicyTable:
         by_default = patterns is None or matches_any(name, patterns)
         cacheable = idempotent and _first((e.fallback.cache for e in entries), by_default)
         static = self._static.get(name) or self._static.get(method)
+        given = self._labels.given()  # before the label: a value given after it is seen
         label = self._labels.label(name)
+        awaits_answer = self._labels.awaits_answer(name, label)
         configured = _first((e.oneway for e in entries), None)
         oneway = name in self._oneway if configured is None else configured
         arguments = self._arguments.get(name)  # bare and Service:method names are keys
@@ -167,7 +180,8 @@ class PolicyTable:
             hedge=None if oneway or not idempotent else _hedge_plan(config, entries),
             arguments=arguments,
             oneway_unknown=configured is None and not oneway and arguments is None,
-            label_awaits_answer=self._labels.awaits_answer(name, label),
+            label_awaits_answer=awaits_answer,
+            other_since_given=given if awaits_answer and label == OTHER else -1,
         )
 
     def answered(self, policy: MethodPolicy, outcome: Outcome, reply: Message | None) -> None:

@@ -152,6 +152,10 @@ class LabelTable:
         """Whether an answered name could still get a value (no lock)."""
         return reserved + self._u32[_GIVEN // 4] < self.limit
 
+    def given(self) -> int:
+        """How many values have been given, by every worker (no lock)."""
+        return self._u32[_GIVEN // 4]
+
     # the rest
 
     def counts(self) -> tuple[int, int]:

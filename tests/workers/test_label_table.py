@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.config import SidecarConfig
 from sidecar.errors import ConfigError
 from sidecar.metrics.labels import (
     ANSWERED,
@@ -28,6 +29,8 @@ from sidecar.metrics.labels import (
     LocalGrants,
     MethodLabels,
 )
+from sidecar.proxy.policy import PolicyTable
+from sidecar.resilience.outcome import Outcome
 from sidecar.workers.label_table import HEADER, HEADER_SIZE, MAGIC, SLOT_SIZE, LabelTable
 
 DEADLINE = 60.0
@@ -159,6 +162,32 @@ def test_method_labels_of_two_workers_agree(mapping: Callable[[int], LabelTable]
     assert two.label("madeUp1") == "madeUp1"  # given through the first, not answered yet
     assert two.awaits_answer("madeUp1", "madeUp1")
     assert one.awaits_answer("madeUp1", "madeUp1")
+
+
+def test_a_worker_that_said_other_takes_the_value_another_worker_got(
+    mapping: Callable[[int], LabelTable],
+) -> None:
+    """A name one worker resolved to `other` (the unanswered half was full) gets its
+    own value there as soon as another worker has got it one, without this worker
+    seeing the upstream answer it: its calls count in the method's breaker, not in
+    `other`'s. Before, it kept `other` until this worker saw an answer itself."""
+    limit = 4
+    labels_one, labels_two = MethodLabels([], limit), MethodLabels([], limit)
+    labels_one.use(mapping(limit))
+    labels_two.use(mapping(limit))
+    one = PolicyTable(SidecarConfig.model_validate({}), labels_one)
+    two = PolicyTable(SidecarConfig.model_validate({}), labels_two)
+    assert [one.for_name(n).label for n in ("madeUp1", "madeUp2")] == ["madeUp1", "madeUp2"]
+    assert one.for_name("getItem").label == OTHER  # the unanswered half is full
+    assert one.for_name("getItem").label == OTHER  # still: nothing was given meanwhile
+    seen_by_two = two.for_name("getItem")
+    assert seen_by_two.label == OTHER
+    two.answered(seen_by_two, Outcome.OK, None)  # the upstream answered it in worker two
+    assert two.for_name("getItem").label == "getItem"
+    assert one.for_name("getItem").label == "getItem"  # no answer seen in worker one
+    assert not one.for_name("getItem").label_awaits_answer
+    # A name still refused stays `other` in both, and the bounds hold.
+    assert one.for_name("madeUp3").label == two.for_name("madeUp3").label == OTHER
 
 
 def test_use_hands_the_values_given_so_far_to_the_table(
