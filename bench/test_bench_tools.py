@@ -1005,3 +1005,55 @@ def test_the_tcp_floor_row_forwards_every_byte(
         assert target.proc is not None
         maps = Path(f"/proc/{target.proc.pid}/maps").read_text()
         assert "/uvloop/loop." in maps
+
+
+@pytest.mark.one_build("tests a benchmark tool on the tcp floor, which the build does not change")
+def test_instructions_counts_a_run_through_the_floor(
+    tools: dict[str, Path], upstream_port: int, tmp_path: Path
+) -> None:
+    # instructions.py under callgrind, on its cheaper variant: the load generator runs
+    # clean through it, callgrind's counters cover the calls, and the figure is a
+    # plausible count a call (the floor's is about 7,600; the count includes the
+    # loop's own turns, so it must be above the few hundred of a write and a read).
+    from benchtools import REPO_ROOT
+    from instructions import BENCH_DIR, count
+
+    counted = count(
+        "tcp-floor",
+        [str(BENCH_DIR / "tcp_floor.py")],
+        REPO_ROOT,
+        upstream_port,
+        tools["loadgen"],
+        1.0,
+        tmp_path,
+    )
+    assert counted.calls > 0
+    assert 1_000 < counted.per_call < 200_000, counted
+    assert counted.functions == {}  # no compiled sidecar function in the floor
+
+
+def test_instructions_names_the_compiled_functions_as_python_does() -> None:
+    from instructions import Counted, parse_annotate, table
+
+    text = "\n".join(
+        [
+            "Ir",
+            "1,000,000 (100.0%)  PROGRAM TOTALS",
+            "  600,000 (60.00%)  /b/build/__native_sidecar___proxy___call.c:"
+            "CPyDef_call___Call____after_attempt [/b/x__mypyc.so]",
+            "  610,000 (61.00%)  /b/build/__native_sidecar___proxy___call.c:"
+            "CPyPy_call___Call____after_attempt [/b/x__mypyc.so]",
+            "   50,000 ( 5.00%)  Objects/obmalloc.c:_PyObject_Free [libpython3.11.so]",
+        ]
+    )
+    total, functions = parse_annotate(text)
+    assert total == 1_000_000
+    assert functions == {"call.Call._after_attempt": 610_000}  # the wrapper's count is kept
+    with pytest.raises(ValueError, match="PROGRAM TOTALS"):
+        parse_annotate("Ir\n")
+    report = table(
+        [Counted("sidecar", 10, total, functions), Counted("tcp-floor", 20, 500_000, {})], 5
+    )
+    assert "| sidecar | 10 | 100,000 | 4.00 |" in report
+    assert "| tcp-floor | 20 | 25,000 | 1.00 |" in report
+    assert "| call.Call._after_attempt | 61,000 |" in report
