@@ -18,10 +18,13 @@ client's seqid and envelope style.
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final, Protocol
+
+import xxhash
 
 from sidecar.fallback.key import cache_key
 from sidecar.fallback.static import StaticReply
@@ -87,27 +90,47 @@ class Served:
     source: str
 
 
+_MASK_62: Final = (1 << 62) - 1
+
+
 class RecentKeys:
-    """The keys stored in the last ``fresh_for`` seconds, at most ``limit`` of them.
+    """The calls whose reply was stored in the last ``fresh_for`` seconds, at most
+    ``limit`` of them.
+
+    A call is known by one 64-bit number: the xxh3-64 of its argument bytes,
+    seeded by its method name's hash and a random number of this process. Not by
+    its `cache_key`: a fresh call, the usual one, costs half of what its key
+    would (the 128-bit hex digest, the key's text and its hash), and the key is
+    made only to store. Two calls' numbers collide with a chance of about 2⁻⁶⁴ a
+    pair, and the random seed keeps a client from crafting a collision; one would
+    only skip a store for ``fresh_for``. The seed is worked out in 62 bits: the
+    compiled build keeps such an `int` unboxed, where 64-bit arithmetic goes
+    through Python's.
 
     Args:
-        fresh_for: seconds after a store during which the key counts as fresh.
-        limit: most keys held; the one stored longest ago goes first.
+        fresh_for: seconds after a store during which the call counts as fresh.
+        limit: most calls held; the one stored longest ago goes first.
     """
 
     def __init__(self, fresh_for: float, limit: int = RECENT_KEYS) -> None:
         self.fresh_for = fresh_for
         self.limit = limit
-        self._stored_at: dict[str, float] = {}  # in the order of their last store
+        # Kept here: the compiled build reads a module's attribute by name on every use.
+        self._hash: Callable[[bytes | bytearray | memoryview, int], int] = xxhash.xxh3_64_intdigest
+        self.seed = random.getrandbits(62)
+        # A call's number -> when stored, in the order of their last store.
+        self._stored_at: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._stored_at)
 
-    def claim(self, key: str, now: float) -> bool:
-        """Whether to store ``key`` at ``now``: False when it was stored within ``fresh_for``.
+    def claim(self, name: str, args: bytes | bytearray | memoryview, now: float) -> bool:
+        """Whether to store the reply to a call of ``name`` with ``args`` at ``now``:
+        False when one was stored within ``fresh_for``.
 
-        On True, ``key`` counts as stored at ``now``.
+        On True, the call counts as stored at ``now``.
         """
+        key = self._hash(args, (hash(name) & _MASK_62) ^ self.seed)
         stored = self._stored_at
         last = stored.get(key)
         if last is not None:
@@ -166,12 +189,11 @@ class Fallbacks:
         at = call.start + call.header.body_offset
         # The arguments: small ones copied (cheaper than a view), large ones viewed.
         args = buf[at:] if len(buf) - at <= COPY_ARGS_BYTES else memoryview(buf)[at:]
-        key = cache_key(policy.name, args)
         now = self._clock()
-        if not self.recent.claim(key, now):
+        if not self.recent.claim(policy.name, args, now):
             return
         store.put(
-            key,
+            cache_key(policy.name, args),
             CachedReply(bytes(reply.payload()), reply.header.seqid_offset, now, bytes(args)),
         )
 

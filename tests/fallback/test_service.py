@@ -137,17 +137,20 @@ def test_a_colliding_key_never_serves_another_calls_reply(
     assert find(fb, call(2, seqid=7)) == bytes(reply(b"item two", seqid=7).buf)
 
 
-def test_a_colliding_call_within_the_fresh_window_is_not_served_the_stored_reply(
+def test_a_colliding_call_within_the_fresh_window_is_never_served_the_others_reply(
     store: tuple[FallbackStore, FakeClock], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Freshness goes by the call's own arguments (`RecentKeys`), not by its key: a
+    call whose key collides with a fresh one is stored, and the key then answers it
+    and no longer the first call."""
     # On the library itself: the compiled key module binds its import of xxhash.
     monkeypatch.setattr(xxhash, "xxh3_128_hexdigest", lambda data: "f" * 32)
     s, clock = store
     fb = fallbacks(s, clock)
     fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)
-    fb.remember(Policy(), call(2), reply(b"item two"), Outcome.OK)  # same key, fresh: skipped
-    assert find(fb, call(2)) is None
-    assert find(fb, call(1)) == bytes(reply(b"item one").buf)
+    fb.remember(Policy(), call(2), reply(b"item two"), Outcome.OK)  # same key, other call
+    assert find(fb, call(1)) is None
+    assert find(fb, call(2)) == bytes(reply(b"item two").buf)
 
 
 def test_a_key_stored_twice_within_a_second_is_written_once() -> None:
@@ -183,14 +186,36 @@ def test_the_fresh_window_is_at_most_a_tenth_of_the_ttl() -> None:
 
 def test_recent_keys_stay_bounded_and_forget_the_oldest_first() -> None:
     recent = RecentKeys(1.0, limit=3)
-    assert [recent.claim(k, T0) for k in "abcd"] == [True] * 4
+    a, _, c, _ = calls = [bytes([n]) * 8 for n in range(4)]
+    assert [recent.claim(NAME, args, T0) for args in calls] == [True] * 4
     assert len(recent) == 3
-    assert recent.claim("a", T0 + 0.1)  # forgotten: stored again
-    assert not recent.claim("c", T0 + 0.1)  # still fresh
-    assert recent.claim("c", T0 + 1.0)
-    assert not recent.claim("c", T0 + 1.5)
-    assert recent.claim("c", T0 + 0.5)  # a clock that stepped back does not pin a key
+    assert recent.claim(NAME, a, T0 + 0.1)  # forgotten: stored again
+    assert not recent.claim(NAME, c, T0 + 0.1)  # still fresh
+    assert not recent.claim(NAME, memoryview(bytearray(c)), T0 + 0.1)  # the same bytes
+    assert recent.claim("Other:method", c, T0 + 0.1)  # another method's call
+    assert recent.claim(NAME, c, T0 + 1.0)
+    assert not recent.claim(NAME, c, T0 + 1.5)
+    assert recent.claim(NAME, c, T0 + 0.5)  # a clock that stepped back does not pin a call
     assert len(recent) == 3
+
+
+def test_recent_keys_hash_with_a_seed_of_their_own() -> None:
+    """Seeded at random per process: a client cannot craft arguments whose hash
+    collides with another call's and so keep its reply from being stored."""
+    seeds = {RecentKeys(1.0).seed for _ in range(8)}
+    assert len(seeds) == 8
+
+
+def test_the_same_arguments_of_two_methods_are_two_fresh_keys() -> None:
+    """Freshness is asked by (method, digest): another method's store of the same
+    bytes does not make a call's key look stored."""
+    clock = FakeClock()
+    s = CountingStore(clock)
+    fb = fallbacks(s, clock)
+    fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)
+    fb.remember(Policy(name="Store:other"), call(1), reply(b"item one"), Outcome.OK)
+    assert s.puts == 2
+    assert s.get_now(cache_key("Store:other", call(1).body())) is not None
 
 
 @pytest.mark.parametrize("size", [0, COPY_ARGS_BYTES - 20, COPY_ARGS_BYTES + 1, 5 << 12])
