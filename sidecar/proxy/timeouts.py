@@ -5,8 +5,9 @@ microsecond on uvloop, a measurable share of a proxied call. Instead each
 waiting reply is filed in a bucket of `GRANULARITY` seconds, keyed by the
 bucket's number (bucket ``n`` ends at ``n * GRANULARITY``); one timer, set for
 the end of the earliest bucket while anything is filed, expires whole buckets
-that are due. A reply that arrives removes its entry (a dict delete), so only
-calls in flight are held. A timeout fires between 0 and `GRANULARITY` seconds
+that are due. `add` hands back the bucket itself, and a reply that arrives
+removes its entry from it (a dict delete: no bucket number to box and look
+up), so only calls in flight are held. A timeout fires between 0 and `GRANULARITY` seconds
 late (plus the loop's own lateness), never early.
 
 An expire callback that raises is logged and the others still run: one bug
@@ -34,6 +35,8 @@ GRANULARITY: Final = 0.005
 _MIN_DELAY: Final = 0.001
 
 Expire = Callable[[], None]
+# A bucket: what `Timeouts.add` returns and `Timeouts.remove` takes.
+Bucket = dict[object, Expire]
 
 
 class Timeouts:
@@ -42,26 +45,25 @@ class Timeouts:
     def __init__(self, loop: asyncio.AbstractEventLoop, granularity: float = GRANULARITY) -> None:
         self.loop = loop
         self._granularity = granularity
-        self._buckets: dict[int, dict[object, Expire]] = {}
+        self._buckets: dict[int, Bucket] = {}
         self._due: list[int] = []  # bucket numbers, a heap
         self._timer: asyncio.TimerHandle | None = None
         self._timer_bucket = 0  # the bucket the timer is set for
         # The bucket filed into last and the times it holds, (low, high]: the calls of
         # a few milliseconds share one, and a time inside it needs no division.
-        self._last: dict[object, Expire] | None = None
-        self._last_number = 0
+        self._last: Bucket | None = None
         self._last_low = self._last_high = 0.0
 
-    def add(self, expires_at: float, key: object, expire: Expire) -> int:
+    def add(self, expires_at: float, key: object, expire: Expire) -> Bucket:
         """Call ``expire()`` at ``expires_at`` (loop time) unless `remove` comes first.
 
         Returns:
-            The bucket number, to pass to `remove`.
+            The bucket it went in, to pass to `remove`.
         """
         bucket = self._last
         if bucket is not None and self._last_low < expires_at <= self._last_high:
             bucket[key] = expire
-            return self._last_number
+            return bucket
         granularity = self._granularity
         number = math.ceil(expires_at / granularity)
         if number * granularity < expires_at:  # the division rounded down
@@ -73,18 +75,17 @@ class Timeouts:
             if self._timer is None or number < self._timer_bucket:
                 self._set_timer(number, 0.0)
         self._last = bucket
-        self._last_number = number
         self._last_low = (number - 1) * granularity
         self._last_high = number * granularity
         bucket[key] = expire
-        return number
+        return bucket
 
-    def remove(self, number: int, key: object) -> None:
-        """Forget a timeout that is no longer needed."""
-        bucket = self._buckets.get(number)
+    def remove(self, bucket: Bucket, key: object) -> None:
+        """Forget a timeout that is no longer needed (``bucket``: what `add` returned;
+        once expired, it is no longer the timer's, and this does nothing)."""
         # `in` and `del` rather than pop(key, None): the compiled build has them
         # as direct calls into the dict, where pop is a method call (once per call).
-        if bucket is not None and key in bucket:
+        if key in bucket:
             del bucket[key]
 
     def __len__(self) -> int:

@@ -52,7 +52,7 @@ from sidecar.protocol.auto import Decoder, decoder_for
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.framing import Message, Transport
-from sidecar.proxy.timeouts import Timeouts
+from sidecar.proxy.timeouts import Bucket, Timeouts
 from sidecar.proxy.tls import UpstreamTls
 
 log: Final = logging.getLogger("sidecar.upstream")
@@ -102,6 +102,8 @@ class _Nobody:
 
 
 _NOBODY: Final = _Nobody()
+# A `_Waiting`'s bucket before it is first filed: empty, and never filed into.
+_NO_BUCKET: Final[Bucket] = {}
 
 
 class _Waiting:
@@ -119,7 +121,7 @@ class _Waiting:
         self.seqid = 0
         self.handler: ReplyHandler = _NOBODY
         self.timeout = 0.0
-        self.bucket = 0
+        self.bucket: Bucket = _NO_BUCKET
 
     def __call__(self) -> None:
         """The per-try timeout fired (`Timeouts` callback)."""

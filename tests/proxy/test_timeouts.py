@@ -13,7 +13,7 @@ import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.proxy.timeouts import GRANULARITY, Timeouts
+from sidecar.proxy.timeouts import GRANULARITY, Bucket, Timeouts
 
 G = GRANULARITY
 
@@ -237,9 +237,9 @@ def test_a_removed_timeout_never_fires() -> None:
     loop = ManualLoop(1000.0)
     timeouts = make(loop)
     record = Recorder(loop)
-    number = timeouts.add(1000.0 + 2 * G, "gone", record("gone"))
+    bucket = timeouts.add(1000.0 + 2 * G, "gone", record("gone"))
     timeouts.add(1000.0 + 2 * G, "kept", record("kept"))
-    timeouts.remove(number, "gone")
+    timeouts.remove(bucket, "gone")
     assert len(timeouts) == 1
     loop.advance(1.0)
     assert set(record.fired) == {"kept"}
@@ -249,12 +249,27 @@ def test_remove_of_something_not_filed_is_harmless() -> None:
     loop = ManualLoop(1000.0)
     timeouts = make(loop)
     record = Recorder(loop)
-    number = timeouts.add(1000.0 + G, "a", record("a"))
-    timeouts.remove(number, "not filed")
-    timeouts.remove(number + 1000, "a")
+    bucket = timeouts.add(1000.0 + G, "a", record("a"))
+    other = timeouts.add(1000.0 + 5 * G, "b", record("b"))
+    timeouts.remove(bucket, "not filed")
+    timeouts.remove(other, "a")  # filed elsewhere
     loop.advance(1.0)
-    timeouts.remove(number, "a")  # after it fired
-    assert set(record.fired) == {"a"}
+    timeouts.remove(bucket, "a")  # after it fired
+    assert set(record.fired) == {"a", "b"}
+
+
+def test_the_bucket_of_a_timeout_that_fired_removes_nothing_filed_later() -> None:
+    """A bucket handed out before it expired is the old one: the same key filed
+    again later, even for the same moment, is in a bucket of its own."""
+    loop = ManualLoop(1000.0)
+    timeouts = make(loop)
+    record = Recorder(loop)
+    old = timeouts.add(1000.0 + G, "k", record("first"))
+    loop.advance(1.0)
+    timeouts.add(1000.0 + G, "k", record("again"))  # due already: the same bucket number
+    timeouts.remove(old, "k")
+    loop.advance(1.0)
+    assert set(record.fired) == {"first", "again"}
 
 
 def test_the_same_key_filed_again_replaces_its_callback_in_that_bucket() -> None:
@@ -272,7 +287,7 @@ def test_a_timeout_removed_by_an_earlier_callback_of_the_same_tick_does_not_fire
     timeouts = make(loop)
     record = Recorder(loop)
     expires = 1000.0 + 2 * G
-    numbers: dict[str, int] = {}
+    numbers: dict[str, Bucket] = {}
 
     def expire_a() -> None:
         record("a")()
