@@ -501,7 +501,8 @@ class Call:
         self._pool = pool
         self._tried.append(pool.address)
         self._attempt += 1
-        now = ctx.clock()
+        # The first attempt goes in the turn the call started: the loop's clock then.
+        now = self._started if self._attempt == 1 else ctx.clock()
         timeout = self._policy.retry.per_try_timeout
         if self._deadline_at - now < timeout:  # near the deadline: what is left of it
             timeout = self._deadline_at - now

@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.resilience.budget import SLOTS, RetryBudget
+from sidecar.resilience.budget import SLOTS, RetryBudget, _WindowedCounter
 
 
 def take(budget: RetryBudget, now: float) -> bool:
@@ -260,3 +260,51 @@ def test_retries_bounded_for_any_timing(case: Traffic) -> None:
         in_window = sum(1 for u in retry_times[i:] if u < t + window)
         deposits = sum(1 for c in call_times if t - window < c < t + window)
         assert in_window <= budget.ratio * deposits + floor + EPS
+
+
+class _RingModel:
+    """The windowed sum written the plain way: every add straight into the ring."""
+
+    def __init__(self, window: float, slots: int) -> None:
+        self.width, self.slots = window / SLOTS, slots
+        self.counts, self.epochs = [0.0] * slots, [-1] * slots
+
+    def add(self, now: float, amount: float) -> None:
+        epoch = math.floor(now / self.width)
+        i = epoch % self.slots
+        if self.epochs[i] != epoch:
+            self.epochs[i], self.counts[i] = epoch, 0.0
+        self.counts[i] += amount
+
+    def total(self, now: float) -> float:
+        oldest = math.floor(now / self.width) - self.slots + 1
+        return sum(c for c, e in zip(self.counts, self.epochs, strict=True) if e >= oldest)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from(["add", "total"]),
+            st.floats(min_value=-0.05, max_value=0.4),  # clock steps, some backwards
+            st.sampled_from([1.0, 0.1, 2.5]),
+        ),
+        max_size=80,
+    ),
+    slots=st.sampled_from([SLOTS, SLOTS + 1]),
+)
+def test_the_counter_keeps_the_last_slot_apart_and_sums_as_the_plain_ring(
+    steps: list[tuple[str, float, float]], slots: int
+) -> None:
+    """The counter keeps the slot added to last out of the ring until another
+    begins or the sum is read; every sum equals that of a ring every add went to."""
+    counter, model = _WindowedCounter(1.0, slots), _RingModel(1.0, slots)
+    now = 1000.0
+    for op, step, amount in steps:
+        now += step
+        if op == "add":
+            counter.add(now, amount)
+            model.add(now, amount)
+        else:
+            assert counter.total(now) == pytest.approx(model.total(now))
+    assert counter.total(now + 0.05) == pytest.approx(model.total(now + 0.05))
