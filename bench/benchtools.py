@@ -253,6 +253,7 @@ def sidecar_process(
     timeout: float = START_TIMEOUT,
     source: Path = REPO_ROOT,
     pythonpath: Sequence[Path] = (),
+    prefix: Sequence[str] = (),
 ) -> Iterator[SidecarProcess]:
     """Run a sidecar in front of the upstream on 127.0.0.1:``upstream_port``.
 
@@ -266,6 +267,7 @@ def sidecar_process(
         source: the checkout whose ``sidecar`` package runs (this one by
             default; another one to compare two versions).
         pythonpath: directories put on ``PYTHONPATH`` after ``source``.
+        prefix: what runs the interpreter (``valgrind ...``; none by default).
 
     Free ports are picked for ``--listen`` and ``--metrics-listen``; the
     checkout is put first on ``PYTHONPATH`` and is the working directory. The process is stopped
@@ -284,6 +286,7 @@ def sidecar_process(
         # Each sidecar its own control port (the default, 127.0.0.1:9465, is one per machine).
         env["SIDECAR_CONTROL__LISTEN"] = f"{HOST}:{free_port()}"
     command = [
+        *prefix,
         sys.executable,
         *program,
         "--listen",

@@ -30,7 +30,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import subprocess
@@ -44,15 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from benchtools import (
     BENCH_DIR,
-    HOST,
     REPO_ROOT,
     build_tools,
-    explain_failure,
-    free_port,
     run_loadgen,
-    stop_process,
+    sidecar_process,
     upstream_server,
-    wait_ready,
 )
 from speed import CACHE_CONFIG
 
@@ -116,36 +111,22 @@ def count(
     workdir: Path,
 ) -> Counted:
     """Run ``program`` under callgrind in front of the upstream and count a load run."""
-    port, admin = free_port(), free_port()
     out = workdir / f"{name}.callgrind"
-    log = workdir / f"{name}.log"
-    command = [
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-        sys.executable, *program,
-        "--listen", f"{HOST}:{port}", "--upstream", f"{HOST}:{upstream_port}",
-        "--metrics-listen", f"{HOST}:{admin}",
-    ]  # fmt: skip
-    env = {"PYTHONPATH": str(source), "SIDECAR_CONTROL__LISTEN": f"{HOST}:{free_port()}"}
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            command, cwd=source, env={**_environ(), **env}, stdout=sink, stderr=sink
-        )
-        try:
-            with explain_failure(log):
-                wait_ready(f"http://{HOST}:{admin}/readyz", proc, START_TIMEOUT)
-            _control("-z", proc.pid)
-            report = run_loadgen(
-                loadgen, port, conns=16, payload=64, transport="framed",
-                duration=duration, warmup=0.0,
-            )  # fmt: skip
-            _control("-d", proc.pid)
-        finally:
-            stop_process(proc, timeout=30.0)
+    valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    with sidecar_process(
+        program, upstream_port, workdir / f"{name}.log", START_TIMEOUT, source, prefix=valgrind
+    ) as running:
+        _control("-z", running.proc.pid)
+        report = run_loadgen(
+            loadgen, running.port, conns=16, payload=64, transport="framed",
+            duration=duration, warmup=0.0,
+        )  # fmt: skip
+        _control("-d", running.proc.pid)
     if report["errors"]:
         raise RuntimeError(f"{name}: the load generator saw errors: {report['error_kinds']}")
     dumps = sorted(workdir.glob(f"{out.name}.*"))
     if not dumps:
-        raise RuntimeError(f"{name}: callgrind wrote no dump ({log})")
+        raise RuntimeError(f"{name}: callgrind wrote no dump (its log: {name}.log)")
     annotated = subprocess.run(
         ["callgrind_annotate", "--inclusive=yes", "--threshold=100", str(dumps[0])],
         capture_output=True, text=True, check=True, timeout=120,
@@ -159,10 +140,6 @@ def _control(flag: str, pid: int) -> None:
     subprocess.run(
         ["callgrind_control", flag, str(pid)], capture_output=True, check=True, timeout=60
     )
-
-
-def _environ() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 
 
 def table(counted: Sequence[Counted], top: int) -> str:
