@@ -8,7 +8,9 @@ it is ready, the C load generator runs through it for a few seconds, and
 the counters are dumped. Instructions (user space only: the kernel's share
 is not counted) divided by the calls made give a figure that compares two
 versions of the code to within a percent or two, where `speed.py` needs
-interleaved rounds to see 5 %.
+interleaved rounds to see 5 %. The processes run with ``PYTHONHASHSEED=0``:
+with Python's random string hashes, dict and set layouts differ from run to
+run, and so does the count, by a few hundred a call.
 
 Variants: ``sidecar`` (``python -m sidecar run`` from ``--source``, the
 config of `speed.py`'s cached rows: every reply stored in the memory
@@ -19,7 +21,9 @@ done once per turn (timers, the loop's own) weighs more per call here.
 Compare versions with each other, not with `speed.py`'s microseconds.
 
 Prints the instructions per call of each variant, the sidecar's over the
-floor's, and the sidecar's most costly functions per call (the compiled
+floor's, the sidecar's inside its two connections (their ``data_received``:
+the calls' own work, without the loop's turns, whose share a call depends on
+how many calls a turn serves), and its most costly functions per call (the compiled
 build's C functions carry the Python names; a pure-Python run shows only
 the interpreter's).
 
@@ -30,6 +34,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shutil
 import subprocess
@@ -58,6 +63,11 @@ START_TIMEOUT = 180.0
 _LINE = re.compile(r"^\s*([\d,]+) \(\s*[\d.]+%\)\s+(\S.*?)(?: \[[^]]*\])?\s*$")
 # A compiled function's C name: CPyDef_<module>___<Class>___<method> (mypyc).
 _NATIVE = re.compile(r"CPy(?:Def|Py)_(\w+)")
+
+
+# The per-call path's two ways in: what runs inside them is the calls' own work,
+# without the loop's turns (whose share a call grows as fewer calls share a turn).
+_CONNECTIONS = ("client.ClientConnection", "upstream.UpstreamConnection")
 
 
 @dataclass(frozen=True)
@@ -151,6 +161,9 @@ def table(counted: Sequence[Counted], top: int) -> str:
         ratio = f"{c.per_call / floor.per_call:.2f}" if floor else "-"
         lines.append(f"| {c.name} | {c.calls:,} | {c.per_call:,.0f} | {ratio} |")
     main = counted[0]
+    inside = sum(main.functions.get(f"{side}.data_received", 0) for side in _CONNECTIONS)
+    if inside:
+        lines += ["", f"{main.name}, inside its two connections: {inside / main.calls:,.0f} a call"]
     if main.functions:
         lines += ["", "| function (inclusive) | instructions per call |", "|---|---:|"]
         ranked = sorted(main.functions.items(), key=lambda item: -item[1])[:top]
@@ -171,6 +184,9 @@ def main() -> None:
     for tool in ("valgrind", "callgrind_annotate", "callgrind_control"):
         if shutil.which(tool) is None:
             sys.exit(f"{tool} not found: apt-get install valgrind")
+    # Python's string hashes seeded alike in every run: a random seed moves the whole
+    # count by a few hundred a call (dict probes, set layouts), more than a small change.
+    os.environ["PYTHONHASHSEED"] = "0"
     tools = build_tools()
     with tempfile.TemporaryDirectory() as tmp, upstream_server(tools["upstream"]) as (_, up):
         workdir = Path(tmp)

@@ -1057,3 +1057,8 @@ def test_instructions_names_the_compiled_functions_as_python_does() -> None:
     assert "| sidecar | 10 | 100,000 | 4.00 |" in report
     assert "| tcp-floor | 20 | 25,000 | 1.00 |" in report
     assert "| call.Call._after_attempt | 61,000 |" in report
+    assert "inside its two connections" not in report  # neither data_received was counted
+    functions["client.ClientConnection.data_received"] = 300_000
+    functions["upstream.UpstreamConnection.data_received"] = 200_000
+    report = table([Counted("sidecar", 10, total, functions)], 5)
+    assert "sidecar, inside its two connections: 50,000 a call" in report
