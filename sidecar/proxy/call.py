@@ -601,18 +601,19 @@ class Call:
                 self._hedger.answered(hedge)
                 if hedge is not None:  # the winner's address, for the access log
                     self._pool = hedge.pool
+            now = perf_counter()  # the breaker's duration and the call's, read once
             admission = self._admission
             if admission is not None:  # `_record`, inline: once on every call answered
-                self._breaker.record(admission, failed, perf_counter() - self._t0)
+                self._breaker.record(admission, failed, now - self._t0)
                 self._admission = None
             if reply is None:
-                self._finish(label, None)
+                self._finish(label, None, now)
                 return
             if reply.header.protocol is not self._message.header.protocol:
                 reply = self._for_client(reply)
                 if reply is None:
                     return
-            self._finish(label, self._to_client_wire(reply))
+            self._finish(label, self._to_client_wire(reply), now)
             # Remembered once the answer is written: the client does not wait for the
             # cache (the key's hash, the copy it may store).
             if policy.cacheable:  # else remember() would keep nothing
@@ -874,14 +875,17 @@ class Call:
         )
         return frame_reply(message, self._message, self._client_transport)
 
-    def _finish(self, label: str, wire: Wire | None) -> None:
+    def _finish(self, label: str, wire: Wire | None, now: float = -1.0) -> None:
+        """Answer the client (``wire``; None: nothing to write) and count the call;
+        ``now``: `perf_counter` read a moment before, by the caller (else read here)."""
         if self._finished:
             return
         self._finished = True
         if self._hedger is not None:  # the attempts still in flight lost
             conn, self._conn = self._conn, None
             self._hedger.end(conn)
-        now = perf_counter()
+        if now < 0.0:
+            now = perf_counter()
         seconds = now - self._t0
         limiter = self._limiter
         if limiter is not None:  # `_free_slot`, inline: once on every call
