@@ -394,6 +394,41 @@ def test_workers_give_method_labels_out_of_one_table() -> None:
         assert sorted(by_worker) == ["0", "1"]
 
 
+def test_a_worker_takes_the_label_another_worker_got_a_name_it_called_other() -> None:
+    """A name one worker resolved to `other` (the unanswered half full), whose call
+    there failed, takes its own value in that worker as soon as the other worker
+    has seen the upstream answer it: that worker's next call of it counts under its
+    own name. It used to count once more as `other`, until the worker saw an answer
+    itself (with the upstream failing the method, for as long as it failed)."""
+    config = {
+        **CONFIG,
+        "metrics": {"max_method_labels": 4},
+        "retry": {**CONFIG["retry"], "max_attempts": 1},
+    }
+    with rig(config) as r, client_per_worker(r) as clients:  # getItem: answered, a value
+        for i in range(4):  # invented names take the unanswered half (two values)
+            call = encode_call("ping", seqid=i, name=f"madeUp{i}")
+            (reply,) = raw_calls(r.sidecar.address, [call], "framed", timeout=10)
+            assert reply_parts(reply).exc_type == ApplicationExceptionType.UNKNOWN_METHOD
+        first, second = clients["0"], clients["1"]
+        others = _requests(r, "other", "0")  # the invented names past the half, there
+        r.plan.extend_schedule(["reset_before"])  # worker 0's call fails: no answer seen
+        with pytest.raises(TAE):
+            first.listItems(1)
+        assert r.plan.pending == 0
+        assert _requests(r, "other", "0") == others + 1
+        assert len(second.listItems(1)) == 1  # answered through worker 1: a value
+        assert len(first.listItems(1)) == 1
+        assert _requests(r, "listItems", "0") == 1  # its own name, not `other` again
+        assert _requests(r, "other", "0") == others + 1
+
+
+def _requests(r: Rig, method: str, worker: str) -> float:
+    """``requests_total`` of ``method`` in ``worker``, every outcome."""
+    found = r.metrics().matching(REQUESTS, method=method)
+    return sum(v for labels, v in found.items() if dict(labels)["worker"] == worker)
+
+
 def _others(r: Rig) -> float:
     """Calls counted as method `other`, in every worker."""
     return sum(r.metrics().matching(REQUESTS, method="other").values())
