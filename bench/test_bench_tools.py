@@ -954,7 +954,8 @@ def test_passthrough_runs_the_sidecar_that_pythonpath_names(tmp_path: Path) -> N
 
 @pytest.mark.one_build(
     "compiles forward.py on its own (about a minute of mypyc); the extension and "
-    "how it is loaded are the same against either build"
+    "how it is loaded are the same against either build",
+    suite="mypyc",  # the compiled suite ends first: it takes this one
 )
 @pytest.mark.slow
 def test_the_passthrough_row_forwards_through_its_forward_compiled(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,38 +27,52 @@ from tests.support.redis import RedisServer, redis_server  # noqa: E402  (after 
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """In a run of the compiled build, skip the tests marked ``pure_python`` or ``one_build``.
+    """Skip what another suite of this run takes: ``pure_python`` tests outside the
+    pure-Python build, ``one_build`` tests outside their one suite.
 
     ``pure_python``: they inject a fault or read a detail by patching or
     inspecting module internals that the compiled build binds when it is
     built (a function replaced on a class or module, a method's signature).
     ``one_build``: what they test does not depend on the build they run in
     (they build and install a wheel of their own), so running them twice
-    would only cost CI minutes. The pure-Python run of the same source runs
-    both kinds (docs/compiled.md).
+    would only cost CI minutes. They run in the pure-Python suite, or with
+    ``suite="mypyc"`` in the compiled one, when scripts/test runs it too
+    (``THRIFT_SIDECAR_TEST_SUITES``): the two suites run at the same time,
+    and the one that ends first takes some (docs/compiled.md).
     """
     from sidecar import native
 
     build = native.build()
+    suites = suites_run(build)
     for item in items:
-        reason = pure_suite_only(item.get_closest_marker, build)
+        reason = skipped_here(item.get_closest_marker, build, suites)
         if reason is not None:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
-# The markers of the tests the pure-Python suite alone runs, and how a skip says why.
-PURE_SUITE_ONLY = {"pure_python": "pure Python only", "one_build": "one build only"}
+def suites_run(build: str) -> frozenset[str]:
+    """The builds whose suites this run runs: scripts/test says
+    (``THRIFT_SIDECAR_TEST_SUITES``); a suite run alone assumes the pure one runs
+    too, besides its own."""
+    told = os.environ.get("THRIFT_SIDECAR_TEST_SUITES", "").split()
+    return frozenset(told) if told else frozenset({"python", build})
 
 
-def pure_suite_only(marker: Callable[[str], pytest.Mark | None], build: str) -> str | None:
-    """Why a test with these markers is skipped in a run of ``build``; None: it runs."""
-    if build == "python":
+def skipped_here(
+    marker: Callable[[str], pytest.Mark | None], build: str, suites: frozenset[str]
+) -> str | None:
+    """Why a test with these markers is skipped in a run of ``build`` among ``suites``;
+    None: it runs."""
+    pure = marker("pure_python")
+    if pure is not None and build != "python":
+        return f"pure Python only: {pure.args[0]}"
+    one = marker("one_build")
+    if one is None:
         return None
-    for name, shown in PURE_SUITE_ONLY.items():
-        found = marker(name)
-        if found is not None:
-            return f"{shown}: {found.args[0]}"
-    return None
+    suite = one.kwargs.get("suite", "python")
+    if suite not in suites:  # its suite does not run: the pure one takes it, or this one
+        suite = "python" if "python" in suites else build
+    return None if build == suite else f"one build only ({suite} suite): {one.args[0]}"
 
 
 @pytest.fixture(autouse=True)

@@ -21,7 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import sidecar
 from sidecar import native
-from tests.conftest import pure_suite_only
+from tests.conftest import skipped_here, suites_run
 from tests.support.sidecar import REPO_ROOT, free_port, http_get, run_sidecar
 from tests.support.source import parse_source
 
@@ -218,24 +218,81 @@ def test_the_final_check_finds_a_constant_that_is_not() -> None:
     assert constants_not_final(source, "m") == ["m:3 B", "m:4 C", "m:8 D", "m:9 E"]
 
 
+SUITES_BOTH = frozenset({"python", "mypyc"})
+SUITES_PURE = frozenset({"python"})
+SUITES_MYPYC = frozenset({"mypyc"})
+TO_MYPYC = {"suite": "mypyc"}
+
+
 @pytest.mark.parametrize(
-    ("marks", "build", "skipped"),
+    ("marks", "build", "suites", "skipped"),
     [
-        ({}, "mypyc", None),
-        ({"pure_python": "patches a method"}, "python", None),
-        ({"one_build": "builds a wheel"}, "python", None),
-        ({"pure_python": "patches a method"}, "mypyc", "pure Python only: patches a method"),
-        ({"one_build": "builds a wheel"}, "mypyc", "one build only: builds a wheel"),
-        ({"one_build": "builds a wheel"}, "partial", "one build only: builds a wheel"),
+        ({}, "mypyc", SUITES_BOTH, None),
+        ({"pure_python": ("patches a method", {})}, "python", SUITES_BOTH, None),
+        ({"one_build": ("builds a wheel", {})}, "python", SUITES_BOTH, None),
+        (
+            {"pure_python": ("patches a method", {})},
+            "mypyc",
+            SUITES_BOTH,
+            "pure Python only: patches a method",
+        ),
+        (
+            {"one_build": ("builds a wheel", {})},
+            "mypyc",
+            SUITES_BOTH,
+            "one build only (python suite): builds a wheel",
+        ),
+        (
+            {"one_build": ("builds a wheel", {})},
+            "partial",
+            SUITES_BOTH,
+            "one build only (python suite): builds a wheel",
+        ),
+        # Given to the compiled suite: run there when it runs, else in the pure one.
+        ({"one_build": ("compiles", TO_MYPYC)}, "mypyc", SUITES_BOTH, None),
+        (
+            {"one_build": ("compiles", TO_MYPYC)},
+            "python",
+            SUITES_BOTH,
+            "one build only (mypyc suite): compiles",
+        ),
+        ({"one_build": ("compiles", TO_MYPYC)}, "python", SUITES_PURE, None),
+        ({"one_build": ("compiles", TO_MYPYC)}, "mypyc", SUITES_MYPYC, None),
+        # The compiled suite alone: it takes every one of them.
+        ({"one_build": ("builds a wheel", {})}, "mypyc", SUITES_MYPYC, None),
     ],
 )
-def test_the_compiled_suite_skips_what_only_the_pure_suite_runs(
-    marks: dict[str, str], build: str, skipped: str | None
+def test_each_suite_skips_what_another_suite_of_the_run_takes(
+    marks: dict[str, tuple[str, dict[str, str]]],
+    build: str,
+    suites: frozenset[str],
+    skipped: str | None,
 ) -> None:
     def marker(name: str) -> pytest.Mark | None:
-        return pytest.mark.__getattr__(name)(marks[name]).mark if name in marks else None
+        if name not in marks:
+            return None
+        reason, kwargs = marks[name]
+        return pytest.mark.__getattr__(name)(reason, **kwargs).mark
 
-    assert pure_suite_only(marker, build) == skipped
+    assert skipped_here(marker, build, suites) == skipped
+
+
+def test_a_suite_run_alone_assumes_the_pure_one_runs_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("THRIFT_SIDECAR_TEST_SUITES", raising=False)
+    assert suites_run("python") == SUITES_PURE
+    assert suites_run("mypyc") == SUITES_BOTH
+    monkeypatch.setenv("THRIFT_SIDECAR_TEST_SUITES", "python mypyc")
+    assert suites_run("python") == SUITES_BOTH
+    monkeypatch.setenv("THRIFT_SIDECAR_TEST_SUITES", "mypyc")
+    assert suites_run("mypyc") == SUITES_MYPYC
+
+
+def test_scripts_test_tells_each_suite_which_suites_run() -> None:
+    """The compiled suite takes some one_build tests only if scripts/test says it runs."""
+    script = (REPO_ROOT / "scripts" / "test").read_text()
+    assert 'THRIFT_SIDECAR_TEST_SUITES="$builds"' in script
 
 
 def test_the_wheel_tests_run_in_one_suite_only() -> None:
