@@ -7,6 +7,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Final
 
 # Imported before any test runs. A run with no property test would otherwise import
 # it in hypothesis's terminal summary, where pytest's assertion rewriting parses it
@@ -50,6 +51,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+# The builds scripts/test has a suite for (THRIFT_SIDECAR_TEST_BUILDS).
+BUILDS: Final = frozenset({"python", "mypyc"})
+
+
 def suites_run(build: str) -> frozenset[str]:
     """The builds whose suites this run runs: scripts/test says
     (``THRIFT_SIDECAR_TEST_SUITES``); a suite run alone assumes the pure one runs
@@ -70,6 +75,8 @@ def skipped_here(
     if one is None:
         return None
     suite = one.kwargs.get("suite", "python")
+    if suite not in BUILDS:  # a misspelt suite would run the test elsewhere, unseen
+        raise ValueError(f"one_build(suite={suite!r}): a suite is one of {sorted(BUILDS)}")
     if suite not in suites:  # its suite does not run: the pure one takes it, or this one
         suite = "python" if "python" in suites else build
     return None if build == suite else f"one build only ({suite} suite): {one.args[0]}"

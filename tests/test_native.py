@@ -277,6 +277,16 @@ def test_each_suite_skips_what_another_suite_of_the_run_takes(
     assert skipped_here(marker, build, suites) == skipped
 
 
+def test_a_one_build_test_names_a_suite_there_is() -> None:
+    misspelt = pytest.mark.one_build("compiles", suite="compiled").mark
+
+    def marker(name: str) -> pytest.Mark | None:
+        return misspelt if name == "one_build" else None
+
+    with pytest.raises(ValueError, match="suite='compiled'"):
+        skipped_here(marker, "python", SUITES_BOTH)
+
+
 def test_a_suite_run_alone_assumes_the_pure_one_runs_too(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
