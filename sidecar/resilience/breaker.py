@@ -162,6 +162,21 @@ class _TransitionListener(pybreaker.CircuitBreakerListener):
             self._callback(cb.name or "", old, new_state.name, adopted)
 
 
+class _Unquiet(pybreaker.CircuitBreakerListener):
+    """Tells its breaker that pybreaker changed its state or counted a failure: the
+    breaker no longer takes itself for quiet (`Breaker._quiet`) until it has read the
+    storage again. Any change counts, made through the breaker or straight on pybreaker."""
+
+    def __init__(self, breaker: Breaker) -> None:
+        self._breaker = breaker
+
+    def state_change(self, cb: pybreaker.CircuitBreaker, old_state: Any, new_state: Any) -> None:
+        self._breaker._quiet = False
+
+    def failure(self, cb: pybreaker.CircuitBreaker, exc: BaseException) -> None:
+        self._breaker._quiet = False
+
+
 class Breaker:
     """One circuit breaker, driven from asyncio.
 
@@ -199,7 +214,12 @@ class Breaker:
         # A shared storage may change in another process: `admit` then has pybreaker
         # catch up. A local one changes only through this breaker's pybreaker.
         self._shared = storage is not None and not isinstance(storage, LocalStorage)
-        listeners = [_TransitionListener(on_transition, self._storage)] if on_transition else []
+        # Closed with no failure counted, in a storage only this breaker's pybreaker
+        # changes: `admit` and `record` then read nothing of pybreaker's (`_settle`).
+        self._quiet = False
+        listeners: list[pybreaker.CircuitBreakerListener] = [_Unquiet(self)]
+        if on_transition:
+            listeners.append(_TransitionListener(on_transition, self._storage))
         self._cb = pybreaker.CircuitBreaker(
             fail_max=fail_max,
             reset_timeout=reset_timeout,
@@ -214,6 +234,7 @@ class Breaker:
         self._window = RateWindow(rate) if rate is not None else None
         self._window_stale = False
         self.health_checked = False  # health checks close it; no client call is a probe
+        self._settle()
 
     @property
     def rate(self) -> RateSettings | None:
@@ -289,6 +310,8 @@ class Breaker:
 
     def admit(self) -> Admission | None:
         """May a call go to the upstream now? None means no: treat the circuit as open."""
+        if self._quiet:
+            return _CLOSED
         cb = self._cb
         state = self._storage.state  # the storage pybreaker reads (``state_storage``)
         if self._shared and state != cb._state.name:
@@ -321,6 +344,12 @@ class Breaker:
         (see the module docstring). ``duration``: the call's seconds (slow calls)."""
         if admission is _PROBE:
             self.probes_in_flight -= 1
+        elif self._quiet:  # closed, nothing counted: only a failure changes anything
+            if self._window is not None:
+                self._record_rate(failed, duration)
+                return
+            if not failed:
+                return
         else:
             state = self._storage.state
             if state != STATE_CLOSED:
@@ -331,11 +360,18 @@ class Breaker:
                 self._record_rate(failed, duration)
                 return
             if not failed and self._storage.counter == 0:
+                self._quiet = not self._shared  # closed, nothing counted: read just now
                 return
         before = self._storage.state
         with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
             self._cb.call(_fail if failed else _succeed)
         self._opened_now(before)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Read from the storage whether the circuit is quiet (`_quiet`)."""
+        storage = self._storage
+        self._quiet = not self._shared and storage.state == STATE_CLOSED and storage.counter == 0
 
     def _record_rate(self, failed: bool, duration: float | None) -> None:
         """Rate mode, closed: add the result to the window; open when it says so."""
@@ -379,6 +415,7 @@ class Breaker:
         with contextlib.suppress(_AttemptFailed, pybreaker.CircuitBreakerError):
             self._cb.call(_succeed if passed else _fail)
         self._opened_now(before)
+        self._settle()
 
     def cancel(self, admission: Admission) -> None:
         """The admitted call was cancelled: it counts as nothing."""
@@ -395,3 +432,4 @@ class Breaker:
         """Close the circuit now (operators and tests); a rate window starts empty."""
         self._cb.close()
         self._window_stale = True
+        self._settle()

@@ -575,3 +575,101 @@ def test_random_interleavings_keep_probe_slots_consistent() -> None:
         probes = sum(1 for a in held if a is Admission.PROBE)
         assert breaker.probes_in_flight == probes
         assert 0 <= probes <= 3
+
+
+def test_a_change_made_on_pybreaker_itself_is_obeyed_at_the_next_call() -> None:
+    """A closed breaker with nothing counted answers `admit` without reading pybreaker's
+    storage; a change made on pybreaker directly, not through the breaker, must still
+    count from the next call on (pybreaker's listener tells the breaker)."""
+    breaker = make(fail_max=3)
+    breaker.record(breaker.admit() or Admission.PROBE, failed=False)  # quiet: closed, none counted
+    breaker._cb.open()
+    assert breaker.admit() is None
+    breaker._cb.close()
+    assert breaker.admit() is Admission.CLOSED
+    breaker._cb.half_open()
+    assert breaker.admit() is Admission.PROBE  # half-open: one probe, not a closed call
+    assert breaker.admit() is None
+
+
+def test_a_quiet_breaker_counts_a_failure_and_then_reads_the_storage_again() -> None:
+    """After one failure the breaker is no longer quiet: a success replays through
+    pybreaker and resets the count, so fail_max failures in a row are needed again."""
+    breaker = make(fail_max=2)
+    fail_once(breaker)
+    assert breaker.fail_counter == 1
+    breaker.record(breaker.admit() or Admission.PROBE, failed=False)
+    assert breaker.fail_counter == 0
+    fail_once(breaker)
+    assert breaker.state == STATE_CLOSED
+    fail_once(breaker)
+    assert breaker.state == STATE_OPEN
+
+
+_STEPS = st.lists(
+    st.sampled_from(
+        [
+            "ok",
+            "fail",
+            "late_ok",
+            "late_fail",
+            "wait",
+            "force_open",
+            "force_close",
+            "raw_open",
+            "raw_close",
+            "raw_half_open",
+            "probe_pass",
+            "probe_fail",
+        ]
+    ),
+    max_size=40,
+)
+
+
+def _step(breaker: Breaker, step: str, held: list[Admission], clock: FakeClock) -> object:
+    """One step on one breaker; returns what a caller would see of it."""
+    if step in ("ok", "fail"):
+        admission = breaker.admit()
+        if admission is not None:
+            breaker.record(admission, failed=step == "fail")
+        return admission
+    if step in ("late_ok", "late_fail"):  # admitted earlier, finishing now
+        admission = breaker.admit()
+        if admission is not None:
+            held.append(admission)
+        if held:
+            breaker.record(held.pop(0), failed=step == "late_fail")
+        return admission
+    if step == "wait":
+        clock.advance(LONG / 2)
+    elif step.startswith("raw_"):
+        getattr(breaker._cb, step[4:])()
+    elif step.startswith("probe_"):
+        breaker.probe_result(step == "probe_pass", upstream_down=True)
+    else:
+        getattr(breaker, step)()
+    return None
+
+
+@settings(max_examples=200, deadline=None)
+@given(_STEPS)
+def test_a_breaker_on_its_own_storage_acts_as_one_that_reads_its_storage_each_call(
+    steps: list[str],
+) -> None:
+    """The quiet shortcut changes nothing a caller sees: step by step, the breaker on its
+    own storage and one on a storage it must read on every call (pybreaker's memory
+    storage counts as shared) admit the same calls and say the same state and counts."""
+    clock_a, clock_b = FakeClock(), FakeClock()
+    ours = make(fail_max=3, clock=clock_a)
+    reads = make(fail_max=3, clock=clock_b, storage=pybreaker.CircuitMemoryStorage(STATE_CLOSED))
+    assert ours._shared is False
+    assert reads._shared is True
+    held_a: list[Admission] = []
+    held_b: list[Admission] = []
+    for step in steps:
+        seen = _step(ours, step, held_a, clock_a), _step(reads, step, held_b, clock_b)
+        assert seen[0] == seen[1], step
+        assert ours.state == reads.state
+        assert ours.fail_counter == reads.fail_counter
+        assert ours.probes_in_flight == reads.probes_in_flight
