@@ -221,3 +221,45 @@ def test_showing_a_series_again_keeps_its_count() -> None:
     attempts = exported[PREFIX + "upstream_attempts"]
     key = (ATTEMPTS, (("method", "add"), ("result", "ok"), ("upstream", "10.0.0.1:9090")))
     assert attempts[key] == 1
+
+
+def _copy(text: str) -> str:
+    """An equal str that is another object (a str read from elsewhere: a config, a reload)."""
+    copied = "".join(list(text))
+    assert copied == text
+    assert copied is not text
+    return copied
+
+
+_ADDRESSES = ["10.0.0.1:9090", "10.0.0.2:9090"]
+_OUTCOMES = ["ok", "timeout"]
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["add", "Catalog:getItem"]),
+            st.sampled_from(_ADDRESSES),
+            st.sampled_from(_OUTCOMES),
+            st.booleans(),  # the same str objects as before, or equal copies
+            st.booleans(),  # show the series again first (a reload)
+        ),
+        max_size=40,
+    )
+)
+def test_counts_repeated_alternated_or_keyed_by_equal_copies_land_in_one_series(
+    steps: list[tuple[str, str, str, bool, bool]],
+) -> None:
+    """A method finds the count it updated last by the identity of its key's strs; an
+    equal str that is another object, an alternation of keys, or series shown again
+    must still count in the one series of that key, as prometheus_client's would."""
+    both = Both()
+    for label, address, outcome, copied, show in steps:
+        if copied:
+            address, outcome = _copy(address), _copy(outcome)
+        if show:
+            both.known(label, _ADDRESSES)
+        both.request(label, outcome, 0.001)
+        both.attempt(label, address, outcome)
+    assert_same_exposition(both)

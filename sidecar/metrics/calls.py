@@ -53,10 +53,28 @@ class Count:
         self.value = 0
 
 
+# What `MethodStats` holds as its last count before its first update: counted
+# into by nobody (no str is None), exported by nobody.
+_UNUSED: Final = Count()
+
+
 class MethodStats:
     """The per-call figures of one method label (see `CallMetrics`)."""
 
-    __slots__ = ("attempts", "buckets", "duration_sum", "label", "method", "requests", "service")
+    __slots__ = (
+        "_last_address",
+        "_last_attempt",
+        "_last_outcome",
+        "_last_request",
+        "_last_result",
+        "attempts",
+        "buckets",
+        "duration_sum",
+        "label",
+        "method",
+        "requests",
+        "service",
+    )
 
     def __init__(self, label: str) -> None:
         self.label = label
@@ -68,12 +86,27 @@ class MethodStats:
         # One per bound, and the last one for +Inf.
         self.buckets = [Count() for _ in range(len(LATENCY_BUCKETS) + 1)]
         self.duration_sum = 0.0
+        # The count updated last, with its key: a method's calls mostly repeat one
+        # outcome on one address, and come with the same str objects (the outcome's
+        # label, the pool's address), so a comparison of identities finds it again
+        # without a dict lookup (about 130 instructions each in the compiled build).
+        # Any other str, equal or not, takes the dicts' way.
+        self._last_outcome: str | None = None
+        self._last_request = _UNUSED
+        self._last_address: str | None = None
+        self._last_result: str | None = None
+        self._last_attempt = _UNUSED
 
     def request(self, outcome: str, seconds: float) -> None:
         """One call answered, with the outcome the client saw, after ``seconds``."""
-        count = self.requests.get(outcome)
-        if count is None:
-            count = self.requests[outcome] = Count()
+        if outcome is self._last_outcome:
+            count = self._last_request
+        else:
+            found = self.requests.get(outcome)
+            if found is None:
+                found = self.requests[outcome] = Count()
+            count = self._last_request = found
+            self._last_outcome = outcome
         count.value += 1
         # bisect_left by hand, from the bottom: most calls land in the first
         # few buckets, and the compiled build compares unboxed floats here
@@ -88,6 +121,9 @@ class MethodStats:
 
     def attempt(self, address: str, result: str) -> None:
         """One attempt made on an upstream address."""
+        if address is self._last_address and result is self._last_result:
+            self._last_attempt.value += 1
+            return
         results = self.attempts.get(address)
         if results is None:
             results = self.attempts[address] = {}
@@ -95,6 +131,9 @@ class MethodStats:
         if count is None:
             count = results[result] = Count()
         count.value += 1
+        self._last_address = address
+        self._last_result = result
+        self._last_attempt = count
 
     def show_request(self, outcome: str) -> None:
         """Export the ``outcome`` series of requests_total from now on, at zero until counted."""
