@@ -17,7 +17,7 @@ from sidecar.errors import UpstreamError
 from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.framing import Message, Transport
 from sidecar.proxy.balancer import UpstreamSet
-from sidecar.proxy.call import Done
+from sidecar.proxy.call import Done, ProxiedCall
 from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
 
 _ONEWAY = MessageType.ONEWAY
@@ -42,10 +42,10 @@ class Forward:
         self.done(None)
 
 
-class Started:
-    """One call: written to an idle upstream connection, nothing else (no retry, no breaker)."""
+class Started(ProxiedCall):
+    """One call: written to an idle upstream connection, nothing else (no retry, no breaker).
 
-    malformed = False  # a bare forward never checks a call
+    Never `malformed`: a bare forward never checks a call."""
 
     def __init__(
         self,
@@ -55,6 +55,7 @@ class Started:
         client_transport: Transport,
         done: Done,
     ) -> None:
+        super().__init__()
         self.upstreams = upstreams
         self.timeout = timeout
         self.message = message

@@ -18,9 +18,10 @@ import importlib.util
 
 # The per-call path: the wire (protocol), the decisions (resilience), the
 # call itself (proxy) and what it records (metrics, fallback). Not here:
-# sidecar.errors (an interpreted class may not subclass a compiled one, and
-# errors are subclassed outside the hot path), sidecar.fallback.store (the
-# Redis store's near cache subclasses its MemoryStore), sidecar.proxy.server
+# sidecar.errors (an interpreted class may not subclass a compiled one unless
+# it allows it, as `ProxiedCall` does, and errors are subclassed outside the
+# hot path), sidecar.fallback.store (the Redis store's near cache subclasses
+# its MemoryStore), sidecar.proxy.server
 # (it reads uvloop's server sockets, a list where typeshed says tuple, which
 # mypyc checks at run time), and everything that runs once per start,
 # reload or scrape.

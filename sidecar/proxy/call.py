@@ -62,6 +62,8 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from sidecar.errors import ProtocolError, UpstreamClosed, UpstreamError
 from sidecar.fallback.service import BREAKER_OPEN, RETRIES_EXHAUSTED, SHED, Served
 from sidecar.protocol.appexc import ApplicationExceptionType, encode_application_exception
@@ -149,7 +151,57 @@ ENTRY_POINTS: Final = (
 )
 
 
-class Call:
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ProxiedCall:
+    """What a client connection asks of a call: `Call`, or another kind a server's
+    factory makes (the pass-through benchmark's, the tests' fakes).
+
+    A base class, not a protocol: the compiled build calls a method of a class
+    through the class's table of methods, where a protocol's method is called
+    by name (a lookup, a bound call and its argument parsing: several hundred
+    instructions a call, docs/compiled.md). Another kind of call subclasses it,
+    interpreted too (``allow_interpreted_subclasses``: an interpreted subclass's
+    methods are reached through a lookup by name, as before).
+
+    Attributes:
+        malformed: the call was refused as malformed (the connection counts them).
+    """
+
+    __slots__ = ("malformed",)
+
+    def __init__(self) -> None:
+        self.malformed = False
+
+    def start(self) -> None:
+        """Begin; the done callback may be called before this returns."""
+        raise NotImplementedError
+
+    def cancel(self) -> None:
+        """The client is gone or the sidecar stops: end without an answer."""
+        raise NotImplementedError
+
+    def cut(self, reason: str) -> Wire | None:
+        """End now with an error answer saying ``reason`` (the drain timeout passed)."""
+        raise NotImplementedError
+
+    def chain_target(self) -> UpstreamConnection | None:
+        """The connection the client's next call may go on right behind this one."""
+        return None
+
+    def chain_after(self, conn: UpstreamConnection) -> None:
+        """Send the first attempt on ``conn``, behind the call waiting there."""
+        raise NotImplementedError
+
+    def waits_to_send(self) -> bool:
+        """A call that may yet become a chain target once it is sent."""
+        return False
+
+    def when_sent(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once this call has been sent upstream."""
+        raise NotImplementedError
+
+
+class Call(ProxiedCall):
     """One client message on its way to the upstream and back."""
 
     __slots__ = (
@@ -183,7 +235,6 @@ class Call:
         "_timer",
         "_transport",
         "_tried",
-        "malformed",
     )
 
     def __init__(

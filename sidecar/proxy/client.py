@@ -50,9 +50,8 @@ from sidecar.protocol.envelope import Protocol as WireProtocol
 from sidecar.protocol.envelope import identify
 from sidecar.protocol.framing import Message, Transport, frame
 from sidecar.protocol.tjson import UnsupportedProtocolError
-from sidecar.proxy.call import Call, Done, Wire
+from sidecar.proxy.call import Call, Done, ProxiedCall, Wire
 from sidecar.proxy.context import CallContext
-from sidecar.proxy.upstream import UpstreamConnection
 
 log: Final = logging.getLogger("sidecar.server")
 
@@ -109,31 +108,6 @@ class ServerSettings:
     max_connections: int
     idle_timeout: float
     max_buffered_bytes: int = 48 << 20
-
-
-class ProxiedCall(Protocol):
-    """What a connection asks of the calls its server's factory makes (`Call`'s surface).
-
-    A protocol, not `Call`, so that another kind of call (the pass-through
-    benchmark's, the tests' fakes) is taken as it is in the compiled build
-    too, which checks a declared class at run time (docs/compiled.md).
-    """
-
-    malformed: bool
-
-    def start(self) -> None: ...
-
-    def cancel(self) -> None: ...
-
-    def cut(self, reason: str) -> Wire | None: ...
-
-    def chain_target(self) -> UpstreamConnection | None: ...
-
-    def chain_after(self, conn: UpstreamConnection) -> None: ...
-
-    def waits_to_send(self) -> bool: ...
-
-    def when_sent(self, callback: Callable[[], None]) -> None: ...
 
 
 CallFactory = Callable[[CallContext, Message, Transport, Done], ProxiedCall]

@@ -22,7 +22,7 @@ from sidecar.protocol.appexc import ApplicationExceptionType
 from sidecar.protocol.envelope import MessageType, encode_header
 from sidecar.protocol.framing import FramedDecoder, Message, Transport, frame, make_decoder
 from sidecar.proxy import client as client_module
-from sidecar.proxy.call import Done, Wire
+from sidecar.proxy.call import Done, ProxiedCall, Wire
 from sidecar.proxy.client import MAX_QUEUED_MESSAGES, ClientConnection
 from sidecar.proxy.context import CallContext
 from sidecar.proxy.server import CallFactory, Server, ServerSettings
@@ -107,14 +107,13 @@ class FakeTransport:
             self.protocol.connection_lost(exc)
 
 
-class FakeCall:
+class FakeCall(ProxiedCall):
     """One call made by the connection; the test finishes it with `answer`."""
-
-    malformed = False
 
     def __init__(
         self, ctx: CallContext, message: Message, client_transport: Transport, done: Done
     ) -> None:
+        super().__init__()
         self.ctx = ctx
         self.message = message
         self.client_transport = client_transport
