@@ -18,12 +18,12 @@ from sidecar.protocol.envelope import MessageType
 from sidecar.protocol.framing import Message, Transport
 from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.call import Done, ProxiedCall
-from sidecar.proxy.upstream import UpstreamConnection, UpstreamPool
+from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection, UpstreamPool
 
 _ONEWAY = MessageType.ONEWAY
 
 
-class Forward:
+class Forward(ReplyHandler):
     """The reply handler of one forwarded call: the reply goes back under the client's seqid."""
 
     def __init__(self, seqid: int, client_transport: Transport, done: Done) -> None:

@@ -83,7 +83,7 @@ from sidecar.proxy.translate import (
     for_upstream,
     set_theader_headers,
 )
-from sidecar.proxy.upstream import UpstreamConnection
+from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection
 from sidecar.resilience.breaker import STATE_OPEN, Admission
 from sidecar.resilience.limits import ConcurrencyLimit
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
@@ -152,9 +152,10 @@ ENTRY_POINTS: Final = (
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
-class ProxiedCall:
+class ProxiedCall(ReplyHandler):
     """What a client connection asks of a call: `Call`, or another kind a server's
-    factory makes (the pass-through benchmark's, the tests' fakes).
+    factory makes (the pass-through benchmark's, the tests' fakes). A call is what
+    its upstream connection answers too (`ReplyHandler`), when it waits there itself.
 
     A base class, not a protocol: the compiled build calls a method of a class
     through the class's table of methods, where a protocol's method is called

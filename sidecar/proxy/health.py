@@ -52,7 +52,7 @@ from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message, Transport
 from sidecar.protocol.transcode import transcode_message
 from sidecar.proxy.balancer import UpstreamSet
-from sidecar.proxy.upstream import UpstreamPool
+from sidecar.proxy.upstream import ReplyHandler, UpstreamPool
 from sidecar.resilience.breakers import BreakerSet
 from sidecar.resilience.health import HealthTracker, Verdict
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
@@ -90,7 +90,7 @@ class HealthSettings:
     protocol: Protocol | None = None
 
 
-class _ProbeReply:
+class _ProbeReply(ReplyHandler):
     """`ReplyHandler` of one probe: its result (label, detail) lands in a future."""
 
     __slots__ = ("future",)

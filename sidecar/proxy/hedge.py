@@ -33,6 +33,7 @@ from sidecar.config.hedge import HedgeDelay
 from sidecar.errors import UpstreamError, UpstreamProtocolError
 from sidecar.protocol.fields import first_field_id
 from sidecar.protocol.framing import Message
+from sidecar.proxy.upstream import ReplyHandler
 from sidecar.resilience.budget import RetryBudget
 from sidecar.resilience.latency import LatencyWindow
 from sidecar.resilience.outcome import Outcome, classify_error, classify_reply
@@ -186,7 +187,7 @@ class HedgeOwner(Protocol):
     def on_hedge_error(self, hedge: HedgeAttempt, error: UpstreamError) -> None: ...
 
 
-class LateAttempt:
+class LateAttempt(ReplyHandler):
     """`ReplyHandler` of an attempt that lost: its result is recorded, never delivered.
 
     Args:
@@ -231,7 +232,7 @@ class LateAttempt:
         self.policy.stats.attempt(self.address, outcome.value)
 
 
-class HedgeAttempt:
+class HedgeAttempt(ReplyHandler):
     """One extra attempt of a call: its pool, connection or pending connect, its timeout.
 
     While its call waits it is the `ReplyHandler` of its connection and hands

@@ -48,7 +48,7 @@ from sidecar.proxy.hedge import (
 )
 from sidecar.proxy.policy import MethodPolicy
 from sidecar.proxy.translate import set_theader_headers
-from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection
+from sidecar.proxy.upstream import UpstreamConnection
 
 # Bound once: a name imported from an interpreted module is looked up by name
 # on every use in the compiled build, a Final one read from a C static.
@@ -57,7 +57,7 @@ perf_counter: Final = time.perf_counter
 log: Final = logging.getLogger("sidecar.pipeline")
 
 
-class HedgedCall(HedgeOwner, ReplyHandler, Protocol):
+class HedgedCall(HedgeOwner, Protocol):
     """What a hedger needs of its call (`sidecar.proxy.call.Call`)."""
 
     @property

@@ -65,7 +65,7 @@ def probe_message(service: str, transport: Transport, protocol: WireProtocol) ->
     return message
 
 
-class OnewayProbe:
+class OnewayProbe(ReplyHandler):
     """The probe of one call: a timer, then the probe call on the call's connection.
 
     Also the probe's `ReplyHandler`: its answer, or its failure, is nobody's

@@ -37,7 +37,9 @@ import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable
-from typing import Final, Protocol, cast
+from typing import Final, cast
+
+from mypy_extensions import mypyc_attr
 
 from sidecar.errors import (
     RemoteProtocolError,
@@ -73,20 +75,31 @@ MAX_ONEWAY_SEQIDS: Final = 64
 _FIRST_BYTES: Final = 64
 
 
-class ReplyHandler(Protocol):
-    """Where the result of one exchange goes."""
+@mypyc_attr(allow_interpreted_subclasses=True)
+class ReplyHandler:
+    """Where the result of one exchange goes: `Call`, a hedge, a health check's probe.
+
+    A base class, not a protocol, for the reason `ProxiedCall` is one (the
+    compiled connection calls ``on_reply`` through the class's table); its
+    subclasses may be interpreted.
+    """
+
+    __slots__ = ()
 
     def on_reply(self, reply: Message) -> None:
         """The reply arrived; the connection is back in the pool unless another call waits."""
+        raise NotImplementedError
 
     def on_error(self, error: UpstreamError) -> None:
         """The exchange failed; the connection is closed."""
+        raise NotImplementedError
 
     def on_no_reply(self) -> None:
         """A call sent after this one was answered first: this one was oneway."""
+        raise NotImplementedError
 
 
-class _Nobody:
+class _Nobody(ReplyHandler):
     """The handler of an entry that no call waits in (`_Waiting`): it holds on to no call."""
 
     __slots__ = ()
@@ -342,7 +355,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.pool.timeouts.remove(waiting.bucket, waiting)
         self._fail(None)
 
-    def hand_over(self, handler: ReplyHandler, to: ReplyHandler) -> None:
+    def hand_over(self, handler: object, to: ReplyHandler) -> None:
         """Give ``handler``'s waiting call to ``to``, keeping the connection.
 
         For an attempt that lost to a hedge: its reply, when it comes, goes to

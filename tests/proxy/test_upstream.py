@@ -24,7 +24,12 @@ from sidecar.errors import (
 from sidecar.protocol.envelope import MessageType, encode_header
 from sidecar.protocol.framing import FramedDecoder, Message, Transport, encode_frame
 from sidecar.proxy.timeouts import Timeouts
-from sidecar.proxy.upstream import MAX_STRAY_REPLIES, UpstreamConnection, UpstreamPool
+from sidecar.proxy.upstream import (
+    MAX_STRAY_REPLIES,
+    ReplyHandler,
+    UpstreamConnection,
+    UpstreamPool,
+)
 
 T = TypeVar("T")
 
@@ -516,7 +521,7 @@ def sent_seqid(transport: FakeTransport) -> int:
     return messages[0].header.seqid
 
 
-class Handler:
+class Handler(ReplyHandler):
     """A `ReplyHandler` that notes what it got and what the pool looked like then."""
 
     def __init__(self, pool: UpstreamPool) -> None:
