@@ -228,6 +228,10 @@ class ClientConnection(asyncio.Protocol):
         # by name on every use in the compiled build.
         self._max_queued_bytes = MAX_QUEUED_BYTES
         self._call: ProxiedCall | None = None  # the call in flight
+        # `_answer`, bound once while the connection is up (binding it makes an object).
+        # The connection then holds a cycle through its own bound method: it is let go
+        # when the connection is lost, and calls made after that bind their own.
+        self._answer_bound: Done | None = None
         self._behind: _Behind | None = None  # a call sent right behind it (see `_pump`)
         self._pumping = False
         self._reading_paused = False
@@ -254,6 +258,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             # uvloop's transports do not subclass asyncio.Transport, hence the cast.
             self._transport = cast(asyncio.Transport, transport)
+            self._answer_bound = self._answer
             peer = transport.get_extra_info("peername")
             if isinstance(peer, tuple) and len(peer) >= 2:
                 self.peer = f"{peer[0]}:{peer[1]}"
@@ -366,6 +371,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         try:
             self.lost = True
+            self._answer_bound = None  # the cycle it makes ends here (`__init__`)
             self._account(gone=True)
             self._writable = True
             self._unsent = 0
@@ -444,9 +450,8 @@ class ClientConnection(asyncio.Protocol):
                 if self._reading_paused:
                     self._read_on_if_short()
                 if chain is None:
-                    # Bound per call, not kept: a bound method kept on the connection would
-                    # make it a cycle, freed only by a collection, buffers and all.
-                    call = self._make_call(item, self._answer)
+                    answer = self._answer_bound
+                    call = self._make_call(item, self._answer if answer is None else answer)
                     self._call = call
                 else:
                     behind = self._behind = _Behind(self)
