@@ -174,26 +174,27 @@ class Fallbacks:
             else frozenset({Outcome.OK})
         )
 
-    def remember(
-        self, policy: MethodFallback, call: Message, reply: Message, outcome: Outcome
-    ) -> None:
-        """Keep a good reply of a cacheable method for later, unless its key is fresh.
+    def remember(self, name: str, call: Message, reply: Message, outcome: Outcome) -> None:
+        """Keep a good reply to a call of ``name`` for later, unless its key is fresh.
 
-        Copies the reply and the arguments only when it stores them (an
-        entry needs bytes of its own: a message's buffer is patched in place).
+        The caller asks for a cacheable method's replies only (`MethodFallback.cacheable`):
+        it reads that of its own policy directly, where this module would read it
+        through a protocol, by name. Copies the reply and the arguments only when it
+        stores them (an entry needs bytes of its own: a message's buffer is patched in
+        place).
         """
         store = self.store
-        if store is None or not policy.cacheable or outcome not in self._cached_outcomes:
+        if store is None or outcome not in self._cached_outcomes:
             return
         buf = call.buf
         at = call.start + call.header.body_offset
         # The arguments: small ones copied (cheaper than a view), large ones viewed.
         args = buf[at:] if len(buf) - at <= COPY_ARGS_BYTES else memoryview(buf)[at:]
         now = self._clock()
-        if not self.recent.claim(policy.name, args, now):
+        if not self.recent.claim(name, args, now):
             return
         store.put(
-            cache_key(policy.name, args),
+            cache_key(name, args),
             CachedReply(bytes(reply.payload()), reply.header.seqid_offset, now, bytes(args)),
         )
 

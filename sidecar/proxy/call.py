@@ -668,8 +668,8 @@ class Call(ProxiedCall):
             self._finish(label, self._to_client_wire(reply), now)
             # Remembered once the answer is written: the client does not wait for the
             # cache (the key's hash, the copy it may store).
-            if policy.cacheable:  # else remember() would keep nothing
-                ctx.fallbacks.remember(policy, self._message, reply, outcome)
+            if policy.cacheable:  # remember() is asked for a cacheable method's only
+                ctx.fallbacks.remember(policy.name, self._message, reply, outcome)
             return
         hedger = self._hedger
         if hedger is not None:

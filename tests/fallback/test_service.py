@@ -127,12 +127,12 @@ def test_a_colliding_key_never_serves_another_calls_reply(
     s, clock = store
     fb = fallbacks(s, clock)
 
-    fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)
+    fb.remember(NAME, call(1), reply(b"item one"), Outcome.OK)
     assert find(fb, call(2, seqid=9)) is None  # same key, other arguments: not served
     assert find(fb, call(1, seqid=9)) == bytes(reply(b"item one", seqid=9).buf)
 
     clock.now += FRESH_FOR  # call 2's reply now takes the key; call 1 is not served it
-    fb.remember(Policy(), call(2), reply(b"item two"), Outcome.OK)
+    fb.remember(NAME, call(2), reply(b"item two"), Outcome.OK)
     assert find(fb, call(1, seqid=7)) is None
     assert find(fb, call(2, seqid=7)) == bytes(reply(b"item two", seqid=7).buf)
 
@@ -147,8 +147,8 @@ def test_a_colliding_call_within_the_fresh_window_is_never_served_the_others_rep
     monkeypatch.setattr(xxhash, "xxh3_128_hexdigest", lambda data: "f" * 32)
     s, clock = store
     fb = fallbacks(s, clock)
-    fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)
-    fb.remember(Policy(), call(2), reply(b"item two"), Outcome.OK)  # same key, other call
+    fb.remember(NAME, call(1), reply(b"item one"), Outcome.OK)
+    fb.remember(NAME, call(2), reply(b"item two"), Outcome.OK)  # same key, other call
     assert find(fb, call(1)) is None
     assert find(fb, call(2)) == bytes(reply(b"item two").buf)
 
@@ -159,17 +159,17 @@ def test_a_key_stored_twice_within_a_second_is_written_once() -> None:
     fb = fallbacks(s, clock)
     for seqid in range(1, 101):  # a hot call: 100 replies in 0.99 s
         clock.now = T0 + (seqid - 1) * 0.01
-        fb.remember(Policy(), call(1, seqid), reply(b"item one", seqid), Outcome.OK)
+        fb.remember(NAME, call(1, seqid), reply(b"item one", seqid), Outcome.OK)
     assert s.puts == 1
-    fb.remember(Policy(), call(2), reply(b"item two"), Outcome.OK)  # another key: stored
+    fb.remember(NAME, call(2), reply(b"item two"), Outcome.OK)  # another key: stored
     assert s.puts == 2
     clock.now = T0 + FRESH_FOR  # a second after the first store: stored again
-    fb.remember(Policy(), call(1, 200), reply(b"item one, later", 200), Outcome.OK)
+    fb.remember(NAME, call(1, 200), reply(b"item one, later", 200), Outcome.OK)
     assert s.puts == 3
     got = s.get_now(cache_key(NAME, call(1).body()))
     assert got is not None
     assert (got.stored_at, got.args) == (T0 + FRESH_FOR, bytes(call(1).body()))
-    fb.remember(Policy(), call(1, 201), reply(b"item one", 201), Outcome.APP_EXCEPTION)
+    fb.remember(NAME, call(1, 201), reply(b"item one", 201), Outcome.APP_EXCEPTION)
     assert s.puts == 3  # not a cached outcome
 
 
@@ -178,9 +178,9 @@ def test_the_fresh_window_is_at_most_a_tenth_of_the_ttl() -> None:
     s = CountingStore(clock)
     s.ttl = 2.0
     fb = fallbacks(s, clock)
-    fb.remember(Policy(), call(1), reply(b"a"), Outcome.OK)
+    fb.remember(NAME, call(1), reply(b"a"), Outcome.OK)
     clock.now += 0.2
-    fb.remember(Policy(), call(1), reply(b"b"), Outcome.OK)
+    fb.remember(NAME, call(1), reply(b"b"), Outcome.OK)
     assert s.puts == 2
 
 
@@ -212,8 +212,8 @@ def test_the_same_arguments_of_two_methods_are_two_fresh_keys() -> None:
     clock = FakeClock()
     s = CountingStore(clock)
     fb = fallbacks(s, clock)
-    fb.remember(Policy(), call(1), reply(b"item one"), Outcome.OK)
-    fb.remember(Policy(name="Store:other"), call(1), reply(b"item one"), Outcome.OK)
+    fb.remember(NAME, call(1), reply(b"item one"), Outcome.OK)
+    fb.remember("Store:other", call(1), reply(b"item one"), Outcome.OK)
     assert s.puts == 2
     assert s.get_now(cache_key("Store:other", call(1).body())) is not None
 
@@ -227,7 +227,7 @@ def test_arguments_small_and_large_are_remembered_alike(size: int) -> None:
     text = b"s" * size
     body = b"\x0b\x00\x01" + len(text).to_bytes(4, "big") + text + b"\x00"
     made = message(MessageType.CALL, 1, body)
-    fb.remember(Policy(), made, reply(b"answer"), Outcome.OK)
+    fb.remember(NAME, made, reply(b"answer"), Outcome.OK)
     assert counted.puts == 1
     assert find(fb, message(MessageType.CALL, 5, body)) == bytes(reply(b"answer", seqid=5).buf)
     stored = asyncio.run(counted.get(cache_key(NAME, body)))
