@@ -105,6 +105,7 @@ _BINARY: Final = WireProtocol.BINARY
 _THEADER: Final = Transport.THEADER
 
 _DECLARED: Final = Outcome.DECLARED_EXCEPTION
+_OK: Final = Outcome.OK
 # Outcomes that are answers from the upstream: returned as they are, never retried.
 ANSWERS: Final = frozenset({Outcome.OK, Outcome.DECLARED_EXCEPTION, Outcome.APP_EXCEPTION})
 
@@ -622,7 +623,10 @@ class Call(ProxiedCall):
         ctx = self._ctx
         if self._policy.label_awaits_answer:  # a name not yet answered (labels.py)
             ctx.policies.answered(self._policy, outcome, reply)
-        failed = outcome in ctx.trip_on
+        # OK first, by identity: the usual outcome, and never a failure (breaker.trip_on
+        # names failure outcomes only); each `in` is a set lookup.
+        ok = outcome is _OK
+        failed = not ok and outcome in ctx.trip_on
         if failed and sent:
             shown = self._request_shown_well_formed()
             if shown is None:  # malformed: answered
@@ -648,7 +652,9 @@ class Call(ProxiedCall):
             _log_ejection(ctx, address, ejected_for, outcome)
         label = _LABELS[outcome]
         policy.stats.attempt(address, label)
-        if outcome in ANSWERS and exception_id not in policy.retry.retry_exceptions:
+        if (ok or outcome in ANSWERS) and (
+            exception_id is None or exception_id not in policy.retry.retry_exceptions
+        ):
             if self._hedger is not None and reply is not None:
                 self._hedger.answered(hedge)
                 if hedge is not None:  # the winner's address, for the access log

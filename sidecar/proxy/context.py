@@ -48,7 +48,8 @@ class CallContext:
         budget: the upstream's retry budget.
         fallbacks: what to remember and serve when the upstream cannot answer.
         metrics: where calls are counted.
-        trip_on: attempt outcomes that count as failures (breaker, ejection).
+        trip_on: attempt outcomes that count as failures (breaker, ejection); never OK
+            (`Call` takes an OK for a success without looking).
         rng: the random source of the backoff jitter.
         max_message_size: largest message a transcoding may produce.
         max_depth: nesting limit of a transcoding.
