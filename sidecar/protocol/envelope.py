@@ -21,6 +21,7 @@ it goes through `shown_name`.
 from __future__ import annotations
 
 import struct
+import sys
 from enum import IntEnum, StrEnum
 from typing import Final
 
@@ -285,6 +286,10 @@ class NameCache:
     parser hands back the same ``str`` for a comparison of bytes: no decode and
     no new object, and the hash that the first lookup by name computed is kept
     with it (a new ``str`` is hashed again by each dict it is looked up in).
+    The name is interned when it is decoded, so that every connection's cache
+    hands back the one ``str`` of a name: a table that keeps the name it was
+    asked for last (`sidecar.proxy.policy.PolicyTable`) knows it again by
+    identity. An interned name lives only while something refers to it.
     Holds one name, at most `MAX_NAME_LENGTH` bytes.
     """
 
@@ -298,7 +303,7 @@ class NameCache:
         """``raw`` read as `decode_name` reads it."""
         if raw == self.raw:
             return self.name
-        name = decode_name(raw)
+        name = sys.intern(decode_name(raw))
         self.raw = raw
         self.name = name
         return name

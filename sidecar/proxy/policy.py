@@ -112,6 +112,11 @@ class PolicyTable:
         self._calls = calls or CallMetrics()
         self._static = static_replies or {}
         self._cache: dict[str, MethodPolicy] = {}
+        # The name asked for last and its policy: the next call's name is mostly the
+        # same ``str`` (`NameCache` interns the names it decodes), known by identity
+        # where the cache's lookup hashes and compares. Forgotten with the cache's entry.
+        self._last_name: str | None = None
+        self._last_policy: MethodPolicy | None = None
 
     def for_name(self, name: str) -> MethodPolicy:
         """The policy for a wire method name.
@@ -120,13 +125,20 @@ class PolicyTable:
         value: resolved again when values have been given since (`MethodLabels.given`),
         so that it takes the value another worker got it.
         """
+        if name is self._last_name:
+            last = self._last_policy
+            if last is not None and last.other_since_given < 0:
+                return last
         policy = self._cache.get(name)
         if policy is None or (
             policy.other_since_given >= 0 and policy.other_since_given != self._labels.given()
         ):
             policy = self._resolve(name)
-            if len(self._cache) < MAX_CACHED_NAMES:
-                self._cache[name] = policy
+            if len(self._cache) >= MAX_CACHED_NAMES:
+                return policy  # past the bound: kept neither in the cache nor as the last
+            self._cache[name] = policy
+        self._last_name = name
+        self._last_policy = policy
         return policy
 
     def _resolve(self, name: str) -> MethodPolicy:
@@ -205,6 +217,7 @@ class PolicyTable:
             return
         self._labels.confirm(policy.name)
         self._cache.pop(policy.name, None)
+        self._last_name = self._last_policy = None
 
     def _retry_exceptions(self, name: str, service: str, method: str) -> frozenset[int]:
         """Field ids from the most specific ``methods`` entry that names exceptions to retry."""

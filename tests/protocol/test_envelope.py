@@ -491,3 +491,17 @@ def test_with_seqid_is_a_patched_copy(data: bytes, draw: st.DataObject, seqid: i
     struct.pack_into(">i", expected, offset, seqid)
     assert with_seqid(data, offset, seqid) == bytes(expected)
     assert data == given_bytes
+
+
+def test_every_connections_name_cache_hands_back_one_str_for_a_name() -> None:
+    """Two connections' caches read the same name: one ``str`` object, so that a table
+    keeping the name it was asked for last (the policies') knows it by identity."""
+    raw = b"Catalog:getItemDetails"
+    data = _strict(MessageType.CALL, raw, 7)
+    first, second = NameCache(), NameCache()
+    one = parse_header(data, 0, first)
+    other = parse_header(bytes(bytearray(data)), 0, second)
+    assert one is not None
+    assert other is not None
+    assert one.name == "Catalog:getItemDetails"
+    assert one.name is other.name
