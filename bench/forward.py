@@ -11,7 +11,10 @@ pipeline does.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
+
+from mypy_extensions import mypyc_attr
 
 from sidecar.errors import UpstreamError
 from sidecar.protocol.envelope import MessageType
@@ -23,6 +26,11 @@ from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection, UpstreamPoo
 _ONEWAY = MessageType.ONEWAY
 
 
+# Python classes even when mypyc compiles this module (`native_class=False`): mypyc
+# compiles it apart from the build, and a native class may not subclass a native
+# class of another compilation (its table of methods would be laid out blind). As
+# Python classes they subclass the build's as any interpreted class does.
+@mypyc_attr(native_class=False)
 class Forward(ReplyHandler):
     """The reply handler of one forwarded call: the reply goes back under the client's seqid."""
 
@@ -42,6 +50,7 @@ class Forward(ReplyHandler):
         self.done(None)
 
 
+@mypyc_attr(native_class=False)  # see `Forward`
 class Started(ProxiedCall):
     """One call: written to an idle upstream connection, nothing else (no retry, no breaker).
 
@@ -67,9 +76,14 @@ class Started(ProxiedCall):
         conn = pool.idle()
         if conn is None:  # fill the pool once; the benchmark warms up first
             task = asyncio.get_running_loop().create_task(pool.acquire(self.timeout))
-            task.add_done_callback(lambda t: self.send(pool, t.result()))
+            # A bound method, not a closure: mypyc cannot compile a closure in a
+            # method of a Python class (`native_class=False`).
+            task.add_done_callback(functools.partial(self._connected, pool))
         else:
             self.send(pool, conn)
+
+    def _connected(self, pool: UpstreamPool, task: asyncio.Task[UpstreamConnection]) -> None:
+        self.send(pool, task.result())
 
     def send(self, pool: UpstreamPool, conn: UpstreamConnection) -> None:
         timeout = self.timeout
