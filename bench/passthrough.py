@@ -1,10 +1,11 @@
 """The sidecar with its resilience pipeline cut out: the pass-through path, for comparison.
 
 Runs the real `sidecar.app.Sidecar` (same server, decoders, upstream pool,
-seqid rewrite, per-try timeout) but replaces the server's `call_factory` (`Call`) with a bare
-forward (`forward.py`): one attempt, no breaker, no budget, no retry decision, no fallback
-cache, no per-call metrics. `bench/pipeline.py` measures the full sidecar
-against this to show what the resilience pipeline costs.
+seqid rewrite, per-try timeout) but replaces the server's `call_factory`
+(`Call`) with a bare forward (`sidecar.proxy.forward`): one attempt, no
+breaker, no budget, no retry decision, no fallback cache, no per-call
+metrics. `bench/pipeline.py` measures the full sidecar against this to
+show what the resilience pipeline costs.
 
 Usage:
     python bench/passthrough.py --listen H:P --upstream H:P --metrics-listen H:P
@@ -18,18 +19,17 @@ import signal
 import sys
 from pathlib import Path
 
-# PYTHONPATH first: a `sidecar`, or a compiled `forward`, named there wins over this
-# checkout's (speed.py runs the script from the compiled build that way); then the
-# checkout and this directory (Python put it first: it goes last).
+# PYTHONPATH first: a `sidecar` named there wins over this checkout's (speed.py runs
+# the script from the compiled build that way, its forward compiled with it); then
+# the checkout and this directory (Python put it first: it goes last).
 sys.path.remove(str(Path(__file__).resolve().parent))
 sys.path.append(str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
-from forward import call_factory
-
 from sidecar.app import Sidecar
 from sidecar.cli.serving import run_async
 from sidecar.config import load_config
+from sidecar.proxy.forward import call_factory
 
 
 async def serve(listen: str, upstream: str, metrics_listen: str) -> None:

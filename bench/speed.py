@@ -31,7 +31,7 @@ HAProxy in TCP mode (`run.py`'s configuration) and one sidecar per variant:
   complete compiled build (``sidecar.native.build()`` says ``mypyc``);
   otherwise the report says why not.
 - ``passthrough-mypyc``: `passthrough.py` from the compiled build, with its
-  bare forward (`forward.py`) compiled by mypyc here: the same compiled
+  bare forward (`sidecar.proxy.forward`) compiled with it: the same compiled
   server, decoders, upstream pool and seqid rewrite with the call's
   pipeline replaced by one exchange (no breaker, budget, retry, cache or
   per-call metrics). Not a goal's target: the floor under the pipeline in
@@ -62,7 +62,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -112,7 +111,6 @@ fallback:
 """
 WORKERS_LINE = "workers: 2\n"
 PASSTHROUGH = Path(__file__).resolve().parent / "passthrough.py"
-FORWARD = Path(__file__).resolve().parent / "forward.py"
 TCP_FLOOR = Path(__file__).resolve().parent / "tcp_floor.py"
 
 
@@ -128,8 +126,6 @@ class Variant:
     compiled: bool = False
     # What follows ``python``: the sidecar itself unless a script is named.
     program: tuple[str, ...] = ("-m", "sidecar", "run", "--log-level", "warning")
-    # True: `forward.py` compiled by mypyc goes on its PYTHONPATH (passthrough.py imports it).
-    compiled_forward: bool = False
 
 
 VARIANTS = (
@@ -143,7 +139,6 @@ VARIANTS = (
         None,
         compiled=True,
         program=(str(PASSTHROUGH),),
-        compiled_forward=True,
     ),
     Variant("tcp-uvloop", None, program=(str(TCP_FLOOR),)),
 )
@@ -213,37 +208,6 @@ def build_of(source: Path) -> str:
     if probe.returncode != 0:
         return "unknown (" + (probe.stderr.strip().splitlines() or ["no output"])[-1] + ")"
     return probe.stdout.strip()
-
-
-def compile_forward(compiled: Path, workdir: Path) -> tuple[Path | None, str]:
-    """`forward.py` compiled by mypyc against the compiled build's modules.
-
-    Returns the directory that holds the extension, or None and why not.
-    """
-    out = workdir / "forward"
-    out.mkdir()
-    shutil.copy(FORWARD, out / FORWARD.name)
-    # The plugin the project's mypy settings name: it reads the config models.
-    (out / "mypy.ini").write_text(
-        "[mypy]\nplugins = pydantic.mypy\nignore_missing_imports = True\n"
-        "explicit_package_bases = True\n"  # the module is `forward`, wherever `out` is
-    )
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", "mypyc", FORWARD.name],
-            cwd=out,
-            env={**os.environ, "MYPYPATH": str(compiled)},
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-    except subprocess.TimeoutExpired:
-        return None, "mypyc took over 600 s on forward.py"
-    built = [p for p in out.iterdir() if p.name.startswith("forward.") and p.suffix == ".so"]
-    if done.returncode != 0 or not built:
-        last = (done.stdout + done.stderr).strip().splitlines()[-1:] or ["no output"]
-        return None, f"mypyc could not compile forward.py ({last[0]})"
-    return out, ""
 
 
 @contextlib.contextmanager
@@ -512,14 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"`{variant.name}`: this checkout's config refuses it ({why})"
                     )
                     continue
-            extra: tuple[Path, ...] = ()
-            if variant.compiled_forward:
-                forward_dir, why = compile_forward(compiled, tmp)
-                if forward_dir is None:
-                    meta["not_measured"].append(f"`{variant.name}`: {why}")
-                    continue
-                extra = (forward_dir,)
-            target = stack.enter_context(variant_target(variant, tmp, up_port, where, extra))
+            target = stack.enter_context(variant_target(variant, tmp, up_port, where))
             live[variant.name] = target
             tree_of[variant.name] = variant.tree
             assert target.proc is not None

@@ -62,6 +62,7 @@ COMPILED: tuple[str, ...] = (
     "sidecar.proxy.call",
     "sidecar.proxy.client",
     "sidecar.proxy.context",
+    "sidecar.proxy.forward",
     "sidecar.proxy.hedge",
     "sidecar.proxy.hedger",
     "sidecar.proxy.oneway",

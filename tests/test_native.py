@@ -340,19 +340,6 @@ def test_the_wheel_tests_run_in_one_suite_only() -> None:
         assert any(m.startswith("pytest.mark.one_build(") for m in marks), node.name
 
 
-def test_the_forward_compile_runs_in_one_suite_only() -> None:
-    """It compiles bench/forward.py with mypyc (about a minute); once per CI run is enough."""
-    tree = parse_source((REPO_ROOT / "bench" / "test_bench_tools.py").read_text())
-    (node,) = [
-        node
-        for node in tree.body
-        if isinstance(node, ast.FunctionDef)
-        and node.name == "test_the_passthrough_row_forwards_through_its_forward_compiled"
-    ]
-    marks = [ast.unparse(d) for d in node.decorator_list]
-    assert any(m.startswith("pytest.mark.one_build(") for m in marks)
-
-
 def test_the_store_bounds_test_runs_in_one_suite_only_while_no_store_is_compiled() -> None:
     """test_100k_distinct_keys_stay_within_bounds (every store's) runs in the pure suite
     only, since none of the code it tests is compiled; compiling a store would make

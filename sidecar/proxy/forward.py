@@ -1,11 +1,14 @@
-"""The pass-through's stand-in for `Call`: a call reduced to one exchange.
+"""A call reduced to one exchange: the pass-through benchmark's kind of call.
 
-`passthrough.py` installs it as the server's call factory. Written typed, so
-that `speed.py` can compile it with mypyc beside the compiled build: the
-``passthrough-mypyc`` row then measures the compiled server and connections
-with a compiled forward, the floor under the pipeline in that build.
-Interpreted (as `pipeline.py` runs it) it costs about what the compiled
-pipeline does.
+`bench/passthrough.py` installs it as the server's call factory: the
+sidecar's server, decoders, upstream pool and seqid rewrite with the call's
+pipeline replaced by one attempt (no breaker, budget, retry, cache or
+per-call metrics), the floor under the pipeline in the build it is part of.
+It is a module of the package, compiled with the per-call modules, because
+its classes subclass two of theirs (`ProxiedCall`, `ReplyHandler`): a native
+class may subclass a native class of its own compilation only (compiled
+apart, its table of methods would be laid out blind). The sidecar itself
+never uses it.
 """
 
 from __future__ import annotations
@@ -13,8 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
-
-from mypy_extensions import mypyc_attr
+from typing import Final
 
 from sidecar.errors import UpstreamError
 from sidecar.protocol.envelope import MessageType
@@ -23,14 +25,9 @@ from sidecar.proxy.balancer import UpstreamSet
 from sidecar.proxy.call import Done, ProxiedCall
 from sidecar.proxy.upstream import ReplyHandler, UpstreamConnection, UpstreamPool
 
-_ONEWAY = MessageType.ONEWAY
+_ONEWAY: Final = MessageType.ONEWAY
 
 
-# Python classes even when mypyc compiles this module (`native_class=False`): mypyc
-# compiles it apart from the build, and a native class may not subclass a native
-# class of another compilation (its table of methods would be laid out blind). As
-# Python classes they subclass the build's as any interpreted class does.
-@mypyc_attr(native_class=False)
 class Forward(ReplyHandler):
     """The reply handler of one forwarded call: the reply goes back under the client's seqid."""
 
@@ -50,7 +47,6 @@ class Forward(ReplyHandler):
         self.done(None)
 
 
-@mypyc_attr(native_class=False)  # see `Forward`
 class Started(ProxiedCall):
     """One call: written to an idle upstream connection, nothing else (no retry, no breaker).
 
@@ -76,8 +72,6 @@ class Started(ProxiedCall):
         conn = pool.idle()
         if conn is None:  # fill the pool once; the benchmark warms up first
             task = asyncio.get_running_loop().create_task(pool.acquire(self.timeout))
-            # A bound method, not a closure: mypyc cannot compile a closure in a
-            # method of a Python class (`native_class=False`).
             task.add_done_callback(functools.partial(self._connected, pool))
         else:
             self.send(pool, conn)
